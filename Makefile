@@ -1,0 +1,33 @@
+# make demo   - train -> eval -> predict every task on synthetic data with the tiny backbone (CPU, < 5 min)
+# make test   - the test suite (CPU)
+# make install- .venv/ with the pinned, tested dependency set (constraints.txt); no-op when up to date
+# make bench  - GPU benchmarks (bench/), prints a table and writes JSON
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m common.demo
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf logs .cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Shared parts: backbones, adapters, losses, multi-task balancing, mixup, trainer, tracking."""

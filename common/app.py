@@ -1,0 +1,214 @@
+"""Resolve the config, pick the task, dispatch on `mode`: train | eval | predict | cv | synth."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from common import distributed
+from common.checkpoint import load_checkpoint, load_trainable_state
+from common.seed import seed_everything
+from common.task import Task
+from common.tracking import RunFiles, Tracker, make_tracker
+from common.trainer import Trainer
+
+MODES = ("train", "eval", "predict", "cv", "synth")
+# eval / predict rebuild the network from these checkpoint sections (the data section too, with the
+# command line's data.* overrides on top), so a checkpoint alone (plus backbone weights) predicts.
+CHECKPOINT_SECTIONS = ("backbone", "peft", "model", "task")
+
+
+def load_task(cfg: DictConfig) -> Task:
+    cls = get_class(cfg.task._target_)
+    if not issubclass(cls, Task):
+        raise TypeError(f"task._target_={cfg.task._target_} is not a common.task.Task subclass")
+    return cls(cfg)
+
+
+def _synthetic_root(cfg: DictConfig, task: Task) -> Path:
+    seed = int(OmegaConf.select(cfg, "data.synth_seed", default=0))
+    synth_cfg = OmegaConf.to_container(cfg.data.synth, resolve=True) if "synth" in cfg.data else {}
+    digest = hashlib.sha1(json.dumps([seed, synth_cfg], sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cfg.paths.cache_dir) / "synthetic" / f"{task.name}-{digest}"
+
+
+def ensure_synthetic(task: Task, root: Path, seed: int) -> Path:
+    """Generate the task's synthetic dataset once; concurrent processes wait on a file lock."""
+    if (root / ".complete").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".complete").is_file():
+            tmp = root.parent / f".{root.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"[data] generating the synthetic {task.name} dataset into {root}", flush=True)
+            task.synthesize(tmp, seed)
+            (tmp / ".complete").write_text("ok\n")
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+    return root
+
+
+def data_root(cfg: DictConfig, task: Task) -> Path:
+    if cfg.data.root is None:
+        seed = int(OmegaConf.select(cfg, "data.synth_seed", default=0))
+        return ensure_synthetic(task, _synthetic_root(cfg, task), seed)
+    root = Path(str(cfg.data.root)).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data.root={root} does not exist: expected the {task.name} dataset as laid out "
+                                f"in FORMATS.md, or leave data.root unset to use synthetic data")
+    return root
+
+
+def run_name(cfg: DictConfig) -> str:
+    from hydra.core.hydra_config import HydraConfig
+    if HydraConfig.initialized():
+        overrides = HydraConfig.get().job.override_dirname
+        return overrides or f"{cfg.task.name}-{cfg.mode}"
+    return f"{cfg.task.name}-{cfg.mode}"
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    from common.optim import tag_of
+    counts = {"total": 0, "trainable": 0}
+    for name, param in model.named_parameters():
+        counts["total"] += param.numel()
+        if param.requires_grad:
+            counts["trainable"] += param.numel()
+            tag = tag_of(f"model.{name}")
+            counts[tag] = counts.get(tag, 0) + param.numel()
+    return counts
+
+
+def build_parts(task: Task, stats: dict):
+    model, criterion, metric = task.build_model(stats), task.build_criterion(stats), task.build_metric(stats)
+    counts = count_parameters(model)
+    print("[model] parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
+    return model, criterion, metric
+
+
+def restore_for_inference(model: nn.Module, ckpt: dict, source: str) -> nn.Module:
+    """Trainable weights of the checkpoint, with its EMA weights swapped in when it has them."""
+    load_trainable_state(model, ckpt["model"], source)
+    if ckpt.get("ema"):
+        params = dict(model.named_parameters())
+        for name, value in ckpt["ema"]["shadow"].items():
+            params[name].data.copy_(value)
+    return model
+
+
+def _command_line_data_overrides() -> list[tuple[str, object]]:
+    from hydra.core.hydra_config import HydraConfig
+    if not HydraConfig.initialized():
+        return []
+    pairs = []
+    for item in HydraConfig.get().overrides.task:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key.startswith("data."):
+            pairs.append((key[len("data."):], yaml.safe_load(value)))
+    return pairs
+
+
+def config_from_checkpoint(cfg: DictConfig, ckpt: dict) -> DictConfig:
+    merged = OmegaConf.to_container(cfg, resolve=True)
+    for section in CHECKPOINT_SECTIONS:
+        merged[section] = ckpt["config"][section]
+    data = OmegaConf.create(ckpt["config"]["data"])
+    data.root = cfg.data.root
+    for key, value in _command_line_data_overrides():
+        OmegaConf.update(data, key, value, force_add=True)
+    merged["data"] = OmegaConf.to_container(data)
+    return OmegaConf.create(merged)
+
+
+def load_for_inference(cfg: DictConfig, ckpt_path) -> tuple[Task, nn.Module, dict, DictConfig]:
+    if ckpt_path is None:
+        raise ValueError(f"mode={cfg.mode} needs ckpt_path=<run dir>/checkpoints/best.pt")
+    ckpt = load_checkpoint(ckpt_path, str(cfg.task.name))
+    ckpt_cfg = config_from_checkpoint(cfg, ckpt)
+    task = load_task(ckpt_cfg)
+    model = restore_for_inference(task.build_model(ckpt["stats"]), ckpt, str(ckpt_path))
+    return task, model, ckpt["stats"], ckpt_cfg
+
+
+# ---- modes ----------------------------------------------------------------------------------
+def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
+    sets = task.datasets(root, "fit")
+    stats = task.fit_stats(sets["train"])
+    model, criterion, metric = build_parts(task, stats)
+    state = Trainer(cfg, run_dir, tracker, ctx).fit(task, model, criterion, metric, sets["train"], sets["val"],
+                                                     stats)
+    summary = {"monitor": str(cfg.trainer.monitor), "best_value": state.best_value,
+               "best_epoch": state.best_epoch, "best": state.best_metrics, "last": state.last_metrics,
+               "checkpoints": {"best": str(run_dir / "checkpoints" / "best.pt"),
+                               "last": str(run_dir / "checkpoints" / "last.pt")}}
+    if ctx.is_main:
+        RunFiles(run_dir).write_final(summary)
+    tracker.set_summary({f"best/{k}": v for k, v in state.best_metrics.items() if isinstance(v, (int, float))})
+    return state.best_value
+
+
+def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
+    task, model, stats, ckpt_cfg = load_for_inference(cfg, cfg.ckpt_path)
+    trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
+    model.to(ctx.device)
+    values = trainer.evaluate(model, None, task.build_metric(stats), task.datasets(root, "eval")["eval"],
+                              task.collate)
+    metrics = {f"eval/{k}": v for k, v in values.items()}
+    if ctx.is_main:
+        RunFiles(run_dir).write_final({"ckpt_path": str(cfg.ckpt_path), **metrics})
+    tracker.set_summary(metrics)
+    print("[eval] " + json.dumps(metrics), flush=True)
+    return metrics.get(str(cfg.optimized_metric).replace("val/", "eval/", 1))
+
+
+def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
+    task, model, stats, ckpt_cfg = load_for_inference(cfg, cfg.ckpt_path)
+    trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
+    results = trainer.infer(model, task.datasets(root, "predict")["predict"], task.collate)
+    written = task.write_predictions(results, run_dir, stats) if ctx.is_main else {}
+    if ctx.is_main:
+        RunFiles(run_dir).write_final({"ckpt_path": str(cfg.ckpt_path),
+                                       "outputs": {k: str(v) for k, v in written.items()}})
+        for what, path in written.items():
+            print(f"[predict] {what}: {path}", flush=True)
+    return None
+
+
+def synth(cfg, task) -> None:
+    if cfg.data.root is None:
+        raise ValueError("mode=synth writes the synthetic dataset to data.root: pass data.root=<folder>")
+    root = Path(str(cfg.data.root)).expanduser()
+    task.synthesize(root, int(OmegaConf.select(cfg, "data.synth_seed", default=0)))
+    print(f"[synth] wrote the synthetic {task.name} dataset to {root}", flush=True)
+
+
+def run(cfg: DictConfig) -> float | None:
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r}: expected one of {', '.join(MODES)}")
+    ctx = distributed.setup(cfg.trainer.device)
+    seed_everything(int(cfg.seed))
+    task = load_task(cfg)
+    if cfg.mode == "synth":
+        return synth(cfg, task)
+    run_dir = Path(cfg.paths.output_dir)
+    root = data_root(cfg, task)
+    tracker: Tracker = make_tracker(cfg, run_dir, run_name(cfg), ctx.is_main)
+    exit_code = 1
+    try:
+        from common.cv import cross_validate
+        modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
+        value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
+        exit_code = 0
+        return value
+    finally:
+        tracker.finish(exit_code)
+        distributed.teardown(ctx)

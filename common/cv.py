@@ -1,0 +1,84 @@
+"""mode=cv: one model per grouped fold, out-of-fold predictions and metrics."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from sklearn.model_selection import GroupKFold
+from torch.utils.data import Subset
+
+from common.checkpoint import load_checkpoint
+from common.tracking import RunFiles, Tracker, atomic_write_text
+from common.trainer import Trainer
+
+
+def assign_folds(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold id per item; a group never spans two folds; fold sizes balanced (sklearn GroupKFold)."""
+    n_groups = len(np.unique(groups))
+    if n_groups < n_folds:
+        raise ValueError(f"cv.folds={n_folds} but the data has only {n_groups} groups; lower cv.folds")
+    folds = np.empty(len(groups), dtype=int)
+    splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(groups)), groups=groups)):
+        folds[val_idx] = fold
+    return folds
+
+
+class FoldTracker(Tracker):
+    """Logs one fold's metrics under `fold<k>/` with steps after the previous folds' (wandb needs monotone steps)."""
+
+    def __init__(self, inner: Tracker, fold: int, step_offset: int):
+        self.inner, self.prefix, self.offset = inner, f"fold{fold}/", step_offset
+
+    def log_metrics(self, metrics, step):
+        self.inner.log_metrics({self.prefix + k: v for k, v in metrics.items()}, step + self.offset)
+
+    def log_images(self, name, images, step, captions=None):
+        self.inner.log_images(self.prefix + name, images, step + self.offset, captions)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        raise ValueError(f"no rows to write to {path}: the task's oof_rows returned nothing")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker, ctx) -> float | None:
+    from common.app import build_parts, restore_for_inference
+    sets = task.datasets(root, "cv")
+    groups = np.asarray(task.cv_groups(sets["train"]))
+    folds = assign_folds(groups, int(cfg.cv.folds), int(cfg.seed))
+    if ctx.is_main:
+        write_csv(run_dir / "folds.csv", [{"index": i, "group": g, "fold": f}
+                                          for i, (g, f) in enumerate(zip(groups, folds))])
+    oof_rows, oof_metric, step_offset = [], None, 0
+    for fold in range(int(cfg.cv.folds)):
+        train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+        train_set, val_set = Subset(sets["train"], train_idx), Subset(sets["val"], val_idx)
+        stats = task.fit_stats(train_set)
+        model, criterion, metric = build_parts(task, stats)
+        fold_dir = run_dir / f"fold_{fold}"
+        trainer = Trainer(cfg, fold_dir, FoldTracker(tracker, fold, step_offset), ctx)
+        state = trainer.fit(task, model, criterion, metric, train_set, val_set, stats)
+        step_offset += state.step
+        best = fold_dir / "checkpoints" / "best.pt"
+        restore_for_inference(model, load_checkpoint(best, task.name), str(best))
+        oof_metric = oof_metric or task.build_metric(stats)
+        for outputs, batch in trainer.infer(model, val_set, task.collate):
+            oof_metric.update(outputs, batch)
+            oof_rows += [{"fold": fold, **row} for row in task.oof_rows(outputs, batch, stats)]
+        print(f"[cv] fold {fold}: best {cfg.trainer.monitor}={state.best_value}", flush=True)
+    values = {f"oof/{k}": v for k, v in oof_metric.compute().items()}
+    if ctx.is_main:
+        write_csv(run_dir / "oof.csv", oof_rows)
+        RunFiles(run_dir).write_final({"folds": int(cfg.cv.folds), **values})
+    tracker.set_summary(values)
+    print("[cv] out-of-fold: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()), flush=True)
+    return values.get("oof/" + str(cfg.optimized_metric).split("/", 1)[-1])

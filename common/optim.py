@@ -1,0 +1,101 @@
+"""Parameter groups tagged by role, AdamW over them, and the learning-rate schedules.
+
+Tags (by parameter name, so optimisers, PCGrad and logging route the same way):
+- `uw`:       parameters of the criterion (uncertainty-weighting log-variances)
+- `adapter`:  LoRA / DoRA parameters (names hold "lora_")
+- `backbone`: other parameters under `model.backbone` (trainable only when backbone.freeze=false)
+- `head`:     everything else of the model
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+TAGS = ("head", "adapter", "backbone", "uw")
+_BLOCK_INDEX = re.compile(r"\.(?:blocks|layer|layers)\.(\d+)\.")
+
+
+def tag_of(name: str) -> str:
+    if name.startswith("criterion."):
+        return "uw"
+    if "lora_" in name:
+        return "adapter"
+    if name.startswith("model.backbone."):
+        return "backbone"
+    return "head"
+
+
+def named_trainable(model: nn.Module, criterion: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    named = [(f"model.{n}", p) for n, p in model.named_parameters()]
+    named += [(f"criterion.{n}", p) for n, p in criterion.named_parameters()]
+    return [(n, p) for n, p in named if p.requires_grad]
+
+
+def layer_scale(name: str, layer_decay: float, num_blocks: int) -> float:
+    """lr multiplier layer_decay ** (depth from the top) for block-indexed backbone parameters."""
+    match = _BLOCK_INDEX.search(name)
+    if layer_decay == 1.0 or match is None:
+        return 1.0
+    return layer_decay ** (num_blocks - 1 - int(match.group(1)))
+
+
+def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: dict[str, float],
+                       weight_decay: float, layer_decay: float = 1.0,
+                       num_blocks: int = 1) -> list[dict]:
+    """One optimiser group per (tag, lr scale, decay or not); each group remembers its tag."""
+    groups: dict[tuple, dict] = {}
+    for name, param in named_params:
+        tag = tag_of(name)
+        if lr.get(tag) is None:
+            raise ValueError(f"parameter {name} is trainable with tag '{tag}' but no learning rate is "
+                             f"configured for that tag (configured: {sorted(k for k, v in lr.items() if v)})")
+        scale = layer_scale(name, layer_decay, num_blocks) if tag in ("adapter", "backbone") else 1.0
+        decay = 0.0 if (param.ndim <= 1 or tag == "uw") else weight_decay
+        key = (tag, scale, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "tag": tag, "lr": lr[tag] * scale,
+                           "base_lr": lr[tag] * scale, "weight_decay": decay}
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(groups: list[dict], betas: Iterable[float], fused: str | bool,
+                    device: torch.device) -> torch.optim.AdamW:
+    use_fused = (device.type == "cuda") if fused == "auto" else bool(fused)
+    return torch.optim.AdamW(groups, betas=tuple(betas), fused=use_fused)
+
+
+class Schedule:
+    """lr factor per optimiser step: linear warmup from 0, then cosine / cosine with restarts / constant."""
+
+    def __init__(self, name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float,
+                 restart_steps: int = 0, restart_mult: int = 1):
+        if name not in ("cosine", "cosine_restarts", "constant"):
+            raise ValueError(f"trainer.schedule.name={name!r}: expected cosine, cosine_restarts or constant")
+        self.name, self.total, self.warmup = name, max(1, total_steps), max(0, warmup_steps)
+        self.min_ratio, self.restart, self.mult = min_lr_ratio, max(1, restart_steps), restart_mult
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.name == "constant":
+            return 1.0
+        t = step - self.warmup
+        if self.name == "cosine":
+            progress = min(1.0, t / max(1, self.total - self.warmup))
+        else:
+            period = self.restart
+            while t >= period:
+                t, period = t - period, period * self.mult
+            progress = t / period
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        f = self.factor(step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * f

@@ -1,0 +1,100 @@
+"""The one interface every task speaks.
+
+A task is data + model + loss + metrics + an output writer + a synthetic-data generator.
+`common.app` drives every mode (train / eval / predict / cv / synth) through these methods only,
+so training, evaluation, prediction and export have one code path each.
+
+Conventions
+- A batch is a dict. Tensor values are moved to the device by the trainer; anything else
+  (ids, file names, set names) stays on the CPU as a list.
+- A model is an `nn.Module` whose `forward(batch) -> dict[str, Tensor]` returns named outputs.
+  Its frozen backbone lives at `model.backbone` (a `common.backbone.Backbone`), so parameter
+  tagging (`head` / `adapter` / `backbone`) works by name.
+- A criterion is an `nn.Module` whose `forward(outputs, batch) -> dict[str, Tensor]` returns the
+  exact weighted terms that sum to the loss (so PCGrad and logging see each term). Its own
+  parameters (uncertainty-weighting log-variances) are tagged `uw`.
+- `stats` is a dict of plain containers (lists, floats, strings) fitted on the training split only
+  and saved in every checkpoint, so a checkpoint alone (plus backbone weights) can predict.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from common.metric import Metric
+
+Batch = dict[str, Any]
+Outputs = dict[str, Tensor]
+
+
+class Task(ABC):
+    """Subclass once per task; the class path is `task._target_` in `conf/task/<name>.yaml`."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    @property
+    def name(self) -> str:
+        return str(self.cfg.task.name)
+
+    # ---- data -------------------------------------------------------------------------------
+    @abstractmethod
+    def synthesize(self, root: Path, seed: int) -> None:
+        """Write a small synthetic dataset with a learnable signal in the real on-disk format."""
+
+    @abstractmethod
+    def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
+        """Datasets for a stage.
+
+        stage "fit"     -> {"train": ..., "val": ...}
+        stage "cv"      -> {"train": all labelled items with train transforms,
+                            "val":   the same items, in the same order, with eval transforms}
+        stage "eval"    -> {"eval": labelled items to score}
+        stage "predict" -> {"predict": items to write official outputs for}
+        """
+
+    def cv_groups(self, dataset: Dataset) -> np.ndarray:
+        """One group id per item of the "cv" datasets; items of a group never split across folds."""
+        return np.arange(len(dataset))
+
+    def fit_stats(self, train_set: Dataset) -> dict:
+        """Normalisation statistics from the training split only (plain containers)."""
+        return {}
+
+    def collate(self, items: list[dict]) -> Batch:
+        from common.data import default_collate
+        return default_collate(items)
+
+    # ---- model, loss, metric ----------------------------------------------------------------
+    @abstractmethod
+    def build_model(self, stats: dict) -> nn.Module:
+        """Backbone (+ adapters) + head; forward(batch) -> outputs."""
+
+    @abstractmethod
+    def build_criterion(self, stats: dict) -> nn.Module:
+        """forward(outputs, batch) -> {term name: weighted scalar}; the loss is their sum."""
+
+    @abstractmethod
+    def build_metric(self, stats: dict) -> Metric:
+        """update(outputs, batch) per batch, compute() -> {name: float}."""
+
+    # ---- outputs ----------------------------------------------------------------------------
+    @abstractmethod
+    def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,
+                          stats: dict) -> dict[str, Path]:
+        """Write the official output files (FORMATS.md) from (outputs, batch) pairs on the CPU.
+        Returns {description: path} of what was written."""
+
+    def oof_rows(self, outputs: Outputs, batch: Batch, stats: dict) -> list[dict]:
+        """Rows of oof.csv for one validation batch in cross-validation (id, true, predicted)."""
+        return []
+
+    def log_media(self, logger, outputs: Outputs, batch: Batch, stats: dict, step: int) -> None:
+        """Optional: images or plots a person would look at (first validation batch per epoch)."""
+        return None

@@ -1,0 +1,357 @@
+"""The one training loop every task uses: fit, evaluate, infer.
+
+Exact resume: every epoch starts by reseeding all generators with (seed, epoch), so a run resumed from
+last.pt after epoch k replays epoch k + 1 exactly as an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from tqdm.auto import tqdm
+
+from common.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
+                               set_rng_state, trainable_state)
+from common.distributed import DistContext, ShardSampler
+from common.ema import EMA
+from common.metric import Metric
+from common.optim import Schedule, build_optimizer, build_param_groups, named_trainable
+from common.seed import seed_everything
+from common.tracking import RunFiles, Tracker, use_progress_bars
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class FitState:
+    epoch: int = 0                       # next epoch to run
+    step: int = 0                        # optimiser steps done
+    best_value: float | None = None
+    best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    last_metrics: dict = field(default_factory=dict)
+    epochs_without_improvement: int = 0
+    nonfinite_steps: int = 0
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list) and batch and isinstance(batch[0], torch.Tensor):
+        return [move_to(v, device) for v in batch]
+    return batch
+
+
+def batch_size_of(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    raise ValueError("batch holds no tensor: cannot tell its size")
+
+
+def _to_cpu(outputs: dict) -> dict:
+    return {k: (v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu())
+            if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker, ctx: DistContext):
+        self.cfg, self.t = cfg, cfg.trainer
+        self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+        self.tracker, self.ctx, self.device = tracker, ctx, ctx.device
+        self.files = RunFiles(run_dir) if ctx.is_main else None
+        self.bf16 = self._resolve_precision(self.t.precision)
+        self.bars = use_progress_bars(self.t.progress) and ctx.is_main
+        self.plain = self.t.progress != "off" and not self.bars and ctx.is_main
+
+    def _resolve_precision(self, setting: str) -> bool:
+        if setting == "auto":
+            return self.device.type == "cuda"
+        if setting not in ("bf16", "fp32"):
+            raise ValueError(f"trainer.precision={setting!r}: expected auto, bf16 or fp32")
+        return setting == "bf16"
+
+    def autocast(self):
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0) -> DataLoader:
+        data = self.cfg.data
+        if train and self.ctx.enabled:
+            sampler = DistributedSampler(dataset, self.ctx.world_size, self.ctx.rank, shuffle=True,
+                                         seed=int(self.cfg.seed), drop_last=True)
+            sampler.set_epoch(epoch)
+        elif train:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(int(self.cfg.seed) + epoch))
+        elif self.ctx.enabled:
+            sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
+        else:
+            sampler = SequentialSampler(dataset)
+        pin = self.device.type == "cuda" if self.t.pin_memory == "auto" else bool(self.t.pin_memory)
+        drop_last = train and len(dataset) > int(data.batch_size)
+        return DataLoader(dataset, batch_size=int(data.batch_size), sampler=sampler, collate_fn=collate,
+                          num_workers=int(data.num_workers), pin_memory=pin, drop_last=drop_last,
+                          persistent_workers=False)
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _learning_rates(self) -> dict[str, float | None]:
+        return {"head": self.t.optim.lr, "uw": self.t.optim.uw_lr,
+                "adapter": OmegaConf.select(self.cfg, "peft.lr"),
+                "backbone": OmegaConf.select(self.cfg, "backbone.lr")}
+
+    def _setup(self, model: nn.Module, criterion: nn.Module, steps_per_epoch: int):
+        model.to(self.device)
+        criterion.to(self.device)
+        backbone = getattr(model, "backbone", None)
+        groups = build_param_groups(named_trainable(model, criterion), self._learning_rates(),
+                                    weight_decay=self.t.optim.weight_decay,
+                                    layer_decay=OmegaConf.select(self.cfg, "peft.layer_decay") or 1.0,
+                                    num_blocks=getattr(backbone, "num_blocks", 1))
+        self.optimizer = build_optimizer(groups, self.t.optim.betas, self.t.optim.fused, self.device)
+        sched = self.t.schedule
+        self.schedule = Schedule(sched.name, total_steps=steps_per_epoch * int(self.t.max_epochs),
+                                 warmup_steps=round(sched.warmup_epochs * steps_per_epoch),
+                                 min_lr_ratio=sched.min_lr_ratio,
+                                 restart_steps=round(sched.restart_epochs * steps_per_epoch),
+                                 restart_mult=sched.restart_mult)
+        self.ema = EMA(model, self.t.ema.decay) if self.t.ema.enabled else None
+        self.model, self.criterion = model, criterion
+        self.train_model = model
+        if self.t.compile:
+            self.train_model.compile()
+        if self.ctx.enabled:
+            if self.t.pcgrad.enabled:
+                raise ValueError("trainer.pcgrad with DDP is not supported: per-term gradients bypass DDP's "
+                                 "all-reduce; run PCGrad on one process")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=ids)
+
+    def _steps_per_epoch(self, loader: DataLoader) -> int:
+        batches = len(loader)
+        if self.t.limit_train_batches:
+            batches = min(batches, int(self.t.limit_train_batches))
+        return max(1, batches // int(self.t.accumulate_grad_batches))
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _payload(self, state: FitState, task_name: str, stats: dict) -> dict:
+        return {"format": FORMAT_VERSION, "task": task_name, "epoch": state.epoch, "step": state.step,
+                "model": trainable_state(self.model), "criterion": trainable_state(self.criterion),
+                "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "stats": stats, "fit_state": {k: v for k, v in vars(state).items()}}
+
+    def _save(self, name: str, payload: dict) -> None:
+        if self.ctx.is_main:
+            atomic_torch_save(payload, self.ckpt_dir / name)
+
+    def _resume(self, state: FitState, task_name: str) -> FitState:
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            print(f"[trainer] resume requested but {path} does not exist yet: starting from scratch")
+            return state
+        from common.checkpoint import load_checkpoint
+        ckpt = load_checkpoint(path, task_name)
+        load_trainable_state(self.model, ckpt["model"], str(path))
+        load_trainable_state(self.criterion, ckpt["criterion"], str(path))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        print(f"[trainer] resumed from {path} after epoch {ckpt['epoch'] - 1}")
+        return FitState(**ckpt["fit_state"])
+
+    # ---- one optimisation step -------------------------------------------------------------
+    def _backward(self, terms: dict[str, torch.Tensor], scale: float) -> None:
+        if not self.t.pcgrad.enabled:
+            (sum(terms.values()) * scale).backward()
+            return
+        from common.mtl import pcgrad_backward
+        wanted = set(self.t.pcgrad.groups)
+        projected = [p for g in self.optimizer.param_groups if g["tag"] in wanted for p in g["params"]]
+        others = [p for g in self.optimizer.param_groups if g["tag"] not in wanted for p in g["params"]]
+        pcgrad_backward({k: v * scale for k, v in terms.items()}, projected, mode=self.t.pcgrad.mode,
+                        primary=list(self.t.pcgrad.primary) or None, other_params=others)
+
+    def _optimizer_step(self, state: FitState) -> bool:
+        """Clip, step, update EMA. Returns False (step skipped) when the gradients are not finite."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        clip = self.t.grad_clip if self.t.grad_clip else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
+        if not torch.isfinite(norm):
+            self._count_nonfinite(state, "gradient norm")
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.schedule.apply(self.optimizer, state.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        state.step += 1
+        return True
+
+    def _count_nonfinite(self, state: FitState, what: str) -> None:
+        state.nonfinite_steps += 1
+        print(f"[trainer] non-finite {what} at step {state.step}: step skipped "
+              f"({state.nonfinite_steps}/{self.t.max_nonfinite_steps})")
+        if state.nonfinite_steps > int(self.t.max_nonfinite_steps):
+            raise NonFiniteLossError(
+                f"{state.nonfinite_steps} optimiser steps had a non-finite loss or gradient (limit "
+                f"trainer.max_nonfinite_steps={self.t.max_nonfinite_steps}); the run diverged: lower the "
+                f"learning rate, enable trainer.grad_clip, or check the data for NaN inputs")
+
+    # ---- epochs ----------------------------------------------------------------------------
+    def _train_epoch(self, loader: DataLoader, state: FitState) -> dict:
+        self.train_model.train()
+        self.criterion.train()
+        accum = int(self.t.accumulate_grad_batches)
+        limit = self._steps_per_epoch(loader) * accum
+        sums: dict[str, float] = {}
+        seen, skip_step, start = 0, False, time.perf_counter()
+        bar = tqdm(total=limit, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
+        for i, batch in enumerate(loader):
+            if i >= limit:
+                break
+            batch = move_to(batch, self.device)
+            with self.autocast():
+                outputs = self.train_model(batch)
+                terms = self.criterion(outputs, batch)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss.detach()):
+                skip_step = True
+            else:
+                self._backward(terms, 1.0 / accum)
+            for key, value in {"loss": loss, **terms}.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            seen += batch_size_of(batch)
+            bar.update(1)
+            if (i + 1) % accum == 0:
+                self._finish_accumulation(state, skip_step, {k: float(v.detach()) for k, v in terms.items()})
+                skip_step = False
+        bar.close()
+        seconds = time.perf_counter() - start
+        n = max(1, min(limit, len(loader)))
+        record = {f"train/{k}": v / n for k, v in sums.items()}
+        record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
+        return record
+
+    def _finish_accumulation(self, state: FitState, skip: bool, terms: dict[str, float]) -> None:
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._count_nonfinite(state, "loss")
+            return
+        if self._optimizer_step(state) and state.step % int(self.t.log_every_n_steps) == 0:
+            lrs = {f"lr/{g['tag']}": g["lr"] for g in self.optimizer.param_groups}
+            self.tracker.log_metrics({"train/loss": sum(terms.values()),
+                                      **{f"train/{k}": v for k, v in terms.items()}, **lrs}, state.step)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, criterion: nn.Module | None, metric: Metric, dataset: Dataset,
+                 collate: Callable, limit: int | None = None, on_first_batch: Callable | None = None) -> dict:
+        """Metric values (no prefix) plus the mean loss when a criterion is given."""
+        model.eval()
+        metric.reset()
+        loss_sum, batches = 0.0, 0
+        context = self.ema.applied(model) if getattr(self, "ema", None) is not None and model is self.model \
+            else nullcontext()
+        with context:
+            for i, batch in enumerate(self.loader(dataset, collate, train=False)):
+                if limit and i >= limit:
+                    break
+                batch = move_to(batch, self.device)
+                with self.autocast():
+                    outputs = model(batch)
+                    if criterion is not None:
+                        loss_sum += float(sum(criterion(outputs, batch).values()))
+                outputs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                           for k, v in outputs.items()}
+                metric.update(outputs, batch)
+                if i == 0 and on_first_batch is not None:
+                    on_first_batch(_to_cpu(outputs), batch)
+                batches += 1
+        values = metric.compute()
+        if criterion is not None:
+            values["loss"] = loss_sum / max(1, batches)
+        return values
+
+    @torch.no_grad()
+    def infer(self, model: nn.Module, dataset: Dataset, collate: Callable) -> Iterator[tuple[dict, dict]]:
+        """(outputs on the CPU, batch) pairs in dataset order, for writing predictions."""
+        model.to(self.device).eval()
+        for batch in tqdm(self.loader(dataset, collate, train=False), desc="predict", disable=not self.bars):
+            device_batch = move_to(batch, self.device)
+            with self.autocast():
+                outputs = model(device_batch)
+            yield _to_cpu(outputs), batch
+
+    # ---- the fit loop ----------------------------------------------------------------------
+    def _improved(self, value: float, state: FitState) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        if state.best_value is None:
+            return True
+        if self.t.monitor_direction == "maximize":
+            return value > state.best_value
+        return value < state.best_value
+
+    def fit(self, task, model: nn.Module, criterion: nn.Module, metric: Metric, train_set: Dataset,
+            val_set: Dataset, stats: dict) -> FitState:
+        steps = self._steps_per_epoch(self.loader(train_set, task.collate, train=True))
+        self._setup(model, criterion, steps)
+        state = self._resume(FitState(), task.name) if self.t.resume else FitState()
+        monitor_key = str(self.t.monitor).split("/", 1)[-1]
+        end = int(self.t.max_epochs)
+        if self.t.epochs_per_run:
+            end = min(end, state.epoch + int(self.t.epochs_per_run))
+        epochs = tqdm(range(state.epoch, end), desc="epochs", disable=not self.bars)
+        for epoch in epochs:
+            seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank)
+            record = {"epoch": epoch, **self._train_epoch(self.loader(train_set, task.collate, True, epoch), state)}
+            media = (lambda out, b: task.log_media(self.tracker, out, b, stats, state.step)) \
+                if self.ctx.is_main else None
+            val = self.evaluate(self.model, self.criterion, metric, val_set, task.collate,
+                                limit=self.t.limit_val_batches, on_first_batch=media)
+            record.update({f"val/{k}": v for k, v in val.items()})
+            record.update({"step": state.step, **{f"lr/{g['tag']}": g["lr"] for g in self.optimizer.param_groups}})
+            state.epoch, state.last_metrics = epoch + 1, record
+            if self._improved(val.get(monitor_key), state):
+                state.best_value, state.best_epoch, state.best_metrics = val[monitor_key], epoch, record
+                state.epochs_without_improvement = 0
+                self._save("best.pt", self._payload(state, task.name, stats))
+            else:
+                state.epochs_without_improvement += 1
+            self._save("last.pt", self._payload(state, task.name, stats))
+            self._report_epoch(record, state, monitor_key)
+            if self._should_stop(state):
+                break
+        return state
+
+    def _report_epoch(self, record: dict, state: FitState, monitor_key: str) -> None:
+        if self.files is not None:
+            self.files.append_epoch(record)
+        self.tracker.log_metrics(record, state.step)
+        if self.plain:
+            shown = {k: round(v, 4) for k, v in record.items() if k.startswith(("train/loss", "val/"))}
+            print(f"[epoch {record['epoch']}] step {state.step} {shown} "
+                  f"best {monitor_key}={state.best_value} @ {state.best_epoch}", flush=True)
+
+    def _should_stop(self, state: FitState) -> bool:
+        patience = self.t.early_stopping_patience
+        if patience is not None and state.epochs_without_improvement >= int(patience):
+            print(f"[trainer] early stopping: no improvement of {self.t.monitor} for {patience} epochs")
+            return True
+        return False

@@ -1,0 +1,20 @@
+"""Entry point: python run.py task=<biomass|sclera|roadwork> [mode=train|eval|predict|cv|synth] [overrides]
+
+Returns the value of `optimized_metric`, so any run can be swept with Optuna (`-m` with a sweeps= config).
+"""
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from common.app import run
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The app and its run-directory contract: config composition, modes, bad input, tracking."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from common.cv import assign_folds
+from common.tracking import redact
+from tests.cli import REPO, TOY, run_cli
+
+TASKS = sorted(p.stem for p in (REPO / "conf" / "task").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_config_composes(task):
+    cfg = _compose([f"task={task}"])
+    assert cfg.task.name == task and cfg.optimized_metric.startswith("val/")
+    assert cfg.backbone.weights is None and cfg.data.root is None  # the embedded default
+    for group in ("data", "model", "loss", "metric"):
+        assert group in cfg, f"task {task} selects no {group} config"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_preset_composes(experiment):
+    cfg = _compose([f"experiment={experiment}"])
+    OmegaConf.to_container(cfg.model, resolve=False)
+    assert cfg.task.name in TASKS
+
+
+def test_wrong_option_lists_valid_ones(tmp_path):
+    proc = run_cli([*TOY, "backbone=nope"], tmp_path / "r", tmp_path / "c", check=False)
+    assert proc.returncode != 0 and "tiny" in proc.stderr and "backbone" in proc.stderr
+
+
+def test_unknown_key_fails_loudly(tmp_path):
+    proc = run_cli([*TOY, "trainer.max_epochz=3"], tmp_path / "r", tmp_path / "c", check=False)
+    assert proc.returncode != 0 and "max_epochz" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("toy")
+    run_cli([*TOY], base / "train", base / "cache")
+    return base
+
+
+def test_run_directory_contract_toy(toy_run):
+    run = toy_run / "train"
+    assert (run / ".hydra" / "config.yaml").is_file()
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    for key in ("step", "train/loss", "val/neg_mse", "lr/head", "train/seconds", "train/samples_per_s"):
+        assert key in epochs[0], key
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["best"]["val/neg_mse"] == max(e["val/neg_mse"] for e in epochs)
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    for key in ("model", "optimizer", "rng", "config", "stats", "epoch", "step", "ema", "task"):
+        assert key in ckpt, key
+    assert not any(k.startswith("backbone.") for k in ckpt["model"])  # frozen weights are not stored
+
+
+def test_eval_predict_from_checkpoint(toy_run):
+    ckpt = toy_run / "train" / "checkpoints" / "best.pt"
+    run_cli([*TOY, "mode=eval", f"ckpt_path={ckpt}"], toy_run / "eval", toy_run / "cache")
+    best = json.loads((toy_run / "train" / "metrics.json").read_text())["best"]["val/neg_mse"]
+    evaluated = json.loads((toy_run / "eval" / "metrics.json").read_text())["eval/neg_mse"]
+    assert evaluated == pytest.approx(best, rel=1e-5)
+    run_cli([*TOY, "mode=predict", f"ckpt_path={ckpt}"], toy_run / "pred", toy_run / "cache")
+    assert (toy_run / "pred" / "predictions.csv").read_text().startswith("id,pred\n")
+
+
+def test_cv_writes_folds_and_oof(tmp_path):
+    run_cli([*TOY, "mode=cv", "cv.folds=3", "trainer=debug"], tmp_path / "cv", tmp_path / "cache")
+    folds = np.genfromtxt(tmp_path / "cv" / "folds.csv", delimiter=",", names=True, dtype=int)
+    for group in np.unique(folds["group"]):
+        assert len(np.unique(folds["fold"][folds["group"] == group])) == 1
+    oof = (tmp_path / "cv" / "oof.csv").read_text().splitlines()
+    assert oof[0] == "fold,id,pred,target" and len(oof) == 1 + 24
+    assert "oof/neg_mse" in json.loads((tmp_path / "cv" / "metrics.json").read_text())
+
+
+def test_assign_folds_grouped_and_balanced():
+    groups = np.repeat(np.arange(20), 3)
+    folds = assign_folds(groups, 5, seed=0)
+    assert all(len(set(folds[groups == g])) == 1 for g in range(20))
+    assert sorted(np.bincount(folds)) == [12] * 5
+    with pytest.raises(ValueError, match="only 20 groups"):
+        assign_folds(groups, 21, seed=0)
+
+
+def test_bad_inputs_give_one_clear_message(toy_run, tmp_path):
+    cache = toy_run / "cache"
+    missing = run_cli([*TOY, "data.root=/nonexistent/data"], tmp_path / "a", cache, check=False)
+    assert missing.returncode != 0 and "data.root=/nonexistent/data does not exist" in missing.stderr
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    bad = run_cli([*TOY, "mode=eval", f"ckpt_path={garbage}"], tmp_path / "b", cache, check=False)
+    assert bad.returncode != 0 and f"checkpoint {garbage} could not be read" in bad.stderr
+    other = toy_run / "train" / "checkpoints" / "best.pt"
+    foreign = run_cli(["task=toy2", TOY[1], "mode=eval", f"ckpt_path={other}"], tmp_path / "c", cache, check=False)
+    assert foreign.returncode != 0 and "trained for task 'toy', not 'toy2'" in foreign.stderr
+    nockpt = run_cli([*TOY, "mode=eval"], tmp_path / "d", cache, check=False)
+    assert "needs ckpt_path" in nockpt.stderr
+
+
+def test_logger_none_never_imports_wandb(tmp_path):
+    fake = tmp_path / "fake" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('wandb was imported with logger=none')\n")
+    run_cli([*TOY, "trainer=debug"], tmp_path / "r", tmp_path / "c", env={"PYTHONPATH": str(fake.parent)})
+
+
+def test_wandb_offline_run_is_written(tmp_path):
+    run_cli([*TOY, "trainer=debug", "logger=wandb"], tmp_path / "r", tmp_path / "c", env={"WANDB_MODE": "offline"})
+    assert list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+
+
+def test_redaction_of_secrets():
+    cfg = {"storage": "postgresql://optuna:s3cret@db.example:5432/study", "api_key": "abc",
+           "nested": {"db_password": "hunter2", "name": "ok"}}
+    red = redact(cfg)
+    assert red["storage"] == "postgresql://optuna:***@db.example:5432/study"
+    assert red["api_key"] == "***" and red["nested"]["db_password"] == "***" and red["nested"]["name"] == "ok"
