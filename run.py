@@ -7,7 +7,11 @@ import os
 import hydra
 from omegaconf import DictConfig
 
+from sweeps.workers import register_resolvers
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")  # optuna 2.10 pins SQLAlchemy < 2
+register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

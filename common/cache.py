@@ -269,6 +269,10 @@ class CachedEncoder(nn.Module):
     def __init__(self, backbone: Backbone, cache: FeatureCache):
         super().__init__()
         check_cacheable(backbone)
+        if len(set(getattr(backbone, "layer_strides", None) or [0])) > 1:
+            raise ValueError(f"feature cache: backbone {backbone.name} returns layers on different grids "
+                             f"(strides {backbone.layer_strides}); the cache stores one grid per item: "
+                             f"set data.cache_features=false or pick layers of one stage")
         self.backbone = backbone
         self.cache = cache
         self.hits = 0

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 TAGS = ("head", "adapter", "backbone", "uw")
-_BLOCK_INDEX = re.compile(r"\.(?:blocks|layer|layers)\.(\d+)\.")
+# ConvNeXt decays by stage ("stages.<i>."); ViTs by block ("blocks.<i>." in timm, "layer.<i>." in transformers).
+_BLOCK_INDEX = re.compile(r"\.stages\.(\d+)\.|\.(?:blocks|layer|layers)\.(\d+)\.")
 
 
 def tag_of(name: str) -> str:
@@ -40,7 +41,8 @@ def layer_scale(name: str, layer_decay: float, num_blocks: int) -> float:
     match = _BLOCK_INDEX.search(name)
     if layer_decay == 1.0 or match is None:
         return 1.0
-    return layer_decay ** (num_blocks - 1 - int(match.group(1)))
+    index = int(match.group(1) if match.group(1) is not None else match.group(2))
+    return layer_decay ** (num_blocks - 1 - index)
 
 
 def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: dict[str, float],

@@ -6,6 +6,8 @@ last.pt after epoch k replays epoch k + 1 exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from common.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
@@ -33,6 +35,34 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class Preempted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class PreemptionGuard:
+    """SIGTERM / SIGUSR1 (Slurm preemption, `scancel --signal`) ask the loop to checkpoint and stop."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 @dataclass
 class FitState:
     epoch: int = 0                       # next epoch to run
@@ -43,6 +73,7 @@ class FitState:
     last_metrics: dict = field(default_factory=dict)
     epochs_without_improvement: int = 0
     nonfinite_steps: int = 0
+    batches_done: int = 0                # batches of epoch `epoch` already trained (preempted mid-epoch)
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -90,14 +121,17 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     # ---- loaders ---------------------------------------------------------------------------
-    def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0) -> DataLoader:
+    def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0,
+               skip_batches: int = 0) -> DataLoader:
         data = self.cfg.data
-        if train and self.ctx.enabled:
+        if train:
+            # One seeded permutation per epoch, split across ranks: the global batches of N processes are
+            # the batches of one process with N times the batch size.
             sampler = DistributedSampler(dataset, self.ctx.world_size, self.ctx.rank, shuffle=True,
                                          seed=int(self.cfg.seed), drop_last=True)
             sampler.set_epoch(epoch)
-        elif train:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(int(self.cfg.seed) + epoch))
+            if skip_batches:
+                sampler = list(sampler)[skip_batches * int(data.batch_size):]
         elif self.ctx.enabled:
             sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
         else:
@@ -129,6 +163,7 @@ class Trainer:
                                  min_lr_ratio=sched.min_lr_ratio,
                                  restart_steps=round(sched.restart_epochs * steps_per_epoch),
                                  restart_mult=sched.restart_mult)
+        self.steps_per_epoch = steps_per_epoch
         self.ema = EMA(model, self.t.ema.decay) if self.t.ema.enabled else None
         self.model, self.criterion = model, criterion
         self.train_model = model
@@ -215,11 +250,11 @@ class Trainer:
                 f"learning rate, enable trainer.grad_clip, or check the data for NaN inputs")
 
     # ---- epochs ----------------------------------------------------------------------------
-    def _train_epoch(self, loader: DataLoader, state: FitState) -> dict:
+    def _train_epoch(self, loader: DataLoader, state: FitState, guard: PreemptionGuard) -> dict:
         self.train_model.train()
         self.criterion.train()
         accum = int(self.t.accumulate_grad_batches)
-        limit = self._steps_per_epoch(loader) * accum
+        limit = self.steps_per_epoch * accum - state.batches_done
         sums: dict[str, float] = {}
         seen, skip_step, start = 0, False, time.perf_counter()
         bar = tqdm(total=limit, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
@@ -242,6 +277,9 @@ class Trainer:
             if (i + 1) % accum == 0:
                 self._finish_accumulation(state, skip_step, {k: float(v.detach()) for k, v in terms.items()})
                 skip_step = False
+                if guard.signal is not None:
+                    state.batches_done += i + 1
+                    raise Preempted(guard.signal)
         bar.close()
         seconds = time.perf_counter() - start
         n = max(1, min(limit, len(loader)))
@@ -285,7 +323,10 @@ class Trainer:
                 batches += 1
         values = metric.compute()
         if criterion is not None:
-            values["loss"] = loss_sum / max(1, batches)
+            totals = torch.tensor([loss_sum, float(batches)], dtype=torch.float64, device=self.device)
+            if self.ctx.enabled:
+                torch.distributed.all_reduce(totals)
+            values["loss"] = float(totals[0] / totals[1].clamp(min=1))
         return values
 
     @torch.no_grad()
@@ -317,10 +358,24 @@ class Trainer:
         end = int(self.t.max_epochs)
         if self.t.epochs_per_run:
             end = min(end, state.epoch + int(self.t.epochs_per_run))
+        with PreemptionGuard() as guard:
+            try:
+                self._epochs(task, metric, train_set, val_set, stats, state, end, guard, monitor_key)
+            except Preempted as stop:
+                self._save("last.pt", self._payload(state, task.name, stats))
+                print(f"[trainer] signal {stop.signum}: wrote {self.ckpt_dir / 'last.pt'} at epoch {state.epoch} "
+                      f"batch {state.batches_done}; rerun with trainer.resume=true to continue", flush=True)
+                raise SystemExit(128 + stop.signum)
+        return state
+
+    def _epochs(self, task, metric, train_set, val_set, stats, state: FitState, end: int,
+                guard: "PreemptionGuard", monitor_key: str) -> None:
         epochs = tqdm(range(state.epoch, end), desc="epochs", disable=not self.bars)
         for epoch in epochs:
-            seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank)
-            record = {"epoch": epoch, **self._train_epoch(self.loader(train_set, task.collate, True, epoch), state)}
+            seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank + 7919 * state.batches_done)
+            loader = self.loader(train_set, task.collate, True, epoch, skip_batches=state.batches_done)
+            record = {"epoch": epoch, **self._train_epoch(loader, state, guard)}
+            state.batches_done = 0
             media = (lambda out, b: task.log_media(self.tracker, out, b, stats, state.step)) \
                 if self.ctx.is_main else None
             val = self.evaluate(self.model, self.criterion, metric, val_set, task.collate,
@@ -338,7 +393,6 @@ class Trainer:
             self._report_epoch(record, state, monitor_key)
             if self._should_stop(state):
                 break
-        return state
 
     def _report_epoch(self, record: dict, state: FitState, monitor_key: str) -> None:
         if self.files is not None:

@@ -130,3 +130,24 @@ def test_redaction_of_secrets():
     red = redact(cfg)
     assert red["storage"] == "postgresql://optuna:***@db.example:5432/study"
     assert red["api_key"] == "***" and red["nested"]["db_password"] == "***" and red["nested"]["name"] == "ok"
+
+
+SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("space", SWEEPS)
+def test_search_space_composes_and_names_real_keys(space):
+    from hydra.core.hydra_config import HydraConfig
+
+    from sweeps.workers import register_resolvers
+    register_resolvers()
+    task = space.split("_")[0]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"task={task}", f"sweeps={space}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper.study_name == space and sweeper.budget > 0 and sweeper.n_jobs == 1
+    assert sweeper.storage.startswith("sqlite:///") and sweeper.storage.endswith(f"sweeps/{space}/optuna.db")
+    assert cfg.optimized_metric.startswith("val/") and cfg.logger.group == f"sweep-{space}"
+    for key in sweeper.params:
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", f"{space} sweeps unknown key {key}"

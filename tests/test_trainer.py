@@ -66,3 +66,31 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     restored = torch.load(path, weights_only=True)
     assert restored["epoch"] == 1 and torch.equal(restored["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_sigterm_writes_last_and_resume_finishes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.cli import REPO
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    args = [*TOY, "trainer.max_epochs=3", "loss.sleep_s=0.2", "logger=none", "trainer.progress=plain",
+            f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the first epoch has finished: signal the run in the middle of the second
+        if line.startswith("[epoch 0]"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    last = _weights(run_dir / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and 0 < last["fit_state"]["batches_done"] < 6
+    run_cli([*TOY, "trainer.max_epochs=3", "trainer.resume=true"], run_dir, cache)
+    final = _weights(run_dir / "checkpoints" / "last.pt")
+    assert final["epoch"] == 3 and final["step"] == 18 and final["fit_state"]["batches_done"] == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,14 @@ class ToyModel(nn.Module):
 
 
 class ToyCriterion(nn.Module):
-    def __init__(self, poison_after: int | None = None):
+    def __init__(self, poison_after: int | None = None, sleep_s: float = 0.0):
         super().__init__()
-        self.poison_after, self.calls = poison_after, 0
+        self.poison_after, self.sleep_s, self.calls = poison_after, sleep_s, 0
 
     def forward(self, outputs, batch):
         self.calls += 1
+        if self.training and self.sleep_s:
+            time.sleep(self.sleep_s)  # a slow step, so that tests can signal a run mid-epoch
         loss = ((outputs["pred"] - batch["target"]) ** 2).mean()
         if self.training and self.poison_after is not None and self.calls > self.poison_after:
             loss = loss * float("nan")
@@ -82,7 +85,7 @@ class ToyTask(Task):
         return ToyModel(build_encoder(self.cfg), dropout=float(self.cfg.model.dropout))
 
     def build_criterion(self, stats):
-        return ToyCriterion(poison_after=self.cfg.loss.poison_after)
+        return ToyCriterion(poison_after=self.cfg.loss.poison_after, sleep_s=self.cfg.loss.sleep_s)
 
     def build_metric(self, stats):
         return ToyMetric()
