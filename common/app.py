@@ -170,13 +170,34 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     return metrics.get(str(cfg.optimized_metric).replace("val/", "eval/", 1))
 
 
+def checkpoint_paths(ckpt_path) -> list[Path]:
+    """ckpt_path: one file, a list of files, or a cv run directory (its fold_*/checkpoints/best.pt)."""
+    if ckpt_path is None:
+        raise ValueError("mode=predict needs ckpt_path=<file>, [<file>,<file>,...] or a mode=cv run directory")
+    if not isinstance(ckpt_path, (str, Path)):
+        return [Path(str(p)) for p in ckpt_path]
+    path = Path(str(ckpt_path))
+    if path.is_dir():
+        folds = sorted(path.glob("fold_*/checkpoints/best.pt"))
+        if not folds:
+            raise FileNotFoundError(f"ckpt_path={path} is a directory without fold_*/checkpoints/best.pt "
+                                    f"(expected a mode=cv run directory)")
+        return folds
+    return [path]
+
+
 def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
-    task, model, stats, ckpt_cfg = load_for_inference(cfg, cfg.ckpt_path)
+    paths = checkpoint_paths(cfg.ckpt_path)
+    loaded = [load_for_inference(cfg, path) for path in paths]
+    task, model, stats, ckpt_cfg = loaded[0]
+    if len(loaded) > 1:
+        model = task.ensemble([m for _, m, _, _ in loaded])
+        print(f"[predict] ensemble of {len(loaded)} checkpoints: {', '.join(map(str, paths))}", flush=True)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
     results = trainer.infer(model, task.datasets(root, "predict")["predict"], task.collate)
     written = task.write_predictions(results, run_dir, stats) if ctx.is_main else {}
     if ctx.is_main:
-        RunFiles(run_dir).write_final({"ckpt_path": str(cfg.ckpt_path),
+        RunFiles(run_dir).write_final({"ckpt_path": [str(p) for p in paths],
                                        "outputs": {k: str(v) for k, v in written.items()}})
         for what, path in written.items():
             print(f"[predict] {what}: {path}", flush=True)

@@ -84,6 +84,11 @@ class Task(ABC):
     def build_metric(self, stats: dict) -> Metric:
         """update(outputs, batch) per batch, compute() -> {name: float}."""
 
+    def ensemble(self, models: list[nn.Module]) -> nn.Module:
+        """Several trained models (e.g. the fold checkpoints of mode=cv) as one; default: mean of outputs."""
+        from common.ensemble import MeanEnsemble
+        return MeanEnsemble(models)
+
     # ---- outputs ----------------------------------------------------------------------------
     @abstractmethod
     def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,

@@ -151,3 +151,26 @@ def test_search_space_composes_and_names_real_keys(space):
     assert cfg.optimized_metric.startswith("val/") and cfg.logger.group == f"sweep-{space}"
     for key in sweeper.params:
         assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", f"{space} sweeps unknown key {key}"
+
+
+def test_slurm_launcher_preset_composes():
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["task=sclera", "hydra/launcher=slurm"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 1 and launcher.max_num_timeout == 3 and launcher.signal_delay_s == 120
+
+
+def test_predict_averages_cv_fold_checkpoints(tmp_path):
+    import csv
+    run_cli([*TOY, "mode=cv", "cv.folds=2", "trainer=debug"], tmp_path / "cv", tmp_path / "cache")
+    run_cli([*TOY, "mode=predict", f"ckpt_path={tmp_path / 'cv'}"], tmp_path / "ens", tmp_path / "cache")
+    folds = [tmp_path / "cv" / f"fold_{k}" / "checkpoints" / "best.pt" for k in range(2)]
+    singles = []
+    for k, ckpt in enumerate(folds):
+        run_cli([*TOY, "mode=predict", f"ckpt_path={ckpt}"], tmp_path / f"single{k}", tmp_path / "cache")
+        singles.append([float(r["pred"]) for r in csv.DictReader(open(tmp_path / f"single{k}" / "predictions.csv"))])
+    ensemble = [float(r["pred"]) for r in csv.DictReader(open(tmp_path / "ens" / "predictions.csv"))]
+    assert ensemble == pytest.approx([(a + b) / 2 for a, b in zip(*singles)], abs=2e-6)
+    assert json.loads((tmp_path / "ens" / "metrics.json").read_text())["ckpt_path"] == [str(p) for p in folds]

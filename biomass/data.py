@@ -1,0 +1,117 @@
+"""Biomass dataset, grouped folds and training-split statistics.
+
+Items are independent of the statistics: they carry grams (NaN where not measured) and raw metadata
+strings; the criterion normalises with the statistics of the training split, so a dataset can be
+built before `fit_stats` and reused in every fold.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from biomass.constants import TARGETS
+
+
+def load_rgb(path: Path, draft_size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """Decode an image to RGB uint8 (H, W, 3); JPEG decoding is scaled down towards `draft_size` (W, H)."""
+    try:
+        with Image.open(path) as img:
+            if draft_size is not None:
+                img.draft("RGB", draft_size)
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"image file {path} cannot be decoded as an image: {err}") from err
+
+
+def _float_or_nan(value) -> float:
+    out = pd.to_numeric(value, errors="coerce")
+    return float(out) if pd.notna(out) else float("nan")
+
+
+class BiomassDataset(Dataset):
+    """One item per image of a wide table (see biomass.table).
+
+    Item: image (3, H, W) float in [0, 1]; image_id; targets_g (5,) grams, NaN where missing;
+    target_mask (5,); height, ndvi (NaN where missing) with height_mask, ndvi_mask; state, species
+    strings ("" where missing).
+    """
+
+    def __init__(self, table: pd.DataFrame, root: Path, transform: Callable, draft_size=None):
+        self.table = table.reset_index(drop=True)
+        self.root = Path(root)
+        self.transform = transform
+        self.draft_size = tuple(draft_size) if draft_size is not None else None
+        self.has_targets = all(t in self.table.columns for t in TARGETS)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @staticmethod
+    def _targets(row: pd.Series) -> dict:
+        targets = torch.tensor([_float_or_nan(row[t]) for t in TARGETS], dtype=torch.float32)
+        return {"targets_g": targets, "target_mask": (~torch.isnan(targets)).float()}
+
+    @staticmethod
+    def _metadata(row: pd.Series) -> dict:
+        """Auxiliary labels / metadata inputs; NaN or "" (mask 0) where the table lacks them."""
+        out = {}
+        for key, col in (("height", "Height_Ave_cm"), ("ndvi", "Pre_GSHH_NDVI")):
+            value = _float_or_nan(row[col]) if col in row.index else float("nan")
+            out[key] = torch.tensor(value, dtype=torch.float32)
+            out[f"{key}_mask"] = torch.tensor(float(not np.isnan(value)))
+        for key, col in (("state", "State"), ("species", "Species")):
+            value = row[col] if col in row.index else None
+            out[key] = str(value) if isinstance(value, str) else ""
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.table.iloc[index]
+        rgb = load_rgb(self.root / row["image_path"], self.draft_size)
+        image = self.transform(image=rgb)["image"]
+        item = {"image": torch.tensor(image).permute(2, 0, 1).float() / 255.0,
+                "image_id": str(row["image_id"])}
+        item.update(self._metadata(row))
+        if self.has_targets:
+            item.update(self._targets(row))
+        return item
+
+
+def group_keys(table: pd.DataFrame) -> np.ndarray:
+    """CV group of each image: its (Sampling_Date, State) pair."""
+    return (table["Sampling_Date"].astype(str) + "|" + table["State"].astype(str)).to_numpy()
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    return float(values.mean()), float(max(values.std(), 1e-6))
+
+
+def fit_stats(table: pd.DataFrame, quadrat_area: float) -> dict:
+    """Normalisation statistics of the training split: per-target g/m2 and log1p-gram mean/std,
+    height and NDVI mean/std, and the state / species vocabularies."""
+    grams = table[list(TARGETS)].to_numpy(dtype=float)
+    gm2 = [_mean_std(grams[:, j] / quadrat_area) for j in range(len(TARGETS))]
+    log = [_mean_std(np.log1p(grams[:, j])) for j in range(len(TARGETS))]
+    total_mean = gm2[TARGETS.index("Dry_Total_g")][0]
+    stats = {"quadrat_area": float(quadrat_area), "targets": list(TARGETS),
+             "gm2_mean": [m for m, _ in gm2], "gm2_std": [s for _, s in gm2],
+             "log1p_mean": [m for m, _ in log], "log1p_std": [s for _, s in log],
+             "total_gm2_mean": float(total_mean if total_mean > 0 else 1.0)}
+    for key, col in (("height", "Height_Ave_cm"), ("ndvi", "Pre_GSHH_NDVI")):
+        values = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float) \
+            if col in table.columns else np.array([])
+        stats[f"{key}_mean"], stats[f"{key}_std"] = _mean_std(values)
+    for key, col in (("states", "State"), ("species", "Species")):
+        values = table[col].dropna().astype(str) if col in table.columns else pd.Series([], dtype=str)
+        stats[key] = sorted(set(values))
+    return stats

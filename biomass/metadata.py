@@ -1,0 +1,95 @@
+"""Metadata fusion for datasets whose test table carries metadata (the CSIRO test table does not).
+
+MetadataEncoder: State / Species embeddings (vocabularies of the training split, index 0 = unknown)
+and standardised NDVI / height with a missing indicator -> one vector (B, dim).
+MetadataFusion: "film" scales and shifts every layer's tokens, tokens * (1 + gamma) + beta; "xattn"
+lets a metadata query attend to the patch tokens and adds the projected answer to every token.
+Both start as the identity (zero-initialised output projections).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from common.backbone import BackboneOutput
+
+# column in the tables -> (batch key, kind)
+FIELDS = {"State": ("state", "cat"), "Species": ("species", "cat"),
+          "Pre_GSHH_NDVI": ("ndvi", "num"), "Height_Ave_cm": ("height", "num")}
+VOCAB_KEYS = {"state": "states", "species": "species"}
+MODES = ("none", "film", "xattn")
+
+
+def check_fields(fields: Sequence[str]) -> list[str]:
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown or not fields:
+        raise ValueError(f"model.metadata.fields {list(fields)}: expected a non-empty subset of {sorted(FIELDS)}")
+    return list(fields)
+
+
+class MetadataEncoder(nn.Module):
+    def __init__(self, stats: dict, fields: Sequence[str], dim: int):
+        super().__init__()
+        self.fields = check_fields(fields)
+        self.stats = {k: stats[k] for k in ("states", "species", "ndvi_mean", "ndvi_std", "height_mean", "height_std")}
+        self.embed = nn.ModuleDict()
+        n_num = 0
+        for field in self.fields:
+            key, kind = FIELDS[field]
+            if kind == "cat":
+                self.embed[key] = nn.Embedding(len(stats[VOCAB_KEYS[key]]) + 1, dim)
+            else:
+                n_num += 1
+        self.numeric = nn.Linear(2 * n_num, dim) if n_num else None
+        self.out = nn.Sequential(nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, batch: dict) -> Tensor:
+        parts, numeric = [], []
+        for field in self.fields:
+            key, kind = FIELDS[field]
+            if kind == "cat":
+                index = {s: i + 1 for i, s in enumerate(self.stats[VOCAB_KEYS[key]])}
+                ids = torch.tensor([index.get(s, 0) for s in batch[key]], device=self.out[1].weight.device)
+                parts.append(self.embed[key](ids))
+            else:
+                mask = batch[f"{key}_mask"].float()
+                value = (torch.nan_to_num(batch[key].float()) - self.stats[f"{key}_mean"]) / self.stats[f"{key}_std"]
+                numeric += [value * mask, mask]
+        if numeric:
+            parts.append(self.numeric(torch.stack(numeric, dim=-1)))
+        return self.out(torch.stack(parts, dim=0).sum(dim=0))
+
+
+class MetadataFusion(nn.Module):
+    def __init__(self, stats: dict, mode: str, fields: Sequence[str], dim: int, heads: int,
+                 embed_dim: int, num_layers: int):
+        super().__init__()
+        if mode not in ("film", "xattn"):
+            raise ValueError(f"model.metadata.mode={mode!r}: expected one of {MODES}")
+        self.mode = mode
+        self.encoder = MetadataEncoder(stats, fields, dim)
+        width = 2 * embed_dim if mode == "film" else embed_dim
+        self.project = nn.ModuleList(nn.Linear(dim if mode == "film" else embed_dim, width)
+                                     for _ in range(num_layers))
+        for p in self.project:
+            nn.init.zeros_(p.weight)
+            nn.init.zeros_(p.bias)
+        if mode == "xattn":
+            self.query = nn.Linear(dim, embed_dim)
+            self.attn = nn.MultiheadAttention(embed_dim, heads, batch_first=True)
+            self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, feats: BackboneOutput, batch: dict) -> BackboneOutput:
+        meta = self.encoder(batch)
+        tokens = []
+        for proj, t in zip(self.project, feats.tokens):
+            if self.mode == "film":
+                gamma, beta = proj(meta).unsqueeze(1).chunk(2, dim=-1)
+                tokens.append(t * (1 + gamma) + beta)
+            else:
+                kv = self.norm(t)
+                answer = self.attn(self.query(meta).unsqueeze(1), kv, kv, need_weights=False)[0]
+                tokens.append(t + proj(answer))
+        return BackboneOutput(tokens=tokens, grid=feats.grid, cls=feats.cls, registers=feats.registers)

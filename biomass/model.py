@@ -1,0 +1,98 @@
+"""Backbone (+ views, metadata fusion, manifold mixup) + head -> grams of the five targets
+(+ auxiliary heights, NDVI, state logits)."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from biomass.ensemble import tta_views
+from biomass.metadata import FIELDS, MODES, MetadataFusion, check_fields
+from biomass.mixing import mix_features, mix_labels
+from biomass.param import get_param
+from biomass.views import LAYOUTS, HalvesEncoder
+from common.backbone import Backbone, BackboneOutput
+from common.mixup import sample_mixup
+
+AUX_DIMS = {"height": 1, "ndvi": 1}
+
+
+def _check_aux(aux: Sequence[str], metadata: dict) -> None:
+    unknown = sorted(set(aux) - set(AUX_DIMS) - {"state"})
+    if unknown:
+        raise ValueError(f"model.aux: unknown auxiliary output(s) {unknown}; "
+                         f"expected a subset of {sorted(AUX_DIMS) + ['state']}")
+    if metadata["mode"] not in MODES:
+        raise ValueError(f"model.metadata.mode={metadata['mode']!r}: expected one of {MODES}")
+    if metadata["mode"] != "none":
+        inputs = {FIELDS[f][0] for f in check_fields(metadata["fields"])}
+        leak = sorted(inputs & set(aux))
+        if leak:
+            raise ValueError(f"model.aux {leak} are also metadata inputs (model.metadata.fields): "
+                             f"an auxiliary target must not be fed to the model")
+
+
+class BiomassModel(nn.Module):
+    """forward(batch) -> pred_g (B, 5) grams in TARGETS order, space (B, S) pooled non-negative
+    parameterisation space (units of the training mean total g/m2), the auxiliary outputs that were
+    asked for (height, ndvi in normalised units; state_logits), and in training with mixup the
+    mixed labels under "mixed/<key>"."""
+
+    def __init__(self, backbone: Backbone, head: Callable[..., nn.Module], param: str, aux: Sequence[str],
+                 stats: dict, views: dict, metadata: dict, mixup: dict):
+        super().__init__()
+        _check_aux(aux, metadata)
+        if views["layout"] not in LAYOUTS:
+            raise ValueError(f"model.views.layout={views['layout']!r}: expected one of {LAYOUTS}")
+        self.backbone = backbone
+        self.halves = HalvesEncoder(backbone, int(views["heads"]), float(views["dropout"])) \
+            if views["layout"] == "halves" else None
+        self.metadata = None if metadata["mode"] == "none" else MetadataFusion(
+            stats, metadata["mode"], list(metadata["fields"]), int(metadata["dim"]), int(metadata["heads"]),
+            backbone.embed_dim, len(backbone.layers))
+        self.mixup = {"prob": float(mixup["prob"]), "alpha": float(mixup["alpha"])}
+        self.states = list(stats["states"])
+        self.param = get_param(param)
+        self.aux_dims = {name: AUX_DIMS.get(name, len(self.states)) for name in aux}
+        out_dim = self.param.raw_dim + sum(self.aux_dims.values())
+        self.head = head(embed_dim=backbone.embed_dim, num_layers=len(backbone.layers), out_dim=out_dim)
+        self.tta: dict | None = None   # set by the task from data.tta: eval-mode test-time augmentation
+        self.register_buffer("gm2_scale", torch.tensor(float(stats["total_gm2_mean"])), persistent=False)
+        self.quadrat_area = float(stats["quadrat_area"])
+
+    def encode(self, batch: dict) -> BackboneOutput:
+        images = batch["image"]
+        feats = self.halves(self.backbone, images) if self.halves is not None else self.backbone(images)
+        return self.metadata(feats, batch) if self.metadata is not None else feats
+
+    def decode(self, feats: BackboneOutput) -> dict[str, Tensor]:
+        raw, weights = self.head(feats)
+        k = self.param.raw_dim
+        space = (self.param.to_space(raw[..., :k].float()) * weights.unsqueeze(-1)).sum(dim=1)
+        out = {"space": space, "pred_g": self.param.to_targets(space) * self.gm2_scale * self.quadrat_area}
+        aux = (raw[..., k:].float() * weights.unsqueeze(-1)).sum(dim=1)
+        start = 0
+        for name, dim in self.aux_dims.items():
+            value = aux[:, start:start + dim]
+            out["state_logits" if name == "state" else name] = value if name == "state" else value[:, 0]
+            start += dim
+        return out
+
+    def forward_tta(self, batch: dict) -> dict[str, Tensor]:
+        """Outputs averaged over the TTA views (flips, scales) of batch["image"]."""
+        views = tta_views(batch["image"], bool(self.tta["hflip"]), bool(self.tta["vflip"]),
+                          list(self.tta["scales"]), self.backbone.patch_size)
+        outs = [self.decode(self.encode({**batch, "image": view})) for view in views]
+        return {key: torch.stack([o[key] for o in outs]).mean(dim=0) for key in outs[0]}
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        if not self.training and self.tta is not None:
+            return self.forward_tta(batch)
+        feats = self.encode(batch)
+        plan = None
+        if self.training and self.mixup["prob"] > 0 and "targets_g" in batch:
+            plan = sample_mixup(batch["image"].shape[0], self.mixup["alpha"], self.mixup["prob"])
+        if plan is None:
+            return self.decode(feats)
+        return {**self.decode(mix_features(feats, plan)), **mix_labels(batch, plan, self.states)}

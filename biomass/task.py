@@ -1,0 +1,139 @@
+"""The CSIRO Image2Biomass task: datasets, statistics, model / loss / metric, submission.csv."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import hydra
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+from torch.utils.data import Dataset, Subset
+
+from biomass.augment import build_transform
+from biomass.constants import TARGETS
+from biomass.data import BiomassDataset, fit_stats, group_keys
+from biomass.ensemble import BiomassEnsemble
+from biomass.plots import scatter_image
+from biomass.submission import collect_predictions, score_submission, write_submission
+from biomass.synth import SynthConfig, write_synthetic
+from biomass.table import read_solution_table, read_test_table, read_train_table
+from common.build import build_encoder
+from common.cv import assign_folds
+from common.task import Task
+
+
+def _table_of(dataset: Dataset) -> pd.DataFrame:
+    """The wide table behind a BiomassDataset or a Subset of one (rows in the subset's order)."""
+    if isinstance(dataset, Subset):
+        return _table_of(dataset.dataset).iloc[list(dataset.indices)].reset_index(drop=True)
+    if not isinstance(dataset, BiomassDataset):
+        raise TypeError(f"expected a BiomassDataset or a Subset of one, got {type(dataset).__name__}")
+    return dataset.table
+
+
+class BiomassTask(Task):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.test_rows: pd.DataFrame | None = None   # long test.csv rows, set by datasets(stage="predict")
+        self.solution_path: Path | None = None       # test_solution.csv beside test.csv (synthetic demo)
+
+    # ---- data -------------------------------------------------------------------------------
+    def synthesize(self, root: Path, seed: int) -> None:
+        synth = OmegaConf.to_container(self.cfg.data.synth, resolve=True) if "synth" in self.cfg.data else {}
+        write_synthetic(Path(root), seed, SynthConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                         for k, v in synth.items()}))
+
+    def _dataset(self, table: pd.DataFrame, root: Path, train: bool) -> BiomassDataset:
+        d = self.cfg.data
+        h, w = int(d.image_size[0]), int(d.image_size[1])
+        draft = (w * int(d.decode_scale), h * int(d.decode_scale)) if d.decode_scale else None
+        return BiomassDataset(table, root, build_transform(d.aug, d.image_size, train), draft_size=draft)
+
+    def check_metadata_columns(self, root: Path) -> None:
+        """Metadata fusion needs its fields in test.csv too: fail at start, not at prediction time."""
+        meta = self.cfg.model.get("metadata")
+        test_csv = Path(root) / self.cfg.data.test_csv
+        if meta is None or meta.mode == "none" or not test_csv.is_file():
+            return
+        columns = set(pd.read_csv(test_csv, nrows=0).columns)
+        missing = [f for f in meta.fields if f not in columns]
+        if missing:
+            raise ValueError(f"model.metadata.mode={meta.mode} uses fields {list(meta.fields)}, but {test_csv} "
+                             f"lacks {missing} (it has {sorted(columns)}); set model.metadata.mode=none")
+
+    def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
+        d, root = self.cfg.data, Path(root)
+        self.check_metadata_columns(root)
+        if stage in ("fit", "cv"):
+            table = read_train_table(root, d.train_csv, skip_bad=bool(d.skip_bad))
+            if stage == "cv":
+                return {"train": self._dataset(table, root, True), "val": self._dataset(table, root, False)}
+            folds = assign_folds(group_keys(table), int(d.n_folds), int(d.fold_seed))
+            train, val = table[folds != int(d.val_fold)], table[folds == int(d.val_fold)]
+            return {"train": self._dataset(train, root, True), "val": self._dataset(val, root, False)}
+        if stage == "eval":
+            return {"eval": self._dataset(read_solution_table(root, d.test_csv, d.solution_csv), root, False)}
+        if stage == "predict":
+            self.test_rows, wide = read_test_table(root, d.test_csv)
+            self.solution_path = root / d.solution_csv
+            return {"predict": self._dataset(wide, root, False)}
+        raise ValueError(f"stage={stage!r}: expected fit, cv, eval or predict")
+
+    def cv_groups(self, dataset: Dataset) -> np.ndarray:
+        return group_keys(_table_of(dataset))
+
+    def fit_stats(self, train_set: Dataset) -> dict:
+        return fit_stats(_table_of(train_set), float(self.cfg.data.quadrat_area))
+
+    # ---- model, loss, metric ----------------------------------------------------------------
+    def build_model(self, stats: dict):
+        model = hydra.utils.instantiate(self.cfg.model, backbone=build_encoder(self.cfg), stats=stats)
+        tta = self.cfg.data.get("tta")
+        if tta is not None and (tta.hflip or tta.vflip or len(tta.scales)):
+            model.tta = OmegaConf.to_container(tta, resolve=True)
+        return model
+
+    def ensemble(self, models: list) -> BiomassEnsemble:
+        """Several trained models (e.g. the fold checkpoints of mode=cv) as one predictor, with the
+        TTA of data.tta and the member weighting of data.ensemble."""
+        tta, ens = self.cfg.data.tta, self.cfg.data.ensemble
+        for model in models:
+            model.tta = None
+        return BiomassEnsemble(models, hflip=tta.hflip, vflip=tta.vflip, scales=list(tta.scales),
+                               mc_passes=int(ens.mc_passes), mc_eps=float(ens.mc_eps))
+
+    def build_criterion(self, stats: dict):
+        return hydra.utils.instantiate(self.cfg.loss, stats=stats)
+
+    def build_metric(self, stats: dict):
+        return hydra.utils.instantiate(self.cfg.metric)
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def write_predictions(self, results: Iterable, out_dir: Path, stats: dict) -> dict[str, Path]:
+        if self.test_rows is None:
+            raise RuntimeError("write_predictions needs datasets(root, 'predict') first (it reads test.csv)")
+        preds = collect_predictions(results)
+        path = write_submission(self.test_rows, preds, Path(out_dir) / "submission.csv")
+        written = {"submission": path}
+        if self.solution_path is not None and self.solution_path.is_file():
+            scores = score_submission(path, self.solution_path, Path(out_dir) / "submission_scores.json")
+            print("[predict] submission.csv vs test_solution.csv: " + json.dumps(scores), flush=True)
+            written["scores"] = Path(out_dir) / "submission_scores.json"
+        return written
+
+    def oof_rows(self, outputs, batch, stats: dict) -> list[dict]:
+        pred, true = outputs["pred_g"].float().numpy(), batch["targets_g"].float().numpy()
+        rows = []
+        for i, image_id in enumerate(batch["image_id"]):
+            row = {"image_id": image_id}
+            row.update({f"true_{t}": round(float(true[i, j]), 6) for j, t in enumerate(TARGETS)})
+            row.update({f"pred_{t}": round(float(pred[i, j]), 6) for j, t in enumerate(TARGETS)})
+            rows.append(row)
+        return rows
+
+    def log_media(self, logger, outputs, batch, stats: dict, step: int) -> None:
+        true = np.nan_to_num(batch["targets_g"].float().cpu().numpy())
+        image = scatter_image(true, outputs["pred_g"].float().cpu().numpy(), batch["target_mask"].cpu().numpy())
+        logger.log_images("val/pred_vs_true", [image], step, captions=["x: true grams, y: predicted grams"])

@@ -1,0 +1,64 @@
+"""biomass: test-time augmentation views, in-model TTA and the MC-dropout-weighted ensemble."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from biomass.ensemble import BiomassEnsemble, mc_dropout_variance, tta_views
+from biomass.heads import DensityMLP
+from tests.test_biomass_model import _model
+
+
+def test_tta_views_flip_and_round_scales_to_the_patch():
+    images = torch.rand(2, 3, 28, 56)
+    views = tta_views(images, hflip=True, vflip=True, scales=[0.75, 1.0, 1.5], patch=14)
+    assert [tuple(v.shape[-2:]) for v in views] == [(28, 56), (28, 56), (28, 56), (28, 42), (42, 84)]
+    torch.testing.assert_close(views[1], images.flip(-1))
+    torch.testing.assert_close(views[2], images.flip(-2))
+
+
+def test_in_model_tta_is_the_mean_over_views_and_keeps_identities():
+    torch.manual_seed(0)
+    model = _model().eval()
+    batch = {"image": torch.rand(2, 3, 28, 56)}
+    plain = [model(batch)["pred_g"], model({"image": batch["image"].flip(-1)})["pred_g"]]
+    model.tta = {"hflip": True, "vflip": False, "scales": []}
+    out = model(batch)["pred_g"]
+    torch.testing.assert_close(out, 0.5 * (plain[0] + plain[1]))
+    torch.testing.assert_close(out[:, 4], out[:, :3].sum(-1))
+    model.train()
+    assert model(batch)["pred_g"].shape == (2, 5)          # training ignores TTA
+
+
+def _member(seed, dropout):
+    torch.manual_seed(seed)
+    return _model(head=functools.partial(DensityMLP, hidden=16, dropout=dropout))
+
+
+def test_equal_weight_ensemble_is_the_member_mean():
+    members = [_member(0, 0.0), _member(1, 0.0)]
+    batch = {"image": torch.rand(3, 3, 28, 56)}
+    expected = 0.5 * sum(m.eval()(batch)["pred_g"] for m in members)
+    out = BiomassEnsemble(members, hflip=False, vflip=False, scales=[], mc_passes=0, mc_eps=1e-6)(batch)
+    torch.testing.assert_close(out["pred_g"], expected)
+    torch.testing.assert_close(out["member_weights"], torch.full((3, 2), 0.5))
+
+
+def test_mc_dropout_weights_are_normalised_inverse_variances():
+    members = [_member(0, 0.5), _member(1, 0.2)]
+    batch = {"image": torch.rand(2, 3, 28, 56)}
+    ens = BiomassEnsemble(members, hflip=False, vflip=False, scales=[], mc_passes=4, mc_eps=1e-6)
+    torch.manual_seed(5)
+    out = ens(batch)
+    torch.manual_seed(5)
+    for m in members:
+        m.eval()
+        _ = m(batch)                                        # same RNG use as the ensemble's plain pass
+    var = torch.stack([mc_dropout_variance(m, batch, 4) for m in members], dim=1)
+    w = (1 / (var + 1e-6)) / (1 / (var + 1e-6)).sum(1, keepdim=True)
+    torch.testing.assert_close(out["member_weights"], w)
+    assert all(not d.training for m in members for d in m.head.modules() if isinstance(d, torch.nn.Dropout))
+    with pytest.raises(ValueError, match="needs dropout"):
+        BiomassEnsemble([_member(0, 0.0)], hflip=False, vflip=False, scales=[], mc_passes=3, mc_eps=1e-6)(batch)
