@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from biomass.constants import TARGETS
+from common.cache import image_key
 
 
 def load_rgb(path: Path, draft_size: Optional[tuple[int, int]] = None) -> np.ndarray:
@@ -44,8 +45,10 @@ class BiomassDataset(Dataset):
     strings ("" where missing).
     """
 
-    def __init__(self, table: pd.DataFrame, root: Path, transform: Callable, draft_size=None):
+    def __init__(self, table: pd.DataFrame, root: Path, transform: Callable, draft_size=None,
+                 cache_view: Optional[str] = None):
         self.table = table.reset_index(drop=True)
+        self.cache_view = cache_view  # set when backbone features are cached: items carry a cache_key
         self.root = Path(root)
         self.transform = transform
         self.draft_size = tuple(draft_size) if draft_size is not None else None
@@ -78,6 +81,8 @@ class BiomassDataset(Dataset):
         image = self.transform(image=rgb)["image"]
         item = {"image": torch.tensor(image).permute(2, 0, 1).float() / 255.0,
                 "image_id": str(row["image_id"])}
+        if self.cache_view is not None:
+            item["cache_key"] = image_key(self.root / row["image_path"], self.cache_view)
         item.update(self._metadata(row))
         if self.has_targets:
             item.update(self._targets(row))

@@ -13,6 +13,7 @@ from biomass.mixing import mix_features, mix_labels
 from biomass.param import get_param
 from biomass.views import LAYOUTS, HalvesEncoder
 from common.backbone import Backbone, BackboneOutput
+from common.cache import CachedEncoder, encode
 from common.mixup import sample_mixup
 
 AUX_DIMS = {"height": 1, "ndvi": 1}
@@ -46,6 +47,9 @@ class BiomassModel(nn.Module):
         if views["layout"] not in LAYOUTS:
             raise ValueError(f"model.views.layout={views['layout']!r}: expected one of {LAYOUTS}")
         self.backbone = backbone
+        if isinstance(backbone, CachedEncoder) and views["layout"] == "halves":
+            raise ValueError("data.cache_features=true caches whole-image tokens; model.views.layout=halves "
+                             "encodes two crops: use layout=whole or data.cache_features=false")
         self.halves = HalvesEncoder(backbone, int(views["heads"]), float(views["dropout"])) \
             if views["layout"] == "halves" else None
         self.metadata = None if metadata["mode"] == "none" else MetadataFusion(
@@ -63,7 +67,10 @@ class BiomassModel(nn.Module):
 
     def encode(self, batch: dict) -> BackboneOutput:
         images = batch["image"]
-        feats = self.halves(self.backbone, images) if self.halves is not None else self.backbone(images)
+        if self.halves is not None:
+            feats = self.halves(self.backbone, images)
+        else:
+            feats = encode(self.backbone, images, batch.get("cache_key"))
         return self.metadata(feats, batch) if self.metadata is not None else feats
 
     def decode(self, feats: BackboneOutput) -> dict[str, Tensor]:

@@ -20,6 +20,7 @@ from biomass.submission import collect_predictions, score_submission, write_subm
 from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import read_solution_table, read_test_table, read_train_table
 from common.build import build_encoder
+from common.cache import maybe_cached
 from common.cv import assign_folds
 from common.task import Task
 
@@ -49,7 +50,14 @@ class BiomassTask(Task):
         d = self.cfg.data
         h, w = int(d.image_size[0]), int(d.image_size[1])
         draft = (w * int(d.decode_scale), h * int(d.decode_scale)) if d.decode_scale else None
-        return BiomassDataset(table, root, build_transform(d.aug, d.image_size, train), draft_size=draft)
+        cached = bool(d.cache_features)  # cached tokens are of the clean image: no pixel augmentation
+        return BiomassDataset(table, root, build_transform(d.aug, d.image_size, train and not cached),
+                              draft_size=draft, cache_view=self._cache_view() if cached else None)
+
+    def _cache_view(self) -> str:
+        """Everything that decides the pixels the backbone sees, for the feature-cache key."""
+        d = self.cfg.data
+        return f"full-{int(d.image_size[0])}x{int(d.image_size[1])}-decode{int(d.decode_scale)}"
 
     def check_metadata_columns(self, root: Path) -> None:
         """Metadata fusion needs its fields in test.csv too: fail at start, not at prediction time."""
@@ -89,9 +97,13 @@ class BiomassTask(Task):
 
     # ---- model, loss, metric ----------------------------------------------------------------
     def build_model(self, stats: dict):
-        model = hydra.utils.instantiate(self.cfg.model, backbone=build_encoder(self.cfg), stats=stats)
+        encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=tuple(self.cfg.data.image_size))
+        model = hydra.utils.instantiate(self.cfg.model, backbone=encoder, stats=stats)
         tta = self.cfg.data.get("tta")
         if tta is not None and (tta.hflip or tta.vflip or len(tta.scales)):
+            if self.cfg.data.cache_features:
+                raise ValueError("data.tta changes the pixels the cached tokens were computed from: "
+                                 "set data.cache_features=false for test-time augmentation")
             model.tta = OmegaConf.to_container(tta, resolve=True)
         return model
 

@@ -76,13 +76,14 @@ class Schedule:
     """lr factor per optimiser step: linear warmup from 0, then cosine / cosine with restarts / constant."""
 
     def __init__(self, name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float,
-                 restart_steps: int = 0, restart_mult: int = 1):
+                 restart_steps: int = 0, restart_mult: int = 1, min_lr: float | None = None):
         if name not in ("cosine", "cosine_restarts", "constant"):
             raise ValueError(f"trainer.schedule.name={name!r}: expected cosine, cosine_restarts or constant")
         self.name, self.total, self.warmup = name, max(1, total_steps), max(0, warmup_steps)
         self.min_ratio, self.restart, self.mult = min_lr_ratio, max(1, restart_steps), restart_mult
+        self.min_lr = min_lr  # absolute floor for every group; overrides min_lr_ratio when set
 
-    def factor(self, step: int) -> float:
+    def factor(self, step: int, min_ratio: float | None = None) -> float:
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         if self.name == "constant":
@@ -95,9 +96,11 @@ class Schedule:
             while t >= period:
                 t, period = t - period, period * self.mult
             progress = t / period
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        floor = self.min_ratio if min_ratio is None else min_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        f = self.factor(step)
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * f
+            base = group["base_lr"]
+            ratio = None if self.min_lr is None or base <= 0 else min(1.0, self.min_lr / base)
+            group["lr"] = base * self.factor(step, ratio)

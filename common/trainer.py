@@ -162,7 +162,7 @@ class Trainer:
                                  warmup_steps=round(sched.warmup_epochs * steps_per_epoch),
                                  min_lr_ratio=sched.min_lr_ratio,
                                  restart_steps=round(sched.restart_epochs * steps_per_epoch),
-                                 restart_mult=sched.restart_mult)
+                                 restart_mult=sched.restart_mult, min_lr=sched.min_lr)
         self.steps_per_epoch = steps_per_epoch
         self.ema = EMA(model, self.t.ema.decay) if self.t.ema.enabled else None
         self.model, self.criterion = model, criterion

@@ -76,3 +76,14 @@ def test_tags_and_layer_decay_groups():
     assert by_name["model.head.fc.bias"]["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="no learning rate"):
         build_param_groups(named, {"head": 1e-3}, weight_decay=0.0)
+
+
+def test_absolute_min_lr_is_each_groups_floor():
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW([{"params": [params[0]], "lr": 1e-4, "base_lr": 1e-4},
+                             {"params": [params[1]], "lr": 1e-5, "base_lr": 1e-5}])
+    s = Schedule("cosine", total_steps=10, warmup_steps=0, min_lr_ratio=0.5, min_lr=1e-6)
+    s.apply(opt, 10)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-6, 1e-6])
+    s.apply(opt, 5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5)

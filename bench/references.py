@@ -1,0 +1,46 @@
+"""The reference configurations of issue 8, as command-line overrides of the suite's own configs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TEXT_EMBEDDINGS = "/tmp/vfm-bench-text.pt"   # random CLIP-sized prompt embeddings (no hub on the GPU machine)
+
+
+@dataclass
+class Reference:
+    name: str
+    overrides: list[str]
+    batch_size: int
+    targets: dict = field(default_factory=dict)     # samples/s the optimised path should reach per mode
+    modes: tuple = ("infer", "train")
+    cached: bool = False                            # head only, on precomputed backbone tokens
+
+
+REFERENCES = [
+    Reference("sclera_cgdseg_s14_256", [
+        "experiment=sclera_cgdseg_synthetic", "model.grounding.kind=file", f"model.grounding.file={TEXT_EMBEDDINGS}",
+        "data.synth.train_per_set=8", "data.synth.val_per_set=2", "data.synth.eval_per_set=2"],
+        batch_size=128, targets={"infer": 3000, "train": 1000}),
+    Reference("biomass_dinov3_l16_480x960_lora", [
+        "task=biomass", "backbone=dinov3_l16", "backbone.layers=[23]", "peft=lora", "peft.targets=[qkv]",
+        "peft.last_n_blocks=16", "model=biomass/vitdet", "model.head.width=512", "model.head.hidden=256",
+        "data.image_size=[480,960]", "data.synth.n_train=16", "data.synth.n_test=4", "data.synth.width=960",
+        "data.synth.height=480"],
+        batch_size=32, targets={"infer": 250, "train": 70}),
+    Reference("biomass_dinov3_l16_cached_head", [
+        "task=biomass", "backbone=dinov3_l16", "backbone.layers=[23]", "peft=none", "model=biomass/vitdet",
+        "model.head.width=512", "model.head.hidden=256", "data.image_size=[480,960]", "data.synth.n_train=16",
+        "data.synth.n_test=4", "data.synth.width=960", "data.synth.height=480"],
+        batch_size=256, targets={"train": 2000}, modes=("train",), cached=True),
+    Reference("roadwork_b14_12x518", [
+        "task=roadwork", "backbone=dinov2_b14", "backbone.layers=[11]", "data.views=highres12",
+        "data.view_size=518", "model.width=512", "model.depth=4", "model.num_heads=8",
+        "model.classifier_hidden=[512,256]", "data.synth.splits.train.count=16", "data.synth.splits.val.count=8",
+        "data.synth.splits.test.count=4", "data.synth.splits.224/train.count=4", "data.synth.splits.224/val.count=4"],
+        batch_size=16, targets={"infer": 95}, modes=("infer", "train")),
+    Reference("roadwork_b14_224_single", [
+        "task=roadwork", "backbone=dinov2_b14", "backbone.layers=[11]", "data.views=single", "data.view_size=224",
+        "data.synth.splits.train.count=16", "data.synth.splits.val.count=8", "data.synth.splits.test.count=4",
+        "data.synth.splits.224/train.count=4", "data.synth.splits.224/val.count=4"],
+        batch_size=256),
+]

@@ -1,0 +1,146 @@
+"""CGDSeg: shapes at two input sizes, FPN scales relative to the input, text grounding (none, file,
+tiny CLIP), CSSE formula, parameter report."""
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from common.backbone import create_backbone
+from sclera.model import CSSE, CGDSeg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_backbone():
+    return create_backbone(**OmegaConf.to_container(OmegaConf.load(ROOT / "conf/backbone/tiny.yaml")))
+
+
+def model_args(**grounding):
+    cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(ROOT / "conf/model/sclera/cgdseg.yaml"),
+                                                 OmegaConf.load(ROOT / "conf/model/sclera/cgdseg_tiny.yaml")))
+    cfg.pop("_target_"), cfg.pop("defaults", None)
+    cfg["grounding"].update(grounding)
+    return cfg
+
+
+def build(**grounding):
+    torch.manual_seed(0)
+    return CGDSeg(backbone=tiny_backbone(), **model_args(**grounding))
+
+
+@pytest.mark.parametrize("size", [(112, 112), (126, 168)])
+def test_logits_at_input_resolution_and_fpn_follows_input(size):
+    model = build(kind="none").eval()
+    images = torch.rand(2, 3, *size)
+    with torch.no_grad():
+        grid = model.features(images)
+        levels = model.fpn(grid, size)
+        logits = model({"image": images})["logits"]
+    assert logits.shape == (2, 1, *size)
+    assert grid.shape[-2:] == (size[0] // 14, size[1] // 14)
+    assert [tuple(lv.shape[-2:]) for lv in levels] == [(round(size[0] / s), round(size[1] / s)) for s in (4, 8, 16)]
+    assert [lv.shape[1] for lv in levels] == [32, 48, 64]
+
+
+def test_input_off_the_patch_grid_is_fitted_for_the_backbone_only():
+    model = build(kind="none").eval()
+    images = torch.rand(1, 3, 128, 120)                     # 128 -> 126, 120 -> 112 for patch 14
+    with torch.no_grad():
+        assert model.features(images).shape[-2:] == (9, 8)
+        assert model({"image": images})["logits"].shape == (1, 1, 128, 120)
+    model.fit_to_patch = False
+    with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
+        model({"image": images})
+
+
+def test_gradients_reach_the_decoder_not_the_frozen_backbone():
+    model = build(kind="none")
+    model({"image": torch.rand(2, 3, 112, 112)})["logits"].mean().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.head.out.weight.grad is not None and model.fpn.levels[0][0].weight.grad.abs().sum() > 0
+
+
+def test_grounding_none_removes_the_stage():
+    args = model_args()
+    for value in ("none", None):
+        args["grounding"] = value
+        assert CGDSeg(backbone=tiny_backbone(), **args).grounding is None
+
+
+def test_parameter_report_adds_up():
+    model = build(kind="none")
+    report = model.parameter_report()
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(report[k] for k in ("backbone", "grounding", "fpn", "decoder", "head")) == total
+    assert report["grounding"] == 0 and report["backbone_trainable"] == 0
+    assert report["trainable"] == total - report["backbone"]
+
+
+def test_grounding_from_file_is_normalised_averaged_and_attended(tmp_path):
+    emb = torch.randn(3, 24)
+    torch.save(emb, tmp_path / "text.pt")
+    model = build(kind="file", file=str(tmp_path / "text.pt")).eval()
+    stage = model.grounding
+    torch.testing.assert_close(stage.text, F.normalize(emb, dim=-1).mean(0, keepdim=True))
+    assert stage.proj.out_features == 128 and stage.attn.num_heads == 4
+    # with one text key, attention gives out_proj(v_proj(proj(text))) to every patch token
+    tokens = torch.randn(2, 9, 128)
+    value = F.linear(stage.proj(stage.text), stage.attn.in_proj_weight[256:], stage.attn.in_proj_bias[256:])
+    expected = stage.norm(tokens + stage.attn.out_proj(value))
+    torch.testing.assert_close(stage(tokens), expected, atol=1e-5, rtol=1e-5)
+    plain = build(kind="none").eval()
+    images = torch.rand(1, 3, 112, 112)
+    with torch.no_grad():
+        assert not torch.allclose(model.features(images), plain.features(images))
+    assert build(kind="file", file=str(tmp_path / "text.pt"), average=False).grounding.text.shape == (3, 24)
+
+
+def test_bad_embedding_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build(kind="file", file=str(tmp_path / "missing.pt"))
+    torch.save({"not": "a tensor"}, tmp_path / "dict.pt")
+    with pytest.raises(ValueError, match="dict.pt: expected a float tensor"):
+        build(kind="file", file=str(tmp_path / "dict.pt"))
+    with pytest.raises(ValueError, match="grounding.kind='bert'"):
+        build(kind="bert")
+
+
+def save_tiny_clip(folder: Path) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
+    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=64,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(config).save_pretrained(folder)
+
+
+def test_grounding_from_a_local_clip_text_encoder(tmp_path):
+    from transformers import CLIPTextModel, CLIPTokenizer
+    save_tiny_clip(tmp_path)
+    prompts = ["white sclera", "the eye"]
+    model = build(kind="clip", clip_path=str(tmp_path), prompts=prompts)
+    tokenizer, encoder = CLIPTokenizer.from_pretrained(tmp_path), CLIPTextModel.from_pretrained(tmp_path).eval()
+    ids = tokenizer(prompts, padding=True, return_tensors="pt")
+    assert ids["input_ids"][0].tolist() != ids["input_ids"][1].tolist()        # the prompts really differ
+    with torch.no_grad():
+        pooled = encoder(**ids).pooler_output
+    torch.testing.assert_close(model.grounding.text, F.normalize(pooled, dim=-1).mean(0, keepdim=True))
+    assert all(not name.startswith("grounding.text") for name in model.state_dict())   # rebuilt, not stored
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == model.grounding.proj.in_features
+
+
+def test_csse_sums_channel_and_spatial_excitation():
+    se = CSSE(8, reduction=4)
+    x = torch.randn(2, 8, 5, 6)
+    c = torch.sigmoid(se.channel[3](F.relu(se.channel[1](x.mean((2, 3), keepdim=True)))))
+    s = torch.sigmoid(se.spatial[0](x))
+    torch.testing.assert_close(se(x), x * c + x * s)
