@@ -36,11 +36,11 @@ REFERENCES = [
         "task=roadwork", "backbone=dinov2_b14", "backbone.layers=[11]", "data.views=highres12",
         "data.view_size=518", "model.width=512", "model.depth=4", "model.num_heads=8",
         "model.classifier_hidden=[512,256]", "data.synth.splits.train.count=16", "data.synth.splits.val.count=8",
-        "data.synth.splits.test.count=4", "data.synth.splits.224/train.count=4", "data.synth.splits.224/val.count=4"],
-        batch_size=16, targets={"infer": 95}, modes=("infer", "train")),
+        "data.synth.splits.test.count=4"],
+        batch_size=16, targets={"infer": 95}, modes=("infer",)),
     Reference("roadwork_b14_224_single", [
         "task=roadwork", "backbone=dinov2_b14", "backbone.layers=[11]", "data.views=single", "data.view_size=224",
         "data.synth.splits.train.count=16", "data.synth.splits.val.count=8", "data.synth.splits.test.count=4",
-        "data.synth.splits.224/train.count=4", "data.synth.splits.224/val.count=4"],
-        batch_size=256),
+],
+        batch_size=256, modes=("infer",)),
 ]

@@ -175,16 +175,21 @@ def main() -> None:
                 for variant in ("fp32 eager", "optimised"):
                     rows.append(measure(ref, cfg, mode, variant, args.repeats, peak))
                     print(json.dumps(rows[-1]), flush=True)
+                    write_results(args.out, peak, rows, pipeline)
         pipeline.append(input_pipeline_rate(ref, cfg))
     add_rates(rows, peak)
+    write_results(args.out, peak, rows, pipeline)
     print_table(rows, peak)
     print("\ninput pipeline (one worker, decode + resize + augment): " +
           ", ".join(f"{p['config']} {p['items_per_s']:.0f} items/s" for p in pipeline))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                          "matmul_peak_tflops": peak, "rows": rows, "pipeline": pipeline},
-                                         indent=2))
     print(f"wrote {args.out}")
+
+
+def write_results(out: str, peak: float, rows: list[dict], pipeline: list[dict]) -> None:
+    """Rewritten after every row, so that a run cut short keeps what it measured."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                     "matmul_peak_tflops": peak, "rows": rows, "pipeline": pipeline}, indent=2))
 
 
 if __name__ == "__main__":

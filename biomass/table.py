@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image, UnidentifiedImageError
 
 from biomass.constants import ID_SEP, SOLUTION_COLUMNS, TARGETS, TEST_COLUMNS, TRAIN_COLUMNS
 
@@ -79,7 +80,23 @@ def _check_images(wide: pd.DataFrame, root: Path, path: Path, skip_bad: bool) ->
                                 f"{root / row['image_path']} does not exist")
     if len(missing):
         log.warning("%s: skipping %d image(s) whose file does not exist", path, len(missing))
-    return wide[exists]
+    wide = wide[exists]
+    if not skip_bad:
+        return wide  # an undecodable image then fails when loaded, with its file name
+    decodable = wide["image_path"].map(lambda p: _decodable(root / p))
+    if (~decodable).any():
+        log.warning("%s: skipping %d image(s) that cannot be decoded: %s", path, int((~decodable).sum()),
+                    ", ".join(wide.loc[~decodable, "image_path"].head(5)))
+    return wide[decodable]
+
+
+def _decodable(image: Path) -> bool:
+    try:
+        with Image.open(image) as img:
+            img.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        return False
 
 
 def _widen(df: pd.DataFrame, path: Path) -> pd.DataFrame:

@@ -174,3 +174,20 @@ def test_predict_averages_cv_fold_checkpoints(tmp_path):
     ensemble = [float(r["pred"]) for r in csv.DictReader(open(tmp_path / "ens" / "predictions.csv"))]
     assert ensemble == pytest.approx([(a + b) / 2 for a, b in zip(*singles)], abs=2e-6)
     assert json.loads((tmp_path / "ens" / "metrics.json").read_text())["ckpt_path"] == [str(p) for p in folds]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_run_directory_contract_every_task(task, tmp_path_factory):
+    base = tmp_path_factory.mktemp(task)
+    run_cli([f"task={task}", "trainer=debug"], base / "run", base / "cache")
+    run = base / "run"
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    metric_key = _compose([f"task={task}"]).optimized_metric
+    assert all(metric_key in e and "train/loss" in e and "lr/head" in e for e in epochs)
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["monitor"] == metric_key and final["best_epoch"] in (0, 1)
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert ckpt["task"] == task and ckpt["stats"] is not None and "optimizer" in ckpt
+        assert not any(k.startswith("backbone.") for k in ckpt["model"])

@@ -208,3 +208,13 @@ def test_default_config_builds_every_augmentation():
     assert {"TimestampOverlay", "LightSpots", "RandomSizedCrop", "CoarseDropout"} <= names
     image = np.random.default_rng(0).integers(0, 255, (300, 600, 3), dtype=np.uint8)
     assert pipeline(image=image)["image"].shape == (224, 448, 3)
+
+
+def test_skip_bad_drops_undecodable_images(tmp_path, synth_root, caplog):
+    root = _copy_tree(synth_root, tmp_path / "d")
+    first = read_train_table(root)
+    broken = first["image_path"].iloc[2]
+    (root / broken).write_bytes(b"not a jpeg")
+    wide = read_train_table(root, skip_bad=True)
+    assert len(wide) == len(first) - 1 and broken not in set(wide["image_path"])
+    assert "skipping 1 image(s) that cannot be decoded" in caplog.text and broken in caplog.text

@@ -1,0 +1,147 @@
+"""Multi-view roadwork classifier.
+
+views (B, V, 3, S, S) -> backbone (all views of the batch as ONE batch) -> per-view feature (CLS or
+pooled tokens) -> projection to `width` -> [view pruning] -> [channel pyramid] -> gated-attention
+blocks over views -> gated view fusion -> concat(vision, metadata) -> classifier -> 2 logits.
+Also returns per-view logits (consistency loss) and weather logits from vision only (auxiliary loss).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from common.backbone import Backbone
+from roadwork.blocks import ChannelPyramid, GatedBlock
+from roadwork.fusion import GatedViewFusion, ViewScorer, gather_views
+from roadwork.meta_encoder import MetadataEncoder
+
+POOLS = ("cls", "mean", "max", "meanmax", "mlpmax", "mlpmeanmax")
+
+
+class TokenMlpPool(nn.Module):
+    """Learned pooling: a per-token MLP on the configured layers' patch tokens, then max (and mean) over
+    tokens. Lets the head pick out small objects that plain pooling of frozen features washes out."""
+
+    def __init__(self, in_dim: int, width: int, with_mean: bool):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.merge = nn.Linear(2 * width, width) if with_mean else nn.Identity()
+        self.with_mean = with_mean
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.mlp(tokens)
+        pooled = torch.cat([h.amax(1), h.mean(1)], dim=-1) if self.with_mean else h.amax(1)
+        return self.merge(pooled)
+
+
+def pool_tokens(tokens: list[Tensor], cls: Optional[Tensor], pool: str) -> Tensor:
+    if pool == "cls":
+        if cls is None:
+            raise ValueError("model.pool=cls but the backbone has no class token; use mean, max or meanmax")
+        return cls
+    parts = []
+    for t in tokens:
+        if pool in ("mean", "meanmax"):
+            parts.append(t.mean(1))
+        if pool in ("max", "meanmax"):
+            parts.append(t.amax(1))
+    return torch.cat(parts, dim=-1)
+
+
+def mlp_head(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), nn.GELU(), nn.Dropout(dropout)]
+        in_dim = h
+    return nn.Sequential(*layers, nn.Linear(in_dim, out_dim))
+
+
+class RoadworkModel(nn.Module):
+    def __init__(self, backbone: Backbone, view_names: Sequence[str], pool: str, width: int, depth: int,
+                 num_heads: int, mlp_ratio: float, dropout: float, pyramid: bool, fusion_cross_layers: int,
+                 fusion_refine: bool, prune_k: Optional[int], prune_where: str, vocab_sizes: dict,
+                 text_fields: Sequence[str], use_gps: bool, meta_embed_dim: int, meta_dim: int,
+                 gps_frequencies: int, meta_dropout: float, classifier_hidden: Sequence[int], num_weather: int):
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"model.pool={pool!r}: expected one of {POOLS}")
+        self.backbone, self.pool, self.view_names = backbone, pool, list(view_names)
+        self.project = self._make_projection(backbone, pool, width)
+        self.pruner = self._make_pruner(prune_k, prune_where, width)
+        self.pyramid = ChannelPyramid(width, dropout) if pyramid else nn.Identity()
+        self.blocks = nn.ModuleList([GatedBlock(width, num_heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.fusion = GatedViewFusion(width, num_heads, fusion_cross_layers, fusion_refine, mlp_ratio, dropout)
+        self.view_head = nn.Linear(width, 2)
+        self.weather_head = nn.Linear(width, num_weather)
+        has_meta = bool(vocab_sizes) or bool(text_fields) or use_gps
+        self.meta = MetadataEncoder(vocab_sizes, text_fields, use_gps, meta_embed_dim, meta_dim, gps_frequencies,
+                                    meta_dropout) if has_meta else None
+        self.classifier = mlp_head(width + (meta_dim if has_meta else 0), classifier_hidden, 2, dropout)
+
+    @staticmethod
+    def _make_projection(backbone: Backbone, pool: str, width: int) -> nn.Module:
+        if pool.startswith("mlp"):
+            return TokenMlpPool(backbone.embed_dim * len(backbone.layers), width, pool == "mlpmeanmax")
+        n_layers = 1 if pool == "cls" else len(backbone.layers) * (2 if pool == "meanmax" else 1)
+        return nn.Sequential(nn.LayerNorm(backbone.embed_dim * n_layers),
+                             nn.Linear(backbone.embed_dim * n_layers, width), nn.GELU())
+
+    def _make_pruner(self, k: Optional[int], where: str, width: int) -> Optional[ViewScorer]:
+        self.prune_k, self.prune_where = k, where
+        if k is None or k >= len(self.view_names):
+            self.prune_k = None
+            return None
+        if where == "after":
+            return ViewScorer(width, None)
+        if where == "before":
+            if "global" not in self.view_names:
+                raise ValueError("model.prune_where=before scores views from the global view: add 'global' to data.views")
+            return ViewScorer(width, len(self.view_names) - 1)
+        raise ValueError(f"model.prune_where={where!r}: expected 'after' or 'before'")
+
+    def encode(self, images: Tensor) -> Tensor:
+        """(N, 3, S, S) -> (N, width), all images through the backbone as one batch."""
+        frozen = not any(p.requires_grad for p in self.backbone.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            out = self.backbone(images)
+            if self.pool.startswith("mlp"):
+                feats = torch.cat(out.tokens, dim=-1)
+            else:
+                feats = pool_tokens(out.tokens, out.cls, self.pool)
+        return self.project(feats)
+
+    def view_features(self, views: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(B, V, 3, S, S) -> (B, V', width) and the importance scores (or None without pruning)."""
+        batch, count = views.shape[:2]
+        if self.pruner is None or self.prune_where == "after":
+            feats = self.encode(views.flatten(0, 1)).view(batch, count, -1)
+            if self.pruner is None:
+                return feats, None
+            scores = self.pruner.scores(feats)
+            index, gate = self.pruner.top_k(scores, self.prune_k)
+            return gather_views(feats, index) * gate[..., None], scores
+        g = self.view_names.index("global")
+        glob = self.encode(views[:, g])
+        others = torch.cat([views[:, :g], views[:, g + 1:]], dim=1)
+        scores = self.pruner.scores(glob)
+        index, gate = self.pruner.top_k(scores, self.prune_k - 1)
+        picked = self.encode(gather_views(others, index).flatten(0, 1)).view(batch, index.shape[1], -1)
+        return torch.cat([glob[:, None], picked * gate[..., None]], dim=1), scores
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        feats, scores = self.view_features(batch["views"])
+        feats = self.pyramid(feats)
+        for block in self.blocks:
+            feats = block(feats)
+        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        pooled, per_view, gates = self.fusion(feats, mask)
+        fused = pooled if self.meta is None else torch.cat([pooled, self.meta(batch)], dim=1)
+        logits = self.classifier(fused)
+        out = {"logits": logits, "prob": logits.float().softmax(-1)[:, 1], "view_logits": self.view_head(per_view),
+               "weather_logits": self.weather_head(pooled), "view_gates": gates, "features": pooled}
+        if scores is not None:
+            out["view_scores"] = scores
+        return out

@@ -1,0 +1,116 @@
+"""Finding samples on disk: a folder of image + JSON sidecar pairs, or a CSV manifest.
+
+Every sample becomes a `Sample` with its parsed label and metadata; bad input raises one clear error
+naming the file (or row), unless `skip_bad` is set, in which case the sample is dropped and counted.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+from PIL import Image
+
+from roadwork.metadata import is_missing, parse_label, parse_metadata
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass
+class Sample:
+    image: Path
+    name: str            # path relative to the split's folder (what predictions.csv reports)
+    label: int           # 0 / 1, or -1 when unknown (predict time)
+    meta: dict           # category indices, gps, gps_known, text presence flags
+
+
+@dataclass
+class SampleIndex:
+    samples: list[Sample]
+    skipped: list[str] = field(default_factory=list)   # "file: reason" of each skipped bad sample
+
+
+def check_image(path: Path) -> None:
+    """Decode the image (JPEG at reduced scale, cheap) so that broken files fail here, named."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (64, 64))
+            img.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path}: cannot decode image ({err})") from err
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """The sidecar's record; None when there is no sidecar; ValueError when it is not a JSON object."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: sidecar is not valid JSON ({err})") from err
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: sidecar must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _text_flags(record: dict, text_fields: Sequence[str]) -> dict:
+    return {f: int(not is_missing(record.get(f))) for f in text_fields}
+
+
+def make_sample(image: Path, name: str, record: dict | None, where: str, vocabularies: dict,
+                text_fields: Sequence[str], require_label: bool) -> Sample:
+    check_image(image)
+    if record is None:
+        if require_label:
+            raise FileNotFoundError(f"{where}: no sidecar / label for {image}; training and evaluation need labels")
+        record = {}
+    label = parse_label(record.get("label"), where, required=require_label)
+    meta = parse_metadata(record, vocabularies, where)
+    meta.update(_text_flags(record, text_fields))
+    return Sample(image=image, name=name, label=label, meta=meta)
+
+
+def _folder_entries(folder: Path):
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    for image in images:
+        sidecar = image.with_suffix(".json")
+        yield image, image.relative_to(folder).as_posix(), sidecar, lambda s=sidecar: read_sidecar(s)
+
+
+def _manifest_entries(csv_path: Path):
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    if "image_path" not in frame.columns:
+        raise ValueError(f"{csv_path}: manifest needs an image_path column, has {list(frame.columns)}")
+    for row_number, row in enumerate(frame.to_dict("records"), start=2):
+        image = (csv_path.parent / row["image_path"]).resolve()
+        yield image, row["image_path"], f"{csv_path} row {row_number}", lambda r=row: r
+
+
+def index_samples(path: Path, vocabularies: dict, text_fields: Sequence[str], require_label: bool,
+                  skip_bad: bool) -> SampleIndex:
+    """All samples of a folder (image + sidecar) or a CSV manifest (`image_path,label,...`)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        entries = _manifest_entries(path)
+    elif path.is_dir():
+        entries = _folder_entries(path)
+    else:
+        raise FileNotFoundError(f"{path}: expected a folder of images with JSON sidecars or a .csv manifest")
+    index = SampleIndex(samples=[])
+    for image, name, where, load_record in entries:
+        try:
+            index.samples.append(make_sample(image, name, load_record(), str(where), vocabularies,
+                                             text_fields, require_label))
+        except (ValueError, FileNotFoundError) as err:
+            if not skip_bad:
+                raise
+            index.skipped.append(str(err))
+    if not index.samples:
+        raise ValueError(f"{path}: no usable samples ({len(index.skipped)} skipped as bad)")
+    return index

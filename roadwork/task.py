@@ -1,0 +1,106 @@
+"""RoadworkTask: NATIX-style image + sidecar classification (see FORMATS.md, roadwork)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from common.build import build_encoder
+from common.metric import Metric
+from common.task import Outputs, Batch, Task
+from roadwork import synth
+from roadwork.augment import BenchmarkTransform
+from roadwork.data import CATEGORY_FIELDS, RoadworkDataset, load_index, metadata_spec, split_indices
+from roadwork.predict import write_predictions_csv
+from roadwork.views import resolve_views
+
+
+class RoadworkTask(Task):
+    @property
+    def data(self):
+        return self.cfg.data
+
+    def synthesize(self, root: Path, seed: int) -> None:
+        s = self.data.synth
+        synth.synthesize(Path(root), seed, OmegaConf.to_container(s.splits, resolve=True), s.positive_fraction,
+                         s.small_fraction, s.distractor_p, s.meta_present, s.jpeg_quality)
+
+    def _dataset(self, samples, train: bool, benchmark: bool = False) -> RoadworkDataset:
+        bench = None
+        benchmark = benchmark or (train and bool(self.data.train_benchmark_levels))
+        if benchmark:
+            b = self.data.benchmark
+            bench = BenchmarkTransform(b.levels, b.jpeg_quality)
+        return RoadworkDataset(samples, self.data.views, self.data.view_size,
+                               augment=self.data.augment if train else None, benchmark=bench,
+                               seed=int(self.cfg.seed), benchmark_random=train)
+
+    def _fit_samples(self, root: Path):
+        train = load_index(root, self.data.train, self.data, require_label=True).samples
+        if self.data.val is not None:
+            return train, load_index(root, self.data.val, self.data, require_label=True).samples
+        labels = np.array([s.label for s in train])
+        tr, va = split_indices(labels, float(self.data.val_fraction), int(self.cfg.seed))
+        return [train[i] for i in tr], [train[i] for i in va]
+
+    def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
+        if stage == "fit":
+            train, val = self._fit_samples(root)
+            return {"train": self._dataset(train, True), "val": self._dataset(val, False)}
+        if stage == "cv":
+            train, val = self._fit_samples(root)
+            return {"train": self._dataset(train + val, True), "val": self._dataset(train + val, False)}
+        if stage == "eval":
+            samples = load_index(root, self.data.eval, self.data, require_label=True).samples
+            if self.benchmark:
+                samples = [_without_metadata(s) for s in samples]
+            return {"eval": self._dataset(samples, False, benchmark=self.benchmark)}
+        if stage == "predict":
+            return {"predict": self._dataset(load_index(root, self.data.predict, self.data, False).samples, False)}
+        raise ValueError(f"stage {stage!r}: expected fit, cv, eval or predict")
+
+    @property
+    def benchmark(self) -> bool:
+        return bool(OmegaConf.select(self.cfg, "benchmark", default=False))
+
+    def fit_stats(self, train_set: Dataset) -> dict:
+        labels = [s.label for s in train_set.samples]
+        return {"view_names": list(train_set.view_names), "positive_fraction": float(np.mean(labels))}
+
+    def build_model(self, stats: dict) -> nn.Module:
+        vocabularies, text_fields = metadata_spec(self.data)
+        fields = list(self.data.metadata)
+        return instantiate(self.cfg.model, backbone=build_encoder(self.cfg),
+                           view_names=resolve_views(self.data.views),
+                           vocab_sizes={f: len(vocabularies[f]) for f in CATEGORY_FIELDS if f in fields},
+                           text_fields=text_fields, use_gps="gps" in fields,
+                           num_weather=len(vocabularies["weather"]), _convert_="all")
+
+    def build_criterion(self, stats: dict) -> nn.Module:
+        return instantiate(self.cfg.loss)
+
+    def build_metric(self, stats: dict) -> Metric:
+        vocabularies, _ = metadata_spec(self.data)
+        return instantiate(self.cfg.metric, vocabularies=vocabularies, benchmark=self.benchmark, _convert_="all")
+
+    def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,
+                          stats: dict) -> dict[str, Path]:
+        path = write_predictions_csv(results, Path(out_dir) / "predictions.csv")
+        return {"predictions": path}
+
+    def oof_rows(self, outputs: Outputs, batch: Batch, stats: dict) -> list[dict]:
+        prob = outputs["prob"].float().cpu().numpy()
+        return [{"image": name, "label": int(label), "probability": float(p)}
+                for name, label, p in zip(batch["image"], batch["label"].tolist(), prob)]
+
+
+def _without_metadata(sample):
+    """The benchmark sends no metadata: every field unknown."""
+    from dataclasses import replace
+    meta = {k: (0.0, 0.0) if k == "gps" else (False if k == "gps_known" else 0) for k in sample.meta}
+    return replace(sample, meta=meta)

@@ -1,0 +1,32 @@
+"""roadwork through run.py on a small synthetic set: train (debug trainer), eval under the benchmark
+protocol, predict -> predictions.csv. (The embedded default's MCC is measured by the full default run.)"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from tests.cli import run_cli
+
+SMALL = ["data.synth.splits.train.count=40", "data.synth.splits.val.count=16", "data.synth.splits.test.count=6",
+         "data.synth.splits.train224.count=4", "data.synth.splits.val224.count=4", "data.batch_size=8"]
+
+
+def test_train_eval_benchmark_predict(tmp_path):
+    cache = tmp_path / "cache"
+    run_cli(["task=roadwork", "trainer=debug", *SMALL], tmp_path / "train", cache)
+    summary = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert {"val/mcc", "val/accuracy", "val/auc"} <= set(summary["last"]), summary
+    ckpt = tmp_path / "train" / "checkpoints" / "best.pt"
+    proc = run_cli(["task=roadwork", "mode=eval", "benchmark=true", f"ckpt_path={ckpt}", *SMALL],
+                   tmp_path / "eval", cache)
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("[eval] "))
+    metrics = json.loads(line[len("[eval] "):])
+    expected = (0.5 * max(metrics["eval/mcc"], 0) + 0.5 * metrics["eval/accuracy"]) ** 3
+    assert abs(metrics["eval/reward"] - expected) < 1e-9
+    run_cli(["task=roadwork", "mode=predict", f"ckpt_path={ckpt}", *SMALL], tmp_path / "predict", cache)
+    frame = pd.read_csv(tmp_path / "predict" / "predictions.csv")
+    test_dir = next(cache.glob("synthetic/roadwork-*")) / "test"
+    assert sorted(frame["image"]) == sorted(p.name for p in test_dir.glob("*.jpg"))
+    assert frame["probability"].between(0, 1).all()
+    assert (frame["prediction"] == (frame["probability"] >= 0.5).astype(int)).all()

@@ -1,0 +1,85 @@
+"""Roadwork metric (vs sklearn), benchmark reward, loss terms, predictions.csv."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
+
+from common.losses import focal_loss, view_consistency_kl
+from roadwork.loss import RoadworkLoss
+from roadwork.metric import RoadworkMetric, benchmark_reward, best_threshold
+from roadwork.predict import write_predictions_csv
+
+
+def _metric(**kw):
+    return RoadworkMetric(breakdown=True, vocabularies={"weather": ["clear", "rain"]},
+                          regions={"berlin": [52.5, 13.4], "tokyo": [35.7, 139.7]}, min_group_size=1, **kw)
+
+
+def test_metric_matches_sklearn_and_best_threshold():
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 2, 200)
+    prob = np.clip(0.35 * label + rng.uniform(0, 0.65, 200), 0, 1)
+    weather = rng.integers(0, 3, 200)
+    gps = np.where(rng.random((200, 1)) < 0.5, [52.6, 13.3], [35.6, 139.8])
+    metric = _metric(benchmark=True)
+    for sl in (slice(0, 120), slice(120, 200)):
+        metric.update({"prob": torch.tensor(prob[sl])},
+                      {"label": torch.tensor(label[sl]), "weather": torch.tensor(weather[sl]),
+                       "gps": torch.tensor(gps[sl]), "gps_known": torch.ones(len(label[sl]))})
+    out = metric.compute()
+    pred = (prob >= 0.5).astype(int)
+    assert out["mcc"] == pytest.approx(matthews_corrcoef(label, pred))
+    assert out["accuracy"] == pytest.approx(accuracy_score(label, pred))
+    assert out["f1"] == pytest.approx(f1_score(label, pred))
+    assert out["auc"] == pytest.approx(roc_auc_score(label, prob))
+    brute = max(matthews_corrcoef(label, (prob >= t).astype(int)) for t in np.unique(prob))
+    assert out["mcc_best"] == pytest.approx(brute)
+    assert matthews_corrcoef(label, (prob >= out["threshold_best"]).astype(int)) == pytest.approx(brute)
+    assert out["reward"] == pytest.approx((0.5 * max(out["mcc"], 0) + 0.5 * out["accuracy"]) ** 3)
+    sel = weather == 2
+    assert out["weather/rain/mcc"] == pytest.approx(matthews_corrcoef(label[sel], pred[sel]))
+    sel = gps[:, 0] > 40
+    assert out["region/berlin/accuracy"] == pytest.approx(accuracy_score(label[sel], pred[sel]))
+
+
+def test_reward_clips_negative_mcc_and_unlabelled_rows_are_ignored():
+    assert benchmark_reward(-0.4, 0.5) == pytest.approx(0.25 ** 3)
+    assert best_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))[1] == pytest.approx(
+        matthews_corrcoef([0, 0, 1, 1], [0, 1, 1, 1]))
+    metric = _metric()
+    metric.update({"prob": torch.tensor([0.9, 0.1, 0.7])},
+                  {"label": torch.tensor([1, 0, -1]), "weather": torch.tensor([0, 0, 0]),
+                   "gps": torch.zeros(3, 2), "gps_known": torch.zeros(3)})
+    out = metric.compute()
+    assert out["accuracy"] == 1.0 and out["region/unknown/n"] == 2.0
+
+
+def test_loss_terms_weights_and_weather_mask():
+    torch.manual_seed(0)
+    loss = RoadworkLoss(focal_weight=0.5, consistency_weight=0.3, weather_weight=0.2, alpha=0.25, gamma=2.0,
+                        label_smoothing=0.1, weather_label_smoothing=0.0)
+    outputs = {"logits": torch.randn(4, 2), "view_logits": torch.randn(4, 3, 2), "weather_logits": torch.randn(4, 4)}
+    batch = {"label": torch.tensor([1, 0, 1, 0]), "weather": torch.tensor([0, 2, 0, 4])}
+    terms = loss(outputs, batch)
+    expected_focal = focal_loss(outputs["logits"], batch["label"], alpha=[0.75, 0.25], gamma=2.0, label_smoothing=0.1)
+    torch.testing.assert_close(terms["focal"], 0.5 * expected_focal)
+    torch.testing.assert_close(terms["consistency"], 0.3 * view_consistency_kl(outputs["view_logits"]))
+    ce = torch.nn.functional.cross_entropy(outputs["weather_logits"][[1, 3]], torch.tensor([1, 3]))
+    torch.testing.assert_close(terms["weather"], 0.2 * ce)
+    batch["weather"] = torch.zeros(4, dtype=torch.long)                  # all unknown -> 0, no NaN
+    assert float(loss(outputs, batch)["weather"]) == 0.0
+
+
+def test_predictions_csv_format(tmp_path):
+    results = [({"prob": torch.tensor([0.2, 0.5])}, {"image": ["a.jpg", "sub/b.jpg"]}),
+               ({"prob": torch.tensor([0.99])}, {"image": ["c.png"]})]
+    path = write_predictions_csv(results, tmp_path / "predictions.csv")
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == ["image", "probability", "prediction"]
+    assert frame["image"].tolist() == ["a.jpg", "sub/b.jpg", "c.png"]
+    assert frame["prediction"].tolist() == [0, 1, 1]
+    assert frame["probability"].between(0, 1).all()
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="non-finite"):
+        write_predictions_csv([({"prob": torch.tensor([float("nan")])}, {"image": ["x"]})], tmp_path / "p2.csv")
