@@ -35,8 +35,16 @@ def demo_task(task: str, base: Path) -> list[tuple[str, str, str, str]]:
     if eval_key in evaluated:
         rows.append((task, eval_key, f"{evaluated[eval_key]:.4f}", str(base / task / "eval" / "metrics.json")))
     for what, path in predicted["outputs"].items():
-        rows.append((task, f"predict: {what}", "-", path))
+        rows.append((task, f"predict: {what}", scored_value(Path(path), monitor.split("/", 1)[-1]), path))
     return rows
+
+
+def scored_value(path: Path, metric: str) -> str:
+    """The metric's value when an output is a scores file that holds it (biomass: submission vs solution)."""
+    if path.suffix != ".json" or not path.is_file():
+        return "-"
+    value = json.loads(path.read_text()).get(metric)
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
