@@ -9,7 +9,7 @@ import hydra
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from biomass.augment import build_transform
 from biomass.constants import TARGETS
@@ -20,6 +20,7 @@ from biomass.submission import collect_predictions, score_submission, write_subm
 from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import read_solution_table, read_test_table, read_train_table
 from common.build import build_encoder
+from common.data import unwrap_subset
 from common.cache import maybe_cached
 from common.cv import assign_folds
 from common.task import Task
@@ -27,11 +28,10 @@ from common.task import Task
 
 def _table_of(dataset: Dataset) -> pd.DataFrame:
     """The wide table behind a BiomassDataset or a Subset of one (rows in the subset's order)."""
-    if isinstance(dataset, Subset):
-        return _table_of(dataset.dataset).iloc[list(dataset.indices)].reset_index(drop=True)
-    if not isinstance(dataset, BiomassDataset):
-        raise TypeError(f"expected a BiomassDataset or a Subset of one, got {type(dataset).__name__}")
-    return dataset.table
+    base, indices = unwrap_subset(dataset)
+    if not isinstance(base, BiomassDataset):
+        raise TypeError(f"expected a BiomassDataset or a Subset of one, got {type(base).__name__}")
+    return base.table.iloc[indices].reset_index(drop=True)
 
 
 class BiomassTask(Task):

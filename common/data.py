@@ -19,3 +19,15 @@ def default_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
+
+
+def unwrap_subset(dataset) -> tuple[object, list[int]]:
+    """The dataset behind (nested) torch Subsets and the indices into it, in the subset's order.
+
+    mode=cv hands tasks Subsets of their datasets; tasks read per-item records (tables, sample lists) this way.
+    """
+    from torch.utils.data import Subset
+    if isinstance(dataset, Subset):
+        base, indices = unwrap_subset(dataset.dataset)
+        return base, [indices[i] for i in dataset.indices]
+    return dataset, list(range(len(dataset)))

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.build import build_encoder
+from common.data import unwrap_subset
 from common.metric import Metric
 from common.task import Outputs, Batch, Task
 from roadwork import synth
@@ -69,8 +70,9 @@ class RoadworkTask(Task):
         return bool(OmegaConf.select(self.cfg, "benchmark", default=False))
 
     def fit_stats(self, train_set: Dataset) -> dict:
-        labels = [s.label for s in train_set.samples]
-        return {"view_names": list(train_set.view_names), "positive_fraction": float(np.mean(labels))}
+        base, indices = unwrap_subset(train_set)
+        labels = [base.samples[i].label for i in indices]
+        return {"view_names": list(base.view_names), "positive_fraction": float(np.mean(labels))}
 
     def build_model(self, stats: dict) -> nn.Module:
         vocabularies, text_fields = metadata_spec(self.data)

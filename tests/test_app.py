@@ -191,3 +191,16 @@ def test_run_directory_contract_every_task(task, tmp_path_factory):
         ckpt = torch.load(run / "checkpoints" / name, weights_only=True)
         assert ckpt["task"] == task and ckpt["stats"] is not None and "optimizer" in ckpt
         assert not any(k.startswith("backbone.") for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_cross_validation_every_task(task, tmp_path_factory):
+    import csv
+    base = tmp_path_factory.mktemp(f"cv-{task}")
+    run_cli([f"task={task}", "mode=cv", "cv.folds=2", "trainer=debug", "trainer.limit_val_batches=null"],
+            base / "cv", base / "cache")
+    folds = list(csv.DictReader(open(base / "cv" / "folds.csv")))
+    oof = list(csv.DictReader(open(base / "cv" / "oof.csv")))
+    assert {r["fold"] for r in folds} == {"0", "1"} and {r["fold"] for r in oof} == {"0", "1"}
+    metric_key = "oof/" + _compose([f"task={task}"]).optimized_metric.split("/", 1)[-1]
+    assert metric_key in json.loads((base / "cv" / "metrics.json").read_text())
