@@ -46,6 +46,7 @@ def creation_lock(url: str):
         yield
         return
     lock_path = Path(url[len("sqlite:///"):] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -53,8 +54,8 @@ def creation_lock(url: str):
 
 def open_study(url: str, study_name: str, directions: list[str], sampler=None,
                heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None) -> optuna.Study:
-    storage = make_storage(url, heartbeat_interval, grace_period)
-    with creation_lock(url):
+    with creation_lock(url):  # RDBStorage creates the schema tables: that races too, not only create_study
+        storage = make_storage(url, heartbeat_interval, grace_period)
         return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
                                    directions=directions, load_if_exists=True)
 
