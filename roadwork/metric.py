@@ -2,8 +2,6 @@
 optional breakdown by weather / daytime / scene / GPS region, and the benchmark reward."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score, roc_curve
 

@@ -16,7 +16,7 @@ def test_weighted_r2_by_hand():
     y, yhat, w = np.array([1.0, 2.0, 4.0]), np.array([1.5, 2.0, 3.0]), np.array([0.5, 0.2, 0.1])
     ybar = (0.5 * 1 + 0.2 * 2 + 0.1 * 4) / 0.8                     # 1.625
     ss_res = 0.5 * 0.25 + 0.2 * 0.0 + 0.1 * 1.0                    # 0.225
-    ss_tot = 0.5 * 0.625 ** 2 + 0.2 * 0.375 ** 2 + 0.1 * 2.375 ** 2
+    ss_tot = 0.5 * (1 - ybar) ** 2 + 0.2 * (2 - ybar) ** 2 + 0.1 * (4 - ybar) ** 2
     assert weighted_r2(y, yhat, w) == pytest.approx(1 - ss_res / ss_tot)
 
 
