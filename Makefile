@@ -24,7 +24,7 @@ demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m common.demo
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider tests
+	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(PY) -m bench.run
