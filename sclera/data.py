@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.cache import image_key
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -157,8 +159,9 @@ class ScleraDataset(Dataset):
     """
 
     def __init__(self, items: list[Item], size: tuple[int, int], transform: Optional[Callable] = None,
-                 full_mask: bool = False):
+                 full_mask: bool = False, cache_view: Optional[str] = None):
         self.items = list(items)
+        self.cache_view = cache_view  # set when backbone features are cached: items carry a cache_key
         self.size = (int(size[0]), int(size[1]))
         self.transform = transform
         self.full_mask = full_mask
@@ -172,6 +175,8 @@ class ScleraDataset(Dataset):
         with Image.open(item.image) as img:
             rgb = img.convert("RGB")
         out = {"set": item.set, "stem": item.image.stem, "height": rgb.height, "width": rgb.width}
+        if self.cache_view is not None:
+            out["cache_key"] = image_key(item.image, self.cache_view)
         image = np.array(rgb.resize((w, h), Image.BILINEAR))
         mask = None
         if item.mask is not None:

@@ -12,6 +12,7 @@ from timm.models.densenet import DenseBlock
 from torch import Tensor, nn
 
 from common.backbone import Backbone
+from common.cache import encode
 from sclera.grounding import build_grounding
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,13 @@ class CGDSeg(nn.Module):
         report["trainable"] = count(self, trainable_only=True)
         return report
 
-    def features(self, images: Tensor) -> Tensor:
+    def features(self, images: Tensor, cache_keys: Optional[Sequence[str]] = None) -> Tensor:
         p = self.backbone.patch_size
         h, w = images.shape[-2:]
         if self.fit_to_patch and (h % p or w % p):      # e.g. 256 -> 252 for patch 14: an 18x18 grid
             images = F.interpolate(images, size=(max(p, h // p * p), max(p, w // p * p)), mode="bilinear",
                                    align_corners=False, antialias=True)
-        out = self.backbone(images)
+        out = encode(self.backbone, images, cache_keys)
         tokens = torch.cat([out.tokens[i] for i in self.token_layers], dim=-1)
         if self.grounding is not None:
             tokens = self.grounding(tokens)
@@ -144,7 +145,7 @@ class CGDSeg(nn.Module):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         images = batch["image"]
         size = (images.shape[-2], images.shape[-1])
-        x = self.features(images)
+        x = self.features(images, batch.get("cache_key"))
         levels = self.fpn(x, size)
         for stage, i in zip(self.decoder, self.order):
             x = stage(x, levels[i])

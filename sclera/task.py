@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.build import build_encoder
+from common.cache import maybe_cached
 from common.metric import Metric
 from common.task import Batch, Outputs, Task
 from sclera.augment import build_train_transform
@@ -52,26 +53,32 @@ class ScleraTask(Task):
 
     def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
         data, size = self.cfg.data, self.size
+        # cached backbone tokens are of the clean, resized image: no pixel augmentation then
+        augment = None if data.cache_features else build_train_transform(data.augment)
+        view = f"resized-{size[0]}x{size[1]}" if data.cache_features else None
         if stage == "fit":
             train = training_items(data, root, ("Training",), oversample=True)
             val = training_items(data, root, ("Validation",), oversample=False)
-            return {"train": ScleraDataset(train, size, build_train_transform(data.augment)),
-                    "val": ScleraDataset(val, size)}
+            return {"train": ScleraDataset(train, size, augment, cache_view=view),
+                    "val": ScleraDataset(val, size, cache_view=view)}
         if stage == "cv":
             items = training_items(data, root, SPLITS, oversample=False)
-            return {"train": ScleraDataset(items, size, build_train_transform(data.augment)),
-                    "val": ScleraDataset(items, size)}
+            return {"train": ScleraDataset(items, size, augment, cache_view=view),
+                    "val": ScleraDataset(items, size, cache_view=view)}
         if stage == "eval":
-            return {"eval": ScleraDataset(evaluation_items(data, root, with_masks=True), size, full_mask=True)}
+            return {"eval": ScleraDataset(evaluation_items(data, root, with_masks=True), size, full_mask=True,
+                                          cache_view=view)}
         if stage == "predict":
-            return {"predict": ScleraDataset(evaluation_items(data, root, with_masks=False), size)}
+            return {"predict": ScleraDataset(evaluation_items(data, root, with_masks=False), size,
+                                             cache_view=view)}
         raise ValueError(f"stage={stage!r}: expected fit, cv, eval or predict")
 
     def cv_groups(self, dataset: Dataset) -> np.ndarray:
         return np.asarray([item.group for item in dataset.items])
 
     def build_model(self, stats: dict) -> nn.Module:
-        return instantiate(self.cfg.model, backbone=build_encoder(self.cfg), _convert_="all")
+        encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=self.size)
+        return instantiate(self.cfg.model, backbone=encoder, _convert_="all")
 
     def build_criterion(self, stats: dict) -> nn.Module:
         return instantiate(self.cfg.loss)
