@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.cache import image_key
 from roadwork.augment import BenchmarkTransform, augment_views, build_pipeline
 from roadwork.samples import Sample, index_samples
 from roadwork.views import cut_views, resolve_views
@@ -48,8 +49,10 @@ class RoadworkDataset(Dataset):
     """Items: views, label (-1 unknown), weather/daytime/scene indices (0 unknown), gps, gps_known, image."""
 
     def __init__(self, samples: list[Sample], views, view_size: int, augment: Optional[Sequence] = None,
-                 benchmark: Optional[BenchmarkTransform] = None, seed: int = 0, benchmark_random: bool = False):
+                 benchmark: Optional[BenchmarkTransform] = None, seed: int = 0, benchmark_random: bool = False,
+                 cache_features: bool = False):
         self.samples = samples
+        self.cache_features = cache_features  # items carry one feature-cache key per view
         self.view_names = resolve_views(views)
         self.view_size = int(view_size)
         self.pipeline = build_pipeline(augment) if augment else None
@@ -81,6 +84,8 @@ class RoadworkDataset(Dataset):
         views = np.stack(self._views(index, self.load_image(sample)))
         item = {"views": torch.from_numpy(views).permute(0, 3, 1, 2).float().div_(255.0),
                 "label": sample.label, "image": sample.name}
+        if self.cache_features:
+            item["cache_key"] = [image_key(sample.image, f"{name}-{self.view_size}") for name in self.view_names]
         for key, value in sample.meta.items():
             if key == "gps":
                 item["gps"] = torch.tensor(value, dtype=torch.float32)

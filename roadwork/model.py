@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from common.backbone import Backbone
+from common.cache import encode as backbone_tokens
 from roadwork.blocks import ChannelPyramid, GatedBlock
 from roadwork.fusion import GatedViewFusion, ViewScorer, gather_views
 from roadwork.meta_encoder import MetadataEncoder
@@ -102,37 +103,41 @@ class RoadworkModel(nn.Module):
             return ViewScorer(width, len(self.view_names) - 1)
         raise ValueError(f"model.prune_where={where!r}: expected 'after' or 'before'")
 
-    def encode(self, images: Tensor) -> Tensor:
-        """(N, 3, S, S) -> (N, width), all images through the backbone as one batch."""
+    def encode(self, images: Tensor, keys: Optional[list[str]] = None) -> Tensor:
+        """(N, 3, S, S) -> (N, width), all images through the backbone as one batch (keys: feature cache)."""
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = self.backbone(images)
+            out = backbone_tokens(self.backbone, images, keys)
             if self.pool.startswith("mlp"):
                 feats = torch.cat(out.tokens, dim=-1)
             else:
                 feats = pool_tokens(out.tokens, out.cls, self.pool)
         return self.project(feats)
 
-    def view_features(self, views: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """(B, V, 3, S, S) -> (B, V', width) and the importance scores (or None without pruning)."""
+    def view_features(self, views: Tensor, keys: Optional[list[list[str]]] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """(B, V, 3, S, S) -> (B, V', width) and the importance scores (or None without pruning).
+        keys: the feature-cache key of every view, (B, V) nested lists, when the backbone is cached."""
         batch, count = views.shape[:2]
         if self.pruner is None or self.prune_where == "after":
-            feats = self.encode(views.flatten(0, 1)).view(batch, count, -1)
+            flat_keys = [k for row in keys for k in row] if keys is not None else None
+            feats = self.encode(views.flatten(0, 1), flat_keys).view(batch, count, -1)
             if self.pruner is None:
                 return feats, None
             scores = self.pruner.scores(feats)
             index, gate = self.pruner.top_k(scores, self.prune_k)
             return gather_views(feats, index) * gate[..., None], scores
         g = self.view_names.index("global")
-        glob = self.encode(views[:, g])
+        glob = self.encode(views[:, g], [row[g] for row in keys] if keys is not None else None)
         others = torch.cat([views[:, :g], views[:, g + 1:]], dim=1)
         scores = self.pruner.scores(glob)
         index, gate = self.pruner.top_k(scores, self.prune_k - 1)
-        picked = self.encode(gather_views(others, index).flatten(0, 1)).view(batch, index.shape[1], -1)
+        picked_keys = None if keys is None else [
+            (row[:g] + row[g + 1:])[i] for row, chosen in zip(keys, index.tolist()) for i in chosen]
+        picked = self.encode(gather_views(others, index).flatten(0, 1), picked_keys).view(batch, index.shape[1], -1)
         return torch.cat([glob[:, None], picked * gate[..., None]], dim=1), scores
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        feats, scores = self.view_features(batch["views"])
+        feats, scores = self.view_features(batch["views"], batch.get("cache_key"))
         feats = self.pyramid(feats)
         for block in self.blocks:
             feats = block(feats)

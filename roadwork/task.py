@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.build import build_encoder
+from common.cache import maybe_cached
 from common.data import unwrap_subset
 from common.metric import Metric
 from common.task import Outputs, Batch, Task
@@ -34,12 +35,16 @@ class RoadworkTask(Task):
     def _dataset(self, samples, train: bool, benchmark: bool = False) -> RoadworkDataset:
         bench = None
         benchmark = benchmark or (train and bool(self.data.train_benchmark_levels))
+        cached = bool(self.data.cache_features)
         if benchmark:
+            if cached:
+                raise ValueError("the benchmark transform levels change the pixels the cached tokens were computed "
+                                 "from: set data.cache_features=false (and data.train_benchmark_levels=false)")
             b = self.data.benchmark
             bench = BenchmarkTransform(b.levels, b.jpeg_quality)
         return RoadworkDataset(samples, self.data.views, self.data.view_size,
-                               augment=self.data.augment if train else None, benchmark=bench,
-                               seed=int(self.cfg.seed), benchmark_random=train)
+                               augment=self.data.augment if train and not cached else None, benchmark=bench,
+                               seed=int(self.cfg.seed), benchmark_random=train, cache_features=cached)
 
     def _fit_samples(self, root: Path):
         train = load_index(root, self.data.train, self.data, require_label=True).samples
@@ -77,7 +82,8 @@ class RoadworkTask(Task):
     def build_model(self, stats: dict) -> nn.Module:
         vocabularies, text_fields = metadata_spec(self.data)
         fields = list(self.data.metadata)
-        return instantiate(self.cfg.model, backbone=build_encoder(self.cfg),
+        size = int(self.data.view_size)
+        return instantiate(self.cfg.model, backbone=maybe_cached(build_encoder(self.cfg), self.cfg, (size, size)),
                            view_names=resolve_views(self.data.views),
                            vocab_sizes={f: len(vocabularies[f]) for f in CATEGORY_FIELDS if f in fields},
                            text_fields=text_fields, use_gps="gps" in fields,

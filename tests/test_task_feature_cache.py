@@ -1,5 +1,5 @@
 """Head-only training on cached backbone features equals training without the cache (augmentation off),
-for every task that supports `data.cache_features`."""
+for every task (all three support `data.cache_features`)."""
 import json
 
 import pytest
@@ -8,9 +8,12 @@ from tests.cli import run_cli
 
 SCLERA_AUG = ["hflip", "vflip", "rotate_p", "rot90", "brightness_contrast_p", "hsv_p", "noise_p", "blur_p",
               "jpeg_p", "occluder_p", "highlight_p"]
-NO_AUGMENTATION = {
-    "biomass": ["data.aug.p_clean=1.0", "model.head.dropout=0.0"],
-    "sclera": [f"data.augment.{key}=0.0" for key in SCLERA_AUG],
+CASES = {  # name -> the task and the overrides that switch its pixel augmentation off
+    "biomass": ["task=biomass", "data.aug.p_clean=1.0", "model.head.dropout=0.0"],
+    "sclera": ["task=sclera", *[f"data.augment.{key}=0.0" for key in SCLERA_AUG]],
+    "roadwork": ["task=roadwork", "data.augment=[]"],
+    "roadwork-prune-before": ["task=roadwork", "data.augment=[]", "data.views=[global,center,right]",
+                              "model.prune_k=2", "model.prune_where=before"],
 }
 
 
@@ -18,12 +21,12 @@ def _history(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("task", sorted(NO_AUGMENTATION))
-def test_cached_training_matches_uncached(task, tmp_path):
-    common = [f"task={task}", "trainer=debug", "data.cache_dtype=float32", "data.num_workers=0"]
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_training_matches_uncached(case, tmp_path):
+    common = ["trainer=debug", "data.cache_dtype=float32", "data.num_workers=0", *CASES[case]]
     cache = tmp_path / "cache"
-    run_cli([*common, *NO_AUGMENTATION[task], "data.cache_features=false"], tmp_path / "plain", cache)
-    run_cli([*common, *NO_AUGMENTATION[task], "data.cache_features=true"], tmp_path / "cached", cache)
+    run_cli([*common, "data.cache_features=false"], tmp_path / "plain", cache)
+    run_cli([*common, "data.cache_features=true"], tmp_path / "cached", cache)
     plain, cached = _history(tmp_path / "plain"), _history(tmp_path / "cached")
     monitor = [k for k in plain[0] if k.startswith("val/") and k != "val/loss"][0]
     for a, b in zip(plain, cached):
@@ -41,3 +44,9 @@ def test_cache_refuses_adapters(tmp_path):
     proc = run_cli(["task=sclera", "trainer=debug", "data.cache_features=true", "peft=lora"],
                    tmp_path / "r", tmp_path / "cache", check=False)
     assert proc.returncode != 0 and "feature cache needs a frozen backbone without adapters" in proc.stderr
+
+
+def test_roadwork_cache_refuses_benchmark_levels(tmp_path):
+    proc = run_cli(["task=roadwork", "trainer=debug", "data.cache_features=true", "data.train_benchmark_levels=true"],
+                   tmp_path / "r", tmp_path / "cache", check=False)
+    assert proc.returncode != 0 and "data.cache_features=false" in proc.stderr
