@@ -84,6 +84,10 @@ class Task(ABC):
     def build_metric(self, stats: dict) -> Metric:
         """update(outputs, batch) per batch, compute() -> {name: float}."""
 
+    def on_validation_end(self, model: nn.Module, metrics: dict[str, float]) -> None:
+        """Called after each validation, before checkpoints are written (e.g. to calibrate a threshold)."""
+        return None
+
     def ensemble(self, models: list[nn.Module]) -> nn.Module:
         """Several trained models (e.g. the fold checkpoints of mode=cv) as one; default: mean of outputs."""
         from common.ensemble import MeanEnsemble

@@ -380,6 +380,7 @@ class Trainer:
                 if self.ctx.is_main else None
             val = self.evaluate(self.model, self.criterion, metric, val_set, task.collate,
                                 limit=self.t.limit_val_batches, on_first_batch=media)
+            task.on_validation_end(self.model, val)
             record.update({f"val/{k}": v for k, v in val.items()})
             record.update({"step": state.step, **{f"lr/{g['tag']}": g["lr"] for g in self.optimizer.param_groups}})
             state.epoch, state.last_metrics = epoch + 1, record

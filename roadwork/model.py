@@ -81,6 +81,8 @@ class RoadworkModel(nn.Module):
         self.meta = MetadataEncoder(vocab_sizes, text_fields, use_gps, meta_embed_dim, meta_dim, gps_frequencies,
                                     meta_dropout) if has_meta else None
         self.classifier = mlp_head(width + (meta_dim if has_meta else 0), classifier_hidden, 2, dropout)
+        # Added to the roadwork logit at inference; set by calibration (task.calibrate), saved in checkpoints.
+        self.register_buffer("logit_shift", torch.zeros(()))
 
     @staticmethod
     def _make_projection(backbone: Backbone, pool: str, width: int) -> nn.Module:
@@ -145,6 +147,8 @@ class RoadworkModel(nn.Module):
         pooled, per_view, gates = self.fusion(feats, mask)
         fused = pooled if self.meta is None else torch.cat([pooled, self.meta(batch)], dim=1)
         logits = self.classifier(fused)
+        if not self.training:
+            logits = logits + torch.stack([torch.zeros_like(self.logit_shift), self.logit_shift]).to(logits.dtype)
         out = {"logits": logits, "prob": logits.float().softmax(-1)[:, 1], "view_logits": self.view_head(per_view),
                "weather_logits": self.weather_head(pooled), "view_gates": gates, "features": pooled}
         if scores is not None:

@@ -1,6 +1,7 @@
 """RoadworkTask: NATIX-style image + sidecar classification (see FORMATS.md, roadwork)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -69,6 +70,13 @@ class RoadworkTask(Task):
         if stage == "predict":
             return {"predict": self._dataset(load_index(root, self.data.predict, self.data, False).samples, False)}
         raise ValueError(f"stage {stage!r}: expected fit, cv, eval or predict")
+
+    def on_validation_end(self, model: nn.Module, metrics: dict[str, float]) -> None:
+        """task.calibrate: shift the roadwork logit so that 0.5 becomes the MCC-best validation threshold."""
+        if not self.cfg.task.calibrate or not math.isfinite(metrics.get("threshold_best", float("nan"))):
+            return
+        t = min(max(metrics["threshold_best"], 1e-6), 1 - 1e-6)
+        model.logit_shift -= math.log(t / (1 - t))
 
     @property
     def benchmark(self) -> bool:
