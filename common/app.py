@@ -153,6 +153,8 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     if ctx.is_main:
         RunFiles(run_dir).write_final(summary)
     tracker.set_summary({f"best/{k}": v for k, v in state.best_metrics.items() if isinstance(v, (int, float))})
+    if ctx.is_main:
+        task.log_tables(tracker, state.best_metrics)
     return state.best_value
 
 

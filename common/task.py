@@ -104,6 +104,10 @@ class Task(ABC):
         """Rows of oof.csv for one validation batch in cross-validation (id, true, predicted)."""
         return []
 
+    def log_tables(self, logger, metrics: dict[str, float]) -> None:
+        """Optional: tables of the best epoch's metrics (logger.log_table(name, columns, rows)), once per run."""
+        return None
+
     def log_media(self, logger, outputs: Outputs, batch: Batch, stats: dict, step: int) -> None:
         """Optional: images or plots a person would look at (first validation batch per epoch)."""
         return None

@@ -43,6 +43,18 @@ def classification_scores(label: np.ndarray, prob: np.ndarray) -> dict[str, floa
     return out
 
 
+def breakdown_rows(metrics: dict[str, float]) -> list[list]:
+    """[field, value, n, mcc, accuracy] per group, from keys "[val/]<field>/<value>/<stat>" of compute()."""
+    groups: dict[tuple[str, str], dict[str, float]] = {}
+    for key, number in metrics.items():
+        parts = key.split("/")
+        parts = parts[1:] if parts[0] in ("val", "eval") else parts
+        if len(parts) == 3 and parts[2] in ("n", "mcc", "accuracy"):
+            groups.setdefault((parts[0], parts[1]), {})[parts[2]] = number
+    return [[field, value, int(g.get("n", 0)), g.get("mcc"), g.get("accuracy")]
+            for (field, value), g in sorted(groups.items())]
+
+
 def benchmark_reward(mcc: float, accuracy: float) -> float:
     """The live benchmark's score: (0.5 max(MCC, 0) + 0.5 accuracy) ** 3."""
     return float((0.5 * max(mcc, 0.0) + 0.5 * accuracy) ** 3)

@@ -19,6 +19,7 @@ from common.task import Outputs, Batch, Task
 from roadwork import synth
 from roadwork.augment import BenchmarkTransform
 from roadwork.data import CATEGORY_FIELDS, RoadworkDataset, load_index, metadata_spec, split_indices
+from roadwork.metric import breakdown_rows
 from roadwork.predict import write_predictions_csv
 from roadwork.views import resolve_views
 
@@ -77,6 +78,12 @@ class RoadworkTask(Task):
             return
         t = min(max(metrics["threshold_best"], 1e-6), 1 - 1e-6)
         model.logit_shift -= math.log(t / (1 - t))
+
+    def log_tables(self, logger, metrics: dict[str, float]) -> None:
+        """The breakdown by weather / daytime / scene / region (metric keys val/<field>/<value>/<stat>)."""
+        rows = breakdown_rows(metrics)
+        if rows:
+            logger.log_table("breakdown", ["field", "value", "n", "mcc", "accuracy"], rows)
 
     @property
     def benchmark(self) -> bool:

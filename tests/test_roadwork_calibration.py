@@ -39,3 +39,23 @@ def test_calibrated_checkpoint_scores_best_threshold_at_half(tmp_path):
     best_epoch = json.loads((tmp_path / "train" / "metrics.json").read_text())["best"]
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["eval/mcc"] == pytest.approx(best_epoch["val/mcc_best"], abs=0.02)
+
+
+def test_breakdown_table_rows_from_metrics():
+    from roadwork.metric import breakdown_rows
+    metrics = {"val/mcc": 0.9, "val/weather/rain/mcc": 0.5, "val/weather/rain/accuracy": 0.75,
+               "val/weather/rain/n": 12.0, "val/region/Sydney/mcc": 1.0, "val/region/Sydney/accuracy": 1.0,
+               "val/region/Sydney/n": 4.0, "epoch": 3}
+    assert breakdown_rows(metrics) == [["region", "Sydney", 4, 1.0, 1.0], ["weather", "rain", 12, 0.5, 0.75]]
+
+    class Recorder:
+        def __init__(self):
+            self.tables = []
+
+        def log_table(self, name, columns, rows):
+            self.tables.append((name, columns, rows))
+
+    recorder = Recorder()
+    _task([]).log_tables(recorder, metrics)
+    assert recorder.tables == [("breakdown", ["field", "value", "n", "mcc", "accuracy"],
+                                breakdown_rows(metrics))]
