@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,7 +46,7 @@ def main() -> None:
     for r in rows:
         print(f"{str(r['cache']):<6} {r['trial']:>5} {r['seconds']:>8.1f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"overrides": args.overrides, "rows": rows}, indent=2))
+        atomic_write_text(args.out, json.dumps({"overrides": args.overrides, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

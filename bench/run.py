@@ -21,6 +21,7 @@ import torch
 from bench.measure import count_flops, matmul_peak_tflops, peak_memory_gib, time_per_call
 from bench.pipeline import input_pipeline_rate
 from bench.references import REFERENCES, TEXT_EMBEDDINGS, Reference
+from common.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,8 +188,7 @@ def main() -> None:
 
 def write_results(out: str, peak: float, rows: list[dict], pipeline: list[dict]) -> None:
     """Rewritten after every row, so that a run cut short keeps what it measured."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    atomic_write_text(out, json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                      "matmul_peak_tflops": peak, "rows": rows, "pipeline": pipeline}, indent=2))
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from common.backbone import BackboneOutput
+from common.backbone import BackboneOutput, tokens_to_map
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -23,12 +23,6 @@ def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential
 
 def uniform_weights(raw: Tensor) -> Tensor:
     return raw.new_full(raw.shape[:2], 1.0 / raw.shape[1])
-
-
-def to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(B, N, C) tokens -> (B, C, h, w) feature map."""
-    b, n, c = tokens.shape
-    return tokens.transpose(1, 2).reshape(b, c, grid[0], grid[1])
 
 
 class PooledMLP(nn.Module):
@@ -113,7 +107,7 @@ class ViTDetHead(nn.Module):
                                      nn.Conv2d(hidden, out_dim, 1))
 
     def forward(self, out: BackboneOutput) -> tuple[Tensor, Tensor]:
-        fmap = to_map(out.tokens[self.layer], out.grid)
+        fmap = tokens_to_map(out.tokens[self.layer], out.grid)
         raws, weights = [], []
         for level in self.levels:
             raw = self.predict(level(fmap)).flatten(2).transpose(1, 2)

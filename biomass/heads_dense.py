@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from biomass.heads import _norm, to_map, uniform_weights
-from common.backbone import BackboneOutput
+from biomass.heads import _norm, uniform_weights
+from common.backbone import BackboneOutput, tokens_to_map
 
 
 def reassemble(embed_dim: int, width: int, scale: float) -> nn.Module:
@@ -50,7 +50,7 @@ class _MultiScale(nn.Module):
 
     def maps(self, out: BackboneOutput) -> list[Tensor]:
         """Reassembled maps ordered from the coarsest to the finest."""
-        maps = [r(to_map(t, out.grid)) for r, t in zip(self.reassemble, out.tokens)]
+        maps = [r(tokens_to_map(t, out.grid)) for r, t in zip(self.reassemble, out.tokens)]
         return sorted(maps, key=lambda m: m.shape[-2] * m.shape[-1])
 
 

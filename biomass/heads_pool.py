@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from biomass.heads import mlp, to_map
-from common.backbone import BackboneOutput
+from biomass.heads import mlp
+from common.backbone import BackboneOutput, tokens_to_map
 
 
 class GatedAttentionMIL(nn.Module):
@@ -34,7 +34,7 @@ class GatedAttentionMIL(nn.Module):
         tokens = out.tokens[self.layer]
         if self.tile <= 1:
             return tokens
-        pooled = F.avg_pool2d(to_map(tokens, out.grid), self.tile, ceil_mode=True)
+        pooled = F.avg_pool2d(tokens_to_map(tokens, out.grid), self.tile, ceil_mode=True)
         return pooled.flatten(2).transpose(1, 2)
 
     def forward(self, out: BackboneOutput) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,6 @@ non-negative grams; written atomically. Scoring a submission against a solution 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -13,6 +12,7 @@ import pandas as pd
 from biomass.constants import ID_SEP, TARGETS
 from biomass.metric import biomass_scores
 from biomass.table import read_csv_checked
+from common.atomic import atomic_path, atomic_write_text
 
 
 def collect_predictions(results: Iterable[tuple[dict, dict]]) -> dict[str, np.ndarray]:
@@ -36,12 +36,9 @@ def write_submission(test_rows: pd.DataFrame, preds: dict[str, np.ndarray], path
         bad = test_rows["sample_id"].iloc[int(np.flatnonzero(~np.isfinite(values))[0])]
         raise ValueError(f"non-finite prediction for {bad}")
     out = pd.DataFrame({"sample_id": test_rows["sample_id"].to_numpy(), "target": np.clip(values, 0.0, None)})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    out.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        out.to_csv(tmp, index=False, float_format="%.6f")
+    return Path(path)
 
 
 def _wide(df: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -62,7 +59,5 @@ def score_submission(submission: Path, solution: Path, out_json: Path | None = N
     scores = biomass_scores(np.nan_to_num(true.to_numpy(float)), np.nan_to_num(pred.to_numpy(float)),
                             true.notna().to_numpy(float))
     if out_json is not None:
-        tmp = Path(out_json).with_name(Path(out_json).name + ".tmp")
-        tmp.write_text(json.dumps(scores, indent=2) + "\n")
-        os.replace(tmp, out_json)
+        atomic_write_text(out_json, json.dumps(scores, indent=2) + "\n")
     return scores

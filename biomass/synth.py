@@ -9,7 +9,6 @@ train.csv (long), test.csv, test_solution.csv, train/*.jpg, test/*.jpg.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from biomass.constants import COMPONENTS, ID_SEP, TARGETS
+from common.atomic import atomic_path
 
 CLASS_COLOURS = np.array([[112, 86, 58],     # soil
                           [62, 150, 48],     # green grass
@@ -82,15 +82,13 @@ def _sample_image(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarra
 
 
 def _write_jpeg(path: Path, rgb: np.ndarray, quality: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(rgb).save(tmp, format="JPEG", quality=quality)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="JPEG", quality=quality)
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def _split_rows(rng: np.random.Generator, root: Path, split: str, n: int, cfg: SynthConfig,

@@ -1,7 +1,6 @@
 """Resolve the config, pick the task, dispatch on `mode`: train | eval | predict | cv | synth."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
@@ -13,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from common import distributed
+from common.atomic import file_lock
 from common.checkpoint import load_checkpoint, load_trainable_state
 from common.seed import seed_everything
 from common.task import Task
@@ -43,9 +43,7 @@ def ensure_synthetic(task: Task, root: Path, seed: int) -> Path:
     """Generate the task's synthetic dataset once; concurrent processes wait on a file lock."""
     if (root / ".complete").is_file():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(root.parent / f".{root.name}.lock"):
         if not (root / ".complete").is_file():
             tmp = root.parent / f".{root.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,6 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
 
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -40,6 +39,12 @@ class BackboneOutput:
     cls: Optional[Tensor] = None
     registers: Optional[Tensor] = None
     grids: Optional[list[tuple[int, int]]] = None
+
+
+def tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(B, N, C) patch tokens on an (h, w) grid -> a (B, C, h, w) feature map for convolutional heads."""
+    b, n, c = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, c, grid[0], grid[1])
 
 
 class Backbone(nn.Module):
@@ -276,7 +281,7 @@ class WeightsUnavailableError(OSError):
 # ---------------------------------------------------------------- transformers
 
 def _hf_classes(name: str, model_type: Optional[str] = None):
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel
     kind = model_type or ("dinov3_vit" if "dinov3" in name.lower() else "dinov2" if "dinov2" in name.lower() else None)
     classes = {"dinov2": (Dinov2Config, Dinov2Model), "dinov3_vit": (DINOv3ViTConfig, DINOv3ViTModel)}
     if kind not in classes:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -40,6 +39,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from common.atomic import atomic_path
 from common.backbone import Backbone, BackboneOutput
 
 FORMAT_VERSION = 1
@@ -133,17 +133,8 @@ def image_key(image_path: str | os.PathLike, view: Any = "full") -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
 
 
 class FeatureCache:

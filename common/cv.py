@@ -10,8 +10,9 @@ from omegaconf import DictConfig
 from sklearn.model_selection import GroupKFold
 from torch.utils.data import Subset
 
+from common.atomic import atomic_write_text
 from common.checkpoint import load_checkpoint
-from common.tracking import RunFiles, Tracker, atomic_write_text
+from common.tracking import RunFiles, Tracker
 from common.trainer import Trainer
 
 

@@ -14,7 +14,7 @@ def default_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         first = values[0]
         if isinstance(first, torch.Tensor):
             batch[key] = torch.stack(values)
-        elif isinstance(first, (bool, int, float)) and not isinstance(first, str):
+        elif isinstance(first, (bool, int, float)):
             batch[key] = torch.tensor(values)
         else:
             batch[key] = values

@@ -1,12 +1,13 @@
 """predictions.csv: image, probability in [0, 1], prediction (probability rounded at 0.5, as scored)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
+
+from common.atomic import atomic_path
 
 THRESHOLD = 0.5  # the benchmark rounds the probability at 0.5 (FORMATS.md)
 
@@ -20,8 +21,6 @@ def write_predictions_csv(results: Iterable, path: Path) -> Path:
     if not np.isfinite(prob).all():
         raise ValueError(f"{path}: non-finite probabilities for {int((~np.isfinite(prob)).sum())} images")
     frame = pd.DataFrame({"image": names, "probability": prob, "prediction": (prob >= THRESHOLD).astype(int)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return path

@@ -10,11 +10,12 @@ null, "" or "null"; weather and daytime change the rendering. `scene_description
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from common.atomic import atomic_path, atomic_write_text
 
 CITIES = {"berlin": (52.52, 13.40), "paris": (48.86, 2.35), "austin": (30.27, -97.74),
           "tokyo": (35.68, 139.69), "sao_paulo": (-23.55, -46.63)}
@@ -169,9 +170,7 @@ def make_sidecar(rng: np.random.Generator, label: int, weather: str, daytime: st
 
 
 def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record))
 
 
 def write_split(out_dir: Path, count: int, width: int, height: int, seed: int, positive_fraction: float,
@@ -186,9 +185,8 @@ def write_split(out_dir: Path, count: int, width: int, height: int, seed: int, p
         small = bool(label and rng.random() < small_fraction)
         img = render_scene(rng, width, height, label, small, distractor_p, weather, daytime)
         stem = f"{out_dir.name}_{i:05d}"
-        tmp = out_dir / f"{stem}.tmp.jpg"
-        img.save(tmp, quality=quality)
-        os.replace(tmp, out_dir / f"{stem}.jpg")
+        with atomic_path(out_dir / f"{stem}.jpg") as tmp:
+            img.save(tmp, format="JPEG", quality=quality)
         _write_json(out_dir / f"{stem}.json", make_sidecar(rng, label, weather, daytime, meta_present))
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.models.densenet import DenseBlock
 from torch import Tensor, nn
 
-from common.backbone import Backbone
+from common.backbone import Backbone, tokens_to_map
 from common.cache import encode
 from sclera.grounding import build_grounding
 
@@ -139,8 +139,7 @@ class CGDSeg(nn.Module):
         tokens = torch.cat([out.tokens[i] for i in self.token_layers], dim=-1)
         if self.grounding is not None:
             tokens = self.grounding(tokens)
-        h, w = out.grid
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        return tokens_to_map(tokens, out.grid)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         images = batch["image"]

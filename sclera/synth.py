@@ -8,12 +8,13 @@ opening minus the iris disc.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from common.atomic import atomic_path
 
 WIDTH, HEIGHT = 400, 300
 SCLERA, IRIS, PUPIL = 1, 2, 3
@@ -147,11 +148,9 @@ def encode_mask(labels: np.ndarray, encoding: str) -> Image.Image:
 
 
 def save_atomic(image: Image.Image, path: Path, **kwargs) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=fmt, **kwargs)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt, **kwargs)
 
 
 def write_sample(folder: Path, stem: str, spec: SetSpec, rng: np.random.Generator) -> None:

@@ -11,7 +11,6 @@ Each worker (`python run.py -m sweeps=<space> ...`, one per GPU or Slurm job) ru
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import threading
@@ -24,6 +23,8 @@ import optuna
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
+
+from common.atomic import atomic_write_text, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,7 @@ def creation_lock(url: str):
     if not url.startswith("sqlite:///"):
         yield
         return
-    lock_path = Path(url[len("sqlite:///"):] + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(url[len("sqlite:///"):] + ".lock"):
         yield
 
 
@@ -168,5 +166,5 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         results = {"name": "optuna", "study_name": study.study_name, "complete_trials": len(complete)}
         if complete:
             results.update(best_params=study.best_trial.params, best_value=study.best_trial.value)
-        OmegaConf.save(OmegaConf.create(results), f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
+        atomic_write_text(Path(self.config.hydra.sweep.dir) / "optimization_results.yaml", OmegaConf.to_yaml(results))
         log.info(f"study {study.study_name}: {len(complete)} complete trials; {results.get('best_value')}")

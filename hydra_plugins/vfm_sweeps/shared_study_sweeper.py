@@ -10,6 +10,7 @@ class SharedStudySweeper(Sweeper):
                  grace_period: Optional[int], params: Optional[Any] = None) -> None:
         from sweeps.shared_study import SharedStudySweeperImpl
 
+        # The parent's n_trials slot gets the budget too, but the loop counts the study's trials, not its own.
         self.sweeper = SharedStudySweeperImpl(
             sampler, direction, storage, study_name, budget, n_jobs, max_failure_rate, None, None, params,
             budget=budget, heartbeat_interval=heartbeat_interval, grace_period=grace_period)

@@ -1,0 +1,47 @@
+"""Safe file writes between processes: atomic replacement and an exclusive lock.
+
+An atomic write goes to a temp file beside the target and is renamed over it when done (removed on failure):
+readers never see a partial file, and a failed write leaves the previous file as it was.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temp path in `path`'s folder; it replaces `path` when the block ends, or is removed if it raises.
+
+    Writers that infer a format from the file suffix (PIL) must name the format: the temp file ends in .tmp.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs and shared caches must be readable by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on `path` (created if needed) for the block: one process of a machine at a time."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
