@@ -107,9 +107,12 @@ class BiomassTask(Task):
             model.tta = OmegaConf.to_container(tta, resolve=True)
         return model
 
-    def ensemble(self, models: list) -> BiomassEnsemble:
+    def ensemble(self, models: list, weights: list[float] | None = None) -> BiomassEnsemble:
         """Several trained models (e.g. the fold checkpoints of mode=cv) as one predictor, with the
-        TTA of data.tta and the member weighting of data.ensemble."""
+        TTA of data.tta and the member weighting of data.ensemble (per image); fixed weights are refused."""
+        if weights is not None and len(set(float(w) for w in weights)) > 1:
+            raise ValueError("biomass weights ensemble members per image by data.ensemble.mc_passes; "
+                             "ensemble.weighting=metric is not supported: use ensemble.weighting=mean")
         tta, ens = self.cfg.data.tta, self.cfg.data.ensemble
         for model in models:
             model.tta = None

@@ -11,7 +11,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from common import distributed
+from common import adapt, distributed
 from common.atomic import file_lock
 from common.checkpoint import load_checkpoint, load_trainable_state
 from common.seed import seed_everything
@@ -22,7 +22,7 @@ from common.trainer import Trainer
 MODES = ("train", "eval", "predict", "cv", "synth")
 # eval / predict rebuild the network from these checkpoint sections (the data section too, with the
 # command line's data.* overrides on top), so a checkpoint alone (plus backbone weights) predicts.
-CHECKPOINT_SECTIONS = ("backbone", "peft", "model", "task")
+CHECKPOINT_SECTIONS = ("backbone", "peft", "model", "task", "adapt")
 
 
 def load_task(cfg: DictConfig) -> Task:
@@ -87,7 +87,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def build_parts(task: Task, stats: dict):
-    model, criterion, metric = task.build_model(stats), task.build_criterion(stats), task.build_metric(stats)
+    """Model (adapted from adapt.init_ckpt when set), criterion and metric for training."""
+    model = adapt.build_for_training(task.build_model(stats), task.cfg, task.name)
+    criterion, metric = task.build_criterion(stats), task.build_metric(stats)
     counts = count_parameters(model)
     print("[model] parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
     return model, criterion, metric
@@ -117,8 +119,12 @@ def _command_line_data_overrides() -> list[tuple[str, object]]:
 
 def config_from_checkpoint(cfg: DictConfig, ckpt: dict) -> DictConfig:
     merged = OmegaConf.to_container(cfg, resolve=True)
+    tta = merged.get("task", {}).get("tta")          # an inference setting: this run's, not the checkpoint's
     for section in CHECKPOINT_SECTIONS:
-        merged[section] = ckpt["config"][section]
+        if section in ckpt["config"]:
+            merged[section] = ckpt["config"][section]
+    if tta is not None:
+        merged["task"]["tta"] = tta
     data = OmegaConf.create(ckpt["config"]["data"])
     data.root = cfg.data.root
     for key, value in _command_line_data_overrides():
@@ -133,7 +139,9 @@ def load_for_inference(cfg: DictConfig, ckpt_path) -> tuple[Task, nn.Module, dic
     ckpt = load_checkpoint(ckpt_path, str(cfg.task.name))
     ckpt_cfg = config_from_checkpoint(cfg, ckpt)
     task = load_task(ckpt_cfg)
-    model = restore_for_inference(task.build_model(ckpt["stats"]), ckpt, str(ckpt_path))
+    model = task.build_model(ckpt["stats"])
+    adapt.apply_head_adapters(model, ckpt_cfg.adapt)
+    model = restore_for_inference(model, ckpt, str(ckpt_path))
     return task, model, ckpt["stats"], ckpt_cfg
 
 
@@ -143,7 +151,7 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     stats = task.fit_stats(sets["train"])
     model, criterion, metric = build_parts(task, stats)
     state = Trainer(cfg, run_dir, tracker, ctx).fit(task, model, criterion, metric, sets["train"], sets["val"],
-                                                     stats)
+                                                     stats, task.sample_weights(root, sets["train"]))
     summary = {"monitor": str(cfg.trainer.monitor), "best_value": state.best_value,
                "best_epoch": state.best_epoch, "best": state.best_metrics, "last": state.last_metrics,
                "checkpoints": {"best": str(run_dir / "checkpoints" / "best.pt"),
@@ -159,7 +167,7 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
 def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     task, model, stats, ckpt_cfg = load_for_inference(cfg, cfg.ckpt_path)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
-    model.to(ctx.device)
+    model = task.for_inference(model).to(ctx.device)
     values = trainer.evaluate(model, None, task.build_metric(stats), task.datasets(root, "eval")["eval"],
                               task.collate)
     metrics = {f"eval/{k}": v for k, v in values.items()}
@@ -170,34 +178,91 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     return metrics.get(str(cfg.optimized_metric).replace("val/", "eval/", 1))
 
 
-def checkpoint_paths(ckpt_path) -> list[Path]:
-    """ckpt_path: one file, a list of files, or a cv run directory (its fold_*/checkpoints/best.pt)."""
+WEIGHTINGS = ("mean", "metric", "stack")
+
+
+def _fold_checkpoints(run_dir: Path) -> list[Path]:
+    folds = sorted(run_dir.glob("fold_*/checkpoints/best.pt"))
+    if not folds:
+        raise FileNotFoundError(f"ckpt_path entry {run_dir} is a directory without fold_*/checkpoints/best.pt "
+                                f"(expected a mode=cv run directory)")
+    return folds
+
+
+def _ckpt_entries(ckpt_path) -> list[Path]:
     if ckpt_path is None:
         raise ValueError("mode=predict needs ckpt_path=<file>, [<file>,<file>,...] or a mode=cv run directory")
-    if not isinstance(ckpt_path, (str, Path)):
-        return [Path(str(p)) for p in ckpt_path]
-    path = Path(str(ckpt_path))
-    if path.is_dir():
-        folds = sorted(path.glob("fold_*/checkpoints/best.pt"))
-        if not folds:
-            raise FileNotFoundError(f"ckpt_path={path} is a directory without fold_*/checkpoints/best.pt "
-                                    f"(expected a mode=cv run directory)")
-        return folds
-    return [path]
+    entries = [ckpt_path] if isinstance(ckpt_path, (str, Path)) else list(ckpt_path)
+    return [Path(str(entry)) for entry in entries]
+
+
+def checkpoint_paths(ckpt_path) -> list[Path]:
+    """ckpt_path: one file, a mode=cv run directory (its fold_*/checkpoints/best.pt), or a list of these."""
+    paths: list[Path] = []
+    for entry in _ckpt_entries(ckpt_path):
+        paths += _fold_checkpoints(entry) if entry.is_dir() else [entry]
+    return paths
+
+
+def _read_oof(run_dir: Path):
+    import pandas as pd
+    path = run_dir / "oof.csv"
+    if not run_dir.is_dir() or not path.is_file():
+        raise FileNotFoundError(f"ensemble.weighting=stack: {path} not found; ckpt_path must list mode=cv run "
+                                f"directories (each with oof.csv), e.g. ckpt_path=[<cv run>,<cv run>]")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} could not be read as a CSV ({err}); expected the oof.csv of a mode=cv run") from err
+
+
+def _stacked_predictor(cfg: DictConfig):
+    """ensemble.weighting=stack: one member per cv run directory (the mean of its folds), combined by the task's
+    meta-model fit on the directories' oof.csv."""
+    members, frames, first = [], {}, None
+    for run_dir in _ckpt_entries(cfg.ckpt_path):
+        if str(run_dir / "oof.csv") in frames:
+            raise ValueError(f"ensemble.weighting=stack: ckpt_path lists {run_dir} twice")
+        frames[str(run_dir / "oof.csv")] = _read_oof(run_dir)
+        loaded = [load_for_inference(cfg, path) for path in _fold_checkpoints(run_dir)]
+        first = first or loaded[0]
+        members.append(loaded[0][0].ensemble([model for _, model, _, _ in loaded]))
+    task, _, stats, ckpt_cfg = first
+    stacked = task.stack(members, frames, cfg.ensemble)
+    return (task, stacked, stats, ckpt_cfg), {"weighting": "stack", "oof": list(frames), **stacked.summary()}
+
+
+def _averaged_predictor(cfg: DictConfig, paths: list[Path]):
+    """mean / metric: the task's ensemble of every checkpoint, with validation-metric weights for `metric`."""
+    from common.ensemble import metric_weights, normalise_weights
+    loaded = [load_for_inference(cfg, path) for path in paths]
+    task, model, stats, ckpt_cfg = loaded[0]
+    if len(loaded) == 1:
+        return loaded[0], {"weighting": "single", "weights": [1.0]}
+    weights = None
+    if cfg.ensemble.weighting == "metric":
+        weights = metric_weights([(str(p), load_checkpoint(p, str(cfg.task.name))) for p in paths])
+    model = task.ensemble([m for _, m, _, _ in loaded], weights)
+    weights = normalise_weights(weights, len(loaded))
+    print(f"[predict] {cfg.ensemble.weighting} ensemble of {len(loaded)} checkpoints: "
+          + ", ".join(f"{p} (weight {w:.4f})" for p, w in zip(paths, weights)), flush=True)
+    return (task, model, stats, ckpt_cfg), {"weighting": str(cfg.ensemble.weighting), "weights": weights}
 
 
 def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
+    if cfg.ensemble.weighting not in WEIGHTINGS:
+        raise ValueError(f"ensemble.weighting={cfg.ensemble.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
     paths = checkpoint_paths(cfg.ckpt_path)
-    loaded = [load_for_inference(cfg, path) for path in paths]
-    task, model, stats, ckpt_cfg = loaded[0]
-    if len(loaded) > 1:
-        model = task.ensemble([m for _, m, _, _ in loaded])
-        print(f"[predict] ensemble of {len(loaded)} checkpoints: {', '.join(map(str, paths))}", flush=True)
+    if cfg.ensemble.weighting == "stack":
+        (task, model, stats, ckpt_cfg), ensemble = _stacked_predictor(cfg)
+    else:
+        (task, model, stats, ckpt_cfg), ensemble = _averaged_predictor(cfg, paths)
+    model = task.for_inference(model)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
     results = trainer.infer(model, task.datasets(root, "predict")["predict"], task.collate)
     written = task.write_predictions(results, run_dir, stats) if ctx.is_main else {}
     if ctx.is_main:
-        RunFiles(run_dir).write_final({"ckpt_path": [str(p) for p in paths],
+        RunFiles(run_dir).write_final({"ckpt_path": [str(p) for p in paths], "ensemble": ensemble,
                                        "outputs": {k: str(v) for k, v in written.items()}})
         for what, path in written.items():
             print(f"[predict] {what}: {path}", flush=True)

@@ -20,8 +20,10 @@ FORMAT_VERSION = 1
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without frozen parameters (buffers such as BatchNorm statistics are kept)."""
-    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    """state_dict without frozen parameters (buffers such as BatchNorm statistics are kept), except those
+    named in `module.keep_frozen`: weights an adaptation froze, which came from a checkpoint (common.adapt)."""
+    keep = getattr(module, "keep_frozen", set())
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad and n not in keep}
     return {k: v.detach().cpu() for k, v in module.state_dict().items() if k not in frozen}
 
 

@@ -67,7 +67,8 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
         model, criterion, metric = build_parts(task, stats)
         fold_dir = run_dir / f"fold_{fold}"
         trainer = Trainer(cfg, fold_dir, FoldTracker(tracker, fold, step_offset), ctx)
-        state = trainer.fit(task, model, criterion, metric, train_set, val_set, stats)
+        state = trainer.fit(task, model, criterion, metric, train_set, val_set, stats,
+                            task.sample_weights(root, train_set))
         step_offset += state.step
         best = fold_dir / "checkpoints" / "best.pt"
         restore_for_inference(model, load_checkpoint(best, task.name), str(best))

@@ -67,6 +67,11 @@ class Task(ABC):
         """Normalisation statistics from the training split only (plain containers)."""
         return {}
 
+    def sample_weights(self, root: Path, train_set: Dataset) -> np.ndarray | None:
+        """Optional: one sampling weight per training item (each epoch draws with replacement in proportion);
+        None shuffles every item once per epoch."""
+        return None
+
     def collate(self, items: list[dict]) -> Batch:
         from common.data import default_collate
         return default_collate(items)
@@ -88,10 +93,24 @@ class Task(ABC):
         """Called after each validation, before checkpoints are written (e.g. to calibrate a threshold)."""
         return None
 
-    def ensemble(self, models: list[nn.Module]) -> nn.Module:
-        """Several trained models (e.g. the fold checkpoints of mode=cv) as one; default: mean of outputs."""
-        from common.ensemble import MeanEnsemble
-        return MeanEnsemble(models)
+    def ensemble(self, models: list[nn.Module], weights: list[float] | None = None) -> nn.Module:
+        """Several trained models (e.g. the fold checkpoints of mode=cv) as one; default: the weighted mean of
+        every floating output. weights: one non-negative weight per model (ensemble.weighting=metric), or
+        None for equal weights."""
+        from common.ensemble import WeightedEnsemble
+        return WeightedEnsemble(models, weights)
+
+    def stack(self, members: list[nn.Module], oof_frames: dict[str, Any],
+              cfg_ensemble: DictConfig) -> nn.Module:
+        """ensemble.weighting=stack: fit a meta-model on the members' out-of-fold predictions (oof_frames:
+        oof.csv path -> pandas DataFrame, in member order, as written by mode=cv) and return a module that
+        combines the members' outputs. Its `summary()` returns the fitted coefficients as plain containers
+        (written to metrics.json)."""
+        raise ValueError(f"task {self.name} has no stacking; use ensemble.weighting=mean or metric")
+
+    def for_inference(self, model: nn.Module) -> nn.Module:
+        """Optional: wrap the restored model (or ensemble) for eval and predict, e.g. test-time augmentation."""
+        return model
 
     # ---- outputs ----------------------------------------------------------------------------
     @abstractmethod

@@ -27,6 +27,7 @@ from common.distributed import DistContext, ShardSampler
 from common.ema import EMA
 from common.metric import Metric
 from common.optim import Schedule, build_optimizer, build_param_groups, named_trainable
+from common.sampling import WeightedEpochSampler
 from common.seed import seed_everything
 from common.tracking import RunFiles, Tracker, use_progress_bars
 
@@ -122,9 +123,13 @@ class Trainer:
 
     # ---- loaders ---------------------------------------------------------------------------
     def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0,
-               skip_batches: int = 0) -> DataLoader:
+               skip_batches: int = 0, weights=None) -> DataLoader:
+        """weights (train only): one sampling weight per item (Task.sample_weights); None shuffles."""
         data = self.cfg.data
-        if train:
+        if train and weights is not None:
+            sampler = WeightedEpochSampler(weights, self.ctx.rank, self.ctx.world_size, int(self.cfg.seed), epoch,
+                                           skip=skip_batches * int(data.batch_size))
+        elif train:
             # One seeded permutation per epoch, split across ranks: the global batches of N processes are
             # the batches of one process with N times the batch size.
             sampler = DistributedSampler(dataset, self.ctx.world_size, self.ctx.rank, shuffle=True,
@@ -350,8 +355,10 @@ class Trainer:
         return value < state.best_value
 
     def fit(self, task, model: nn.Module, criterion: nn.Module, metric: Metric, train_set: Dataset,
-            val_set: Dataset, stats: dict) -> FitState:
-        steps = self._steps_per_epoch(self.loader(train_set, task.collate, train=True))
+            val_set: Dataset, stats: dict, sample_weights=None) -> FitState:
+        """sample_weights: one per training item (Task.sample_weights), or None to shuffle."""
+        self.sample_weights = sample_weights
+        steps = self._steps_per_epoch(self.loader(train_set, task.collate, train=True, weights=self.sample_weights))
         self._setup(model, criterion, steps)
         state = self._resume(FitState(), task.name) if self.t.resume else FitState()
         monitor_key = str(self.t.monitor).split("/", 1)[-1]
@@ -373,7 +380,8 @@ class Trainer:
         epochs = tqdm(range(state.epoch, end), desc="epochs", disable=not self.bars)
         for epoch in epochs:
             seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank + 7919 * state.batches_done)
-            loader = self.loader(train_set, task.collate, True, epoch, skip_batches=state.batches_done)
+            loader = self.loader(train_set, task.collate, True, epoch, skip_batches=state.batches_done,
+                                 weights=self.sample_weights)
             record = {"epoch": epoch, **self._train_epoch(loader, state, guard)}
             state.batches_done = 0
             media = (lambda out, b: task.log_media(self.tracker, out, b, stats, state.step)) \

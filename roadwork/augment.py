@@ -30,6 +30,16 @@ def augment_views(views: list[np.ndarray], pipeline: A.Compose | None) -> list[n
     return [pipeline(image=v)["image"] for v in views]
 
 
+def augment_views_and_masks(views: list[np.ndarray], masks: list[np.ndarray],
+                            pipeline: A.Compose | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """As augment_views, each view's (S, S) object mask transformed with the same draw: geometric
+    transforms move it (nearest-neighbour resampling), pixel-level ones leave it unchanged."""
+    if pipeline is None:
+        return views, masks
+    pairs = [pipeline(image=v, mask=m) for v, m in zip(views, masks, strict=True)]
+    return [p["image"] for p in pairs], [p["mask"] for p in pairs]
+
+
 def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))

@@ -2,10 +2,13 @@
 
 `data.metadata` names the metadata inputs. A field whose mere presence predicts the label (NATIX
 `scene_description`, non-empty almost only for roadwork) is refused unless `data.allow_leaky_fields`.
+With `data.masks` set, items also carry the views' roadwork-object masks (`seg_target`, cut and augmented
+like the views) and `mask_known` (0 when the image has no mask file; see `mask_files`).
 """
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,12 +18,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from common.cache import image_key
-from roadwork.augment import BenchmarkTransform, augment_views, build_pipeline
+from roadwork.augment import BenchmarkTransform, augment_views, augment_views_and_masks, build_pipeline
 from roadwork.samples import Sample, index_samples
 from roadwork.views import cut_views, resolve_views
 
 log = logging.getLogger(__name__)
 CATEGORY_FIELDS = ("weather", "daytime", "scene")
+MASK_THRESHOLD = 128   # mask pixels >= this are roadwork object (the format writes 0 and 255)
 
 
 def check_leakage(metadata: Sequence[str], leaky_fields: Sequence[str], allow: bool) -> None:
@@ -45,13 +49,48 @@ def metadata_spec(data_cfg) -> tuple[dict, list[str]]:
     return vocabularies, [f for f in fields if f in set(data_cfg.leaky_fields)]
 
 
+def _relative_to_root(image: Path, root: Path) -> Path:
+    for resolve in (os.path.abspath, os.path.realpath):   # realpath: manifests store resolved image paths
+        image_path, root_path = Path(resolve(image)), Path(resolve(root))
+        if image_path.is_relative_to(root_path):
+            return image_path.relative_to(root_path)
+    raise ValueError(f"{image}: not under data.root={root}; data.masks finds an image's mask by the image's "
+                     f"path relative to data.root")
+
+
+def mask_files(samples: list[Sample], root: Path, masks: str) -> list[Optional[Path]]:
+    """data.masks: the mask of image <root>/<split>/<rel>/<stem>.jpg is <root>/<masks>/<split>/<rel>/<stem>.png
+    (single channel, 0 background, 255 roadwork object); None for an image without a mask file."""
+    folder = Path(root) / masks
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"data.masks={masks!r}: no folder {folder}; expected <data.masks>/<split>/<stem>.png for the images "
+            f"<split>/<stem>.jpg (a synthetic dataset generated before masks existed has none: delete it under "
+            f"<paths.cache_dir>/synthetic)")
+    paths = [folder / _relative_to_root(sample.image, Path(root)).with_suffix(".png") for sample in samples]
+    return [path if path.is_file() else None for path in paths]
+
+
+def seg_target(masks: Optional[list[np.ndarray]], count: int, size: int) -> dict:
+    """`seg_target` (V, 1, S, S) in {0, 1} and `mask_known` (0.0 with an all-zero target when no mask)."""
+    if masks is None:
+        return {"seg_target": torch.zeros(count, 1, size, size), "mask_known": 0.0}
+    return {"seg_target": torch.from_numpy(np.stack(masks) >= MASK_THRESHOLD)[:, None].float(), "mask_known": 1.0}
+
+
 class RoadworkDataset(Dataset):
     """Items: views, label (-1 unknown), weather/daytime/scene indices (0 unknown), gps, gps_known, image."""
 
     def __init__(self, samples: list[Sample], views, view_size: int, augment: Optional[Sequence] = None,
                  benchmark: Optional[BenchmarkTransform] = None, seed: int = 0, benchmark_random: bool = False,
-                 cache_features: bool = False):
+                 cache_features: bool = False, masks: Optional[list[Optional[Path]]] = None):
+        if masks is not None and benchmark is not None:
+            raise ValueError("data.masks with the benchmark transform levels: the levels rotate and crop the image "
+                             "and its mask cannot follow; set data.train_benchmark_levels=false or data.masks=null")
+        if masks is not None and len(masks) != len(samples):
+            raise ValueError(f"{len(masks)} mask paths for {len(samples)} samples")
         self.samples = samples
+        self.masks = masks          # per sample: its mask file or None; None = no masks configured
         self.cache_features = cache_features  # items carry one feature-cache key per view
         self.view_names = resolve_views(views)
         self.view_size = int(view_size)
@@ -70,20 +109,41 @@ class RoadworkDataset(Dataset):
         except OSError as err:
             raise ValueError(f"{sample.image}: cannot decode image ({err})") from err
 
-    def _views(self, index: int, image: Image.Image) -> list[np.ndarray]:
+    def load_mask(self, index: int, size: tuple[int, int]) -> Optional[Image.Image]:
+        path = None if self.masks is None else self.masks[index]
+        if path is None:
+            return None
+        try:
+            with Image.open(path) as mask:
+                mask.load()
+        except OSError as err:
+            raise ValueError(f"{path}: cannot decode object mask ({err})") from err
+        if mask.mode not in ("L", "1") or mask.size != size:
+            raise ValueError(f"{path}: expected a single-channel mask (0 background, 255 roadwork object) of its "
+                             f"image's size {size}, got mode {mask.mode} size {mask.size}")
+        return mask.convert("L")
+
+    def _views(self, index: int, image: Image.Image,
+               mask: Optional[Image.Image]) -> tuple[list[np.ndarray], Optional[list[np.ndarray]]]:
         if self.benchmark is not None:
             # Eval: one fixed level per item (index-seeded), so benchmark scores are reproducible.
             seed = None if self.benchmark_random else self.seed * 100003 + index
             level = int(np.random.default_rng(seed).integers(len(self.benchmark.levels)))
             image = Image.fromarray(self.benchmark(np.asarray(image), level, seed))
         views = cut_views(image, self.view_names, self.view_size)
-        return augment_views(views, self.pipeline)
+        if mask is None:
+            return augment_views(views, self.pipeline), None
+        masks = cut_views(mask, self.view_names, self.view_size, Image.NEAREST)
+        return augment_views_and_masks(views, masks, self.pipeline)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        views = np.stack(self._views(index, self.load_image(sample)))
-        item = {"views": torch.from_numpy(views).permute(0, 3, 1, 2).float().div_(255.0),
+        image = self.load_image(sample)
+        views, masks = self._views(index, image, self.load_mask(index, image.size))
+        item = {"views": torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float().div_(255.0),
                 "label": sample.label, "image": sample.name}
+        if self.masks is not None:
+            item.update(seg_target(masks, len(self.view_names), self.view_size))
         if self.cache_features:
             item["cache_key"] = [image_key(sample.image, f"{name}-{self.view_size}") for name in self.view_names]
         for key, value in sample.meta.items():
@@ -91,6 +151,8 @@ class RoadworkDataset(Dataset):
                 item["gps"] = torch.tensor(value, dtype=torch.float32)
             elif key == "gps_known":
                 item["gps_known"] = float(value)
+            elif isinstance(value, str):          # raw text of a text field (sentence encoder input)
+                item[key] = value
             else:
                 item[key] = int(value)
         return item

@@ -1,20 +1,40 @@
-"""Roadwork criterion: focal classification + multi-view consistency + auxiliary weather classification.
+"""Roadwork criterion: focal classification + multi-view consistency + auxiliary weather classification
+(+ auxiliary roadwork-object segmentation when the model has a seg head).
 
 Terms are returned already weighted (they sum to the loss). The auxiliary weather target is the
 weather index of the sidecar; samples with unknown weather (index 0) are masked out.
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.losses import focal_loss, view_consistency_kl
+from roadwork.fusion import gather_views
+
+
+def seg_loss(outputs: dict[str, Tensor], batch: dict) -> Tensor:
+    """BCE-with-logits between the patch-grid logits and the object masks area-averaged to that grid (each
+    patch's object fraction: soft targets), mean per item, then mean over items with `mask_known` (0 with
+    zero gradient when there are none). Logits of only some views (`seg_views`) meet those views' masks."""
+    if "seg_target" not in batch:
+        raise ValueError("model.seg_head=true needs object masks in the batch (seg_target): set data.masks, or "
+                         "model.seg_head=false or loss.seg_weight=0")
+    logits, target = outputs["seg_logits"].float(), batch["seg_target"].float()
+    if "seg_views" in outputs:
+        target = gather_views(target, outputs["seg_views"])
+    grid = F.adaptive_avg_pool2d(target.flatten(0, 1), logits.shape[-2:]).view_as(logits)
+    per_item = F.binary_cross_entropy_with_logits(logits, grid, reduction="none").flatten(1).mean(1)
+    known = batch["mask_known"].to(per_item.dtype)
+    return (per_item * known).sum() / known.sum().clamp_min(1.0)
 
 
 class RoadworkLoss(nn.Module):
     def __init__(self, focal_weight: float, consistency_weight: float, weather_weight: float, alpha: float,
-                 gamma: float, label_smoothing: float, weather_label_smoothing: float):
+                 gamma: float, label_smoothing: float, weather_label_smoothing: float, seg_weight: float = 0.0):
         super().__init__()
-        self.weights = {"focal": focal_weight, "consistency": consistency_weight, "weather": weather_weight}
+        self.weights = {"focal": focal_weight, "consistency": consistency_weight, "weather": weather_weight,
+                        "seg": seg_weight}
         # alpha weights the roadwork class, 1 - alpha the other (the binary focal-loss convention).
         self.alpha = [1.0 - alpha, alpha]
         self.gamma = gamma
@@ -32,4 +52,6 @@ class RoadworkLoss(nn.Module):
             known = weather > 0
             terms["weather"] = focal_loss(outputs["weather_logits"], (weather - 1).clamp_min(0), alpha=None,
                                           gamma=0.0, label_smoothing=self.weather_label_smoothing, mask=known)
+        if self.weights["seg"] and "seg_logits" in outputs:
+            terms["seg"] = seg_loss(outputs, batch)
         return {name: self.weights[name] * value for name, value in terms.items()}

@@ -1,15 +1,20 @@
-"""Metadata encoder: GPS sinusoidal encoding and category embeddings, each with a learnable NULL entry.
+"""Metadata encoder: GPS sinusoidal encoding, category embeddings and text fields, each with a NULL entry.
 
 Index 0 of every category is NULL (unknown). During training each field of each sample is replaced by
 NULL with probability `dropout`, so the model also works when all metadata is unknown (the benchmark).
+A text field is a presence-flag embedding (batch[<field>] 0/1), or, with `text_encoder` configured
+(roadwork.text_encoder), Linear(sentence embedding of batch[<field>_text]) where the text is known and a
+learnable NULL vector where it is unknown or dropped.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from roadwork.text_encoder import build_sentence_encoder
 
 
 def gps_features(gps: Tensor, num_frequencies: int) -> Tensor:
@@ -22,14 +27,24 @@ def gps_features(gps: Tensor, num_frequencies: int) -> Tensor:
 
 class MetadataEncoder(nn.Module):
     def __init__(self, vocab_sizes: dict[str, int], text_fields: Sequence[str], use_gps: bool, dim: int,
-                 out_dim: int, gps_frequencies: int, dropout: float):
+                 out_dim: int, gps_frequencies: int, dropout: float, text_encoder: Optional[Mapping] = None):
         super().__init__()
         self.categories = nn.ModuleDict({f: nn.Embedding(n + 1, dim) for f, n in vocab_sizes.items()})
-        self.texts = nn.ModuleDict({f: nn.Embedding(2, dim) for f in text_fields})  # 0 absent, 1 present
+        self.text_fields = list(text_fields)
+        self.text_encoder = build_sentence_encoder(text_encoder)
+        if self.text_encoder is not None and not self.text_fields:
+            raise ValueError("model.text_encoder is set but data.metadata holds no text field (scene_description, "
+                             "which also needs data.allow_leaky_fields=true); set model.text_encoder=null")
+        if self.text_encoder is None:
+            self.texts = nn.ModuleDict({f: nn.Embedding(2, dim) for f in text_fields})  # 0 absent, 1 present
+        else:
+            hidden = self.text_encoder.hidden_size
+            self.text_proj = nn.ModuleDict({f: nn.Linear(hidden, dim) for f in text_fields})
+            self.text_null = nn.ParameterDict({f: nn.Parameter(torch.zeros(dim)) for f in text_fields})
         self.gps = nn.Linear(4 * gps_frequencies, dim) if use_gps else None
         self.gps_null = nn.Parameter(torch.zeros(dim)) if use_gps else None
         self.gps_frequencies = gps_frequencies
-        fields = len(self.categories) + len(self.texts) + int(use_gps)
+        fields = len(self.categories) + len(self.text_fields) + int(use_gps)
         self.out = nn.Sequential(nn.Linear(fields * dim, out_dim), nn.GELU(), nn.LayerNorm(out_dim))
         self.dropout = dropout
 
@@ -38,11 +53,28 @@ class MetadataEncoder(nn.Module):
             return known
         return known & (torch.rand(known.shape, device=known.device) >= self.dropout)
 
+    def _text(self, name: str, batch: dict) -> Tensor:
+        known = self._drop(batch[name].long() > 0)
+        if self.text_encoder is None:
+            return self.texts[name](known.long())
+        null = self.text_null[name].expand(known.shape[0], -1)
+        if not bool(known.any()):
+            return null
+        if f"{name}_text" not in batch:
+            raise KeyError(f"model.text_encoder embeds {name!r}, but the batch has no {name}_text (raw text); "
+                           f"batches come from roadwork.data.RoadworkDataset")
+        texts = batch[f"{name}_text"]
+        rows = known.nonzero().flatten()
+        projected = self.text_proj[name](self.text_encoder([texts[i] for i in rows.tolist()]).to(null.device))
+        full = projected.new_zeros(known.shape[0], projected.shape[1]).index_copy(0, rows, projected)
+        return torch.where(known[:, None], full, null)
+
     def forward(self, batch: dict) -> Tensor:
         parts = []
-        for name, table in {**self.categories, **self.texts}.items():
+        for name, table in self.categories.items():
             index = batch[name].long()
             parts.append(table(torch.where(self._drop(index > 0), index, torch.zeros_like(index))))
+        parts += [self._text(name, batch) for name in self.text_fields]
         if self.gps is not None:
             known = self._drop(batch["gps_known"] > 0.5)
             encoded = self.gps(gps_features(batch["gps"], self.gps_frequencies))

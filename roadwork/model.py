@@ -3,12 +3,13 @@
 views (B, V, 3, S, S) -> backbone (all views of the batch as ONE batch) -> per-view feature (CLS or
 pooled tokens) -> projection to `width` -> [view pruning] -> [channel pyramid] -> gated-attention
 blocks over views -> gated view fusion -> concat(vision, metadata) -> classifier -> 2 logits.
-Also returns per-view logits (consistency loss) and weather logits from vision only (auxiliary loss).
+Also returns per-view logits (consistency loss) and weather logits from vision only (auxiliary loss);
+with `seg_head`, per-patch roadwork-object logits of the views the backbone saw (auxiliary segmentation loss).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +17,10 @@ from torch import Tensor, nn
 from common.backbone import Backbone
 from common.cache import encode as backbone_tokens
 from roadwork.blocks import ChannelPyramid, GatedBlock
+from roadwork.feature_stats import FeatureStats
 from roadwork.fusion import GatedViewFusion, ViewScorer, gather_views
 from roadwork.meta_encoder import MetadataEncoder
+from roadwork.seg_head import SegHead
 
 POOLS = ("cls", "mean", "max", "meanmax", "mlpmax", "mlpmeanmax")
 
@@ -52,6 +55,13 @@ def pool_tokens(tokens: list[Tensor], cls: Optional[Tensor], pool: str) -> Tenso
     return torch.cat(parts, dim=-1)
 
 
+class ViewFeatures(NamedTuple):
+    feats: Tensor              # (B, V', width): the kept views' features
+    scores: Optional[Tensor]   # view importance scores, None without pruning
+    tokens: Tensor             # (B, V'', h, w, C): last configured layer's patch tokens of the encoded views
+    encoded: Optional[Tensor]  # (B, V'') indices into the views of the encoded ones; None = all, in order
+
+
 def mlp_head(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
@@ -65,7 +75,9 @@ class RoadworkModel(nn.Module):
                  num_heads: int, mlp_ratio: float, dropout: float, pyramid: bool, fusion_cross_layers: int,
                  fusion_refine: bool, prune_k: Optional[int], prune_where: str, vocab_sizes: dict,
                  text_fields: Sequence[str], use_gps: bool, meta_embed_dim: int, meta_dim: int,
-                 gps_frequencies: int, meta_dropout: float, classifier_hidden: Sequence[int], num_weather: int):
+                 gps_frequencies: int, meta_dropout: float, classifier_hidden: Sequence[int], num_weather: int,
+                 feature_stats_momentum: Optional[float], seg_head: bool = False,
+                 text_encoder: Optional[dict] = None):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"model.pool={pool!r}: expected one of {POOLS}")
@@ -77,12 +89,14 @@ class RoadworkModel(nn.Module):
         self.fusion = GatedViewFusion(width, num_heads, fusion_cross_layers, fusion_refine, mlp_ratio, dropout)
         self.view_head = nn.Linear(width, 2)
         self.weather_head = nn.Linear(width, num_weather)
-        has_meta = bool(vocab_sizes) or bool(text_fields) or use_gps
+        has_meta = bool(vocab_sizes) or bool(text_fields) or use_gps or text_encoder is not None
         self.meta = MetadataEncoder(vocab_sizes, text_fields, use_gps, meta_embed_dim, meta_dim, gps_frequencies,
-                                    meta_dropout) if has_meta else None
+                                    meta_dropout, text_encoder=text_encoder) if has_meta else None
         self.classifier = mlp_head(width + (meta_dim if has_meta else 0), classifier_hidden, 2, dropout)
         # Added to the roadwork logit at inference; set by calibration (task.calibrate), saved in checkpoints.
         self.register_buffer("logit_shift", torch.zeros(()))
+        self.feature_stats = FeatureStats(width, feature_stats_momentum)   # for feature-distance-filtered TTA
+        self.seg_head = SegHead(backbone.embed_dim) if seg_head else None
 
     @staticmethod
     def _make_projection(backbone: Backbone, pool: str, width: int) -> nn.Module:
@@ -102,11 +116,15 @@ class RoadworkModel(nn.Module):
         if where == "before":
             if "global" not in self.view_names:
                 raise ValueError("model.prune_where=before scores views from the global view: add 'global' to data.views")
+            if k < 2:
+                raise ValueError(f"model.prune_k={k} with prune_where=before keeps only the global view: use prune_k "
+                                 f">= 2, or data.views=global")
             return ViewScorer(width, len(self.view_names) - 1)
         raise ValueError(f"model.prune_where={where!r}: expected 'after' or 'before'")
 
-    def encode(self, images: Tensor, keys: Optional[list[str]] = None) -> Tensor:
-        """(N, 3, S, S) -> (N, width), all images through the backbone as one batch (keys: feature cache)."""
+    def encode(self, images: Tensor, keys: Optional[list[str]] = None) -> tuple[Tensor, Tensor]:
+        """(N, 3, S, S) -> (N, width) and the last configured layer's patch tokens (N, h, w, C), all images
+        through the backbone as one batch (keys: feature cache)."""
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             out = backbone_tokens(self.backbone, images, keys)
@@ -114,43 +132,53 @@ class RoadworkModel(nn.Module):
                 feats = torch.cat(out.tokens, dim=-1)
             else:
                 feats = pool_tokens(out.tokens, out.cls, self.pool)
-        return self.project(feats)
+        return self.project(feats), out.tokens[-1].unflatten(1, tuple(out.grid))
 
-    def view_features(self, views: Tensor, keys: Optional[list[list[str]]] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """(B, V, 3, S, S) -> (B, V', width) and the importance scores (or None without pruning).
+    def view_features(self, views: Tensor, keys: Optional[list[list[str]]] = None) -> ViewFeatures:
+        """(B, V, 3, S, S) -> the kept views' features, importance scores and the encoded views' tokens.
         keys: the feature-cache key of every view, (B, V) nested lists, when the backbone is cached."""
         batch, count = views.shape[:2]
         if self.pruner is None or self.prune_where == "after":
             flat_keys = [k for row in keys for k in row] if keys is not None else None
-            feats = self.encode(views.flatten(0, 1), flat_keys).view(batch, count, -1)
+            feats, tokens = self.encode(views.flatten(0, 1), flat_keys)
+            feats, tokens = feats.view(batch, count, -1), tokens.unflatten(0, (batch, count))
             if self.pruner is None:
-                return feats, None
+                return ViewFeatures(feats, None, tokens, None)
             scores = self.pruner.scores(feats)
             index, gate = self.pruner.top_k(scores, self.prune_k)
-            return gather_views(feats, index) * gate[..., None], scores
+            return ViewFeatures(gather_views(feats, index) * gate[..., None], scores, tokens, None)
         g = self.view_names.index("global")
-        glob = self.encode(views[:, g], [row[g] for row in keys] if keys is not None else None)
+        glob, glob_tokens = self.encode(views[:, g], [row[g] for row in keys] if keys is not None else None)
         others = torch.cat([views[:, :g], views[:, g + 1:]], dim=1)
         scores = self.pruner.scores(glob)
         index, gate = self.pruner.top_k(scores, self.prune_k - 1)
         picked_keys = None if keys is None else [
             (row[:g] + row[g + 1:])[i] for row, chosen in zip(keys, index.tolist()) for i in chosen]
-        picked = self.encode(gather_views(others, index).flatten(0, 1), picked_keys).view(batch, index.shape[1], -1)
-        return torch.cat([glob[:, None], picked * gate[..., None]], dim=1), scores
+        picked, picked_tokens = self.encode(gather_views(others, index).flatten(0, 1), picked_keys)
+        picked, picked_tokens = picked.view(batch, index.shape[1], -1), picked_tokens.unflatten(0, index.shape)
+        tokens = torch.cat([glob_tokens[:, None], picked_tokens], dim=1)
+        encoded = torch.cat([torch.full_like(index[:, :1], g), index + (index >= g).long()], dim=1)
+        return ViewFeatures(torch.cat([glob[:, None], picked * gate[..., None]], dim=1), scores, tokens, encoded)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        feats, scores = self.view_features(batch["views"], batch.get("cache_key"))
-        feats = self.pyramid(feats)
+        vf = self.view_features(batch["views"], batch.get("cache_key"))
+        feats = self.pyramid(vf.feats)
         for block in self.blocks:
             feats = block(feats)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         pooled, per_view, gates = self.fusion(feats, mask)
+        if self.training:
+            self.feature_stats.update(pooled)
         fused = pooled if self.meta is None else torch.cat([pooled, self.meta(batch)], dim=1)
         logits = self.classifier(fused)
         if not self.training:
             logits = logits + torch.stack([torch.zeros_like(self.logit_shift), self.logit_shift]).to(logits.dtype)
         out = {"logits": logits, "prob": logits.float().softmax(-1)[:, 1], "view_logits": self.view_head(per_view),
                "weather_logits": self.weather_head(pooled), "view_gates": gates, "features": pooled}
-        if scores is not None:
-            out["view_scores"] = scores
+        if vf.scores is not None:
+            out["view_scores"] = vf.scores
+        if self.seg_head is not None:
+            out["seg_logits"] = self.seg_head(vf.tokens)
+            if vf.encoded is not None:      # prune_where=before: only the global and the picked views
+                out["seg_views"] = vf.encoded
         return out

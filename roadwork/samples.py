@@ -23,7 +23,7 @@ class Sample:
     image: Path
     name: str            # path relative to the split's folder (what predictions.csv reports)
     label: int           # 0 / 1, or -1 when unknown (predict time)
-    meta: dict           # category indices, gps, gps_known, text presence flags
+    meta: dict           # category indices, gps, gps_known, text presence flags <f> and raw texts <f>_text
 
 
 @dataclass
@@ -57,8 +57,16 @@ def read_sidecar(path: Path) -> dict | None:
     return record
 
 
-def _text_flags(record: dict, text_fields: Sequence[str]) -> dict:
-    return {f: int(not is_missing(record.get(f))) for f in text_fields}
+def _text_inputs(record: dict, text_fields: Sequence[str], where: str) -> dict:
+    """Per text field: presence flag `<field>` (0 / 1) and raw text `<field>_text` ("" when missing)."""
+    out: dict = {}
+    for name in text_fields:
+        value = record.get(name)
+        if not is_missing(value) and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise ValueError(f"{where}: {name} must be text, got {type(value).__name__} {value!r}")
+        text = "" if is_missing(value) else str(value).strip()
+        out[name], out[f"{name}_text"] = int(bool(text)), text
+    return out
 
 
 def make_sample(image: Path, name: str, record: dict | None, where: str, vocabularies: dict,
@@ -70,7 +78,7 @@ def make_sample(image: Path, name: str, record: dict | None, where: str, vocabul
         record = {}
     label = parse_label(record.get("label"), where, required=require_label)
     meta = parse_metadata(record, vocabularies, where)
-    meta.update(_text_flags(record, text_fields))
+    meta.update(_text_inputs(record, text_fields, where))
     return Sample(image=image, name=name, label=label, meta=meta)
 
 

@@ -3,9 +3,12 @@
 A scene has sky, buildings, a road with lane marks and cars. Roadwork (label 1) adds orange-and-white
 cones, striped barriers or diamond work signs; a configurable fraction of positives carry only small
 objects that a downscaled global view hardly resolves (tiles do). Negatives (and some positives) carry
-orange distractors without white stripes (orange cars, bins, awnings). Metadata: GPS near a few cities,
-weather / daytime / scene each present in about `meta_present` of the samples, otherwise absent,
-null, "" or "null"; weather and daytime change the rendering. `scene_description` only for label 1.
+orange distractors without white stripes (orange cars, bins, awnings). Every image gets an object mask
+(`<root>/masks/<split dir>/<stem>.png`, single channel, 255 on the roadwork objects, all 0 for negatives),
+drawn with the same shapes and without extra random draws, so the images do not depend on it.
+Metadata: GPS near a few cities, weather / daytime / scene each present in about `meta_present` of the
+samples, otherwise absent, null, "" or "null"; weather and daytime change the rendering.
+`scene_description` only for label 1.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ WEATHER = ["clear", "rain", "fog", "snow"]
 DAYTIME = ["day", "dusk", "night"]
 SCENE = ["urban", "highway", "residential"]
 ORANGE = (245, 120, 20)
+MASK_DIR = "masks"          # the object masks' folder under the dataset root (data.masks=masks)
 DESCRIPTIONS = ["traffic cones narrowing the right lane", "striped barriers closing part of the road",
                 "work zone sign ahead of a lane closure", "cones and barriers around an open manhole"]
 
@@ -103,6 +107,20 @@ def _distractor(draw, rng, w, h, horizon):
         draw.rectangle([bx, horizon - 0.6 * s, bx + 3 * s, horizon - 0.35 * s], fill=_color(rng, ORANGE, 15))
 
 
+class _ImageAndMask:
+    """Forwards every ImageDraw call to the image and, with colour 255, to the object mask."""
+
+    def __init__(self, image_draw: ImageDraw.ImageDraw, mask_draw: ImageDraw.ImageDraw):
+        self.image_draw, self.mask_draw = image_draw, mask_draw
+
+    def __getattr__(self, name: str):
+        def both(*args, **kwargs):
+            getattr(self.image_draw, name)(*args, **kwargs)
+            colours = {k: 255 for k in ("fill", "outline") if kwargs.get(k) is not None}
+            getattr(self.mask_draw, name)(*args, **{**kwargs, **colours})
+        return both
+
+
 def _roadwork(draw, rng, w, h, horizon, small):
     """Cones / barriers / signs; small ones only (seen in tiles) when `small`."""
     sizes = (0.04, 0.07) if small else (0.16, 0.3)
@@ -132,8 +150,9 @@ def _weather(img, rng, weather, daytime):
 
 
 def render_scene(rng: np.random.Generator, width: int, height: int, label: int, small: bool,
-                 distractor_p: float, weather: str, daytime: str) -> Image.Image:
-    img = Image.new("RGB", (width, height))
+                 distractor_p: float, weather: str, daytime: str) -> tuple[Image.Image, Image.Image]:
+    """(the scene, its roadwork-object mask: mode L, 255 on the objects)."""
+    img, mask = Image.new("RGB", (width, height)), Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(img)
     horizon = _background(draw, rng, width, height, daytime)
     for _ in range(int(rng.integers(0, 4))):
@@ -144,8 +163,8 @@ def render_scene(rng: np.random.Generator, width: int, height: int, label: int, 
         for _ in range(int(rng.integers(1, 3))):
             _distractor(draw, rng, width, height, horizon)
     if label:
-        _roadwork(draw, rng, width, height, horizon, small)
-    return _weather(img, rng, weather, daytime)
+        _roadwork(_ImageAndMask(draw, ImageDraw.Draw(mask)), rng, width, height, horizon, small)
+    return _weather(img, rng, weather, daytime), mask
 
 
 def _maybe(rng, value, present: float):
@@ -173,26 +192,31 @@ def _write_json(path: Path, record: dict) -> None:
     atomic_write_text(path, json.dumps(record))
 
 
-def write_split(out_dir: Path, count: int, width: int, height: int, seed: int, positive_fraction: float,
-                small_fraction: float, distractor_p: float, meta_present: float, quality: int) -> None:
-    """`count` scenes as <out_dir>/<stem>.jpg + <stem>.json."""
+def write_split(out_dir: Path, mask_dir: Path, count: int, width: int, height: int, seed: int,
+                positive_fraction: float, small_fraction: float, distractor_p: float, meta_present: float,
+                quality: int) -> None:
+    """`count` scenes as <out_dir>/<stem>.jpg + <stem>.json, their masks as <mask_dir>/<stem>.png."""
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         label = int(rng.random() < positive_fraction)
         weather = WEATHER[int(rng.choice(len(WEATHER), p=[0.55, 0.2, 0.15, 0.1]))]
         daytime = DAYTIME[int(rng.choice(len(DAYTIME), p=[0.6, 0.25, 0.15]))]
         small = bool(label and rng.random() < small_fraction)
-        img = render_scene(rng, width, height, label, small, distractor_p, weather, daytime)
+        img, mask = render_scene(rng, width, height, label, small, distractor_p, weather, daytime)
         stem = f"{out_dir.name}_{i:05d}"
         with atomic_path(out_dir / f"{stem}.jpg") as tmp:
             img.save(tmp, format="JPEG", quality=quality)
+        with atomic_path(mask_dir / f"{stem}.png") as tmp:
+            mask.save(tmp, format="PNG")
         _write_json(out_dir / f"{stem}.json", make_sidecar(rng, label, weather, daytime, meta_present))
 
 
 def synthesize(root: Path, seed: int, splits: dict, positive_fraction: float, small_fraction: float,
                distractor_p: float, meta_present: float, quality: int) -> None:
-    """splits: {name: {dir (relative folder), count, width, height}}."""
+    """splits: {name: {dir (relative folder), count, width, height}}; masks go to <root>/masks/<dir>."""
     for offset, (_, spec) in enumerate(sorted(splits.items())):
-        write_split(Path(root) / spec["dir"], int(spec["count"]), int(spec["width"]), int(spec["height"]),
-                    seed * 1000 + offset, positive_fraction, small_fraction, distractor_p, meta_present, quality)
+        write_split(Path(root) / spec["dir"], Path(root) / MASK_DIR / spec["dir"], int(spec["count"]),
+                    int(spec["width"]), int(spec["height"]), seed * 1000 + offset,
+                    positive_fraction, small_fraction, distractor_p, meta_present, quality)

@@ -15,12 +15,14 @@ from common.build import build_encoder
 from common.cache import maybe_cached
 from common.data import unwrap_subset
 from common.metric import Metric
+from common.sampling import WeightedEpochSampler
 from common.task import Outputs, Batch, Task
-from roadwork import synth
+from roadwork import gps_sampling, synth
 from roadwork.augment import BenchmarkTransform
-from roadwork.data import CATEGORY_FIELDS, RoadworkDataset, load_index, metadata_spec, split_indices
+from roadwork.data import CATEGORY_FIELDS, RoadworkDataset, load_index, mask_files, metadata_spec, split_indices
 from roadwork.metric import breakdown_rows
 from roadwork.predict import write_predictions_csv
+from roadwork.tta import build_tta, feature_stats_of
 from roadwork.views import resolve_views
 
 
@@ -34,7 +36,7 @@ class RoadworkTask(Task):
         synth.synthesize(Path(root), seed, OmegaConf.to_container(s.splits, resolve=True), s.positive_fraction,
                          s.small_fraction, s.distractor_p, s.meta_present, s.jpeg_quality)
 
-    def _dataset(self, samples, train: bool, benchmark: bool = False) -> RoadworkDataset:
+    def _dataset(self, samples, train: bool, benchmark: bool = False, masks=None) -> RoadworkDataset:
         bench = None
         benchmark = benchmark or (train and bool(self.data.train_benchmark_levels))
         cached = bool(self.data.cache_features)
@@ -46,7 +48,13 @@ class RoadworkTask(Task):
             bench = BenchmarkTransform(b.levels, b.jpeg_quality)
         return RoadworkDataset(samples, self.data.views, self.data.view_size,
                                augment=self.data.augment if train and not cached else None, benchmark=bench,
-                               seed=int(self.cfg.seed), benchmark_random=train, cache_features=cached)
+                               seed=int(self.cfg.seed), benchmark_random=train, cache_features=cached,
+                               masks=masks)
+
+    def _masks(self, root: Path, samples) -> list | None:
+        """data.masks (fit and cv only, where the seg loss is computed): each sample's mask file or None."""
+        folder = self.data.masks
+        return None if folder is None else mask_files(samples, root, str(folder))
 
     def _fit_samples(self, root: Path):
         train = load_index(root, self.data.train, self.data, require_label=True).samples
@@ -59,10 +67,13 @@ class RoadworkTask(Task):
     def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
         if stage == "fit":
             train, val = self._fit_samples(root)
-            return {"train": self._dataset(train, True), "val": self._dataset(val, False)}
+            return {"train": self._dataset(train, True, masks=self._masks(root, train)),
+                    "val": self._dataset(val, False, masks=self._masks(root, val))}
         if stage == "cv":
             train, val = self._fit_samples(root)
-            return {"train": self._dataset(train + val, True), "val": self._dataset(train + val, False)}
+            masks = self._masks(root, train + val)
+            return {"train": self._dataset(train + val, True, masks=masks),
+                    "val": self._dataset(train + val, False, masks=masks)}
         if stage == "eval":
             samples = load_index(root, self.data.eval, self.data, require_label=True).samples
             if self.benchmark:
@@ -79,6 +90,12 @@ class RoadworkTask(Task):
         t = min(max(metrics["threshold_best"], 1e-6), 1 - 1e-6)
         model.logit_shift -= math.log(t / (1 - t))
 
+    def for_inference(self, model: nn.Module) -> nn.Module:
+        """task.tta: test-time augmentation filtered by distance to the training feature distribution."""
+        if not self.cfg.task.tta.enabled:
+            return model
+        return build_tta(model, feature_stats_of(model), self.cfg.task.tta)
+
     def log_tables(self, logger, metrics: dict[str, float]) -> None:
         """The breakdown by weather / daytime / scene / region (metric keys val/<field>/<value>/<stat>)."""
         rows = breakdown_rows(metrics)
@@ -93,6 +110,31 @@ class RoadworkTask(Task):
         base, indices = unwrap_subset(train_set)
         labels = [base.samples[i].label for i in indices]
         return {"view_names": list(base.view_names), "positive_fraction": float(np.mean(labels))}
+
+    def sample_weights(self, root: Path, train_set: Dataset) -> np.ndarray | None:
+        """data.gps_sampling: weight each training image by its distance to the deployment region's centres."""
+        g = self.data.gps_sampling
+        if not g.enabled:
+            return None
+        if g.reference is None:
+            raise ValueError("data.gps_sampling.enabled=true needs data.gps_sampling.reference: a CSV (lat,lon) or "
+                             "a folder of sidecars with the deployment region's coordinates (labels are never read)")
+        if len(g.weights) != len(g.brackets_km) + 1:
+            raise ValueError(f"data.gps_sampling.weights needs {len(g.brackets_km) + 1} values (one per bracket of "
+                             f"brackets_km={list(g.brackets_km)}), got {list(g.weights)}")
+        reference = gps_sampling.read_reference_coordinates(Path(root) / str(g.reference))
+        centres = gps_sampling.region_centres(reference, int(g.clusters), int(self.cfg.seed))
+        base, indices = unwrap_subset(train_set)
+        samples = [base.samples[i] for i in indices]
+        gps = np.array([s.meta["gps"] for s in samples], dtype=np.float64).reshape(-1, 2)
+        known = np.array([bool(s.meta["gps_known"]) for s in samples])
+        bracket = gps_sampling.brackets(gps, known, centres, g.brackets_km)
+        weights = gps_sampling.bracket_weights(bracket, g.weights, float(g.unknown_weight))
+        drawn = WeightedEpochSampler(weights, 0, 1, int(self.cfg.seed), 0).global_draw().numpy()
+        print(f"[data] GPS-weighted sampling: {len(centres)} centres from {len(reference)} reference coordinates "
+              f"({g.reference}); one epoch's draw:\n" + gps_sampling.distance_check(bracket, drawn, g.brackets_km),
+              flush=True)
+        return weights
 
     def build_model(self, stats: dict) -> nn.Module:
         vocabularies, text_fields = metadata_spec(self.data)
@@ -121,9 +163,15 @@ class RoadworkTask(Task):
         return [{"image": name, "label": int(label), "probability": float(p)}
                 for name, label, p in zip(batch["image"], batch["label"].tolist(), prob)]
 
+    def stack(self, members: list[nn.Module], oof_frames: dict, cfg_ensemble) -> nn.Module:
+        """Logistic regression on the logits of the members' out-of-fold probabilities (roadwork/stacking.py)."""
+        from roadwork.stacking import stack_members
+        return stack_members(members, oof_frames, c=float(cfg_ensemble.stack_c), eps=float(cfg_ensemble.stack_eps))
+
 
 def _without_metadata(sample):
     """The benchmark sends no metadata: every field unknown."""
     from dataclasses import replace
-    meta = {k: (0.0, 0.0) if k == "gps" else (False if k == "gps_known" else 0) for k in sample.meta}
+    meta = {k: (0.0, 0.0) if k == "gps" else False if k == "gps_known" else "" if isinstance(v, str) else 0
+            for k, v in sample.meta.items()}
     return replace(sample, meta=meta)

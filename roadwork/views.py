@@ -8,7 +8,7 @@ View names:
   width (capped by the height) and neighbouring tiles overlap by 25 % of the side; the grid is centred,
   and when it does not fit along an axis the tiles along that axis are spread evenly from edge to edge
   (the overlap then grows).
-Every view is resized to the view size with LANCZOS.
+Every view is resized to the view size with LANCZOS (object masks: NEAREST, so they stay binary).
 """
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ def view_box(name: str, width: int, height: int) -> Box:
                      f"with row and col in 0..2")
 
 
-def cut_views(image: Image.Image, names: Sequence[str], size: int) -> list[np.ndarray]:
-    """Each named view as a (size, size, 3) uint8 array."""
+def cut_views(image: Image.Image, names: Sequence[str], size: int,
+              resample: Image.Resampling = Image.LANCZOS) -> list[np.ndarray]:
+    """Each named view as a (size, size, 3) uint8 array ((size, size) for a single-channel mask)."""
     width, height = image.size
-    return [np.asarray(image.crop(view_box(name, width, height)).resize((size, size), Image.LANCZOS))
+    return [np.asarray(image.crop(view_box(name, width, height)).resize((size, size), resample))
             for name in names]

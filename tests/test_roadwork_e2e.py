@@ -14,7 +14,12 @@ SMALL = ["data.synth.splits.train.count=40", "data.synth.splits.val.count=16", "
 
 def test_train_eval_benchmark_predict(tmp_path):
     cache = tmp_path / "cache"
-    run_cli(["task=roadwork", "trainer=debug", *SMALL], tmp_path / "train", cache)
+    (tmp_path / "deploy.csv").write_text("lat,lon\n52.50,13.40\n52.55,13.35\n48.85,2.35\n")
+    gps = ["data.gps_sampling.enabled=true", "data.gps_sampling.clusters=2", f"data.gps_sampling.reference={tmp_path / 'deploy.csv'}"]
+    proc = run_cli(["task=roadwork", "trainer=debug", *SMALL, *gps], tmp_path / "train", cache)
+    check = proc.stdout.split("[data] GPS-weighted sampling: 2 centres from 3 reference coordinates")[1]
+    shares = {line.split()[0]: line.split()[-2:] for line in check.splitlines()[2:7]}
+    assert set(shares) == {"0-25", "25-100", "100-500", "500-inf", "unknown"}, check
     summary = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert {"val/mcc", "val/accuracy", "val/auc"} <= set(summary["last"]), summary
     ckpt = tmp_path / "train" / "checkpoints" / "best.pt"
@@ -30,3 +35,8 @@ def test_train_eval_benchmark_predict(tmp_path):
     assert sorted(frame["image"]) == sorted(p.name for p in test_dir.glob("*.jpg"))
     assert frame["probability"].between(0, 1).all()
     assert (frame["prediction"] == (frame["probability"] >= 0.5).astype(int)).all()
+    run_cli(["task=roadwork", "mode=predict", f"ckpt_path={ckpt}", "task.tta.enabled=true", *SMALL],
+            tmp_path / "tta", cache)
+    tta = pd.read_csv(tmp_path / "tta" / "predictions.csv")
+    assert (tta["image"] == frame["image"]).all() and tta["probability"].between(0, 1).all()
+    assert (tta["probability"] - frame["probability"]).abs().max() > 1e-6     # the augmented copies count

@@ -1,6 +1,7 @@
 """Roadwork model: gated attention vs a hand computation, fusion pooling, metadata NULLs, pruning."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,7 +72,7 @@ def _model(views, prune_k=None, prune_where="after", pool="meanmax"):
                          dropout=0.0, pyramid=True, fusion_cross_layers=1, fusion_refine=True, prune_k=prune_k,
                          prune_where=prune_where, vocab_sizes={"weather": 4, "daytime": 3}, text_fields=[],
                          use_gps=True, meta_embed_dim=4, meta_dim=8, gps_frequencies=3, meta_dropout=0.3,
-                         classifier_hidden=[16], num_weather=4)
+                         classifier_hidden=[16], num_weather=4, feature_stats_momentum=None)
 
 
 def _batch(b, v):
@@ -102,3 +103,44 @@ def test_single_view_token_pool_and_frozen_backbone():
     assert model.project.mlp[1].weight.grad is not None
     with pytest.raises(ValueError, match="global"):
         _model(["center", "right"], prune_k=1, prune_where="before")
+
+
+def test_feature_stats_exact_and_ema_match_numpy():
+    from roadwork.feature_stats import FeatureStats
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 2.0, size=(n, 5)).astype(np.float32) for n in (7, 1, 12)]
+    exact = FeatureStats(5, momentum=None)
+    for b in batches:
+        exact.update(torch.from_numpy(b))
+    every = np.concatenate(batches)
+    np.testing.assert_allclose(exact.mean.numpy(), every.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(exact.var.numpy(), every.var(0), rtol=1e-4)
+    assert int(exact.count) == len(every)
+    ema = FeatureStats(5, momentum=0.25)
+    for b in batches:
+        ema.update(torch.from_numpy(b))
+    mean, var = batches[0].mean(0), batches[0].var(0)             # the first batch initialises
+    for b in batches[1:]:
+        mean, var = 0.75 * mean + 0.25 * b.mean(0), 0.75 * var + 0.25 * b.var(0)
+    np.testing.assert_allclose(ema.mean.numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(ema.var.numpy(), var, rtol=1e-4)
+    z = (every[:2] - every.mean(0)) / np.sqrt(every.var(0) + 1e-6)
+    np.testing.assert_allclose(exact.distance(torch.from_numpy(every[:2])).numpy(),
+                               np.sqrt((z ** 2).mean(1)), rtol=1e-4)
+
+
+def test_model_updates_feature_stats_in_training_only():
+    torch.manual_seed(0)
+    model = _model("single")
+    model.eval()
+    model(_batch(2, 1))
+    assert int(model.feature_stats.count) == 0
+    model.train()
+    out = model(_batch(3, 1))
+    assert int(model.feature_stats.count) == 3
+    np.testing.assert_allclose(model.feature_stats.mean.numpy(), out["features"].detach().mean(0).numpy(), rtol=1e-5)
+
+
+def test_pruning_before_the_backbone_needs_two_kept_views():
+    with pytest.raises(ValueError, match="prune_k=1 with prune_where=before"):
+        _model("highres12", prune_k=1, prune_where="before")
