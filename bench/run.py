@@ -22,6 +22,7 @@ from bench.measure import count_flops, matmul_peak_tflops, peak_memory_gib, time
 from bench.pipeline import input_pipeline_rate
 from bench.references import REFERENCES, TEXT_EMBEDDINGS, Reference
 from common.atomic import atomic_write_text
+from common.trainer import to_channels_last
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def step_fn(built: Built, train: bool, optimized: bool):
 
 def optimise(built: Built) -> None:
     if built.extra.get("channels_last", True):
-        built.model.to(memory_format=torch.channels_last)
+        to_channels_last(built.model)             # conv weights only, as the trainer does
     built.model.compile()
 
 

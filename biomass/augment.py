@@ -3,7 +3,8 @@
 Eval: resize to `image_size`. Train: resize, then, with probability 1 - p_clean, the configured
 augmentations in a fixed order (each with its own probability). The random crop keeps the output's
 aspect ratio by construction (crop height drawn in [min_scale * H, H], width = height * W / H), so it
-never falls back to a fixed centre crop.
+never falls back to a fixed centre crop. The resize is its own step (build_resize) and the random rest
+another (build_augment), so datasets can cache the resized image (data.image_cache) and augment it after.
 """
 from __future__ import annotations
 
@@ -56,12 +57,16 @@ BUILDERS = {"hflip": None, "vflip": None, "crop": _crop, "affine": _affine, "col
             "blur": _blur, "noise": _noise, "dropout": _dropout, "overlay": _overlay, "spots": _spots}
 
 
-def build_transform(aug: DictConfig | None, image_size, train: bool) -> Callable:
-    """`image_size` is [height, width]; `aug` holds p_clean and one entry per transform (see BUILDERS)."""
+def build_resize(image_size) -> A.Resize:
+    """The deterministic first step of every pipeline (what data.image_cache stores): to `image_size` [H, W]."""
+    return A.Resize(height=int(image_size[0]), width=int(image_size[1]), interpolation=cv2.INTER_AREA)
+
+
+def build_augment(aug: DictConfig | None, image_size) -> A.Compose | None:
+    """The random rest of the training pipeline, on images already at `image_size`; None without `aug`."""
+    if aug is None:
+        return None
     h, w = int(image_size[0]), int(image_size[1])
-    resize = A.Resize(height=h, width=w, interpolation=cv2.INTER_AREA)
-    if not train or aug is None:
-        return A.Compose([resize])
     unknown = sorted(set(aug.keys()) - set(BUILDERS) - {"p_clean"})
     if unknown:
         raise ValueError(f"data.aug: unknown augmentation(s) {unknown}; known: {sorted(BUILDERS)} and p_clean")
@@ -75,4 +80,11 @@ def build_transform(aug: DictConfig | None, image_size, train: bool) -> Callable
             steps.append(A.VerticalFlip(p=float(aug.vflip)))
         elif float(aug[name].p) > 0:
             steps.append(build(aug[name], h, w))
-    return A.Compose([resize, A.Sequential(steps, p=1.0 - float(aug.p_clean))])
+    return A.Compose([A.Sequential(steps, p=1.0 - float(aug.p_clean))])
+
+
+def build_transform(aug: DictConfig | None, image_size, train: bool) -> Callable:
+    """The whole pipeline: resize, then (train) the augmentations. `image_size` is [height, width];
+    `aug` holds p_clean and one entry per transform (see BUILDERS)."""
+    augment = build_augment(aug, image_size) if train else None
+    return A.Compose([build_resize(image_size), *(augment.transforms if augment is not None else [])])

@@ -15,8 +15,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from biomass.augment import build_resize
 from biomass.constants import TARGETS
 from common.cache import image_key
+from common.image_cache import ImageCache
 
 
 def load_rgb(path: Path, draft_size: Optional[tuple[int, int]] = None) -> np.ndarray:
@@ -43,16 +45,35 @@ class BiomassDataset(Dataset):
     Item: image (3, H, W) float in [0, 1]; image_id; targets_g (5,) grams, NaN where missing;
     target_mask (5,); height, ndvi (NaN where missing) with height_mask, ndvi_mask; state, species
     strings ("" where missing).
+    Pixels: decode (JPEG draft towards `draft_size`), resize to `image_size` [H, W] when given (INTER_AREA,
+    augment.build_resize), then `transform` (None = none). With an `image_cache` the resized image is read
+    from disk after the first time, so later epochs decode and resize nothing.
     """
 
-    def __init__(self, table: pd.DataFrame, root: Path, transform: Callable, draft_size=None,
-                 cache_view: Optional[str] = None):
+    def __init__(self, table: pd.DataFrame, root: Path, transform: Optional[Callable], draft_size=None,
+                 cache_view: Optional[str] = None, image_size=None, image_cache: Optional[ImageCache] = None):
         self.table = table.reset_index(drop=True)
         self.cache_view = cache_view  # set when backbone features are cached: items carry a cache_key
         self.root = Path(root)
         self.transform = transform
         self.draft_size = tuple(draft_size) if draft_size is not None else None
+        self.image_size = (int(image_size[0]), int(image_size[1])) if image_size is not None else None
+        self.resize = build_resize(self.image_size) if self.image_size is not None else None
+        self.image_cache = image_cache
         self.has_targets = all(t in self.table.columns for t in TARGETS)
+
+    @property
+    def preparation(self) -> str:
+        """Everything that decides the cached array: decoder draft size, resize target and interpolation."""
+        draft = "full" if self.draft_size is None else "x".join(map(str, self.draft_size))
+        size = "none" if self.image_size is None else "x".join(map(str, self.image_size)) + "|area"
+        return f"biomass/rgb|draft={draft}|resize={size}"
+
+    def _prepared(self, path: Path) -> np.ndarray:
+        def compute() -> np.ndarray:
+            rgb = load_rgb(path, self.draft_size)
+            return rgb if self.resize is None else self.resize(image=rgb)["image"]
+        return compute() if self.image_cache is None else self.image_cache.get(path, self.preparation, compute)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -77,8 +98,9 @@ class BiomassDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.table.iloc[index]
-        rgb = load_rgb(self.root / row["image_path"], self.draft_size)
-        image = self.transform(image=rgb)["image"]
+        image = self._prepared(self.root / row["image_path"])
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
         item = {"image": torch.tensor(image).permute(2, 0, 1).float() / 255.0,
                 "image_id": str(row["image_id"])}
         if self.cache_view is not None:

@@ -61,10 +61,11 @@ def mc_dropout_variance(model: nn.Module, batch: dict, passes: int) -> Tensor:
 
 class BiomassEnsemble(nn.Module):
     """forward(batch) -> pred_g (B, 5): members' TTA predictions averaged per image (equal weights, or
-    MC-dropout inverse-variance weights when mc_passes >= 2), plus member_weights (B, M)."""
+    MC-dropout inverse-variance weights when mc_passes >= 2), each times the member's fixed `prior` weight
+    (ensemble.weighting=metric), renormalised per image; plus member_weights (B, M)."""
 
     def __init__(self, members: Sequence[nn.Module], hflip: bool, vflip: bool, scales: Sequence[float],
-                 mc_passes: int, mc_eps: float):
+                 mc_passes: int, mc_eps: float, prior: Sequence[float] | None = None):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one model")
@@ -74,6 +75,7 @@ class BiomassEnsemble(nn.Module):
         self.hflip, self.vflip, self.scales = bool(hflip), bool(vflip), [float(s) for s in scales]
         self.mc_passes, self.mc_eps = int(mc_passes), float(mc_eps)
         self.backbone = members[0].backbone   # the Task contract's attribute (parameter tags, device moves)
+        self.register_buffer("prior", torch.tensor([1.0] * len(members) if prior is None else list(prior)))
 
     @torch.no_grad()
     def forward(self, batch: dict) -> dict[str, Tensor]:
@@ -84,5 +86,6 @@ class BiomassEnsemble(nn.Module):
             weights = 1.0 / (var + self.mc_eps)
         else:
             weights = preds.new_ones(preds.shape[:2])
+        weights = weights * self.prior.to(weights)
         weights = weights / weights.sum(dim=1, keepdim=True)
         return {"pred_g": (weights.unsqueeze(-1) * preds).sum(dim=1), "member_weights": weights}

@@ -11,7 +11,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from biomass.augment import build_transform
+from biomass.augment import build_augment
 from biomass.constants import TARGETS
 from biomass.data import BiomassDataset, fit_stats, group_keys
 from biomass.ensemble import BiomassEnsemble
@@ -22,6 +22,7 @@ from biomass.table import read_solution_table, read_test_table, read_train_table
 from common.build import build_encoder
 from common.data import unwrap_subset
 from common.cache import maybe_cached
+from common.image_cache import ImageCache
 from common.cv import assign_folds
 from common.task import Task
 
@@ -51,8 +52,10 @@ class BiomassTask(Task):
         h, w = int(d.image_size[0]), int(d.image_size[1])
         draft = (w * int(d.decode_scale), h * int(d.decode_scale)) if d.decode_scale else None
         cached = bool(d.cache_features)  # cached tokens are of the clean image: no pixel augmentation
-        return BiomassDataset(table, root, build_transform(d.aug, d.image_size, train and not cached),
-                              draft_size=draft, cache_view=self._cache_view() if cached else None)
+        augment = build_augment(d.aug, d.image_size) if train and not cached else None
+        return BiomassDataset(table, root, augment, draft_size=draft, image_size=(h, w),
+                              cache_view=self._cache_view() if cached else None,
+                              image_cache=ImageCache.from_config(d.get("image_cache")))
 
     def _cache_view(self) -> str:
         """Everything that decides the pixels the backbone sees, for the feature-cache key."""
@@ -109,15 +112,13 @@ class BiomassTask(Task):
 
     def ensemble(self, models: list, weights: list[float] | None = None) -> BiomassEnsemble:
         """Several trained models (e.g. the fold checkpoints of mode=cv) as one predictor, with the
-        TTA of data.tta and the member weighting of data.ensemble (per image); fixed weights are refused."""
-        if weights is not None and len(set(float(w) for w in weights)) > 1:
-            raise ValueError("biomass weights ensemble members per image by data.ensemble.mc_passes; "
-                             "ensemble.weighting=metric is not supported: use ensemble.weighting=mean")
+        TTA of data.tta and the member weighting of data.ensemble (per image), times fixed member `weights`
+        (ensemble.weighting=metric) when given."""
         tta, ens = self.cfg.data.tta, self.cfg.data.ensemble
         for model in models:
             model.tta = None
         return BiomassEnsemble(models, hflip=tta.hflip, vflip=tta.vflip, scales=list(tta.scales),
-                               mc_passes=int(ens.mc_passes), mc_eps=float(ens.mc_eps))
+                               mc_passes=int(ens.mc_passes), mc_eps=float(ens.mc_eps), prior=weights)
 
     def build_criterion(self, stats: dict):
         return hydra.utils.instantiate(self.cfg.loss, stats=stats)

@@ -150,14 +150,22 @@ def load_adapter_state_dict(backbone: Backbone, state: dict[str, Tensor]) -> Non
     backbone.load_state_dict(state, strict=False)
 
 
-def merge_adapters(backbone: Backbone) -> None:
-    """Fold the adapters into the base weights and remove the peft wrappers (for export)."""
-    for full, layer in _adapter_layers(backbone).items():
+def merge_adapters(module: nn.Module) -> int:
+    """Fold every LoRA / DoRA adapter under `module` (a Backbone, or a whole model with head adapters of
+    common.adapt) into its base weight and remove the peft wrappers; returns the number of merged layers.
+
+    For DoRA this computes m * (W + BA) / ||W + BA|| once instead of in every forward pass. The merged
+    module has the base architecture's parameter names, so it no longer loads or writes adapter checkpoints.
+    """
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
+    for full, layer in layers.items():
         layer.merge(safe_merge=True)
         parent_name, _, child = full.rpartition(".")
-        setattr(backbone.model.get_submodule(parent_name), child, layer.get_base_layer())
-    if hasattr(backbone.model, "peft_config"):
-        del backbone.model.peft_config
+        setattr(module.get_submodule(parent_name), child, layer.get_base_layer())
+    for sub in module.modules():
+        sub.__dict__.pop("peft_config", None)       # left by peft's inject_adapter_in_model on its root
+        sub.__dict__.pop("keep_frozen", None)       # common.adapt's pre-merge names no longer exist
+    return len(layers)
 
 
 def check_adapters_active(backbone: Backbone, input_size: Union[int, Sequence[int]]) -> float:

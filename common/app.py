@@ -142,7 +142,23 @@ def load_for_inference(cfg: DictConfig, ckpt_path) -> tuple[Task, nn.Module, dic
     model = task.build_model(ckpt["stats"])
     adapt.apply_head_adapters(model, ckpt_cfg.adapt)
     model = restore_for_inference(model, ckpt, str(ckpt_path))
+    merge_for_inference(model, cfg.trainer.merge_adapters, str(ckpt_path))
     return task, model, ckpt["stats"], ckpt_cfg
+
+
+def merge_for_inference(model: nn.Module, enabled: bool, source: str) -> nn.Module:
+    """trainer.merge_adapters: fold the backbone (peft) and head (adapt) adapters into their base weights once,
+    instead of adding them (and, for DoRA, renormalising the weight) in every forward pass. The merged model
+    cannot load or write adapter checkpoints: it only predicts (mode=cv predicts with its trained model)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"trainer.merge_adapters={enabled!r}: expected true or false")
+    if enabled:
+        from common.adapters import merge_adapters
+        merged = merge_adapters(model)
+        if merged:
+            print(f"[inference] {source}: merged the adapters of {merged} layers into their base weights",
+                  flush=True)
+    return model
 
 
 # ---- modes ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
                                set_rng_state, trainable_state)
+from common.data import reseed_augmentations, seed_worker
 from common.distributed import DistContext, ShardSampler
 from common.ema import EMA
 from common.metric import Metric
@@ -99,6 +100,26 @@ def _to_cpu(outputs: dict) -> dict:
             if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
 
 
+def resolve_channels_last(setting, device: torch.device) -> bool:
+    """trainer.channels_last: auto = on CUDA (cuDNN's NHWC convolutions, faster under bf16), off on the CPU."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if not isinstance(setting, bool):
+        raise ValueError(f"trainer.channels_last={setting!r}: expected auto, true or false")
+    return setting
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """2-D convolution weights in channels_last memory format, in place (same values, other strides); their
+    outputs follow. Other 4-D tensors keep their layout, a ViT's linears are unaffected."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and weight is not None and weight.dim() == 4 \
+                and not weight.is_contiguous(memory_format=torch.channels_last):
+            weight.data = weight.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker, ctx: DistContext):
         self.cfg, self.t = cfg, cfg.trainer
@@ -141,10 +162,13 @@ class Trainer:
             sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
         else:
             sampler = SequentialSampler(dataset)
+        if int(data.num_workers) == 0:
+            reseed_augmentations(dataset, torch.initial_seed() % 2**32)   # workers do it in seed_worker
         pin = self.device.type == "cuda" if self.t.pin_memory == "auto" else bool(self.t.pin_memory)
         drop_last = train and len(dataset) > int(data.batch_size)
         return DataLoader(dataset, batch_size=int(data.batch_size), sampler=sampler, collate_fn=collate,
                           num_workers=int(data.num_workers), pin_memory=pin, drop_last=drop_last,
+                          worker_init_fn=seed_worker if int(data.num_workers) else None,
                           persistent_workers=False)
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -153,8 +177,15 @@ class Trainer:
                 "adapter": OmegaConf.select(self.cfg, "peft.lr"),
                 "backbone": OmegaConf.select(self.cfg, "backbone.lr")}
 
-    def _setup(self, model: nn.Module, criterion: nn.Module, steps_per_epoch: int):
+    def _place(self, model: nn.Module) -> nn.Module:
+        """The model on the device, its convolution weights channels_last when trainer.channels_last says so."""
         model.to(self.device)
+        if resolve_channels_last(self.t.channels_last, self.device):
+            to_channels_last(model)
+        return model
+
+    def _setup(self, model: nn.Module, criterion: nn.Module, steps_per_epoch: int):
+        self._place(model)           # before EMA copies, the optimizer and torch.compile see the weights
         criterion.to(self.device)
         backbone = getattr(model, "backbone", None)
         groups = build_param_groups(named_trainable(model, criterion), self._learning_rates(),
@@ -309,6 +340,8 @@ class Trainer:
         model.eval()
         metric.reset()
         loss_sum, batches = 0.0, 0
+        if model is not getattr(self, "model", None):      # the training model was placed by _setup
+            self._place(model)
         context = self.ema.applied(model) if getattr(self, "ema", None) is not None and model is self.model \
             else nullcontext()
         with context:
@@ -337,7 +370,7 @@ class Trainer:
     @torch.no_grad()
     def infer(self, model: nn.Module, dataset: Dataset, collate: Callable) -> Iterator[tuple[dict, dict]]:
         """(outputs on the CPU, batch) pairs in dataset order, for writing predictions."""
-        model.to(self.device).eval()
+        self._place(model).eval()
         for batch in tqdm(self.loader(dataset, collate, train=False), desc="predict", disable=not self.bars):
             device_batch = move_to(batch, self.device)
             with self.autocast():

@@ -60,6 +60,11 @@ class BenchmarkTransform:
             raise ValueError("data.benchmark.levels: every level needs at least one transform")
         self.quality = quality
 
+    def set_random_seed(self, seed: int) -> None:
+        """Seed every level's draws (common.data.reseed_augmentations: per worker and epoch)."""
+        for i, pipeline in enumerate(self.levels):
+            pipeline.set_random_seed(seed + i)
+
     def __call__(self, image: np.ndarray, level: int, seed: int | None = None) -> np.ndarray:
         """`seed` fixes the level's random draws (reproducible evaluation); None draws fresh ones."""
         pipeline = self.levels[level]

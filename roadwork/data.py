@@ -4,9 +4,12 @@
 `scene_description`, non-empty almost only for roadwork) is refused unless `data.allow_leaky_fields`.
 With `data.masks` set, items also carry the views' roadwork-object masks (`seg_target`, cut and augmented
 like the views) and `mask_known` (0 when the image has no mask file; see `mask_files`).
+With an `ImageCache` (data.image_cache) the deterministic part of an item, the decoded image cut into its
+resized views (and the mask views), is read from disk after the first pass; augmentation runs after it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -17,7 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.cache import image_key
+from common.cache import file_digest, image_key
+from common.image_cache import ImageCache
 from roadwork.augment import BenchmarkTransform, augment_views, augment_views_and_masks, build_pipeline
 from roadwork.samples import Sample, index_samples
 from roadwork.views import cut_views, resolve_views
@@ -83,7 +87,8 @@ class RoadworkDataset(Dataset):
 
     def __init__(self, samples: list[Sample], views, view_size: int, augment: Optional[Sequence] = None,
                  benchmark: Optional[BenchmarkTransform] = None, seed: int = 0, benchmark_random: bool = False,
-                 cache_features: bool = False, masks: Optional[list[Optional[Path]]] = None):
+                 cache_features: bool = False, masks: Optional[list[Optional[Path]]] = None,
+                 image_cache: Optional[ImageCache] = None):
         if masks is not None and benchmark is not None:
             raise ValueError("data.masks with the benchmark transform levels: the levels rotate and crop the image "
                              "and its mask cannot follow; set data.train_benchmark_levels=false or data.masks=null")
@@ -98,6 +103,11 @@ class RoadworkDataset(Dataset):
         self.benchmark = benchmark
         self.seed = seed
         self.benchmark_random = benchmark_random   # train: a fresh level per draw; eval: one fixed level per item
+        # The benchmark levels transform the whole image randomly before the views are cut: nothing
+        # deterministic is left to cache, so such a dataset bypasses the image cache.
+        self.image_cache = None if benchmark is not None else image_cache
+        # Everything that decides the cached arrays besides the files' contents (a change misses).
+        self.preparation = f"roadwork|views={','.join(self.view_names)}|size={self.view_size}"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -123,23 +133,45 @@ class RoadworkDataset(Dataset):
                              f"image's size {size}, got mode {mask.mode} size {mask.size}")
         return mask.convert("L")
 
-    def _views(self, index: int, image: Image.Image,
-               mask: Optional[Image.Image]) -> tuple[list[np.ndarray], Optional[list[np.ndarray]]]:
-        if self.benchmark is not None:
-            # Eval: one fixed level per item (index-seeded), so benchmark scores are reproducible.
-            seed = None if self.benchmark_random else self.seed * 100003 + index
-            level = int(np.random.default_rng(seed).integers(len(self.benchmark.levels)))
-            image = Image.fromarray(self.benchmark(np.asarray(image), level, seed))
-        views = cut_views(image, self.view_names, self.view_size)
-        if mask is None:
-            return augment_views(views, self.pipeline), None
-        masks = cut_views(mask, self.view_names, self.view_size, Image.NEAREST)
-        return augment_views_and_masks(views, masks, self.pipeline)
+    def _cached(self, image: Path, preparation: str, compute) -> np.ndarray:
+        return compute() if self.image_cache is None else self.image_cache.get(image, preparation, compute)
+
+    def _prepared(self, index: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The deterministic part: views (V, S, S, 3) uint8 and mask views (V, S, S) (None without a mask)."""
+        sample = self.samples[index]
+        decoded = functools.cache(lambda: self.load_image(sample))       # decoded once, and only on a miss
+        views = self._cached(sample.image, f"{self.preparation}|lanczos",
+                             lambda: np.stack(cut_views(decoded(), self.view_names, self.view_size)))
+        path = None if self.masks is None else self.masks[index]
+        if path is None:
+            return views, None
+        # Keyed by the image; the mask file's digest in the id, so an edited mask misses too.
+        mask_id = "" if self.image_cache is None else file_digest(path)
+        masks = self._cached(sample.image, f"{self.preparation}|nearest|mask={mask_id}",
+                             lambda: np.stack(cut_views(self.load_mask(index, decoded().size), self.view_names,
+                                                        self.view_size, Image.NEAREST)))
+        return views, masks
+
+    def _benchmark_views(self, index: int) -> list[np.ndarray]:
+        # Eval: one fixed level per item (index-seeded), so benchmark scores are reproducible. Train: a level
+        # from numpy's global generator, which the trainer seeds per worker and epoch.
+        seed = None if self.benchmark_random else self.seed * 100003 + index
+        level = int(np.random.randint(len(self.benchmark.levels)) if seed is None
+                    else np.random.default_rng(seed).integers(len(self.benchmark.levels)))
+        image = np.asarray(self.load_image(self.samples[index]))
+        return cut_views(Image.fromarray(self.benchmark(image, level, seed)), self.view_names, self.view_size)
+
+    def _views(self, index: int) -> tuple[list[np.ndarray], Optional[list[np.ndarray]]]:
+        if self.benchmark is not None:                       # no masks with the benchmark levels (__init__)
+            return augment_views(self._benchmark_views(index), self.pipeline), None
+        views, masks = self._prepared(index)
+        if masks is None:
+            return augment_views(list(views), self.pipeline), None
+        return augment_views_and_masks(list(views), list(masks), self.pipeline)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        image = self.load_image(sample)
-        views, masks = self._views(index, image, self.load_mask(index, image.size))
+        views, masks = self._views(index)
         item = {"views": torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float().div_(255.0),
                 "label": sample.label, "image": sample.name}
         if self.masks is not None:

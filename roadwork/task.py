@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from common.build import build_encoder
 from common.cache import maybe_cached
 from common.data import unwrap_subset
+from common.image_cache import ImageCache
 from common.metric import Metric
 from common.sampling import WeightedEpochSampler
 from common.task import Outputs, Batch, Task
@@ -46,10 +47,12 @@ class RoadworkTask(Task):
                                  "from: set data.cache_features=false (and data.train_benchmark_levels=false)")
             b = self.data.benchmark
             bench = BenchmarkTransform(b.levels, b.jpeg_quality)
+        # select: checkpoints written before data.image_cache existed carry no such section (= disabled)
+        image_cache = ImageCache.from_config(OmegaConf.select(self.data, "image_cache"))
         return RoadworkDataset(samples, self.data.views, self.data.view_size,
                                augment=self.data.augment if train and not cached else None, benchmark=bench,
                                seed=int(self.cfg.seed), benchmark_random=train, cache_features=cached,
-                               masks=masks)
+                               masks=masks, image_cache=image_cache)
 
     def _masks(self, root: Path, samples) -> list | None:
         """data.masks (fit and cv only, where the seg loss is computed): each sample's mask file or None."""

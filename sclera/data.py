@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from common.cache import image_key
+from common.image_cache import ImageCache
 
 log = logging.getLogger(__name__)
 
@@ -151,39 +152,66 @@ def validated(items: list[Item], problems: list[str], skip_bad: bool) -> list[It
     return good
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def resized_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8: the image decoded to RGB and resized to `size` (H, W), bilinear."""
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR))
+
+
+def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 0/1 mask resized to `size` (H, W), nearest neighbour."""
+    return np.array(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST))
+
+
 class ScleraDataset(Dataset):
     """Image and mask resized together to `size` (H, W); optional albumentations `transform`.
 
     Items: {"image": (3,H,W) float in [0,1], "mask": (1,H,W) float 0/1 (when labelled), "set", "stem",
     "height"/"width" (original size), and with `full_mask` the original-size mask as a uint8 array}.
+    With an `image_cache` the resized image and mask (before `transform`) are read from disk after the
+    first time, so later epochs decode nothing (the original size comes from the file header).
     """
 
     def __init__(self, items: list[Item], size: tuple[int, int], transform: Optional[Callable] = None,
-                 full_mask: bool = False, cache_view: Optional[str] = None):
+                 full_mask: bool = False, cache_view: Optional[str] = None,
+                 image_cache: Optional[ImageCache] = None):
         self.items = list(items)
         self.cache_view = cache_view  # set when backbone features are cached: items carry a cache_key
         self.size = (int(size[0]), int(size[1]))
         self.transform = transform
         self.full_mask = full_mask
+        self.image_cache = image_cache
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _prepared(self, path: Path, preparation: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        if self.image_cache is None:
+            return compute()
+        return self.image_cache.get(path, f"sclera/{preparation}|{self.size[0]}x{self.size[1]}", compute)
+
+    def _mask(self, item: Item, out: dict) -> np.ndarray:
+        """The resized mask; with `full_mask` also out["mask_full"], read from the file (never cached)."""
+        full = read_mask(item.mask, item.encoding) if self.full_mask else None
+        if full is not None:
+            out["mask_full"] = full
+        compute = lambda: resized_mask(read_mask(item.mask, item.encoding) if full is None else full, self.size)
+        return self._prepared(item.mask, f"mask|{item.encoding}|nearest", compute)
+
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        h, w = self.size
-        with Image.open(item.image) as img:
-            rgb = img.convert("RGB")
-        out = {"set": item.set, "stem": item.image.stem, "height": rgb.height, "width": rgb.width}
+        height, width = image_size(item.image)
+        out = {"set": item.set, "stem": item.image.stem, "height": height, "width": width}
         if self.cache_view is not None:
             out["cache_key"] = image_key(item.image, self.cache_view)
-        image = np.array(rgb.resize((w, h), Image.BILINEAR))
-        mask = None
-        if item.mask is not None:
-            full = read_mask(item.mask, item.encoding)
-            mask = np.array(Image.fromarray(full).resize((w, h), Image.NEAREST))
-            if self.full_mask:
-                out["mask_full"] = full
+        image = self._prepared(item.image, "rgb|bilinear", lambda: resized_rgb(item.image, self.size))
+        mask = self._mask(item, out) if item.mask is not None else None
         if self.transform is not None:
             res = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
             image, mask = res["image"], res.get("mask", mask)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from common.build import build_encoder
 from common.cache import maybe_cached
+from common.image_cache import ImageCache
 from common.metric import Metric
 from common.task import Batch, Outputs, Task
 from sclera.augment import build_train_transform
@@ -56,21 +57,22 @@ class ScleraTask(Task):
         # cached backbone tokens are of the clean, resized image: no pixel augmentation then
         augment = None if data.cache_features else build_train_transform(data.augment)
         view = f"resized-{size[0]}x{size[1]}" if data.cache_features else None
+        decoded = ImageCache.from_config(data.get("image_cache"))
+
+        def dataset(items, transform=None, full_mask=False) -> ScleraDataset:
+            return ScleraDataset(items, size, transform, full_mask=full_mask, cache_view=view, image_cache=decoded)
+
         if stage == "fit":
             train = training_items(data, root, ("Training",), oversample=True)
             val = training_items(data, root, ("Validation",), oversample=False)
-            return {"train": ScleraDataset(train, size, augment, cache_view=view),
-                    "val": ScleraDataset(val, size, cache_view=view)}
+            return {"train": dataset(train, augment), "val": dataset(val)}
         if stage == "cv":
             items = training_items(data, root, SPLITS, oversample=False)
-            return {"train": ScleraDataset(items, size, augment, cache_view=view),
-                    "val": ScleraDataset(items, size, cache_view=view)}
+            return {"train": dataset(items, augment), "val": dataset(items)}
         if stage == "eval":
-            return {"eval": ScleraDataset(evaluation_items(data, root, with_masks=True), size, full_mask=True,
-                                          cache_view=view)}
+            return {"eval": dataset(evaluation_items(data, root, with_masks=True), full_mask=True)}
         if stage == "predict":
-            return {"predict": ScleraDataset(evaluation_items(data, root, with_masks=False), size,
-                                             cache_view=view)}
+            return {"predict": dataset(evaluation_items(data, root, with_masks=False))}
         raise ValueError(f"stage={stage!r}: expected fit, cv, eval or predict")
 
     def cv_groups(self, dataset: Dataset) -> np.ndarray:

@@ -46,6 +46,16 @@ def test_equal_weight_ensemble_is_the_member_mean():
     torch.testing.assert_close(out["member_weights"], torch.full((3, 2), 0.5))
 
 
+def test_metric_prior_weights_the_members():
+    members = [_member(0, 0.0), _member(1, 0.0)]
+    batch = {"image": torch.rand(3, 3, 28, 56)}
+    p0, p1 = (m.eval()(batch)["pred_g"] for m in members)
+    ens = BiomassEnsemble(members, hflip=False, vflip=False, scales=[], mc_passes=0, mc_eps=1e-6, prior=[0.75, 0.25])
+    out = ens(batch)
+    torch.testing.assert_close(out["pred_g"], 0.75 * p0 + 0.25 * p1)
+    torch.testing.assert_close(out["member_weights"], torch.tensor([[0.75, 0.25]] * 3))
+
+
 def test_mc_dropout_weights_are_normalised_inverse_variances():
     members = [_member(0, 0.5), _member(1, 0.2)]
     batch = {"image": torch.rand(2, 3, 28, 56)}

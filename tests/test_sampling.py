@@ -89,3 +89,40 @@ def test_reference_coordinates_from_csv_and_sidecars(tmp_path):
     (tmp_path / "range.csv").write_text("gps\n\"95,1\"\n")
     with pytest.raises(ValueError, match="range.csv row 2"):
         gps_sampling.read_reference_coordinates(tmp_path / "range.csv")
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Item i: the brightness factor a random albumentations draw applied to a constant image."""
+
+    def __init__(self):
+        import albumentations as A
+        self.pipeline = A.Compose([A.RandomBrightnessContrast(brightness_limit=0.5, contrast_limit=0.0, p=1.0)])
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        image = np.full((4, 4, 3), 100, dtype=np.uint8)
+        return torch.tensor(float(self.pipeline(image=image)["image"].mean()))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmentation_draws_differ_per_epoch_and_worker_and_repeat_per_seed(tmp_path, workers):
+    from omegaconf import OmegaConf
+    from common.distributed import DistContext
+    from common.seed import seed_everything
+    from common.trainer import Trainer
+    from common.tracking import Tracker
+    cfg = OmegaConf.create({"seed": 3, "data": {"batch_size": 4, "num_workers": workers},
+                            "trainer": {"precision": "fp32", "progress": "off", "pin_memory": False}})
+    trainer = Trainer(cfg, tmp_path, Tracker(), DistContext())
+
+    def epoch(e):
+        seed_everything(100 + e)                   # what the fit loop does at the start of each epoch
+        return torch.cat(list(trainer.loader(_Augmented(), torch.stack, train=False, epoch=e))).tolist()
+
+    first, second = epoch(0), epoch(1)
+    assert first != second                         # a new draw each epoch
+    assert first == epoch(0)                       # reproducible from the seed
+    if workers:
+        assert first[:4] != first[4:]              # the two workers (a batch each) do not replay one sequence
