@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from biomass.augment import build_resize
 from biomass.constants import TARGETS
 from common.cache import image_key
-from common.image_cache import ImageCache
+from common.image_cache import ImageCache, through
 
 
 def load_rgb(path: Path, draft_size: Optional[tuple[int, int]] = None) -> np.ndarray:
@@ -73,7 +73,7 @@ class BiomassDataset(Dataset):
         def compute() -> np.ndarray:
             rgb = load_rgb(path, self.draft_size)
             return rgb if self.resize is None else self.resize(image=rgb)["image"]
-        return compute() if self.image_cache is None else self.image_cache.get(path, self.preparation, compute)
+        return through(self.image_cache, path, self.preparation, compute)
 
     def __len__(self) -> int:
         return len(self.table)

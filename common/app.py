@@ -183,7 +183,7 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
 def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     task, model, stats, ckpt_cfg = load_for_inference(cfg, cfg.ckpt_path)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
-    model = task.for_inference(model).to(ctx.device)
+    model = task.for_inference(model)                    # Trainer.evaluate moves it to the device
     values = trainer.evaluate(model, None, task.build_metric(stats), task.datasets(root, "eval")["eval"],
                               task.collate)
     metrics = {f"eval/{k}": v for k, v in values.items()}

@@ -16,6 +16,12 @@ from common.atomic import atomic_path
 from common.cache import image_key
 
 
+def through(cache: Optional["ImageCache"], image: str | Path, preparation: str,
+            compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """`compute()` through the cache when there is one (datasets hold None when data.image_cache is off)."""
+    return compute() if cache is None else cache.get(image, preparation, compute)
+
+
 class ImageCache:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)

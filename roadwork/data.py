@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from common.cache import file_digest, image_key
-from common.image_cache import ImageCache
+from common.image_cache import ImageCache, through
 from roadwork.augment import BenchmarkTransform, augment_views, augment_views_and_masks, build_pipeline
 from roadwork.samples import Sample, index_samples
 from roadwork.views import cut_views, resolve_views
@@ -133,21 +133,18 @@ class RoadworkDataset(Dataset):
                              f"image's size {size}, got mode {mask.mode} size {mask.size}")
         return mask.convert("L")
 
-    def _cached(self, image: Path, preparation: str, compute) -> np.ndarray:
-        return compute() if self.image_cache is None else self.image_cache.get(image, preparation, compute)
-
     def _prepared(self, index: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """The deterministic part: views (V, S, S, 3) uint8 and mask views (V, S, S) (None without a mask)."""
         sample = self.samples[index]
         decoded = functools.cache(lambda: self.load_image(sample))       # decoded once, and only on a miss
-        views = self._cached(sample.image, f"{self.preparation}|lanczos",
+        views = through(self.image_cache, sample.image, f"{self.preparation}|lanczos",
                              lambda: np.stack(cut_views(decoded(), self.view_names, self.view_size)))
         path = None if self.masks is None else self.masks[index]
         if path is None:
             return views, None
         # Keyed by the image; the mask file's digest in the id, so an edited mask misses too.
         mask_id = "" if self.image_cache is None else file_digest(path)
-        masks = self._cached(sample.image, f"{self.preparation}|nearest|mask={mask_id}",
+        masks = through(self.image_cache, sample.image, f"{self.preparation}|nearest|mask={mask_id}",
                              lambda: np.stack(cut_views(self.load_mask(index, decoded().size), self.view_names,
                                                         self.view_size, Image.NEAREST)))
         return views, masks

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
 
+from common.sampling import WeightedEpochSampler
 from roadwork.metadata import parse_gps
 from roadwork.regions import haversine_km
 
@@ -86,3 +87,23 @@ def distance_check(bracket: np.ndarray, drawn: np.ndarray, edges_km: Sequence[fl
     lines = [f"{'distance to nearest centre':>28} {'items':>7} {'sampled':>8}"]
     lines += [f"{name:>28} {d:7.1%} {s:8.1%}" for name, d, s in zip(names, data_share, drawn_share)]
     return "\n".join(lines)
+
+
+def sample_weights(samples: Sequence, root: Path, g, seed: int) -> np.ndarray:
+    """data.gps_sampling (`g`) -> one weight per sample (roadwork.samples.Sample); prints the distance check."""
+    if g.reference is None:
+        raise ValueError("data.gps_sampling.enabled=true needs data.gps_sampling.reference: a CSV (lat,lon) or "
+                         "a folder of sidecars with the deployment region's coordinates (labels are never read)")
+    if len(g.weights) != len(g.brackets_km) + 1:
+        raise ValueError(f"data.gps_sampling.weights needs {len(g.brackets_km) + 1} values (one per bracket of "
+                         f"brackets_km={list(g.brackets_km)}), got {list(g.weights)}")
+    reference = read_reference_coordinates(Path(root) / str(g.reference))
+    centres = region_centres(reference, int(g.clusters), seed)
+    gps = np.array([s.meta["gps"] for s in samples], dtype=np.float64).reshape(-1, 2)
+    known = np.array([bool(s.meta["gps_known"]) for s in samples])
+    bracket = brackets(gps, known, centres, g.brackets_km)
+    weights = bracket_weights(bracket, g.weights, float(g.unknown_weight))
+    drawn = WeightedEpochSampler(weights, 0, 1, seed, 0).global_draw().numpy()
+    print(f"[data] GPS-weighted sampling: {len(centres)} centres from {len(reference)} reference coordinates "
+          f"({g.reference}); one epoch's draw:\n" + distance_check(bracket, drawn, g.brackets_km), flush=True)
+    return weights

@@ -18,8 +18,8 @@ from common.ensemble import align_oof
 
 
 def clipped_logit(prob: np.ndarray, eps: float) -> np.ndarray:
-    p = np.clip(prob, eps, 1.0 - eps)
-    return np.log(p) - np.log1p(-p)
+    """torch.logit with probabilities clamped to [eps, 1 - eps], as StackedEnsemble applies it."""
+    return torch.logit(torch.as_tensor(prob, dtype=torch.float64), eps=eps).numpy()
 
 
 def fit_meta_model(member_probs: np.ndarray, labels: np.ndarray, c: float, eps: float) -> LogisticRegression:

@@ -16,7 +16,6 @@ from common.cache import maybe_cached
 from common.data import unwrap_subset
 from common.image_cache import ImageCache
 from common.metric import Metric
-from common.sampling import WeightedEpochSampler
 from common.task import Outputs, Batch, Task
 from roadwork import gps_sampling, synth
 from roadwork.augment import BenchmarkTransform
@@ -116,28 +115,11 @@ class RoadworkTask(Task):
 
     def sample_weights(self, root: Path, train_set: Dataset) -> np.ndarray | None:
         """data.gps_sampling: weight each training image by its distance to the deployment region's centres."""
-        g = self.data.gps_sampling
-        if not g.enabled:
+        if not self.data.gps_sampling.enabled:
             return None
-        if g.reference is None:
-            raise ValueError("data.gps_sampling.enabled=true needs data.gps_sampling.reference: a CSV (lat,lon) or "
-                             "a folder of sidecars with the deployment region's coordinates (labels are never read)")
-        if len(g.weights) != len(g.brackets_km) + 1:
-            raise ValueError(f"data.gps_sampling.weights needs {len(g.brackets_km) + 1} values (one per bracket of "
-                             f"brackets_km={list(g.brackets_km)}), got {list(g.weights)}")
-        reference = gps_sampling.read_reference_coordinates(Path(root) / str(g.reference))
-        centres = gps_sampling.region_centres(reference, int(g.clusters), int(self.cfg.seed))
         base, indices = unwrap_subset(train_set)
-        samples = [base.samples[i] for i in indices]
-        gps = np.array([s.meta["gps"] for s in samples], dtype=np.float64).reshape(-1, 2)
-        known = np.array([bool(s.meta["gps_known"]) for s in samples])
-        bracket = gps_sampling.brackets(gps, known, centres, g.brackets_km)
-        weights = gps_sampling.bracket_weights(bracket, g.weights, float(g.unknown_weight))
-        drawn = WeightedEpochSampler(weights, 0, 1, int(self.cfg.seed), 0).global_draw().numpy()
-        print(f"[data] GPS-weighted sampling: {len(centres)} centres from {len(reference)} reference coordinates "
-              f"({g.reference}); one epoch's draw:\n" + gps_sampling.distance_check(bracket, drawn, g.brackets_km),
-              flush=True)
-        return weights
+        return gps_sampling.sample_weights([base.samples[i] for i in indices], Path(root), self.data.gps_sampling,
+                                           int(self.cfg.seed))
 
     def build_model(self, stats: dict) -> nn.Module:
         vocabularies, text_fields = metadata_spec(self.data)

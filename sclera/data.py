@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from common.cache import image_key
-from common.image_cache import ImageCache
+from common.image_cache import ImageCache, through
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,7 @@ class ScleraDataset(Dataset):
         return len(self.items)
 
     def _prepared(self, path: Path, preparation: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        if self.image_cache is None:
-            return compute()
-        return self.image_cache.get(path, f"sclera/{preparation}|{self.size[0]}x{self.size[1]}", compute)
+        return through(self.image_cache, path, f"sclera/{preparation}|{self.size[0]}x{self.size[1]}", compute)
 
     def _mask(self, item: Item, out: dict) -> np.ndarray:
         """The resized mask; with `full_mask` also out["mask_full"], read from the file (never cached)."""
