@@ -3,19 +3,28 @@
 Returns the value of `optimized_metric`, so any run can be swept with Optuna (`-m` with a sweeps= config).
 """
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from common.choices import ChoiceError, check_choices
+from common.resolvers import register_resolvers as register_path_resolvers
 from sweeps.workers import register_resolvers
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")  # optuna 2.10 pins SQLAlchemy < 2
+register_path_resolvers()
 register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    try:
+        check_choices(cfg, dict(HydraConfig.get().runtime.choices))
+    except ChoiceError as err:
+        sys.exit(f"error: {err}")
     from common.app import run
     return run(cfg)
 

@@ -7,6 +7,7 @@ not from the config, so they cannot be rebuilt.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from common.checkpoint import load_checkpoint, trainable_state
+
+log = logging.getLogger(__name__)
 
 
 def enabled(cfg: DictConfig) -> bool:
@@ -58,7 +61,7 @@ def load_init_weights(model: nn.Module, path, task_name: str) -> None:
         raise ValueError(f"adapt.init_ckpt={path} holds fully fine-tuned backbone weights ({frozen_backbone[0]}, "
                          f"...): adaptation starts from frozen-backbone checkpoints (with or without adapters)")
     model.load_state_dict(state, strict=False)
-    print(f"[adapt] started from {path} ({len(state)} tensors)", flush=True)
+    log.info(f"[adapt] started from {path} ({len(state)} tensors)")
 
 
 def head_linears(model: nn.Module, modules, layers) -> list[str]:
@@ -100,8 +103,8 @@ def apply_head_adapters(model: nn.Module, a: DictConfig) -> None:
         param.requires_grad_("lora_" in name or name.startswith(train_prefixes))
         if not param.requires_grad:
             model.keep_frozen.add(name)
-    print(f"[adapt] {a.method} adapters (r={a.r}) on {len(targets)} head linears under {list(a.modules)}; "
-          f"trained in full: {list(a.train_modules)}", flush=True)
+    log.info(f"[adapt] {a.method} adapters (r={a.r}) on {len(targets)} head linears under {list(a.modules)}; "
+             f"trained in full: {list(a.train_modules)}")
 
 
 def build_for_training(model: nn.Module, cfg: DictConfig, task_name: str) -> nn.Module:

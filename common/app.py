@@ -1,6 +1,7 @@
 """Resolve the config, pick the task, dispatch on `mode`: train | eval | predict | cv | synth."""
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import shutil
@@ -14,12 +15,15 @@ from torch import nn
 from common import adapt, distributed
 from common.atomic import file_lock
 from common.checkpoint import load_checkpoint, load_trainable_state
+from common.choices import MODES
+from common.console import inference_commands, summary_block
 from common.seed import seed_everything
 from common.task import Task
 from common.tracking import RunFiles, Tracker, make_tracker
 from common.trainer import Trainer
 
-MODES = ("train", "eval", "predict", "cv", "synth")
+log = logging.getLogger(__name__)
+
 # eval / predict rebuild the network from these checkpoint sections (the data section too, with the
 # command line's data.* overrides on top), so a checkpoint alone (plus backbone weights) predicts.
 CHECKPOINT_SECTIONS = ("backbone", "peft", "model", "task", "adapt")
@@ -47,7 +51,7 @@ def ensure_synthetic(task: Task, root: Path, seed: int) -> Path:
         if not (root / ".complete").is_file():
             tmp = root.parent / f".{root.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            print(f"[data] generating the synthetic {task.name} dataset into {root}", flush=True)
+            log.info(f"[data] generating the synthetic {task.name} dataset into {root}")
             task.synthesize(tmp, seed)
             (tmp / ".complete").write_text("ok\n")
             shutil.rmtree(root, ignore_errors=True)
@@ -91,7 +95,7 @@ def build_parts(task: Task, stats: dict):
     model = adapt.build_for_training(task.build_model(stats), task.cfg, task.name)
     criterion, metric = task.build_criterion(stats), task.build_metric(stats)
     counts = count_parameters(model)
-    print("[model] parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
+    log.info("[model] parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return model, criterion, metric
 
 
@@ -156,8 +160,7 @@ def merge_for_inference(model: nn.Module, enabled: bool, source: str) -> nn.Modu
         from common.adapters import merge_adapters
         merged = merge_adapters(model)
         if merged:
-            print(f"[inference] {source}: merged the adapters of {merged} layers into their base weights",
-                  flush=True)
+            log.info(f"[inference] {source}: merged the adapters of {merged} layers into their base weights")
     return model
 
 
@@ -177,6 +180,10 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     tracker.set_summary({f"best/{k}": v for k, v in state.best_metrics.items() if isinstance(v, (int, float))})
     if ctx.is_main:
         task.log_tables(tracker, state.best_metrics)
+        best = run_dir / "checkpoints" / "best.pt"
+        commands = inference_commands(task.name, cfg.data.root, best) if best.is_file() else []
+        log.info(summary_block(run_dir, str(cfg.trainer.monitor), state.best_value, state.best_epoch,
+                               state.epoch, commands))
     return state.best_value
 
 
@@ -190,7 +197,7 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     if ctx.is_main:
         RunFiles(run_dir).write_final({"ckpt_path": str(cfg.ckpt_path), **metrics})
     tracker.set_summary(metrics)
-    print("[eval] " + json.dumps(metrics), flush=True)
+    log.info("[eval] " + json.dumps(metrics))
     return metrics.get(str(cfg.optimized_metric).replace("val/", "eval/", 1))
 
 
@@ -260,8 +267,8 @@ def _averaged_predictor(cfg: DictConfig, paths: list[Path]):
         weights = metric_weights([(str(p), load_checkpoint(p, str(cfg.task.name))) for p in paths])
     model = task.ensemble([m for _, m, _, _ in loaded], weights)
     weights = normalise_weights(weights, len(loaded))
-    print(f"[predict] {cfg.ensemble.weighting} ensemble of {len(loaded)} checkpoints: "
-          + ", ".join(f"{p} (weight {w:.4f})" for p, w in zip(paths, weights)), flush=True)
+    log.info(f"[predict] {cfg.ensemble.weighting} ensemble of {len(loaded)} checkpoints: "
+             + ", ".join(f"{p} (weight {w:.4f})" for p, w in zip(paths, weights)))
     return (task, model, stats, ckpt_cfg), {"weighting": str(cfg.ensemble.weighting), "weights": weights}
 
 
@@ -281,7 +288,7 @@ def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
         RunFiles(run_dir).write_final({"ckpt_path": [str(p) for p in paths], "ensemble": ensemble,
                                        "outputs": {k: str(v) for k, v in written.items()}})
         for what, path in written.items():
-            print(f"[predict] {what}: {path}", flush=True)
+            log.info(f"[predict] {what}: {path}")
     return None
 
 
@@ -290,7 +297,7 @@ def synth(cfg, task) -> None:
         raise ValueError("mode=synth writes the synthetic dataset to data.root: pass data.root=<folder>")
     root = Path(str(cfg.data.root)).expanduser()
     task.synthesize(root, int(OmegaConf.select(cfg, "data.synth_seed", default=0)))
-    print(f"[synth] wrote the synthetic {task.name} dataset to {root}", flush=True)
+    log.info(f"[synth] wrote the synthetic {task.name} dataset to {root}")
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from common.atomic import atomic_write_text
 from common.checkpoint import load_checkpoint
 from common.tracking import RunFiles, Tracker
 from common.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 def assign_folds(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
@@ -76,11 +79,11 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
         for outputs, batch in trainer.infer(model, val_set, task.collate):
             oof_metric.update(outputs, batch)
             oof_rows += [{"fold": fold, **row} for row in task.oof_rows(outputs, batch, stats)]
-        print(f"[cv] fold {fold}: best {cfg.trainer.monitor}={state.best_value}", flush=True)
+        log.info(f"[cv] fold {fold}: best {cfg.trainer.monitor}={state.best_value}")
     values = {f"oof/{k}": v for k, v in oof_metric.compute().items()}
     if ctx.is_main:
         write_csv(run_dir / "oof.csv", oof_rows)
         RunFiles(run_dir).write_final({"folds": int(cfg.cv.folds), **values})
     tracker.set_summary(values)
-    print("[cv] out-of-fold: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()), flush=True)
+    log.info("[cv] out-of-fold: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
     return values.get("oof/" + str(cfg.optimized_metric).split("/", 1)[-1])

@@ -5,6 +5,7 @@ last.pt after epoch k replays epoch k + 1 exactly as an uninterrupted run would.
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import threading
@@ -21,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from common.console import epoch_line, lines_above_bars
 from common.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
                                set_rng_state, trainable_state)
 from common.data import reseed_augmentations, seed_worker
@@ -31,6 +33,8 @@ from common.optim import Schedule, build_optimizer, build_param_groups, named_tr
 from common.sampling import WeightedEpochSampler
 from common.seed import seed_everything
 from common.tracking import RunFiles, Tracker, use_progress_bars
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,7 +132,6 @@ class Trainer:
         self.files = RunFiles(run_dir) if ctx.is_main else None
         self.bf16 = self._resolve_precision(self.t.precision)
         self.bars = use_progress_bars(self.t.progress) and ctx.is_main
-        self.plain = self.t.progress != "off" and not self.bars and ctx.is_main
 
     def _resolve_precision(self, setting: str) -> bool:
         if setting == "auto":
@@ -233,7 +236,7 @@ class Trainer:
     def _resume(self, state: FitState, task_name: str) -> FitState:
         path = self.ckpt_dir / "last.pt"
         if not path.is_file():
-            print(f"[trainer] resume requested but {path} does not exist yet: starting from scratch")
+            log.info(f"[trainer] resume requested but {path} does not exist yet: starting from scratch")
             return state
         from common.checkpoint import load_checkpoint
         ckpt = load_checkpoint(path, task_name)
@@ -243,7 +246,7 @@ class Trainer:
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
-        print(f"[trainer] resumed from {path} after epoch {ckpt['epoch'] - 1}")
+        log.info(f"[trainer] resumed from {path} after epoch {ckpt['epoch'] - 1}")
         return FitState(**ckpt["fit_state"])
 
     # ---- one optimisation step -------------------------------------------------------------
@@ -277,7 +280,7 @@ class Trainer:
 
     def _count_nonfinite(self, state: FitState, what: str) -> None:
         state.nonfinite_steps += 1
-        print(f"[trainer] non-finite {what} at step {state.step}: step skipped "
+        log.warning(f"[trainer] non-finite {what} at step {state.step}: step skipped "
               f"({state.nonfinite_steps}/{self.t.max_nonfinite_steps})")
         if state.nonfinite_steps > int(self.t.max_nonfinite_steps):
             raise NonFiniteLossError(
@@ -398,13 +401,13 @@ class Trainer:
         end = int(self.t.max_epochs)
         if self.t.epochs_per_run:
             end = min(end, state.epoch + int(self.t.epochs_per_run))
-        with PreemptionGuard() as guard:
+        with PreemptionGuard() as guard, lines_above_bars(self.bars):
             try:
                 self._epochs(task, metric, train_set, val_set, stats, state, end, guard, monitor_key)
             except Preempted as stop:
                 self._save("last.pt", self._payload(state, task.name, stats))
-                print(f"[trainer] signal {stop.signum}: wrote {self.ckpt_dir / 'last.pt'} at epoch {state.epoch} "
-                      f"batch {state.batches_done}; rerun with trainer.resume=true to continue", flush=True)
+                log.warning(f"[trainer] signal {stop.signum}: wrote {self.ckpt_dir / 'last.pt'} at epoch {state.epoch} "
+                      f"batch {state.batches_done}; rerun with trainer.resume=true to continue")
                 raise SystemExit(128 + stop.signum)
         return state
 
@@ -412,6 +415,7 @@ class Trainer:
                 guard: "PreemptionGuard", monitor_key: str) -> None:
         epochs = tqdm(range(state.epoch, end), desc="epochs", disable=not self.bars)
         for epoch in epochs:
+            started = time.perf_counter()
             seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank + 7919 * state.batches_done)
             loader = self.loader(train_set, task.collate, True, epoch, skip_batches=state.batches_done,
                                  weights=self.sample_weights)
@@ -424,6 +428,7 @@ class Trainer:
             task.on_validation_end(self.model, val)
             record.update({f"val/{k}": v for k, v in val.items()})
             record.update({"step": state.step, **{f"lr/{g['tag']}": g["lr"] for g in self.optimizer.param_groups}})
+            record["epoch_seconds"] = time.perf_counter() - started
             state.epoch, state.last_metrics = epoch + 1, record
             if self._improved(val.get(monitor_key), state):
                 state.best_value, state.best_epoch, state.best_metrics = val[monitor_key], epoch, record
@@ -440,14 +445,12 @@ class Trainer:
         if self.files is not None:
             self.files.append_epoch(record)
         self.tracker.log_metrics(record, state.step)
-        if self.plain:
-            shown = {k: round(v, 4) for k, v in record.items() if k.startswith(("train/loss", "val/"))}
-            print(f"[epoch {record['epoch']}] step {state.step} {shown} "
-                  f"best {monitor_key}={state.best_value} @ {state.best_epoch}", flush=True)
+        if self.ctx.is_main and self.t.progress != "off":
+            log.info(epoch_line(record, int(self.t.max_epochs), monitor_key, state.best_value, state.best_epoch))
 
     def _should_stop(self, state: FitState) -> bool:
         patience = self.t.early_stopping_patience
         if patience is not None and state.epochs_without_improvement >= int(patience):
-            print(f"[trainer] early stopping: no improvement of {self.t.monitor} for {patience} epochs")
+            log.info(f"[trainer] early stopping: no improvement of {self.t.monitor} for {patience} epochs")
             return True
         return False

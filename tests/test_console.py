@@ -1,0 +1,72 @@
+"""What a person reads: one short line per epoch, a summary block, run.log holding the same, no colour codes;
+bad modes and another task's config options refused right after composition."""
+import re
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from common.choices import ChoiceError, check_choices, task_options
+from common.console import epoch_line, summary_block
+from tests.cli import REPO, TOY, run_cli
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def test_epoch_line_holds_epoch_loss_monitor_best_and_seconds():
+    record = {"epoch": 3, "train/loss": 0.41234, "val/f1": 0.81234, "val/iou": 0.7, "epoch_seconds": 12.34,
+              **{f"val/set{i}/f1": 0.5 for i in range(60)}}
+    line = epoch_line(record, 16, "f1", 0.81234, 3)
+    assert line == "[epoch 3/16] loss 0.4123 | val/f1 0.8123 | best 0.8123 @ 3 | 12.3 s"
+
+
+def test_summary_block_names_run_dir_best_files_and_commands(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"x")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("")
+    block = summary_block(tmp_path, "val/f1", 0.5, 2, 4, ["cmd-eval", "cmd-predict"])
+    assert f"run dir   {tmp_path}" in block
+    assert "val/f1 = 0.5000 at epoch 2 (4 epochs run)" in block
+    assert "checkpoints/best.pt, metrics.json" in block and ".hydra" not in block
+    assert "evaluate  cmd-eval" in block and "predict   cmd-predict" in block
+
+
+def test_training_console_and_run_log(tmp_path):
+    proc = run_cli([*TOY], tmp_path / "run", tmp_path / "cache")
+    lines = proc.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("[epoch ")]
+    assert len(epochs) == 2 and all(len(line) < 100 for line in epochs)
+    assert re.fullmatch(r"\[epoch 1/2\] loss [0-9.]+ \| val/neg_mse -?[0-9.]+ \| best -?[0-9.]+ @ [01] \| [0-9.]+ s",
+                        epochs[1])
+    assert f"run dir   {tmp_path / 'run'}" in proc.stdout
+    assert f"mode=eval ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.pt'}" in proc.stdout
+    assert not ANSI.search(proc.stdout + proc.stderr)
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert all(line in log for line in epochs) and "run dir" in log
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=False)
+
+
+def test_check_choices_refuses_another_tasks_model_and_lists_valid_ones():
+    cfg = _compose(["task=sclera", "model=biomass/fpn"])
+    with pytest.raises(ChoiceError, match="model=biomass/fpn") as err:
+        check_choices(cfg, {"model": "biomass/fpn", "data": "sclera/ssbc"})
+    assert all(option in str(err.value) for option in task_options("model", "sclera"))
+    check_choices(cfg, {"model": "sclera/cgdseg", "data": "sclera/ssbc"})      # the task's own: accepted
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["mode=trian"], "mode=trian: expected one of train, eval, predict, cv, synth"),
+    (["task=sclera", "model=biomass/fpn"], "model=biomass/fpn belongs to another task than task=sclera"),
+])
+def test_run_py_refuses_bad_choices_before_importing_the_suite(tmp_path, args, expected):
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and expected in proc.stderr
+    assert "Traceback" not in proc.stderr
