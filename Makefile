@@ -1,4 +1,5 @@
-# make demo   - train -> eval -> predict every task on synthetic data with the tiny backbone (CPU, < 5 min)
+# make demo   - train -> eval -> predict every task on synthetic data with the tiny backbone (CPU, < 5 min);
+#               DEMO_ARGS='key=value ...' adds overrides to every training run
 # make test   - the test suite (CPU)
 # make install- .venv/ with the pinned, tested dependency set (constraints.txt); no-op when up to date
 # make bench  - GPU benchmarks (bench/), prints a table and writes JSON
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m common.demo
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m common.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider tests

@@ -12,12 +12,16 @@ Adapter parameter names contain "lora_" and keep the block index ("blocks.<i>." 
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from common.backbone import Backbone, BackboneOutput
@@ -134,11 +138,12 @@ def _adapter_layers(backbone: Backbone) -> dict[str, nn.Module]:
 
 
 def adapter_state_dict(backbone: Backbone) -> dict[str, Tensor]:
-    """Adapter weights only (keys as in backbone.state_dict(), all containing 'lora_')."""
-    return {k: v.detach().clone() for k, v in backbone.state_dict().items() if "lora_" in k}
+    """Adapter weights only, as peft saves them (`get_peft_model_state_dict`: keys without the adapter name)."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(backbone.model).items()}
 
 
 def load_adapter_state_dict(backbone: Backbone, state: dict[str, Tensor]) -> None:
+    """peft's `set_peft_model_state_dict`, after checking that every key and shape fits this backbone's adapters."""
     expected = adapter_state_dict(backbone)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -147,7 +152,35 @@ def load_adapter_state_dict(backbone: Backbone, state: dict[str, Tensor]) -> Non
     if missing or unexpected or shapes:
         raise ValueError(f"adapter state for backbone {backbone.name} does not fit (other peft.r / targets / "
                          f"last_n_blocks?): missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}")
-    backbone.load_state_dict(state, strict=False)
+    set_peft_model_state_dict(backbone.model, state)
+
+
+def save_peft_adapter(backbone: Backbone, folder: Path) -> Path:
+    """The backbone's adapters in peft's own layout (adapter_config.json + adapter_model.safetensors), so that
+    peft users load them with `LoraConfig.from_pretrained` + `set_peft_model_state_dict` (or PeftModel on the same
+    base model). Written into a temporary folder renamed into place: a reader never sees half an adapter."""
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    backbone.model.peft_config["default"].save_pretrained(str(tmp))
+    save_file({k: v.contiguous() for k, v in adapter_state_dict(backbone).items()},
+              str(tmp / "adapter_model.safetensors"))
+    old = folder.parent / f".{folder.name}.{os.getpid()}.old"
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_peft_adapter(backbone: Backbone, folder: Path) -> None:
+    """Weights from a folder written by save_peft_adapter (or by peft's save_pretrained) into injected adapters."""
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected a peft adapter folder (adapter_config.json + "
+                                f"adapter_model.safetensors)")
+    load_adapter_state_dict(backbone, load_file(str(path)))
 
 
 def merge_adapters(module: nn.Module) -> int:

@@ -66,7 +66,7 @@ def data_root(cfg: DictConfig, task: Task) -> Path:
     root = Path(str(cfg.data.root)).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data.root={root} does not exist: expected the {task.name} dataset as laid out "
-                                f"in FORMATS.md, or leave data.root unset to use synthetic data")
+                                f"in docs/FORMATS.md, or leave data.root unset to use synthetic data")
     return root
 
 

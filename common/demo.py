@@ -24,8 +24,8 @@ def run_step(task: str, mode: str, run_dir: Path, extra: list[str]) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def demo_task(task: str, base: Path) -> list[tuple[str, str, str, str]]:
-    train = run_step(task, "train", base / task / "train", [])
+def demo_task(task: str, base: Path, train_args: list[str]) -> list[tuple[str, str, str, str]]:
+    train = run_step(task, "train", base / task / "train", train_args)
     ckpt = train["checkpoints"]["best"]
     evaluated = run_step(task, "eval", base / task / "eval", [f"ckpt_path={ckpt}"])
     predicted = run_step(task, "predict", base / task / "predict", [f"ckpt_path={ckpt}"])
@@ -57,14 +57,15 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print(line.format(*row))
 
 
-def main() -> None:
+def main(train_args: list[str]) -> None:
+    """train_args: overrides added to every training run (`make demo DEMO_ARGS='trainer.max_epochs=1'`)."""
     base = REPO / "logs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
     start, rows = time.perf_counter(), []
     for task in registered_tasks():
-        rows += demo_task(task, base)
+        rows += demo_task(task, base, train_args)
     print_table(rows)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; run directories under {base}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -116,7 +116,7 @@ class Task(ABC):
     @abstractmethod
     def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,
                           stats: dict) -> dict[str, Path]:
-        """Write the official output files (FORMATS.md) from (outputs, batch) pairs on the CPU.
+        """Write the official output files (docs/FORMATS.md) from (outputs, batch) pairs on the CPU.
         Returns {description: path} of what was written."""
 
     def oof_rows(self, outputs: Outputs, batch: Batch, stats: dict) -> list[dict]:

@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from common.console import epoch_line, lines_above_bars
 from common.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
                                set_rng_state, trainable_state)
+from common.console import epoch_line, lines_above_bars
 from common.data import reseed_augmentations, seed_worker
 from common.distributed import DistContext, ShardSampler
 from common.ema import EMA
@@ -231,7 +231,18 @@ class Trainer:
 
     def _save(self, name: str, payload: dict) -> None:
         if self.ctx.is_main:
+            self._export_peft_adapter(name, payload)
             atomic_torch_save(payload, self.ckpt_dir / name)
+
+    def _export_peft_adapter(self, name: str, payload: dict) -> None:
+        """Backbone adapters injected by peft also go beside the checkpoint, in peft's own format
+        (`<checkpoint stem>_adapter/`, EMA weights when EMA is on); the checkpoint names that folder."""
+        backbone = getattr(self.model, "backbone", None)
+        if "default" not in getattr(getattr(backbone, "model", None), "peft_config", {}):
+            return
+        from common.adapters import save_peft_adapter
+        with self.ema.applied(self.model) if self.ema is not None else nullcontext():
+            payload["peft_adapter"] = save_peft_adapter(backbone, self.ckpt_dir / f"{Path(name).stem}_adapter").name
 
     def _resume(self, state: FitState, task_name: str) -> FitState:
         path = self.ckpt_dir / "last.pt"

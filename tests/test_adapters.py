@@ -6,8 +6,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from common import adapters
-from common.adapters import (adapter_state_dict, check_adapters_active, inject_adapters,
-                             load_adapter_state_dict, merge_adapters)
+from common.adapters import (adapter_state_dict, check_adapters_active, inject_adapters, load_peft_adapter,
+                             load_adapter_state_dict, merge_adapters, save_peft_adapter)
 from common.backbone import create_backbone
 from common.optim import layer_scale, tag_of
 from tests.tolerance import assert_close_reordered
@@ -216,3 +216,27 @@ def test_check_passes_on_dino_init_and_restores_weights():
     assert bb.training
     for k, v in bb.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("key", ["timm_dinov2", "hf_dinov3"])
+def test_saved_adapter_loads_with_peft_alone(key, tmp_path):
+    """The folder beside each checkpoint is peft's format: peft's own loaders rebuild the same adapted model."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    src, _ = adapted(key, "dora")
+    randomize_adapters(src, seed=5)
+    folder = save_peft_adapter(src, tmp_path / "best_adapter")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = LoraConfig.from_pretrained(str(folder))
+    assert config.use_dora and config.r == 4 and config.lora_alpha == 8
+    dst = build(key)
+    inject_adapter_in_model(config, dst.model)
+    result = set_peft_model_state_dict(dst.model, load_file(str(folder / "adapter_model.safetensors")))
+    assert not result.unexpected_keys
+    x = images(src)
+    torch.testing.assert_close(tokens(dst, x), tokens(src, x), rtol=0, atol=0)
+    again, _ = adapted(key, "dora")
+    load_peft_adapter(again, folder)                                  # the suite's loader reads the same folder
+    torch.testing.assert_close(tokens(again, x), tokens(src, x), rtol=0, atol=0)
+    save_peft_adapter(again, folder)                                  # overwriting leaves no temporary folders
+    assert [p.name for p in tmp_path.iterdir()] == ["best_adapter"]

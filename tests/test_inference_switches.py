@@ -150,6 +150,8 @@ def test_eval_with_merged_adapters_gives_the_same_metrics(tmp_path):
     ckpt = train / "checkpoints" / "best.pt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
     assert any("head.1.lora_B" in k and v.abs().sum() > 0 for k, v in state.items())     # trained, non-zero
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["peft_adapter"] == "best_adapter"
+    assert (train / "checkpoints" / "best_adapter" / "adapter_config.json").is_file()      # peft's format beside it
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     wrapped = run_cli([*TOY, "mode=eval", f"ckpt_path={ckpt}", "trainer.merge_adapters=false"], tmp_path / "a", cache)
     merged = run_cli([*TOY, "mode=eval", f"ckpt_path={ckpt}", "trainer.merge_adapters=true",

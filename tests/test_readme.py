@@ -1,0 +1,102 @@
+"""Every command in README.md's bash blocks runs as written from a fresh copy of the repository.
+
+Commands that train are made smoke-sized by appending overrides (never by editing them): one short epoch, and a
+budget of two trials for sweeps. Each block runs as one bash script, in order, so a block may use what an
+earlier command of it wrote. `make test` is the command running this test, so it is the one command not run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cli import REPO
+
+SMOKE_TRAIN = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+SMOKE_SWEEP = ["hydra.sweeper.budget=2"]
+SMOKE_DEMO = "DEMO_ARGS='trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1'"
+NOT_RUN = {"make test": "the command that runs this test"}
+
+
+def bash_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.MULTILINE | re.DOTALL)
+
+
+def logical_lines(block: str) -> list[str]:
+    """Lines with backslash continuations joined and comments dropped; blank lines left out."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    lines = []
+    for line in joined.splitlines():
+        tokens = shlex.split(line, comments=True)
+        if tokens:
+            lines.append(line.split(" #", 1)[0].strip() if " #" in line else line.strip())
+    return lines
+
+
+def smoke_sized(line: str) -> str:
+    """The line with smoke overrides appended to each run.py / make demo invocation."""
+    background = line.endswith("&")
+    command = line[:-1].rstrip() if background else line
+    tokens = shlex.split(command)
+    if any(t.endswith("run.py") for t in tokens) and not any(t in ("--help", "-h", "--cfg") for t in tokens):
+        mode = next((t.split("=", 1)[1] for t in tokens if t.startswith("mode=")), "train")
+        if mode in ("train", "cv"):
+            command += " " + " ".join(SMOKE_TRAIN)
+        if "-m" in tokens and any(t.startswith("sweeps=") for t in tokens):
+            command += " " + " ".join(SMOKE_SWEEP)
+    if tokens[:2] == ["make", "demo"]:
+        command += " " + SMOKE_DEMO
+    return command + (" &" if background else "")
+
+
+def readme_scripts() -> list[tuple[str, str]]:
+    scripts = []
+    for block in bash_blocks((REPO / "README.md").read_text()):
+        lines = [line for line in logical_lines(block) if line not in NOT_RUN]
+        if lines:
+            body = "\n".join(smoke_sized(line) for line in lines)
+            scripts.append((lines[0][:60], f"set -euo pipefail\n{body}\nwait\n"))
+    return scripts
+
+
+@pytest.fixture(scope="module")
+def fresh_copy(tmp_path_factory) -> Path:
+    """The tracked and untracked-but-not-ignored files (a clone of the working tree), sharing the .venv."""
+    copy = tmp_path_factory.mktemp("clone")
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, copy / rel)              # mtimes kept: make sees the .venv up to date
+    (copy / ".venv").symlink_to(REPO / ".venv")
+    return copy
+
+
+def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
+    lines = [line for block in bash_blocks((REPO / "README.md").read_text()) for line in logical_lines(block)]
+    assert "make demo" in lines and "make test" in lines
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_smoke_sizing_only_appends():
+    line = ".venv/bin/python run.py -m task=sclera sweeps=sclera_adapters peft.r=8 &"
+    sized = smoke_sized(line)
+    assert sized.startswith(line[:-2]) and sized.endswith(" &")
+    assert all(o in sized for o in SMOKE_TRAIN + SMOKE_SWEEP)
+    assert smoke_sized(".venv/bin/python run.py task=sclera mode=eval ckpt_path=x") == \
+        ".venv/bin/python run.py task=sclera mode=eval ckpt_path=x"
+
+
+@pytest.mark.parametrize("first_line, script", readme_scripts(), ids=[s[0] for s in readme_scripts()])
+def test_readme_block_runs_as_written(fresh_copy, first_line, script):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VFM_", "OPTUNA_", "SWEEP_"))}
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", "-c", script], cwd=fresh_copy, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, f"{script}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
