@@ -71,9 +71,12 @@ def fresh_copy(tmp_path_factory) -> Path:
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout.split("\0")
     for rel in filter(None, listed):
-        if (REPO / rel).is_file():
-            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, copy / rel)              # mtimes kept: make sees the .venv up to date
+        source, target = REPO / rel, copy / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():                                # e.g. conf/sweeps -> ../sweeps
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
+            shutil.copy2(source, target)                       # mtimes kept: make sees the .venv up to date
     (copy / ".venv").symlink_to(REPO / ".venv")
     return copy
 
