@@ -66,14 +66,6 @@ def data_root(cfg: DictConfig, task: Task) -> Path:
     return root
 
 
-def run_name(cfg: DictConfig) -> str:
-    from hydra.core.hydra_config import HydraConfig
-    if HydraConfig.initialized():
-        overrides = HydraConfig.get().job.override_dirname
-        return overrides or f"{cfg.task.name}-{cfg.mode}"
-    return f"{cfg.task.name}-{cfg.mode}"
-
-
 def count_parameters(model: nn.Module) -> dict[str, int]:
     from common.optim import tag_of
     counts = {"total": 0, "trainable": 0}
@@ -182,6 +174,7 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
 
 def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     task, model, stats, ckpt_cfg = load_for_inference(cfg, cfg.ckpt_path)
+    tracker.set_config(ckpt_cfg)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
     model = task.for_inference(model)                    # Trainer.evaluate moves it to the device
     values = trainer.evaluate(model, None, task.build_metric(stats), task.datasets(root, "eval")["eval"],
@@ -274,6 +267,7 @@ def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
     else:
         (task, model, stats, ckpt_cfg), ensemble = _averaged_predictor(cfg, paths)
     model = task.for_inference(model)
+    tracker.set_config(ckpt_cfg)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
     results = trainer.infer(model, task.datasets(root, "predict")["predict"], task.collate)
     written = task.write_predictions(results, run_dir, stats) if ctx.is_main else {}
@@ -303,12 +297,13 @@ def run(cfg: DictConfig) -> float | None:
         return synth(cfg, task)
     run_dir = Path(cfg.paths.output_dir)
     root = data_root(cfg, task)
-    tracker: Tracker = make_tracker(cfg, run_dir, run_name(cfg), ctx.is_main)
+    tracker: Tracker = make_tracker(cfg, run_dir, ctx.is_main)
     exit_code = 1
     try:
         from common.cv import cross_validate
         modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
         value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
+        tracker.report_run(run_dir)
         exit_code = 0
         return value
     finally:
