@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_path, atomic_write_text
-from common.run_info import short_name
+from common.run_info import short_overrides
 
 PANEL_COLUMNS = 4
 
@@ -109,7 +109,7 @@ def job_row(job_dir: Path) -> dict:
     cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
     metric = str(OmegaConf.select(cfg, "optimized_metric"))
-    row = {"job": job_dir.name, "overrides": short_name(overrides), "metric": metric, "run_dir": str(job_dir),
+    row = {"job": job_dir.name, "overrides": short_overrides(overrides), "metric": metric, "run_dir": str(job_dir),
            "status": "no metrics.json (failed or running)", "value": None, "best_epoch": None, "rank": None,
            "direction": OmegaConf.select(cfg, "optimized_direction")}
     final_path = job_dir / "metrics.json"
@@ -126,9 +126,12 @@ def _job_key(path: Path):
 
 def grid_rows(sweep_dir: Path) -> list[dict]:
     """Rows of every job directory under a multirun directory, in job order, ranked by value (1 = best, by
-    each job's optimized_direction)."""
+    each job's optimized_direction); `overrides` leaves out those every job shares."""
     jobs = sorted((p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/config.yaml")), key=_job_key)
     rows = [job_row(job) for job in jobs]
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    for row in rows:                                   # the overrides that tell the jobs apart
+        row["overrides"] = ",".join(o for o in row["overrides"] if o not in shared)
     done = [r for r in rows if r["status"] == "done"]
     done.sort(key=lambda r: -r["value"] if r["direction"] == "maximize" else r["value"])
     for rank, row in enumerate(done, 1):
