@@ -14,6 +14,7 @@ from torch import nn
 from common import adapt, distributed
 from common.atomic import file_lock
 from common.checkpoint import load_checkpoint, load_trainable_state
+from common.reports import finish_run
 from common.seed import seed_everything
 from common.task import Task
 from common.tracking import RunFiles, Tracker, make_tracker
@@ -303,7 +304,7 @@ def run(cfg: DictConfig) -> float | None:
         from common.cv import cross_validate
         modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
         value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
-        tracker.report_run(run_dir)
+        finish_run(tracker, run_dir, ctx.is_main)
         exit_code = 0
         return value
     finally:

@@ -89,6 +89,14 @@ def write_curves(run_dir: Path) -> Path | None:
     return target
 
 
+def finish_run(tracker, run_dir: Path, is_main: bool) -> None:
+    """After a mode: the final curves.png of the run and of its cv folds, then the tracker's report."""
+    if is_main:
+        for source in sorted(Path(run_dir).glob("metrics.jsonl")) + sorted(Path(run_dir).glob("*/metrics.jsonl")):
+            write_curves(source.parent)
+    tracker.report_run(run_dir)
+
+
 # ---- the summary of a -m grid --------------------------------------------------------------------
 COLUMNS = ["job", "overrides", "status", "metric", "value", "rank", "best_epoch", "run_dir"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,26 @@ def config_for_logging(cfg: DictConfig) -> dict:
 
 
 class RunFiles:
-    """metrics.jsonl (one object per epoch, appended) and metrics.json (final, atomic)."""
+    """metrics.jsonl (one object per epoch, appended) and metrics.json (final, atomic); curves.png redrawn from
+    metrics.jsonl while training, as often as keeps drawing under 1/CURVES_GAP of the time (the first epoch always;
+    common.reports.finish_run draws the final picture)."""
+
+    CURVES_GAP = 20
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._drawn_at, self._draw_seconds = 0.0, 0.0
 
     def append_epoch(self, record: dict) -> None:
-        """One line per epoch, then curves.png redrawn from the whole file (so a running job shows its curves)."""
-        from common.reports import write_curves
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        write_curves(self.run_dir)
+        if time.monotonic() - self._drawn_at >= self.CURVES_GAP * self._draw_seconds:
+            from common.reports import write_curves
+            start = time.monotonic()
+            write_curves(self.run_dir)
+            self._drawn_at = time.monotonic()
+            self._draw_seconds = self._drawn_at - start
 
     def write_final(self, metrics: dict) -> None:
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -90,3 +90,21 @@ def test_multirun_grid_prints_and_writes_its_summary(tmp_path):
         assert float(row["value"]) == pytest.approx(final["best_value"])
         assert (summary[0].parent / row["job"] / "curves.png").is_file()
     assert "[grid]" in proc.stdout and "| 1 | seed=2 | done |" in proc.stdout
+
+
+def test_curves_are_redrawn_while_drawing_stays_a_small_share_of_the_time(tmp_path, monkeypatch):
+    import common.reports
+    from common.tracking import RunFiles
+    clock, drawn = [100.0], []
+
+    def slow_draw(run_dir):                  # each drawing takes 1 s of the fake clock
+        drawn.append(len((run_dir / "metrics.jsonl").read_text().splitlines()))
+        clock[0] += 1.0
+
+    monkeypatch.setattr(common.reports, "write_curves", slow_draw)
+    monkeypatch.setattr("common.tracking.time.monotonic", lambda: clock[0])
+    files = RunFiles(tmp_path)
+    for epoch in range(6):
+        files.append_epoch({"epoch": epoch})
+        clock[0] += 8.0                      # an 8 s epoch: redraw once 20 x 1 s have passed since the last
+    assert drawn == [1, 4]
