@@ -94,7 +94,7 @@ def sweep_trial_number(study_name: str, storage_url: str, overrides: list[str]) 
 def default_tags(cfg: DictConfig, choices: dict, facts: list[str]) -> list[str]:
     """`<fact>:<value>` for each fact named in logger.default_tags (task, mode, or a config group such as
     experiment or sweeps) that has a value, then the run's own `tags`."""
-    values = {"task": str(cfg.task.name), "mode": str(cfg.mode), **{k: v for k, v in choices.items()}}
+    values = {"task": str(cfg.task.name), "mode": str(cfg.mode), **choices}
     tags = [f"{fact}:{values[fact]}" for fact in facts if values.get(fact) is not None]
     return tags + [str(t) for t in cfg.logger.tags if str(t) not in tags]
 
@@ -107,7 +107,8 @@ def _sweep_name(hydra_cfg, overrides: list[str]) -> str | None:
     swept = set(OmegaConf.to_container(sweeper.params, resolve=False)) if "params" in sweeper and sweeper.params \
         else set()
     params = short_name([o for o in overrides if o.lstrip("+~").partition("=")[0] in swept])
-    number = sweep_trial_number(str(sweeper.study_name), str(sweeper.storage), overrides)
+    number = sweep_trial_number(str(sweeper.study_name), str(sweeper.storage), overrides) \
+        if sweeper.storage else None                      # an in-memory study is not reachable from the job
     label = f"trial-{number}" if number is not None else f"job-{hydra_cfg.job.num}"
     return f"{label} {params}".strip()
 
