@@ -17,6 +17,7 @@ from common.atomic import file_lock
 from common.checkpoint import load_checkpoint, load_trainable_state
 from common.choices import MODES
 from common.console import inference_commands, summary_block
+from common.reports import finish_run
 from common.seed import seed_everything
 from common.task import Task
 from common.tracking import RunFiles, Tracker, make_tracker
@@ -68,14 +69,6 @@ def data_root(cfg: DictConfig, task: Task) -> Path:
         raise FileNotFoundError(f"data.root={root} does not exist: expected the {task.name} dataset as laid out "
                                 f"in docs/FORMATS.md, or leave data.root unset to use synthetic data")
     return root
-
-
-def run_name(cfg: DictConfig) -> str:
-    from hydra.core.hydra_config import HydraConfig
-    if HydraConfig.initialized():
-        overrides = HydraConfig.get().job.override_dirname
-        return overrides or f"{cfg.task.name}-{cfg.mode}"
-    return f"{cfg.task.name}-{cfg.mode}"
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -180,15 +173,22 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     tracker.set_summary({f"best/{k}": v for k, v in state.best_metrics.items() if isinstance(v, (int, float))})
     if ctx.is_main:
         task.log_tables(tracker, state.best_metrics)
-        best = run_dir / "checkpoints" / "best.pt"
-        commands = inference_commands(task.name, cfg.data.root, best) if best.is_file() else []
-        log.info(summary_block(run_dir, str(cfg.trainer.monitor), state.best_value, state.best_epoch,
-                               state.epoch, commands))
     return state.best_value
+
+
+def log_train_summary(cfg: DictConfig, task_name: str, run_dir: Path) -> None:
+    """The block a person reads at the end of training: run dir, best value, files, eval / predict commands."""
+    final = json.loads((run_dir / "metrics.json").read_text())
+    best = run_dir / "checkpoints" / "best.pt"
+    commands = inference_commands(task_name, cfg.data.root, best) if best.is_file() else []
+    epochs_run = (final.get("last") or {}).get("epoch", -1) + 1
+    log.info(summary_block(run_dir, final["monitor"], final["best_value"], final["best_epoch"], epochs_run,
+                           commands))
 
 
 def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     task, model, stats, ckpt_cfg = load_for_inference(cfg, cfg.ckpt_path)
+    tracker.set_config(ckpt_cfg)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
     model = task.for_inference(model)                    # Trainer.evaluate moves it to the device
     values = trainer.evaluate(model, None, task.build_metric(stats), task.datasets(root, "eval")["eval"],
@@ -281,6 +281,7 @@ def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
     else:
         (task, model, stats, ckpt_cfg), ensemble = _averaged_predictor(cfg, paths)
     model = task.for_inference(model)
+    tracker.set_config(ckpt_cfg)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
     results = trainer.infer(model, task.datasets(root, "predict")["predict"], task.collate)
     written = task.write_predictions(results, run_dir, stats) if ctx.is_main else {}
@@ -310,12 +311,15 @@ def run(cfg: DictConfig) -> float | None:
         return synth(cfg, task)
     run_dir = Path(cfg.paths.output_dir)
     root = data_root(cfg, task)
-    tracker: Tracker = make_tracker(cfg, run_dir, run_name(cfg), ctx.is_main)
+    tracker: Tracker = make_tracker(cfg, run_dir, ctx.is_main)
     exit_code = 1
     try:
         from common.cv import cross_validate
         modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
         value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
+        finish_run(tracker, run_dir, ctx.is_main)
+        if cfg.mode == "train" and ctx.is_main:
+            log_train_summary(cfg, task.name, run_dir)
         exit_code = 0
         return value
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,26 @@ def config_for_logging(cfg: DictConfig) -> dict:
 
 
 class RunFiles:
-    """metrics.jsonl (one object per epoch, appended) and metrics.json (final, atomic)."""
+    """metrics.jsonl (one object per epoch, appended) and metrics.json (final, atomic); curves.png redrawn from
+    metrics.jsonl while training, as often as keeps drawing under 1/CURVES_GAP of the time (the first epoch always;
+    common.reports.finish_run draws the final picture)."""
+
+    CURVES_GAP = 20
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._drawn_at, self._draw_seconds = 0.0, 0.0
 
     def append_epoch(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if time.monotonic() - self._drawn_at >= self.CURVES_GAP * self._draw_seconds:
+            from common.reports import write_curves
+            start = time.monotonic()
+            write_curves(self.run_dir)
+            self._drawn_at = time.monotonic()
+            self._draw_seconds = self._drawn_at - start
 
     def write_final(self, metrics: dict) -> None:
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -54,46 +66,28 @@ class Tracker:
 
     def log_images(self, name: str, images: list, step: int, captions: list[str] | None = None) -> None: ...
 
+    def log_image(self, name: str, image, caption: str | None = None) -> None: ...
+
     def log_table(self, name: str, columns: list[str], rows: list[list]) -> None: ...
 
+    def log_confusion_matrix(self, name: str, matrix, class_names: list[str]) -> None: ...
+
+    def set_config(self, cfg: DictConfig) -> None: ...
+
     def set_summary(self, metrics: dict[str, float]) -> None: ...
+
+    def report_run(self, run_dir: Path) -> None: ...
 
     def finish(self, exit_code: int = 0) -> None: ...
 
 
-class WandbTracker(Tracker):
-    def __init__(self, cfg: DictConfig, run_dir: Path, run_name: str):
-        import wandb  # imported only when logger=wandb is selected
-
-        self._wandb = wandb
-        log = cfg.logger
-        self.run = wandb.init(project=log.project, entity=log.entity, mode=log.mode, group=log.group,
-                              job_type=log.job_type, tags=list(log.tags), name=run_name, dir=str(run_dir),
-                              config=config_for_logging(cfg), reinit="finish_previous")
-
-    def log_metrics(self, metrics, step):
-        self.run.log(dict(metrics), step=step)
-
-    def log_images(self, name, images, step, captions=None):
-        captions = captions or [None] * len(images)
-        self.run.log({name: [self._wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
-
-    def log_table(self, name, columns, rows):
-        self.run.log({name: self._wandb.Table(columns=columns, data=rows)})
-
-    def set_summary(self, metrics):
-        for key, value in metrics.items():
-            self.run.summary[key] = value
-
-    def finish(self, exit_code=0):
-        self.run.finish(exit_code=exit_code)
-
-
-def make_tracker(cfg: DictConfig, run_dir: Path, run_name: str, is_main: bool) -> Tracker:
+def make_tracker(cfg: DictConfig, run_dir: Path, is_main: bool) -> Tracker:
     if cfg.logger.name == "none" or not is_main:
         return Tracker()
     if cfg.logger.name == "wandb":
-        return WandbTracker(cfg, run_dir, run_name)
+        from common.run_info import run_info
+        from common.wandb_tracker import WandbTracker   # imports wandb: only when logger=wandb is selected
+        return WandbTracker(cfg, run_dir, run_info(cfg))
     raise ValueError(f"logger.name={cfg.logger.name!r}: expected none or wandb")
 
 

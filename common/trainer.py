@@ -344,8 +344,8 @@ class Trainer:
             return
         if self._optimizer_step(state) and state.step % int(self.t.log_every_n_steps) == 0:
             lrs = {f"lr/{g['tag']}": g["lr"] for g in self.optimizer.param_groups}
-            self.tracker.log_metrics({"train/loss": sum(terms.values()),
-                                      **{f"train/{k}": v for k, v in terms.items()}, **lrs}, state.step)
+            self.tracker.log_metrics({"train/loss_step": sum(terms.values()),   # epoch means: train/loss
+                                      **{f"train/{k}_step": v for k, v in terms.items()}, **lrs}, state.step)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, criterion: nn.Module | None, metric: Metric, dataset: Dataset,
