@@ -14,6 +14,7 @@ from torch import nn
 from common import adapt, distributed
 from common.atomic import file_lock
 from common.checkpoint import load_checkpoint, load_trainable_state
+from common.checkpoint_config import check_checkpoint_config
 from common.seed import seed_everything
 from common.task import Task
 from common.tracking import RunFiles, Tracker, make_tracker
@@ -117,8 +118,10 @@ def _command_line_data_overrides() -> list[tuple[str, object]]:
     return pairs
 
 
-def config_from_checkpoint(cfg: DictConfig, ckpt: dict) -> DictConfig:
+def config_from_checkpoint(cfg: DictConfig, ckpt: dict, source: str = "checkpoint") -> DictConfig:
+    """This run's config with the checkpoint's sections, once they are checked (common.checkpoint_config)."""
     merged = OmegaConf.to_container(cfg, resolve=True)
+    check_checkpoint_config(ckpt["config"], merged, CHECKPOINT_SECTIONS + ("data",), source)
     tta = merged.get("task", {}).get("tta")          # an inference setting: this run's, not the checkpoint's
     for section in CHECKPOINT_SECTIONS:
         if section in ckpt["config"]:
@@ -137,7 +140,7 @@ def load_for_inference(cfg: DictConfig, ckpt_path) -> tuple[Task, nn.Module, dic
     if ckpt_path is None:
         raise ValueError(f"mode={cfg.mode} needs ckpt_path=<run dir>/checkpoints/best.pt")
     ckpt = load_checkpoint(ckpt_path, str(cfg.task.name))
-    ckpt_cfg = config_from_checkpoint(cfg, ckpt)
+    ckpt_cfg = config_from_checkpoint(cfg, ckpt, str(ckpt_path))
     task = load_task(ckpt_cfg)
     model = task.build_model(ckpt["stats"])
     adapt.apply_head_adapters(model, ckpt_cfg.adapt)
