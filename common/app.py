@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
@@ -13,12 +14,13 @@ from torch import nn
 
 from common import adapt, distributed
 from common.atomic import file_lock
-from common.checkpoint import load_checkpoint, load_trainable_state
+from common.checkpoint import load_checkpoint, load_trainable_state, written_checkpoints
 from common.checkpoint_config import check_checkpoint_config
+from common.run_dir import check_run_folders, run_directory_lock
 from common.seed import seed_everything
 from common.task import Task
 from common.tracking import RunFiles, Tracker, make_tracker
-from common.trainer import Trainer
+from common.trainer import Trainer, raise_if_diverged
 
 MODES = ("train", "eval", "predict", "cv", "synth")
 # eval / predict rebuild the network from these checkpoint sections (the data section too, with the
@@ -173,10 +175,10 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
                                                      stats, task.sample_weights(root, sets["train"]))
     summary = {"monitor": str(cfg.trainer.monitor), "best_value": state.best_value,
                "best_epoch": state.best_epoch, "best": state.best_metrics, "last": state.last_metrics,
-               "checkpoints": {"best": str(run_dir / "checkpoints" / "best.pt"),
-                               "last": str(run_dir / "checkpoints" / "last.pt")}}
+               "checkpoints": written_checkpoints(run_dir / "checkpoints")}
     if ctx.is_main:
         RunFiles(run_dir).write_final(summary)
+    raise_if_diverged(state, str(cfg.trainer.monitor))
     tracker.set_summary({f"best/{k}": v for k, v in state.best_metrics.items() if isinstance(v, (int, float))})
     if ctx.is_main:
         task.log_tables(tracker, state.best_metrics)
@@ -305,15 +307,17 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.mode == "synth":
         return synth(cfg, task)
     run_dir = Path(cfg.paths.output_dir)
-    root = data_root(cfg, task)
-    tracker: Tracker = make_tracker(cfg, run_dir, run_name(cfg), ctx.is_main)
-    exit_code = 1
-    try:
-        from common.cv import cross_validate
-        modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
-        value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
-        exit_code = 0
-        return value
-    finally:
-        tracker.finish(exit_code)
-        distributed.teardown(ctx)
+    check_run_folders(cfg, run_dir)
+    with run_directory_lock(run_dir) if ctx.is_main else nullcontext():
+        root = data_root(cfg, task)
+        tracker: Tracker = make_tracker(cfg, run_dir, run_name(cfg), ctx.is_main)
+        exit_code = 1
+        try:
+            from common.cv import cross_validate
+            modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
+            value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
+            exit_code = 0
+            return value
+        finally:
+            tracker.finish(exit_code)
+            distributed.teardown(ctx)
