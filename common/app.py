@@ -12,7 +12,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from common import adapt, distributed
+from common import adapt, distributed, image_check
 from common.atomic import file_lock
 from common.checkpoint import load_checkpoint, load_trainable_state, written_checkpoints
 from common.checkpoint_config import check_checkpoint_config
@@ -308,6 +308,7 @@ def run(cfg: DictConfig) -> float | None:
         return synth(cfg, task)
     run_dir = Path(cfg.paths.output_dir)
     check_run_folders(cfg, run_dir)
+    image_check.configure(cfg)
     with run_directory_lock(run_dir) if ctx.is_main else nullcontext():
         root = data_root(cfg, task)
         tracker: Tracker = make_tracker(cfg, run_dir, run_name(cfg), ctx.is_main)
