@@ -7,9 +7,9 @@ before anything is built. The schema is the composed config joined with every op
 checkpoint of another backbone, model or preset still loads into a plain `task=` run):
 - a mapping's keys must be keys of the same mapping in the schema (an unknown key is refused by name);
 - a `_target_` may stand only where the schema has one; the composed config's target (or, where it has
-  none, the option files' target) is accepted, another one must be a class of the suite's packages or of a named model library (ALLOWED_PACKAGES)
-  that is a model (torch.nn.Module), task, metric or augmentation class, and its mapping's keys must be
-  parameters of that class. The task class is never taken from a checkpoint: it comes from `task=`;
+  none, the option files' target) is accepted, another one must be a class of the suite's packages or of a
+  named model library (ALLOWED_PACKAGES) that is a model (torch.nn.Module), task, metric or augmentation
+  class, and its mapping's keys must be parameters of that class. The task class is never taken from a checkpoint: it comes from `task=`;
 - no string may hold an interpolation (`${...}`), no mapping a positional `_args_`.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ class _Checker:
         if current_target is None and not free:
             raise UntrustedCheckpoint(f"checkpoint {self.source}: {where}._target_={target!r}: a nested _target_ "
                                       f"is not expected at {where}; refusing to build from it")
-        if target == current_target:
+        if target == current_target and isinstance(target, str):
             return free, set(current) | {"_partial_", "_convert_", "_recursive_"}
         if where in FIXED_TARGETS:
             raise UntrustedCheckpoint(f"checkpoint {self.source}: {where}._target_={target!r} differs from this "

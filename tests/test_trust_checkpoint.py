@@ -55,23 +55,27 @@ def test_issue_exploit_is_refused_and_writes_nothing(tmp_path):
     assert not victim.exists()
 
 
+EXPLOIT = "<the issue's exploit>"
 VARIANTS = [  # (task, key set to the exploit or to a value, expected message)
-    ("biomass", "backbone.payload", None, r"unknown key backbone\.payload"),
-    ("biomass", "peft.payload", None, r"unknown key peft\.payload"),
-    ("biomass", "task.payload", None, r"unknown key task\.payload"),
-    ("biomass", "adapt.payload", None, r"unknown key adapt\.payload"),
-    ("biomass", "data.payload", None, r"unknown key data\.payload"),
-    ("biomass", "model.head", None, r"model\.head\._target_='pathlib\.Path\.write_text': a checkpoint may only"),
-    ("biomass", "model.views", None, r"model\.views\._target_=.*nested _target_ is not expected at model\.views"),
-    ("biomass", "model.aux.0", None, r"nested _target_ is not expected at model\.aux\[0\]"),
-    ("biomass", "backbone.name", None, r"nested _target_ is not expected at backbone\.name"),
+    ("biomass", "backbone.payload", EXPLOIT, r"unknown key backbone\.payload"),
+    ("biomass", "peft.payload", EXPLOIT, r"unknown key peft\.payload"),
+    ("biomass", "task.payload", EXPLOIT, r"unknown key task\.payload"),
+    ("biomass", "adapt.payload", EXPLOIT, r"unknown key adapt\.payload"),
+    ("biomass", "data.payload", EXPLOIT, r"unknown key data\.payload"),
+    ("biomass", "model.head", EXPLOIT, r"model\.head\._target_='pathlib\.Path\.write_text': a checkpoint may only"),
+    ("biomass", "model.views", EXPLOIT, r"model\.views\._target_=.*nested _target_ is not expected at model\.views"),
+    ("biomass", "model.aux.0", EXPLOIT, r"nested _target_ is not expected at model\.aux\[0\]"),
+    ("biomass", "backbone.name", EXPLOIT, r"nested _target_ is not expected at backbone\.name"),
     ("biomass", "task._target_", "pathlib.Path.write_text", r"task class comes from task="),
     ("biomass", "model.head._target_", "common.atomic.atomic_write_text", r"does not name a class"),
     ("biomass", "model.head._target_", "common.app.Path", r"defined outside the packages"),
     ("biomass", "model.head._target_", "common.image_cache.ImageCache", r"not a model, task, metric or augm"),
     ("biomass", "backbone.name", "${oc.env:HOME}", r"backbone\.name=.*holds an interpolation"),
-    ("roadwork", "data.augment.0", None, r"data\.augment\[0\]\._target_='pathlib\.Path\.write_text'"),
-    ("roadwork", "data.augment.4.transforms.1", None, r"data\.augment\[4\]\.transforms\[1\]\._target_="),
+    ("biomass", "model.head._target_", None, r"model\.head\._target_=None: a checkpoint may only name"),
+    ("roadwork", "data.augment.0", EXPLOIT, r"data\.augment\[0\]\._target_='pathlib\.Path\.write_text'"),
+    ("roadwork", "data.augment.4.transforms.1", EXPLOIT, r"data\.augment\[4\]\.transforms\[1\]\._target_="),
+    ("sclera", "model.payload", EXPLOIT, r"unknown key model\.payload"),
+    ("sclera", "model.grounding", EXPLOIT, r"nested _target_ is not expected at model\.grounding"),
     ("roadwork", "model._target_", "roadwork.model.Tensor", r"torch._C.TensorBase|torch.Tensor, defined outside"),
 ]
 
@@ -80,7 +84,7 @@ VARIANTS = [  # (task, key set to the exploit or to a value, expected message)
 def test_every_copied_section_is_checked(tmp_path, task, key, value, message):
     victim = tmp_path / "victim.py"
     cfg = _cfg(tmp_path, [f"task={task}"])
-    path = _checkpoint(tmp_path, cfg, _set(key, _payload(victim) if value is None else value))
+    path = _checkpoint(tmp_path, cfg, _set(key, _payload(victim) if value == EXPLOIT else value))
     with pytest.raises(UntrustedCheckpoint, match=message):
         load_for_inference(cfg, path)
     assert not victim.exists()
