@@ -170,3 +170,12 @@ def test_roadwork_truncated_mask_named(tmp_path):
     _truncate(tmp_path / "masks" / "train" / "a.png")
     with pytest.raises(ValueError, match=r"masks/train/a.png: cannot decode image"):
         mask_files(samples, tmp_path, "masks")
+
+
+def test_image_cache_write_failure_names_the_config_key(tmp_path):
+    from common.image_cache import ImageCache
+    (tmp_path / "a_file").write_text("")
+    cache = ImageCache(tmp_path / "a_file" / "decoded")       # a folder below a file: not writable, even by root
+    image = _noise_image(tmp_path / "x.png", (8, 8))
+    with pytest.raises(OSError, match=rf"cannot write .*x.png.*data.image_cache.dir={tmp_path / 'a_file'}/decoded"):
+        cache.get(image, "prep", lambda: np.ones((2, 2)))
