@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+
 from common.image_check import broken_images
 from roadwork.metadata import is_missing, parse_label, parse_metadata
 

@@ -6,10 +6,8 @@ import socket
 import subprocess
 import sys
 
-
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from common.atomic import atomic_write_json
 from common.run_dir import (LOCK_NAME, RunDirectoryBusy, check_run_folders, remove_stale_temporaries,
