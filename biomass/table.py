@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
-
 from biomass.constants import ID_SEP, SOLUTION_COLUMNS, TARGETS, TEST_COLUMNS, TRAIN_COLUMNS
+from common.image_check import broken_images
 
 log = logging.getLogger(__name__)
 META_COLUMNS = ("Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm")
@@ -58,6 +57,11 @@ def _check_target_values(df: pd.DataFrame, path: Path, skip_bad: bool) -> pd.Dat
     negative = df[values < 0]
     what = f"target {negative['target'].iloc[0]!r} is negative (grams must be >= 0)" if len(negative) else ""
     df = df.drop(_bad(path, negative, what, skip_bad))
+    infinite = df[np.isinf(values.loc[df.index])]
+    what = f"target {float(values[infinite.index[0]])} is not finite (grams must be finite)" if len(infinite) else ""
+    df = df.drop(_bad(path, infinite, what, skip_bad))
+    if not values.loc[df.index].notna().any():
+        raise ValueError(f"{path}: none of its {len(df)} target rows holds a finite number (all empty or NaN)")
     return df.assign(target=values.loc[df.index].astype(float))
 
 
@@ -81,22 +85,15 @@ def _check_images(wide: pd.DataFrame, root: Path, path: Path, skip_bad: bool) ->
     if len(missing):
         log.warning("%s: skipping %d image(s) whose file does not exist", path, len(missing))
     wide = wide[exists]
-    if not skip_bad:
-        return wide  # an undecodable image then fails when loaded, with its file name
-    decodable = wide["image_path"].map(lambda p: _decodable(root / p))
-    if (~decodable).any():
-        log.warning("%s: skipping %d image(s) that cannot be decoded: %s", path, int((~decodable).sum()),
-                    ", ".join(wide.loc[~decodable, "image_path"].head(5)))
-    return wide[decodable]
-
-
-def _decodable(image: Path) -> bool:
-    try:
-        with Image.open(image) as img:
-            img.verify()
-        return True
-    except (UnidentifiedImageError, OSError, SyntaxError):
-        return False
+    broken = broken_images(root / p for p in wide["image_path"])     # every image decoded in full, once
+    bad = wide[wide["image_path"].map(lambda p: root / p in broken)]
+    if len(bad) and not skip_bad:
+        row = bad.iloc[0]
+        raise ValueError(f"{path}: line {row['_line']} (image {row['image_id']!r}): {broken[root / row['image_path']]}")
+    if len(bad):
+        log.warning("%s: skipping %d image(s) that cannot be decoded: %s", path, len(bad),
+                    ", ".join(bad["image_path"].head(5)))
+    return wide.drop(bad.index)
 
 
 def _widen(df: pd.DataFrame, path: Path) -> pd.DataFrame:

@@ -5,6 +5,7 @@ import logging
 import hashlib
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
@@ -12,16 +13,18 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from common import adapt, distributed
+from common import adapt, distributed, image_check
 from common.atomic import file_lock
-from common.checkpoint import load_checkpoint, load_trainable_state
+from common.checkpoint import load_checkpoint, load_trainable_state, written_checkpoints
+from common.checkpoint_config import check_checkpoint_config
 from common.choices import MODES
 from common.console import inference_commands, summary_block
 from common.reports import finish_run
+from common.run_dir import check_run_folders, run_directory_lock
 from common.seed import seed_everything
 from common.task import Task
 from common.tracking import RunFiles, Tracker, make_tracker
-from common.trainer import Trainer
+from common.trainer import Trainer, raise_if_diverged
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +117,10 @@ def _command_line_data_overrides() -> list[tuple[str, object]]:
     return pairs
 
 
-def config_from_checkpoint(cfg: DictConfig, ckpt: dict) -> DictConfig:
+def config_from_checkpoint(cfg: DictConfig, ckpt: dict, source: str = "checkpoint") -> DictConfig:
+    """This run's config with the checkpoint's sections, once they are checked (common.checkpoint_config)."""
     merged = OmegaConf.to_container(cfg, resolve=True)
+    check_checkpoint_config(ckpt["config"], merged, CHECKPOINT_SECTIONS + ("data",), source)
     tta = merged.get("task", {}).get("tta")          # an inference setting: this run's, not the checkpoint's
     for section in CHECKPOINT_SECTIONS:
         if section in ckpt["config"]:
@@ -134,7 +139,7 @@ def load_for_inference(cfg: DictConfig, ckpt_path) -> tuple[Task, nn.Module, dic
     if ckpt_path is None:
         raise ValueError(f"mode={cfg.mode} needs ckpt_path=<run dir>/checkpoints/best.pt")
     ckpt = load_checkpoint(ckpt_path, str(cfg.task.name))
-    ckpt_cfg = config_from_checkpoint(cfg, ckpt)
+    ckpt_cfg = config_from_checkpoint(cfg, ckpt, str(ckpt_path))
     task = load_task(ckpt_cfg)
     model = task.build_model(ckpt["stats"])
     adapt.apply_head_adapters(model, ckpt_cfg.adapt)
@@ -166,10 +171,10 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
                                                      stats, task.sample_weights(root, sets["train"]))
     summary = {"monitor": str(cfg.trainer.monitor), "best_value": state.best_value,
                "best_epoch": state.best_epoch, "best": state.best_metrics, "last": state.last_metrics,
-               "checkpoints": {"best": str(run_dir / "checkpoints" / "best.pt"),
-                               "last": str(run_dir / "checkpoints" / "last.pt")}}
+               "checkpoints": written_checkpoints(run_dir / "checkpoints")}
     if ctx.is_main:
         RunFiles(run_dir).write_final(summary)
+    raise_if_diverged(state, str(cfg.trainer.monitor))
     tracker.set_summary({f"best/{k}": v for k, v in state.best_metrics.items() if isinstance(v, (int, float))})
     if ctx.is_main:
         task.log_tables(tracker, state.best_metrics)
@@ -310,18 +315,21 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.mode == "synth":
         return synth(cfg, task)
     run_dir = Path(cfg.paths.output_dir)
-    root = data_root(cfg, task)
-    tracker: Tracker = make_tracker(cfg, run_dir, ctx.is_main)
-    exit_code = 1
-    try:
-        from common.cv import cross_validate
-        modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
-        value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
-        finish_run(tracker, run_dir, ctx.is_main)
-        if cfg.mode == "train" and ctx.is_main:
-            log_train_summary(cfg, task.name, run_dir)
-        exit_code = 0
-        return value
-    finally:
-        tracker.finish(exit_code)
-        distributed.teardown(ctx)
+    check_run_folders(cfg, run_dir)
+    image_check.configure(cfg)
+    with run_directory_lock(run_dir) if ctx.is_main else nullcontext():
+        root = data_root(cfg, task)
+        tracker: Tracker = make_tracker(cfg, run_dir, ctx.is_main)
+        exit_code = 1
+        try:
+            from common.cv import cross_validate
+            modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
+            value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
+            finish_run(tracker, run_dir, ctx.is_main)
+            if cfg.mode == "train" and ctx.is_main:
+                log_train_summary(cfg, task.name, run_dir)
+            exit_code = 0
+            return value
+        finally:
+            tracker.finish(exit_code)
+            distributed.teardown(ctx)

@@ -6,6 +6,8 @@ readers never see a partial file, and a failed write leaves the previous file as
 from __future__ import annotations
 
 import fcntl
+import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -35,6 +37,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def finite(value):
+    """Copy of a plain container with every non-finite float (nan, inf) replaced by None (JSON null)."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike, value) -> None:
+    """Strict JSON (non-finite numbers as null, never NaN / Infinity), written atomically."""
+    atomic_write_text(path, json.dumps(finite(value), indent=2, allow_nan=False) + "\n")
 
 
 @contextmanager

@@ -63,6 +63,12 @@ def atomic_torch_save(obj, path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def written_checkpoints(folder: Path, names: tuple[str, ...] = ("best", "last")) -> dict[str, str]:
+    """{name: path} of the checkpoints `folder` holds (a diverged run has no best.pt)."""
+    paths = {name: Path(folder) / f"{name}.pt" for name in names}
+    return {name: str(path) for name, path in paths.items() if path.is_file()}
+
+
 def load_checkpoint(path, task_name: str) -> dict:
     path = Path(path)
     if not path.is_file():

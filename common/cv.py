@@ -14,7 +14,7 @@ from torch.utils.data import Subset
 from common.atomic import atomic_write_text
 from common.checkpoint import load_checkpoint
 from common.tracking import RunFiles, Tracker
-from common.trainer import Trainer
+from common.trainer import Trainer, raise_if_diverged
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
         state = trainer.fit(task, model, criterion, metric, train_set, val_set, stats,
                             task.sample_weights(root, train_set))
         step_offset += state.step
+        raise_if_diverged(state, str(cfg.trainer.monitor))
         best = fold_dir / "checkpoints" / "best.pt"
         restore_for_inference(model, load_checkpoint(best, task.name), str(best))
         oof_metric = oof_metric or task.build_metric(stats)

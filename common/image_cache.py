@@ -49,6 +49,10 @@ class ImageCache:
                 raise ValueError(f"image cache file {path} (of {image}) is unreadable ({err}); delete it, or the "
                                  f"folder data.image_cache.dir={self.folder}, to rebuild it") from err
         array = np.ascontiguousarray(compute())
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+        except OSError as err:
+            raise OSError(f"image cache: cannot write {path} (of {image}): {err}; data.image_cache.dir="
+                          f"{self.folder} must be a writable folder with free space") from err
         return array

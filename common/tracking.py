@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_json
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key|apikey|credential)", re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
@@ -56,7 +56,7 @@ class RunFiles:
             self._draw_seconds = self._drawn_at - start
 
     def write_final(self, metrics: dict) -> None:
-        atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(self.run_dir / "metrics.json", metrics)
 
 
 class Tracker:

@@ -41,6 +41,21 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class Diverged(NonFiniteLossError):
+    """Training ended without one finite value of the monitored metric."""
+
+
+def raise_if_diverged(state: "FitState", monitor: str) -> None:
+    """A run whose monitored metric was never finite has no best model: fail it, saying what to change."""
+    if state.best_value is not None or state.epoch == 0:
+        return
+    last = state.last_metrics.get(monitor)
+    raise Diverged(f"the run diverged: {monitor} was not finite in any of {state.epoch} epochs (last value "
+                   f"{last}; {state.nonfinite_steps} optimiser steps had a non-finite loss or gradient), so no "
+                   f"best checkpoint was written. Lower trainer.optim.lr, set trainer.grad_clip, or check the "
+                   f"data for NaN / inf inputs and targets")
+
+
 class Preempted(Exception):
     def __init__(self, signum: int):
         super().__init__(f"signal {signum}")

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from common.cache import file_digest, image_key
 from common.image_cache import ImageCache, through
+from common.image_check import raise_if_broken
 from roadwork.augment import BenchmarkTransform, augment_views, augment_views_and_masks, build_pipeline
 from roadwork.samples import Sample, index_samples
 from roadwork.views import cut_views, resolve_views
@@ -72,7 +73,9 @@ def mask_files(samples: list[Sample], root: Path, masks: str) -> list[Optional[P
             f"<split>/<stem>.jpg (a synthetic dataset generated before masks existed has none: delete it under "
             f"<paths.cache_dir>/synthetic)")
     paths = [folder / _relative_to_root(sample.image, Path(root)).with_suffix(".png") for sample in samples]
-    return [path if path.is_file() else None for path in paths]
+    found = [path if path.is_file() else None for path in paths]
+    raise_if_broken((p for p in found if p is not None), "masks")    # decoded in full once (common.image_check)
+    return found
 
 
 def seg_target(masks: Optional[list[np.ndarray]], count: int, size: int) -> dict:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
-from PIL import Image
 
+from common.image_check import broken_images
 from roadwork.metadata import is_missing, parse_label, parse_metadata
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -32,16 +32,12 @@ class SampleIndex:
     skipped: list[str] = field(default_factory=list)   # "file: reason" of each skipped bad sample
 
 
-def check_image(path: Path) -> None:
-    """Decode the image (JPEG at reduced scale, cheap) so that broken files fail here, named."""
+def check_image(path: Path, broken: dict[Path, str]) -> None:
+    """Broken files (common.image_check: decoded in full once, at indexing) fail here, named."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (64, 64))
-            img.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path}: cannot decode image ({err})") from err
+    if path in broken:
+        raise ValueError(broken[path])
 
 
 def read_sidecar(path: Path) -> dict | None:
@@ -70,8 +66,8 @@ def _text_inputs(record: dict, text_fields: Sequence[str], where: str) -> dict:
 
 
 def make_sample(image: Path, name: str, record: dict | None, where: str, vocabularies: dict,
-                text_fields: Sequence[str], require_label: bool) -> Sample:
-    check_image(image)
+                text_fields: Sequence[str], require_label: bool, broken: dict[Path, str]) -> Sample:
+    check_image(image, broken)
     if record is None:
         if require_label:
             raise FileNotFoundError(f"{where}: no sidecar / label for {image}; training and evaluation need labels")
@@ -110,11 +106,12 @@ def index_samples(path: Path, vocabularies: dict, text_fields: Sequence[str], re
         entries = _folder_entries(path)
     else:
         raise FileNotFoundError(f"{path}: expected a folder of images with JSON sidecars or a .csv manifest")
-    index = SampleIndex(samples=[])
+    index, entries = SampleIndex(samples=[]), list(entries)
+    broken = broken_images(image for image, *_ in entries if image.is_file())
     for image, name, where, load_record in entries:
         try:
             index.samples.append(make_sample(image, name, load_record(), str(where), vocabularies,
-                                             text_fields, require_label))
+                                             text_fields, require_label, broken))
         except (ValueError, FileNotFoundError) as err:
             if not skip_bad:
                 raise

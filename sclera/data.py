@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from common.cache import image_key
 from common.image_cache import ImageCache, through
+from common.image_check import broken_images
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,11 @@ def check_item(item: Item) -> None:
 def validated(items: list[Item], problems: list[str], skip_bad: bool) -> list[Item]:
     """Check every labelled item once; raise on the first problem, or skip and count with skip_bad."""
     good = []
+    broken = broken_images(p for item in items for p in (item.image, item.mask) if p is not None)
     for item in items:
         try:
+            if item.image in broken or item.mask in broken:
+                raise BadSample(broken.get(item.image) or broken[item.mask])
             if item.mask is not None:
                 check_item(item)
             good.append(item)
