@@ -16,7 +16,8 @@ BEAT = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
 
 
 def _worker(tmp_path, worker: str, extra: list[str], popen: bool = False, env: dict | None = None):
-    cmd = [sys.executable, str(REPO / "run.py"), "-m", *TOY, "sweeps=toy_lr", "logger=none",
+    logger = [] if any(arg.startswith("logger=") for arg in extra) else ["logger=none"]
+    cmd = [sys.executable, str(REPO / "run.py"), "-m", *TOY, "sweeps=toy_lr", *logger,
            f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SWEEP_WORKER_ID": worker, "WANDB_MODE": "disabled", **(env or {})}
     if popen:
