@@ -91,6 +91,8 @@ class SharedStudySweeper(Sweeper):
     # ---- study -------------------------------------------------------------------------------------------
     def _open(self) -> optuna.Study:
         study = open_study(self.storage, self.study_name, [self.direction])
+        study.set_user_attr("metric", str(self.config.optimized_metric))  # for sweeps.report
+        study.set_user_attr("budget", self.budget)
         seed = sampler_seed(int(self.sampler_cfg.seed), self.worker, len(study.get_trials(deepcopy=False)))
         self.seed = seed
         sampler = instantiate(self.sampler_cfg, seed=seed)
