@@ -31,7 +31,7 @@ from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, read_write
 from optuna.trial import TrialState
 
 from common.atomic import atomic_write_text
@@ -102,14 +102,16 @@ class SharedStudySweeper(Sweeper):
 
     def _search_space(self, arguments: list[str]):
         params_conf = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
-        distributions, fixed = create_params_from_overrides(params_conf)
+        # hydra-optuna-sweeper 1.3 returns (distributions, fixed); 1.4 adds the `~key` delete overrides
+        distributions, fixed, *deletions = create_params_from_overrides(params_conf)
         for name in fixed:
             distributions.pop(name, None)
+        self.deletions = list(deletions[0]) if deletions else []
         return distributions, fixed
 
     def trial_dir(self, number: int) -> Path:
         cfg = copy.deepcopy(self.config)
-        with open_dict(cfg):
+        with read_write(cfg.hydra.job):  # Hydra 1.4 hands the sweeper read-only nodes
             cfg.hydra.job.num = number
         return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
 
@@ -185,9 +187,8 @@ class SharedStudySweeper(Sweeper):
             failures += not self._run(study, trial, overrides)
         return ran, failures
 
-    @staticmethod
-    def _overrides(params: dict, fixed: dict) -> list[str]:
-        return [f"{name}={value}" for name, value in {**params, **fixed}.items()]
+    def _overrides(self, params: dict, fixed: dict) -> list[str]:
+        return [f"{name}={value}" for name, value in {**params, **fixed}.items()] + self.deletions
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def _wait_for_running(self, study: optuna.Study, complete: int, live: int, waited: bool) -> None:

@@ -45,10 +45,23 @@ def _is_schema_race(err: Exception) -> bool:
     return "alembic_version" in text or "already exists" in text or "unique constraint" in text
 
 
-def make_storage(url: str) -> optuna.storages.RDBStorage:
+def journal_storage(path: Path):
+    """journal:///shared/path/study.log: a study in an append-only file on a shared filesystem, no database
+    server (optuna >= 3.1; the suite's pinned optuna 2.10 has none, see README "Modern Optuna")."""
+    backend = getattr(getattr(optuna.storages, "journal", None), "JournalFileBackend", None)
+    if backend is None:
+        raise ValueError(f"storage journal://{path}: JournalStorage needs optuna >= 4 (installed: "
+                         f"{optuna.__version__}); use sqlite:/// on one machine or postgresql:// for many")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(backend(str(path)))
+
+
+def make_storage(url: str):
     if not url:
         raise ValueError("hydra.sweeper.storage is empty: a shared study needs a database URL "
                          "(sqlite:///path/study.db on one machine, postgresql://... for many; or OPTUNA_STORAGE)")
+    if url.startswith("journal:///"):
+        return journal_storage(Path(url[len("journal://"):]))
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
