@@ -310,7 +310,7 @@ class Trainer:
               f"({state.nonfinite_steps}/{self.t.max_nonfinite_steps})")
         if state.nonfinite_steps > int(self.t.max_nonfinite_steps):
             raise NonFiniteLossError(
-                f"{state.nonfinite_steps} optimiser steps had a non-finite loss or gradient (limit "
+                f"non-finite {what} at step {state.step}, {state.nonfinite_steps} such optimiser steps (limit "
                 f"trainer.max_nonfinite_steps={self.t.max_nonfinite_steps}); the run diverged: lower the "
                 f"learning rate, enable trainer.grad_clip, or check the data for NaN inputs")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from common.tracking import redact
-from sweeps.shared_study import open_study
+from common.secrets import protect_process, redact
+from sweeps.storage import open_study
 from sweeps.workers import register_resolvers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -21,6 +21,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def main(overrides: list[str]) -> None:
     register_resolvers()
+    protect_process(None)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
@@ -28,9 +29,9 @@ def main(overrides: list[str]) -> None:
     if "budget" not in sweeper:
         raise SystemExit("no sweeps=<search space> given: e.g. python -m sweeps.create_study task=sclera "
                          "sweeps=sclera_adapters")
+    protect_process(sweeper.storage)
     study = open_study(sweeper.storage, sweeper.study_name, [sweeper.direction])
-    print(f"study {study.study_name} ready in {redact({'storage': sweeper.storage})['storage']} "
-          f"({len(study.trials)} trials so far)")
+    print(f"study {study.study_name} ready in {redact(sweeper.storage)} ({len(study.trials)} trials so far)")
 
 
 if __name__ == "__main__":

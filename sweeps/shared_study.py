@@ -1,170 +1,242 @@
 """An Optuna sweep that many independent workers share: one study, a global trial budget, no lost trials.
 
 Each worker (`python run.py -m sweeps=<space> ...`, one per GPU or Slurm job) runs trials one at a time:
-- the study is created under a file lock (SQLite) or beforehand with `python -m sweeps.create_study`;
-- before each trial, trials whose worker stopped sending heartbeats (killed, node lost) are marked FAIL;
-- a trial asked beyond the budget (complete + running trials, ordered by trial number) is marked PRUNED
-  with user attribute `surplus`, and the worker stops: the study ends with exactly `budget` complete trials;
-- a trial that raises (an error, out of memory, a diverged loss) is marked FAIL with its reason in the user
-  attribute `fail_reason`, and the sweep goes on until more than `max_failure_rate * budget` trials failed;
+- first it resumes the trials it left RUNNING (a Slurm requeue keeps the worker id): same trial number, same
+  parameters, same directory, from that trial's checkpoints/last.pt (trainer.resume);
+- before each new trial, other workers' trials without a heartbeat for grace_period are marked FAIL (with
+  fail_reason); while complete + live running trials fill the budget it waits for them instead of stopping, so a
+  dead worker never costs a budget slot; it stops when the study holds `budget` complete trials;
+- the sampler seed mixes the configured seed, the worker id and the study's trial count, so no restart of a
+  worker re-proposes the parameters of its previous life;
+- trial directories are `<sweep dir>/<subdir>` with hydra.job.num = the trial number: keyed by study and trial
+  number, never reused (an existing one for a new trial is an error);
+- a trial that raises (an error, out of memory, a diverged loss) or returns a non-finite metric is marked FAIL
+  with fail_reason; the worker stops after more than max_failure_rate x budget failures of its own;
 - every finished trial gets its run directory and final metrics (metrics.json) as user attributes.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import threading
-import warnings
-from contextlib import contextmanager
+import os
+import signal
+import time
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from omegaconf import OmegaConf
+from hydra.core.utils import JobReturn
+from hydra.plugins.sweeper import Sweeper
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+from omegaconf import DictConfig, OmegaConf, read_write
 from optuna.trial import TrialState
 
-from common.atomic import atomic_write_text, file_lock
+from common.atomic import atomic_write_text
+from common.secrets import protect_process, redact
+from sweeps import accounting
+from sweeps.storage import load_study, open_study
+from sweeps.workers import worker_id
 
 log = logging.getLogger(__name__)
+# a run stopped by one of these (trainer's preemption exit code 128 + signal) is resumed, not failed
+PREEMPTION_CODES = {128 + s for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
 
 
-def make_storage(url: str, heartbeat_interval: Optional[int], grace_period: Optional[int]):
-    if not url:
-        raise ValueError("hydra.sweeper.storage is empty: a shared study needs a database URL "
-                         "(sqlite:///path/study.db on one machine, postgresql://... for many; or OPTUNA_STORAGE)")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                      grace_period=grace_period)
+def sampler_seed(seed: int, worker: str, trials_so_far: int) -> int:
+    return zlib.crc32(f"{seed}:{worker}:{trials_so_far}".encode())
 
 
-@contextmanager
-def creation_lock(url: str):
-    """Serialise study creation between processes of one machine (SQLite); other databases: pre-create."""
-    if not url.startswith("sqlite:///"):
-        yield
-        return
-    with file_lock(url[len("sqlite:///"):] + ".lock"):
-        yield
-
-
-def open_study(url: str, study_name: str, directions: list[str], sampler=None,
-               heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None) -> optuna.Study:
-    with creation_lock(url):  # RDBStorage creates the schema tables: that races too, not only create_study
-        storage = make_storage(url, heartbeat_interval, grace_period)
-        return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
-                                   directions=directions, load_if_exists=True)
-
-
-class Heartbeat:
-    """Records the trial's heartbeat every `interval` seconds while the trial runs in this process."""
-
-    def __init__(self, storage, trial_id: int, interval: Optional[int]):
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self):
-        while not self._stop.wait(self.interval):
-            self.storage.record_heartbeat(self.trial_id)
-
-    def __enter__(self):
-        if self.interval:
-            self.storage.record_heartbeat(self.trial_id)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
-def is_surplus(study: optuna.Study, trial: optuna.trial.Trial, budget: int) -> bool:
-    active = sorted(t.number for t in study.get_trials(deepcopy=False,
-                                                       states=(TrialState.COMPLETE, TrialState.RUNNING)))
-    return active.index(trial.number) >= budget
-
-
-def final_metrics(job_return) -> dict[str, Any]:
-    run_dir = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
+def final_metrics(run_dir: Path) -> dict[str, Any]:
     metrics_file = run_dir / "metrics.json"
-    attrs: dict[str, Any] = {"run_dir": str(run_dir)}
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())
-        flat = metrics.get("best", metrics)
-        attrs.update({k: v for k, v in flat.items() if isinstance(v, (int, float, str))})
-    return attrs
+    if not metrics_file.is_file():
+        return {}
+    metrics = json.loads(metrics_file.read_text())
+    flat = metrics.get("best", metrics)
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str))}
 
 
-class SharedStudySweeperImpl(OptunaSweeperImpl):
-    def __init__(self, *args, budget: int, heartbeat_interval: Optional[int], grace_period: Optional[int],
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.budget, self.heartbeat_interval, self.grace_period = budget, heartbeat_interval, grace_period
+def quiet_optuna_logging() -> None:
+    """Optuna's lines through Hydra's handlers (one format, no colour codes), not its own coloured handler."""
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
+class SharedStudySweeper(Sweeper):
+    def __init__(self, sampler: DictConfig, direction: str, storage: str, study_name: str, budget: int,
+                 n_jobs: int, max_failure_rate: float, heartbeat_interval: int, grace_period: int,
+                 params: Optional[DictConfig] = None) -> None:
+        if n_jobs != 1:
+            raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}: shared-study workers run one trial at a time; "
+                             f"start more workers instead")
+        if not (isinstance(heartbeat_interval, int) and isinstance(grace_period, int)
+                and 0 < heartbeat_interval < grace_period):
+            raise ValueError(f"hydra.sweeper.heartbeat_interval={heartbeat_interval}, grace_period={grace_period}: "
+                             f"expected positive integers (seconds) with heartbeat_interval < grace_period")
+        self.sampler_cfg, self.direction, self.storage = sampler, direction, storage
+        self.study_name, self.budget, self.max_failure_rate = study_name, budget, max_failure_rate
+        self.heartbeat_interval, self.grace_period, self.params = heartbeat_interval, grace_period, params
+        self.worker = worker_id()
+        protect_process(storage)
+        quiet_optuna_logging()
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        from hydra.core.plugins import Plugins
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function)
+
+    # ---- study -------------------------------------------------------------------------------------------
+    def _open(self) -> optuna.Study:
+        study = open_study(self.storage, self.study_name, [self.direction])
+        study.set_user_attr("metric", str(self.config.optimized_metric))  # for sweeps.report
+        study.set_user_attr("budget", self.budget)
+        seed = sampler_seed(int(self.sampler_cfg.seed), self.worker, len(study.get_trials(deepcopy=False)))
+        self.seed = seed
+        sampler = instantiate(self.sampler_cfg, seed=seed)
+        log.info(f"study {self.study_name} in {redact(self.storage)}: budget {self.budget} complete trials; "
+                 f"worker {self.worker}, sampler seed {seed}")
+        return load_study(self.storage, self.study_name, sampler=sampler)
 
     def _search_space(self, arguments: list[str]):
-        self._process_searchspace_config()
-        params_conf = self._parse_sweeper_params_config() + list(arguments)
-        distributions, fixed = create_params_from_overrides(params_conf)
-        distributions = {**(self.search_space_distributions or {}), **distributions}
+        params_conf = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
+        # hydra-optuna-sweeper 1.3 returns (distributions, fixed); 1.4 adds the `~key` delete overrides
+        distributions, fixed, *deletions = create_params_from_overrides(params_conf)
         for name in fixed:
             distributions.pop(name, None)
+        self.deletions = list(deletions[0]) if deletions else []
         return distributions, fixed
 
-    def _record(self, study: optuna.Study, trial, job_return) -> bool:
+    def trial_dir(self, number: int) -> Path:
+        cfg = copy.deepcopy(self.config)
+        with read_write(cfg.hydra.job):  # Hydra 1.4 hands the sweeper read-only nodes
+            cfg.hydra.job.num = number
+        return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+
+    # ---- one trial ---------------------------------------------------------------------------------------
+    def _launch(self, study: optuna.Study, trial_id: int, number: int, overrides: list[str]) -> JobReturn:
+        with accounting.Heartbeat(study, trial_id, self.heartbeat_interval):
+            try:
+                return self.launcher.launch([overrides], initial_job_idx=number)[0]
+            except SystemExit as stop:
+                if stop.code not in PREEMPTION_CODES:
+                    raise
+                log.warning(f"trial {number} preempted (exit {stop.code}): it stays RUNNING; this worker resumes it "
+                            f"when restarted with the same worker id ({self.worker}) within grace_period "
+                            f"{self.grace_period} s, else another worker marks it FAIL")
+                raise
+
+    def _record(self, study: optuna.Study, trial_id: int, number: int, job_return: JobReturn,
+                run_dir: Path) -> bool:
         """Tell the study how the trial ended; True when it completed."""
-        storage = study._storage
         try:
-            value = float(job_return.return_value)
-            if value != value:  # NaN: nothing was ever finite
-                raise ValueError("the monitored metric was never finite (the run diverged)")
-        except Exception as err:  # the trial's own exception (re-raised by JobReturn), kept as its reason
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"{type(err).__name__}: {err}"[:2000])
-            study.tell(trial, state=TrialState.FAIL)
-            log.warning(f"trial {trial.number} failed: {type(err).__name__}: {err}")
+            value = job_return.return_value
+        except Exception as err:  # the trial's own exception (re-raised by JobReturn): its reason
+            reason = accounting.failure_reason(err)
+        else:
+            reason = accounting.value_failure(value, str(self.config.optimized_metric), str(run_dir))
+        trial = optuna.trial.Trial(study, trial_id)
+        for key, attr in final_metrics(run_dir).items():
+            trial.set_user_attr(key, attr)
+        if reason is not None:
+            accounting.mark_failed(study, trial_id, number, reason)
             return False
-        for key, attr in final_metrics(job_return).items():
-            storage.set_trial_user_attr(trial._trial_id, key, attr)
-        study.tell(trial, values=[value])
+        try:
+            study.tell(number, values=[float(value)])
+        except (RuntimeError, ValueError) as err:
+            log.warning(f"trial {number} completed but had been failed by another worker meanwhile (its heartbeat "
+                        f"expired): {err}; its run is in {run_dir}")
+            return False
         return True
 
-    def sweep(self, arguments: list[str]) -> None:
-        if self.n_jobs != 1:
-            raise ValueError(f"hydra.sweeper.n_jobs={self.n_jobs}: shared-study workers run one trial at a time; "
-                             f"start more workers instead")
-        distributions, fixed = self._search_space(arguments)
-        study = open_study(self.storage, self.study_name, self._get_directions(), self.sampler,
-                           self.heartbeat_interval, self.grace_period)
-        log.info(f"study {study.study_name} in {self.storage}: budget {self.budget} complete trials")
-        failures = 0
-        while True:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-            trial = study.ask()
-            if is_surplus(study, trial, self.budget):
-                study._storage.set_trial_user_attr(trial._trial_id, "surplus", True)
-                study.tell(trial, state=TrialState.PRUNED)
-                break
-            overrides = self._configure_trials([trial], distributions, fixed)
-            with Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
-                job_return = self.launcher.launch(overrides, initial_job_idx=self.job_idx)[0]
-            self.job_idx += 1
-            if not self._record(study, trial, job_return):
-                failures += 1
-                if failures > self.max_failure_rate * self.budget:
-                    raise RuntimeError(f"{failures} trials failed in this worker, more than max_failure_rate="
-                                       f"{self.max_failure_rate} of the budget {self.budget}; see each trial's "
-                                       f"fail_reason in the study")
-        self._write_results(study)
+    def _run(self, study: optuna.Study, trial: optuna.trial.Trial, overrides: list[str]) -> bool:
+        run_dir = Path(trial.user_attrs["run_dir"])
+        job_return = self._launch(study, trial._trial_id, trial.number, overrides)
+        return self._record(study, trial._trial_id, trial.number, job_return, run_dir)
 
-    def _write_results(self, study: optuna.Study) -> None:
+    def _new_trial(self, study: optuna.Study, distributions, fixed) -> Optional[optuna.trial.Trial]:
+        trial = study.ask(fixed_distributions=distributions)
+        if accounting.is_surplus(study, trial.number, self.budget):
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=TrialState.PRUNED)
+            return None
+        run_dir = self.trial_dir(trial.number)
+        if run_dir.exists():
+            accounting.mark_failed(study, trial._trial_id, trial.number, f"trial directory {run_dir} exists")
+            raise FileExistsError(f"trial {trial.number}: its directory {run_dir} already exists (a deleted study "
+                                  f"of the same name?): choose another hydra.sweeper.study_name or move it")
+        accounting.claim(trial, self.worker, str(run_dir), self.seed)
+        return trial
+
+    def _resume_own(self, study: optuna.Study, fixed: dict) -> tuple[int, int]:
+        """Run to the end the trials this worker id left RUNNING (killed or preempted, then restarted):
+        (trials resumed, of which failed)."""
+        ran = failures = 0
+        for frozen in accounting.running(study):
+            if frozen.user_attrs.get("worker") != self.worker:
+                continue
+            trial = optuna.trial.Trial(study, frozen._trial_id)
+            trial.set_user_attr("resumed", int(frozen.user_attrs.get("resumed", 0)) + 1)
+            trial.set_user_attr("pid", os.getpid())
+            log.info(f"resuming trial {frozen.number} (worker {self.worker}) in {frozen.user_attrs['run_dir']} "
+                     f"with its parameters {frozen.params}")
+            overrides = self._overrides(frozen.params, fixed) + ["trainer.resume=true"]
+            ran += 1
+            failures += not self._run(study, trial, overrides)
+        return ran, failures
+
+    def _overrides(self, params: dict, fixed: dict) -> list[str]:
+        return [f"{name}={value}" for name, value in {**params, **fixed}.items()] + self.deletions
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def _wait_for_running(self, study: optuna.Study, complete: int, live: int, waited: bool) -> None:
+        if not waited:
+            log.info(f"study {self.study_name}: {complete} complete + {live} running trials of other workers fill "
+                     f"the budget {self.budget}; waiting for them to finish (or to miss heartbeats for "
+                     f"{self.grace_period} s)")
+        time.sleep(self.heartbeat_interval)
+
+    def _check_failures(self, failures: int) -> None:
+        if failures > self.max_failure_rate * self.budget:
+            raise RuntimeError(f"{failures} trials failed in this worker, more than max_failure_rate="
+                               f"{self.max_failure_rate} of the budget {self.budget}; see each trial's fail_reason "
+                               f"(python -m sweeps.report {Path(str(self.config.hydra.sweep.dir))})")
+
+    def sweep(self, arguments: list[str]) -> None:
+        distributions, fixed = self._search_space(arguments)
+        study = self._open()
+        ran, failures = self._resume_own(study, fixed)
+        waited = False
+        while True:
+            accounting.fail_dead_trials(study, self.grace_period, self.worker)
+            complete, live = accounting.counts(study)
+            if complete >= self.budget:
+                break
+            if complete + live >= self.budget:
+                self._wait_for_running(study, complete, live, waited)
+                waited = True
+                continue
+            trial = self._new_trial(study, distributions, fixed)
+            if trial is None:
+                continue
+            ran += 1
+            failures += not self._run(study, trial, self._overrides(trial.params, fixed))
+            self._check_failures(failures)
+        self._finish(study, ran)
+
+    def _finish(self, study: optuna.Study, ran: int) -> None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        results = {"name": "optuna", "study_name": study.study_name, "complete_trials": len(complete)}
-        if complete:
-            results.update(best_params=study.best_trial.params, best_value=study.best_trial.value)
-        atomic_write_text(Path(self.config.hydra.sweep.dir) / "optimization_results.yaml", OmegaConf.to_yaml(results))
-        log.info(f"study {study.study_name}: {len(complete)} complete trials; {results.get('best_value')}")
+        best = study.best_trial
+        if ran == 0:
+            log.info(f"study {self.study_name} is finished: {len(complete)} complete trials (budget {self.budget}); "
+                     f"nothing to run. Best value {best.value} (trial {best.number}); see python -m sweeps.report "
+                     f"{Path(str(self.config.hydra.sweep.dir))}")
+            return
+        results = {"name": "optuna", "study_name": study.study_name, "complete_trials": len(complete),
+                   "best_trial": best.number, "best_params": best.params, "best_value": best.value}
+        atomic_write_text(Path(str(self.config.hydra.sweep.dir)) / "optimization_results.yaml",
+                          OmegaConf.to_yaml(results))
+        log.info(f"study {self.study_name}: {len(complete)} complete trials; best value {best.value} "
+                 f"(trial {best.number})")

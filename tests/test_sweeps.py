@@ -4,68 +4,121 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from sweeps.storage import creation_lock, load_study, make_storage
 from tests.cli import REPO, TOY
 
+BEAT = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
 
-def _worker(tmp_path, worker: str, extra: list[str], popen: bool = False):
-    cmd = [sys.executable, str(REPO / "run.py"), "-m", *TOY, "sweeps=toy_lr", "logger=none",
+
+def _worker(tmp_path, worker: str, extra: list[str], popen: bool = False, env: dict | None = None):
+    logger = [] if any(arg.startswith("logger=") for arg in extra) else ["logger=none"]
+    cmd = [sys.executable, str(REPO / "run.py"), "-m", *TOY, "sweeps=toy_lr", *logger,
            f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SWEEP_WORKER_ID": worker, "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SWEEP_WORKER_ID": worker, "WANDB_MODE": "disabled", **(env or {})}
     if popen:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _sweep_dir(tmp_path) -> Path:
+    return tmp_path / "logs" / "sweeps" / "toy_lr"
+
+
 def _study(tmp_path):
-    url = f"sqlite:///{tmp_path / 'logs' / 'sweeps' / 'toy_lr' / 'optuna.db'}"
-    return optuna.load_study(study_name="toy_lr", storage=url)
+    """The study, read the way sweeps.report does (a plain optuna.load_study can lose the schema-creation race
+    against a starting worker)."""
+    return load_study(f"sqlite:///{_sweep_dir(tmp_path) / 'optuna.db'}", "toy_lr")
 
 
-def test_two_workers_share_one_budget(tmp_path):
+def _has_running_trial(tmp_path) -> bool:
+    url = f"sqlite:///{_sweep_dir(tmp_path) / 'optuna.db'}"
+    if not (_sweep_dir(tmp_path) / "optuna.db").exists():
+        return False
+    with creation_lock(url):
+        storage = make_storage(url)
+    if "toy_lr" not in [s.study_name for s in optuna.study.get_all_study_summaries(storage)]:
+        return False
+    return TrialState.RUNNING in [t.state for t in _study(tmp_path).trials]
+
+
+def _wait_for(condition, what: str, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _states(trials) -> list[str]:
+    return [t.state.name for t in trials]
+
+
+def test_two_workers_share_one_budget_and_a_rerun_adds_nothing(tmp_path):
     workers = [_worker(tmp_path, f"w{i}", ["hydra.sweeper.budget=4"], popen=True) for i in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
     trials = _study(tmp_path).trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 4
-    assert len({t.number for t in trials}) == len(trials)
+    assert len(complete) == 4, _states(trials)
     assert all("run_dir" in t.user_attrs and "val/neg_mse" in t.user_attrs for t in complete)
-    run_dirs = [t.user_attrs["run_dir"] for t in complete]
-    assert len(set(run_dirs)) == 4 and {os.path.basename(os.path.dirname(d)) for d in run_dirs} <= {"w0", "w1"}
+    # one directory per trial, named after its number, never shared
+    assert [Path(t.user_attrs["run_dir"]) for t in complete] == [_sweep_dir(tmp_path) / f"trial-{t.number}"
+                                                                 for t in complete]
+    assert {t.user_attrs["worker"] for t in complete} <= {"w0", "w1"}
+    assert "setup plugin" not in "".join(outputs) and "\x1b[" not in "".join(outputs)
+
+    listing = sorted(p.name for p in _sweep_dir(tmp_path).iterdir())
+    again = _worker(tmp_path, "w2", ["hydra.sweeper.budget=4"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "toy_lr is finished: 4 complete trials (budget 4); nothing to run" in again.stdout + again.stderr
+    assert len(_study(tmp_path).trials) == len(trials)
+    assert sorted(p.name for p in _sweep_dir(tmp_path).iterdir()) == listing
 
 
-def test_diverged_trial_is_failed_and_sweep_goes_on(tmp_path):
-    # sampler seed 0 proposes poison_after 1000, then 0 (diverges at once), then 1000
-    proc = _worker(tmp_path, "w0", ["hydra.sweeper.sampler.seed=0", "hydra.sweeper.budget=2", "loss.poison_after=choice(0,1000)",
-                                    "trainer.max_nonfinite_steps=0"])
+def test_diverged_trial_is_failed_with_its_reason_and_sweep_goes_on(tmp_path):
+    # seed 7 (mixed with worker w0 and 0 trials so far) proposes poison_after 0 (diverges at once), then 1000, 1000
+    proc = _worker(tmp_path, "w0", ["hydra.sweeper.sampler.seed=7", "hydra.sweeper.budget=2",
+                                    "loss.poison_after=choice(0,1000)", "trainer.max_nonfinite_steps=0"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = _study(tmp_path).trials
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
-    assert len(failed) == 1 and all("NonFiniteLossError" in t.user_attrs["fail_reason"] for t in failed)
-    assert all(t.params["loss.poison_after"] == 0 for t in failed)
+    assert len(failed) == 1 and all(t.params["loss.poison_after"] == 0 for t in failed)
+    for trial in failed:
+        assert trial.user_attrs["fail_reason"].startswith("diverged: non-finite loss at step ")
+        assert Path(trial.user_attrs["run_dir"]) == _sweep_dir(tmp_path) / f"trial-{trial.number}"
 
 
-def test_killed_worker_trial_is_failed_by_the_next(tmp_path):
-    beat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
-    slow = _worker(tmp_path, "w0", [*beat, "hydra.sweeper.budget=2", "trainer.max_epochs=1000"], popen=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        db = tmp_path / "logs" / "sweeps" / "toy_lr" / "optuna.db"
-        if db.exists() and any(t.state == TrialState.RUNNING for t in _study(tmp_path).trials):
-            break
-        time.sleep(1)
-    time.sleep(2)
+def _read_until(proc, text: str) -> str:
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"the worker ended without printing {text!r}:\n{''.join(seen)[-3000:]}")
+
+
+def test_dead_worker_never_blocks_the_budget(tmp_path):
+    """w1 finds w0's live trial filling the budget of 1 and waits; w0 is SIGKILLed; w1 does not count the dead
+    trial against the budget but, once its heartbeat is older than grace_period, fails it with the reason and
+    runs its own trial."""
+    slow = _worker(tmp_path, "w0", [*BEAT, "hydra.sweeper.budget=1", "trainer.max_epochs=1000"], popen=True)
+    _wait_for(lambda: _has_running_trial(tmp_path), "a running trial")
+    waiting = _worker(tmp_path, "w1", [*BEAT, "hydra.sweeper.budget=1"], popen=True)
+    head = _read_until(waiting, "waiting for them to finish")
     slow.send_signal(signal.SIGKILL)
     slow.wait()
-    time.sleep(3)  # longer than the grace period: the killed trial's heartbeat is stale
-    proc = _worker(tmp_path, "w1", [*beat, "hydra.sweeper.budget=2"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tail = waiting.communicate(timeout=600)[0]
+    assert waiting.returncode == 0, head + tail
     trials = _study(tmp_path).trials
-    assert trials[0].state == TrialState.FAIL
-    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert _states(trials) == ["FAIL", "COMPLETE"]
+    reason = trials[0].user_attrs["fail_reason"]
+    assert reason.startswith("worker w0 ") and "stopped sending heartbeats" in reason
+    assert str(_sweep_dir(tmp_path) / "trial-0") in reason
+    assert trials[0].user_attrs["run_dir"] == str(_sweep_dir(tmp_path) / "trial-0")
