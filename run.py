@@ -4,10 +4,14 @@ Returns the value of `optimized_metric`, so any run can be swept with Optuna (`-
 """
 import os
 
-import hydra
-from omegaconf import DictConfig
+from common import preemption
 
-from sweeps.workers import register_resolvers
+preemption.install()  # first: a Slurm signal during start-up is kept for the trainer, not fatal
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from sweeps.workers import register_resolvers  # noqa: E402
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")  # optuna 2.10 pins SQLAlchemy < 2

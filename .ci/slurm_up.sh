@@ -61,6 +61,8 @@ ClusterName=vfm
 SlurmctldHost=$host
 SlurmUser=$slurm_user
 AuthType=auth/munge
+AuthInfo=cred_expire=20
+# ^ a requeued job waits cred_expire seconds before it may start again (default 120)
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobRequeue=1

@@ -15,8 +15,6 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
-
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
@@ -34,10 +32,18 @@ def _handle(signum, frame) -> None:
     print(f"[preemption] caught {signal.Signals(signum).name}: stopping at the next safe point", flush=True)
 
 
+def install() -> None:
+    """Catch the preemption signals for the rest of the process: run.py does it first thing, so that a signal
+    sent while Python imports and composes the config is not lost (nor kills the job)."""
+    for signum in SIGNALS:
+        signal.signal(signum, _handle)
+
+
 @contextmanager
 def handlers() -> Iterator[None]:
-    """Catch the preemption signals for the block (main thread only; elsewhere signals cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
+    """Catch the preemption signals for the block (main thread only; elsewhere signals cannot be set); a signal
+    caught since `install` still counts."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(SIGNALS[0]) is _handle:
         yield
         return
     _received.clear()
@@ -64,6 +70,7 @@ def agreed(ctx) -> int | None:
     """The signal any rank received (DDP: every rank stops at the same step, or all-reduces would hang)."""
     if not ctx.enabled:
         return requested()
+    import torch          # not at module level: run.py imports this module before anything heavy
     flag = torch.tensor([requested() or 0], dtype=torch.int64, device=ctx.device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item()) or None
