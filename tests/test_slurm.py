@@ -170,12 +170,12 @@ def test_d_submitit_launcher_survives_a_requeue(slurm, tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
         time.sleep(1)
-    job = next((tmp_path / "multirun" / ".submitit").iterdir()).name
+    job = next(p.name for p in (tmp_path / "multirun" / ".submitit").iterdir() if p.name.isdigit())
     time.sleep(2)                                    # inside epoch 1
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     out = driver.communicate(timeout=300)[0]
     assert driver.returncode == 0, out[-4000:]
-    final = _jobs(job)[0]
+    final = _wait(job, 60)[0]                        # the result file comes just before the job ends
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) >= 1, final
     ckpt = torch.load(tmp_path / "multirun" / "0" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 3 and ckpt["step"] == 18
