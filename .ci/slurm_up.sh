@@ -58,7 +58,7 @@ write_config() {
   cat >"$CONF_DIR/slurm.conf" <<EOF
 # written by vfm-suite .ci/slurm_up.sh: one node, no GPUs, requeue allowed
 ClusterName=vfm
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=$slurm_user
 AuthType=auth/munge
 AuthInfo=cred_expire=20
@@ -82,7 +82,7 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
   echo "slurm_up: $CONF_DIR/slurm.conf: node $host, $cpus CPUs, $mem MB, partition debug"

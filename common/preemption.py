@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 _received: list[int] = []      # signals caught while the handlers are installed, in order
+_running: list[bool] = []      # non-empty while a run (common.app.run) can act on them
 
 
 class Preempted(Exception):
@@ -28,13 +30,18 @@ class Preempted(Exception):
 
 
 def _handle(signum, frame) -> None:
+    if signum == signal.SIGTERM and not _running:     # nothing to save yet (start-up, between sweep trials)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _received.append(signum)
     print(f"[preemption] caught {signal.Signals(signum).name}: stopping at the next safe point", flush=True)
 
 
 def install() -> None:
-    """Catch the preemption signals for the rest of the process: run.py does it first thing, so that a signal
-    sent while Python imports and composes the config is not lost (nor kills the job)."""
+    """Catch the preemption signals for the rest of the process: run.py does it first thing, so that a SIGUSR1 /
+    SIGUSR2 sent while Python imports and composes the config is kept for the run (and does not kill the job).
+    SIGTERM outside a run keeps its default action (the process ends)."""
     for signum in SIGNALS:
         signal.signal(signum, _handle)
 
@@ -43,14 +50,17 @@ def install() -> None:
 def handlers() -> Iterator[None]:
     """Catch the preemption signals for the block (main thread only; elsewhere signals cannot be set); a signal
     caught since `install` still counts."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(SIGNALS[0]) is _handle:
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _received.clear()
+    if signal.getsignal(SIGNALS[1]) is not _handle:   # not installed at start-up: no earlier signal counts
+        _received.clear()
     previous = {s: signal.signal(s, _handle) for s in SIGNALS}
+    _running.append(True)
     try:
         yield
     finally:
+        _running.pop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

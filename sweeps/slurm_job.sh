@@ -9,7 +9,7 @@ cd "$repo"
 python=${VFM_PYTHON:-$repo/.venv/bin/python}
 [ -x "$python" ] || { echo "slurm_job.sh: $python not found: run 'make install' in $repo or set VFM_PYTHON" >&2; exit 2; }
 extra=()
-if [ "${1:-}" != "-m" ] && ! printf '%s\n' "$@" | grep -q '^hydra\.run\.dir='; then
+if [ "${1:-}" != "-m" ] && [ "${1:-}" != "--multirun" ] && ! printf '%s\n' "$@" | grep -q '^hydra\.run\.dir='; then
   extra=("hydra.run.dir=\${paths.log_dir}/\${task.name}/\${mode}/slurm-${SLURM_JOB_ID}")
 fi
 echo "[slurm] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): $python run.py $* ${extra[*]}"

@@ -101,3 +101,13 @@ def test_ddp_environment_from_srun():
                                           "MASTER_ADDR": "gpu7", "MASTER_PORT": "20123"}
     assert slurm.ddp_environment({**env, "SLURM_STEP_NUM_TASKS": "1"}) is None       # one task: no DDP
     assert slurm.ddp_environment({"SLURM_JOB_ID": "9", "SLURM_PROCID": "0"}) is None  # the batch script itself
+
+
+def test_sigterm_outside_a_run_ends_the_process():
+    """run.py installs the handlers first thing; before any run (or between sweep trials) SIGTERM still ends the
+    process at once, while SIGUSR1 is kept for the run to come."""
+    code = ("import os, signal, time\nfrom common import preemption\npreemption.install()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\nassert preemption.requested() == signal.SIGUSR1\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
