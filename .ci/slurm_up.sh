@@ -108,7 +108,9 @@ slurmd || show_logs_and_die "slurmd did not start"
 for _ in $(seq "$TIMEOUT"); do
   state=$(node_state)
   if [ "$state" = "idle" ]; then echo "slurm_up: node idle ($(sinfo -h -o '%P %D %c CPUs %m MB'))"; exit 0; fi
-  if [ "$state" = "down" ] || [ "$state" = "drained" ]; then scontrol update nodename="$(hostname -s)" state=resume || true; fi
+  if [ "$state" = "down" ] || [ "$state" = "drained" ]; then
+    scontrol update nodename="$(hostname -s)" state=resume || true
+  fi
   sleep 1
 done
 show_logs_and_die "the node is not idle after ${TIMEOUT}s (state: '$(node_state)')"

@@ -1,6 +1,7 @@
 """Small data helpers shared by every task."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -63,8 +64,8 @@ class SeededItems(Dataset):
     """A training dataset read with (index, item seed) keys (common.sampling.SeededOrder).
 
     Before each item, python, numpy, torch and the dataset's augmentation pipelines are seeded with the item's
-    seed, inside `isolated_rng` so that loading in the main process (num_workers=0) leaves the training draws
-    (dropout, mixup) as they were: an epoch's items are the same with any num_workers and after a resume.
+    seed; in the main process (num_workers=0) inside `isolated_rng`, so that the training draws (dropout, mixup)
+    stay as they were: an epoch's items are the same with any num_workers and after a resume.
     """
 
     def __init__(self, dataset):
@@ -75,7 +76,8 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        with isolated_rng():
+        # a worker's generators serve only its items; the main process's also serve training (about 1 ms to keep)
+        with isolated_rng() if torch.utils.data.get_worker_info() is None else nullcontext():
             seed_cpu(seed)
             reseed_augmentations(self.dataset, seed)
             return self.dataset[index]

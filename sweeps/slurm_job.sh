@@ -7,7 +7,10 @@ set -euo pipefail
 repo=$1; shift
 cd "$repo"
 python=${VFM_PYTHON:-$repo/.venv/bin/python}
-[ -x "$python" ] || { echo "slurm_job.sh: $python not found: run 'make install' in $repo or set VFM_PYTHON" >&2; exit 2; }
+if [ ! -x "$python" ]; then
+  echo "slurm_job.sh: $python not found: run 'make install' in $repo or set VFM_PYTHON" >&2
+  exit 2
+fi
 extra=()
 if [ "${1:-}" != "-m" ] && [ "${1:-}" != "--multirun" ] && ! printf '%s\n' "$@" | grep -q '^hydra\.run\.dir='; then
   extra=("hydra.run.dir=\${paths.log_dir}/\${task.name}/\${mode}/slurm-${SLURM_JOB_ID}")
