@@ -5,12 +5,16 @@ Returns the value of `optimized_metric`, so any run can be swept with Optuna (`-
 import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from common import preemption
 
-from common.choices import ChoiceError, check_choices
-from common.resolvers import register_resolvers as register_path_resolvers
-from sweeps.workers import register_resolvers
+preemption.install()  # first: a Slurm signal during start-up is kept for the trainer, not fatal
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from common.choices import ChoiceError, check_choices  # noqa: E402
+from common.resolvers import register_resolvers as register_path_resolvers  # noqa: E402
+from sweeps.workers import register_resolvers  # noqa: E402
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")  # optuna 2.10 pins SQLAlchemy < 2

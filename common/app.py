@@ -13,7 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from common import adapt, distributed, image_check
+from common import adapt, distributed, image_check, preemption
 from common.atomic import file_lock
 from common.checkpoint import load_checkpoint, load_trainable_state, written_checkpoints
 from common.checkpoint_config import check_checkpoint_config
@@ -310,6 +310,14 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.mode not in MODES:
         raise ValueError(f"mode={cfg.mode!r}: expected one of {', '.join(MODES)}")
     ctx = distributed.setup(cfg.trainer.device)
+    with preemption.handlers():     # before any data is read: a signal from now on checkpoints and stops
+        try:
+            return _run_mode(cfg, ctx)
+        except preemption.Preempted as stop:
+            preemption.stop(stop.signum, ctx.is_main)
+
+
+def _run_mode(cfg: DictConfig, ctx) -> float | None:
     seed_everything(int(cfg.seed))
     task = load_task(cfg)
     if cfg.mode == "synth":

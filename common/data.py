@@ -1,10 +1,15 @@
 """Small data helpers shared by every task."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
+
+from common.preemption import ignore_in_worker
+from common.seed import isolated_rng, seed_cpu
 
 
 def default_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -40,14 +45,39 @@ def reseed_augmentations(dataset, seed: int) -> None:
     albumentations pipelines keep their own generators, seeded from OS entropy when built: every forked
     DataLoader worker would copy the same state and replay the same draws in every epoch.
     """
-    base, _ = unwrap_subset(dataset)
+    base, _ = unwrap_subset(dataset.dataset if isinstance(dataset, SeededItems) else dataset)
     for value in vars(base).values():
         if hasattr(value, "set_random_seed"):
             value.set_random_seed(seed)
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: numpy and the dataset's pipelines from torch's per-worker, per-epoch seed."""
+    """DataLoader worker_init_fn: preemption signals ignored (the main process acts on them); numpy and the
+    dataset's pipelines from torch's per-worker, per-epoch seed (training items reseed per item: SeededItems)."""
+    ignore_in_worker()
     seed = torch.initial_seed() % 2**32            # the loader's base seed (drawn per epoch) + worker id
     np.random.seed(seed)
     reseed_augmentations(torch.utils.data.get_worker_info().dataset, seed)
+
+
+class SeededItems(Dataset):
+    """A training dataset read with (index, item seed) keys (common.sampling.SeededOrder).
+
+    Before each item, python, numpy, torch and the dataset's augmentation pipelines are seeded with the item's
+    seed; in the main process (num_workers=0) inside `isolated_rng`, so that the training draws (dropout, mixup)
+    stay as they were: an epoch's items are the same with any num_workers and after a resume.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        # a worker's generators serve only its items; the main process's also serve training (about 1 ms to keep)
+        with isolated_rng() if torch.utils.data.get_worker_info() is None else nullcontext():
+            seed_cpu(seed)
+            reseed_augmentations(self.dataset, seed)
+            return self.dataset[index]

@@ -1,4 +1,5 @@
-"""Process context: single process, or DDP when started by torchrun (RANK / WORLD_SIZE in the environment)."""
+"""Process context: single process, or DDP when started by torchrun (RANK / WORLD_SIZE in the environment) or by
+`srun -n N` (the same values derived from SLURM_* when torchrun's are absent)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from common import slurm
 
 
 @dataclass
@@ -31,13 +34,16 @@ def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
     if setting == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-        return torch.device("cuda", local_rank)
+        # srun --gpus-per-task / --gpu-bind=single:1 shows each task only its own GPU
+        return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
     if setting != "cpu":
         raise ValueError(f"trainer.device={setting!r}: expected auto, cpu or cuda")
     return torch.device("cpu")
 
 
 def setup(device_setting: str) -> DistContext:
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(slurm.ddp_environment(dict(os.environ)) or {})
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistContext(device=resolve_device(device_setting))

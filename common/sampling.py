@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from common.seed import item_seed
+
 
 def check_weights(weights: Sequence[float], what: str) -> np.ndarray:
     weights = np.asarray(weights, dtype=np.float64)
@@ -41,3 +43,24 @@ class WeightedEpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(self.per_rank - self.skip, 0)
+
+
+class SeededOrder(Sampler[tuple[int, int]]):
+    """(index, item seed) pairs of one rank's share of an epoch, from position `start` on (a resumed epoch).
+
+    `indices` is this rank's share of the epoch's global order, rank r holding global positions r, r + world, ...
+    (DistributedSampler and WeightedEpochSampler both split so). The item seed depends on the global position
+    only, so an item draws the same augmentations whichever worker loads it, after a resume and under DDP.
+    """
+
+    def __init__(self, indices: Sequence[int], seed: int, epoch: int, rank: int, world_size: int, start: int = 0):
+        self.indices, self.seed, self.epoch = list(indices), int(seed), int(epoch)
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for local in range(self.start, len(self.indices)):
+            position = local * self.world_size + self.rank
+            yield self.indices[local], item_seed(self.seed, self.epoch, position)
+
+    def __len__(self) -> int:
+        return max(len(self.indices) - self.start, 0)

@@ -1,14 +1,16 @@
 """The one training loop every task uses: fit, evaluate, infer.
 
-Exact resume: every epoch starts by reseeding all generators with (seed, epoch), so a run resumed from
-last.pt after epoch k replays epoch k + 1 exactly as an uninterrupted run would.
+Exact resume: every epoch starts by reseeding all generators with (seed, epoch, rank); each training item is
+loaded with a seed of its place in the epoch (common.data.SeededItems), whichever worker loads it. A run stopped
+in the middle of an epoch saves the generators' states, the batches done and the epoch's loss sums in last.pt;
+resumed, it restores them instead of reseeding and skips the batches done, so it ends with the same weights
+and metrics as an uninterrupted run. Preemption signals: common.preemption.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,13 +26,15 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
                                set_rng_state, trainable_state)
+from common import preemption
 from common.console import epoch_line, lines_above_bars
-from common.data import reseed_augmentations, seed_worker
+from common.data import SeededItems, reseed_augmentations, seed_worker
 from common.distributed import DistContext, ShardSampler
 from common.ema import EMA
 from common.metric import Metric
 from common.optim import Schedule, build_optimizer, build_param_groups, named_trainable
-from common.sampling import WeightedEpochSampler
+from common.preemption import Preempted
+from common.sampling import SeededOrder, WeightedEpochSampler
 from common.seed import seed_everything
 from common.tracking import RunFiles, Tracker, use_progress_bars
 
@@ -56,34 +60,6 @@ def raise_if_diverged(state: "FitState", monitor: str) -> None:
                    f"data for NaN / inf inputs and targets")
 
 
-class Preempted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-class PreemptionGuard:
-    """SIGTERM / SIGUSR1 (Slurm preemption, `scancel --signal`) ask the loop to checkpoint and stop."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 @dataclass
 class FitState:
     epoch: int = 0                       # next epoch to run
@@ -95,6 +71,7 @@ class FitState:
     epochs_without_improvement: int = 0
     nonfinite_steps: int = 0
     batches_done: int = 0                # batches of epoch `epoch` already trained (preempted mid-epoch)
+    epoch_sums: dict = field(default_factory=dict)   # their loss sums, so the epoch's mean covers every batch
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -164,30 +141,34 @@ class Trainer:
     def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0,
                skip_batches: int = 0, weights=None) -> DataLoader:
         """weights (train only): one sampling weight per item (Task.sample_weights); None shuffles."""
-        data = self.cfg.data
-        if train and weights is not None:
-            sampler = WeightedEpochSampler(weights, self.ctx.rank, self.ctx.world_size, int(self.cfg.seed), epoch,
-                                           skip=skip_batches * int(data.batch_size))
-        elif train:
-            # One seeded permutation per epoch, split across ranks: the global batches of N processes are
-            # the batches of one process with N times the batch size.
-            sampler = DistributedSampler(dataset, self.ctx.world_size, self.ctx.rank, shuffle=True,
-                                         seed=int(self.cfg.seed), drop_last=True)
-            sampler.set_epoch(epoch)
-            if skip_batches:
-                sampler = list(sampler)[skip_batches * int(data.batch_size):]
+        data, seed = self.cfg.data, int(self.cfg.seed)
+        drop_last = train and len(dataset) > int(data.batch_size)
+        if train:
+            sampler = SeededOrder(self._epoch_order(dataset, epoch, weights), seed, epoch, self.ctx.rank,
+                                  self.ctx.world_size, start=skip_batches * int(data.batch_size))
+            dataset = SeededItems(dataset)
         elif self.ctx.enabled:
             sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
         else:
             sampler = SequentialSampler(dataset)
-        if int(data.num_workers) == 0:
+        if int(data.num_workers) == 0 and not train:
             reseed_augmentations(dataset, torch.initial_seed() % 2**32)   # workers do it in seed_worker
         pin = self.device.type == "cuda" if self.t.pin_memory == "auto" else bool(self.t.pin_memory)
-        drop_last = train and len(dataset) > int(data.batch_size)
+        # the loader's own generator draws the workers' base seed: the global generators stay as they were
         return DataLoader(dataset, batch_size=int(data.batch_size), sampler=sampler, collate_fn=collate,
                           num_workers=int(data.num_workers), pin_memory=pin, drop_last=drop_last,
                           worker_init_fn=seed_worker if int(data.num_workers) else None,
-                          persistent_workers=False)
+                          generator=torch.Generator().manual_seed(seed + epoch), persistent_workers=False)
+
+    def _epoch_order(self, dataset: Dataset, epoch: int, weights) -> list[int]:
+        """This rank's share of the epoch's seeded global order (weighted draw, or permutation): the global
+        batches of N processes are the batches of one process with N times the batch size."""
+        if weights is not None:
+            return list(WeightedEpochSampler(weights, self.ctx.rank, self.ctx.world_size, int(self.cfg.seed), epoch))
+        sampler = DistributedSampler(dataset, self.ctx.world_size, self.ctx.rank, shuffle=True,
+                                     seed=int(self.cfg.seed), drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)
 
     # ---- set-up ----------------------------------------------------------------------------
     def _learning_rates(self) -> dict[str, float | None]:
@@ -259,11 +240,19 @@ class Trainer:
         with self.ema.applied(self.model) if self.ema is not None else nullcontext():
             payload["peft_adapter"] = save_peft_adapter(backbone, self.ckpt_dir / f"{Path(name).stem}_adapter").name
 
-    def _resume(self, state: FitState, task_name: str) -> FitState:
+    def _initial_state(self, task_name: str) -> FitState:
+        """trainer.resume: auto continues from <run dir>/checkpoints/last.pt when it exists (a requeued job, a
+        rerun into the same hydra.run.dir); true does too and says when there is none; false starts afresh."""
+        if self.t.resume not in ("auto", True, False):
+            raise ValueError(f"trainer.resume={self.t.resume!r}: expected auto, true or false")
         path = self.ckpt_dir / "last.pt"
-        if not path.is_file():
+        if self.t.resume is True and not path.is_file():
             log.info(f"[trainer] resume requested but {path} does not exist yet: starting from scratch")
-            return state
+        if self.t.resume is False or not path.is_file():
+            return FitState()
+        return self._resume(path, task_name)
+
+    def _resume(self, path: Path, task_name: str) -> FitState:
         from common.checkpoint import load_checkpoint
         ckpt = load_checkpoint(path, task_name)
         load_trainable_state(self.model, ckpt["model"], str(path))
@@ -271,9 +260,10 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
-        log.info(f"[trainer] resumed from {path} after epoch {ckpt['epoch'] - 1}")
-        return FitState(**ckpt["fit_state"])
+        set_rng_state(ckpt["rng"])       # used when resuming mid-epoch; a new epoch reseeds (_epochs)
+        state = FitState(**ckpt["fit_state"])
+        log.info(f"[trainer] resumed from {path} at epoch {state.epoch} batch {state.batches_done}")
+        return state
 
     # ---- one optimisation step -------------------------------------------------------------
     def _backward(self, terms: dict[str, torch.Tensor], scale: float) -> None:
@@ -315,17 +305,17 @@ class Trainer:
                 f"learning rate, enable trainer.grad_clip, or check the data for NaN inputs")
 
     # ---- epochs ----------------------------------------------------------------------------
-    def _train_epoch(self, loader: DataLoader, state: FitState, guard: PreemptionGuard) -> dict:
+    def _train_epoch(self, loader: DataLoader, state: FitState) -> dict:
+        """Train the epoch's remaining batches; raises Preempted at the first optimiser step after a signal,
+        with state.batches_done and state.epoch_sums saying how far the epoch got."""
         self.train_model.train()
         self.criterion.train()
         accum = int(self.t.accumulate_grad_batches)
-        limit = self.steps_per_epoch * accum - state.batches_done
-        sums: dict[str, float] = {}
+        total = self.steps_per_epoch * accum
+        sums = state.epoch_sums
         seen, skip_step, start = 0, False, time.perf_counter()
-        bar = tqdm(total=limit, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
-        for i, batch in enumerate(loader):
-            if i >= limit:
-                break
+        bar = tqdm(total=total - state.batches_done, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
+        for batch in itertools.islice(loader, max(total - state.batches_done, 0)):
             batch = move_to(batch, self.device)
             with self.autocast():
                 outputs = self.train_model(batch)
@@ -339,16 +329,16 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             seen += batch_size_of(batch)
             bar.update(1)
-            if (i + 1) % accum == 0:
+            state.batches_done += 1
+            if state.batches_done % accum == 0:
                 self._finish_accumulation(state, skip_step, {k: float(v.detach()) for k, v in terms.items()})
                 skip_step = False
-                if guard.signal is not None:
-                    state.batches_done += i + 1
-                    raise Preempted(guard.signal)
+                signum = preemption.agreed(self.ctx)
+                if signum is not None:
+                    raise Preempted(signum)
         bar.close()
         seconds = time.perf_counter() - start
-        n = max(1, min(limit, len(loader)))
-        record = {f"train/{k}": v / n for k, v in sums.items()}
+        record = {f"train/{k}": v / max(1, state.batches_done) for k, v in sums.items()}
         record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
         return record
 
@@ -377,6 +367,7 @@ class Trainer:
             for i, batch in enumerate(self.loader(dataset, collate, train=False)):
                 if limit and i >= limit:
                     break
+                self._check_preemption()
                 batch = move_to(batch, self.device)
                 with self.autocast():
                     outputs = model(batch)
@@ -401,10 +392,17 @@ class Trainer:
         """(outputs on the CPU, batch) pairs in dataset order, for writing predictions."""
         self._place(model).eval()
         for batch in tqdm(self.loader(dataset, collate, train=False), desc="predict", disable=not self.bars):
+            self._check_preemption()
             device_batch = move_to(batch, self.device)
             with self.autocast():
                 outputs = model(device_batch)
             yield _to_cpu(outputs), batch
+
+    def _check_preemption(self) -> None:
+        """Evaluation and prediction stop at a signal too (one process; DDP ranks hold unequal shards, so they
+        agree only at training steps)."""
+        if not self.ctx.enabled:
+            preemption.check()
 
     # ---- the fit loop ----------------------------------------------------------------------
     def _improved(self, value: float, state: FitState) -> bool:
@@ -422,31 +420,36 @@ class Trainer:
         self.sample_weights = sample_weights
         steps = self._steps_per_epoch(self.loader(train_set, task.collate, train=True, weights=self.sample_weights))
         self._setup(model, criterion, steps)
-        state = self._resume(FitState(), task.name) if self.t.resume else FitState()
+        state = self._initial_state(task.name)
         monitor_key = str(self.t.monitor).split("/", 1)[-1]
         end = int(self.t.max_epochs)
         if self.t.epochs_per_run:
             end = min(end, state.epoch + int(self.t.epochs_per_run))
-        with PreemptionGuard() as guard, lines_above_bars(self.bars):
-            try:
-                self._epochs(task, metric, train_set, val_set, stats, state, end, guard, monitor_key)
-            except Preempted as stop:
-                self._save("last.pt", self._payload(state, task.name, stats))
-                log.warning(f"[trainer] signal {stop.signum}: wrote {self.ckpt_dir / 'last.pt'} at epoch {state.epoch} "
-                      f"batch {state.batches_done}; rerun with trainer.resume=true to continue")
-                raise SystemExit(128 + stop.signum)
+        try:
+            with lines_above_bars(self.bars):
+                self._epochs(task, metric, train_set, val_set, stats, state, end, monitor_key)
+        except Preempted as stop:
+            self._save_preempted(stop, state, task.name, stats)
+            raise
         return state
 
-    def _epochs(self, task, metric, train_set, val_set, stats, state: FitState, end: int,
-                guard: "PreemptionGuard", monitor_key: str) -> None:
+    def _save_preempted(self, stop: Preempted, state: FitState, task_name: str, stats: dict) -> None:
+        """last.pt where the run stopped (the caller ends the process: common.preemption.stop)."""
+        self._save("last.pt", self._payload(state, task_name, stats))
+        log.warning(f"[trainer] {stop}: wrote {self.ckpt_dir / 'last.pt'} at epoch {state.epoch} batch "
+                    f"{state.batches_done}; the same command (same run directory) continues from there")
+
+    def _epochs(self, task, metric, train_set, val_set, stats, state: FitState, end: int, monitor_key: str) -> None:
+        if self._should_stop(state):       # resumed after early stopping: nothing left to train
+            return
         epochs = tqdm(range(state.epoch, end), desc="epochs", disable=not self.bars)
         for epoch in epochs:
             started = time.perf_counter()
-            seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank + 7919 * state.batches_done)
+            if state.batches_done == 0:     # a new epoch; resumed mid-epoch, the restored generators go on
+                seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank)
             loader = self.loader(train_set, task.collate, True, epoch, skip_batches=state.batches_done,
                                  weights=self.sample_weights)
-            record = {"epoch": epoch, **self._train_epoch(loader, state, guard)}
-            state.batches_done = 0
+            record = {"epoch": epoch, **self._train_epoch(loader, state)}
             media = (lambda out, b: task.log_media(self.tracker, out, b, stats, state.step)) \
                 if self.ctx.is_main else None
             val = self.evaluate(self.model, self.criterion, metric, val_set, task.collate,
@@ -456,6 +459,7 @@ class Trainer:
             record.update({"step": state.step, **{f"lr/{g['tag']}": g["lr"] for g in self.optimizer.param_groups}})
             record["epoch_seconds"] = time.perf_counter() - started
             state.epoch, state.last_metrics = epoch + 1, record
+            state.batches_done, state.epoch_sums = 0, {}
             if self._improved(val.get(monitor_key), state):
                 state.best_value, state.best_epoch, state.best_metrics = val[monitor_key], epoch, record
                 state.epochs_without_improvement = 0
