@@ -77,7 +77,10 @@ class BiomassModel(nn.Module):
         raw, weights = self.head(feats)
         k = self.param.raw_dim
         space = (self.param.to_space(raw[..., :k].float()) * weights.unsqueeze(-1)).sum(dim=1)
-        out = {"space": space, "pred_g": self.param.to_targets(space) * self.gm2_scale * self.quadrat_area}
+        grams_per_unit = self.gm2_scale * self.quadrat_area
+        out = {"space": space, "pred_g": self.param.to_targets(space) * grams_per_unit}
+        if hasattr(self.param, "extras"):     # distribution parameters a likelihood loss needs (zig)
+            out.update(self.param.extras(space, grams_per_unit))
         aux = (raw[..., k:].float() * weights.unsqueeze(-1)).sum(dim=1)
         start = 0
         for name, dim in self.aux_dims.items():

@@ -153,9 +153,9 @@ def test_group_keys_pair_date_and_state(synth_root):
 
 
 AUG = OmegaConf.create({"p_clean": 0.0, "hflip": 0.5, "vflip": 0.5, "crop": {"p": 1.0, "min_scale": 0.5},
-                        "affine": {"p": 0.5, "scale": [0.95, 1.05], "translate": 0.03, "rotate": 5},
+                        "affine": {"p": 0.5, "scale": [0.95, 1.05], "translate": 0.03, "rotate": 5, "shear": 0.0},
                         "color": {"p": 0.5, "brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.02},
-                        "blur": {"p": 0.5, "sigma": [0.3, 1.0]}, "noise": {"p": 0.5, "std": [0.01, 0.04]},
+                        "blur": {"p": 0.5, "kernel": [0, 0], "sigma": [0.3, 1.0]}, "noise": {"p": 0.5, "std": [0.01, 0.04]},
                         "dropout": {"p": 0.5, "holes": [1, 2], "size": [0.05, 0.1]}})
 
 
