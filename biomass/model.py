@@ -54,7 +54,7 @@ class BiomassModel(nn.Module):
             if views["layout"] == "halves" else None
         self.metadata = None if metadata["mode"] == "none" else MetadataFusion(
             stats, metadata["mode"], list(metadata["fields"]), int(metadata["dim"]), int(metadata["heads"]),
-            backbone.embed_dim, len(backbone.layers))
+            backbone.embed_dim, len(backbone.layers), float(metadata["field_dropout"]))
         self.mixup = {"prob": float(mixup["prob"]), "alpha": float(mixup["alpha"])}
         self.states = list(stats["states"])
         self.param = get_param(param)
@@ -92,7 +92,7 @@ class BiomassModel(nn.Module):
     def forward_tta(self, batch: dict) -> dict[str, Tensor]:
         """Outputs averaged over the TTA views (flips, scales) of batch["image"]."""
         views = tta_views(batch["image"], bool(self.tta["hflip"]), bool(self.tta["vflip"]),
-                          list(self.tta["scales"]), self.backbone.patch_size)
+                          list(self.tta["scales"]), self.backbone.patch_size, float(self.tta["tiles"]))
         outs = [self.decode(self.encode({**batch, "image": view})) for view in views]
         return {key: torch.stack([o[key] for o in outs]).mean(dim=0) for key in outs[0]}
 

@@ -64,16 +64,21 @@ class BiomassTask(Task):
         return f"full-{int(d.image_size[0])}x{int(d.image_size[1])}-decode{int(d.decode_scale)}"
 
     def check_metadata_columns(self, root: Path) -> None:
-        """Metadata fusion needs its fields in test.csv too: fail at start, not at prediction time."""
+        """Metadata fusion needs its fields in test.csv too, unless it was trained with field dropout (then
+        absent fields are fed as unknown): fail at start, not at prediction time."""
         meta = self.cfg.model.get("metadata")
         test_csv = Path(root) / self.cfg.data.test_csv
         if meta is None or meta.mode == "none" or not test_csv.is_file():
             return
         columns = set(pd.read_csv(test_csv, nrows=0).columns)
         missing = [f for f in meta.fields if f not in columns]
-        if missing:
+        if missing and float(meta.field_dropout) > 0:
+            print(f"[data] {test_csv} lacks metadata fields {missing}: predictions treat them as unknown "
+                  f"(the model learns that with model.metadata.field_dropout={meta.field_dropout})", flush=True)
+        elif missing:
             raise ValueError(f"model.metadata.mode={meta.mode} uses fields {list(meta.fields)}, but {test_csv} "
-                             f"lacks {missing} (it has {sorted(columns)}); set model.metadata.mode=none")
+                             f"lacks {missing} (it has {sorted(columns)}); set model.metadata.mode=none, or "
+                             f"model.metadata.field_dropout > 0 to train the model to predict without them")
 
     def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
         d, root = self.cfg.data, Path(root)
@@ -122,7 +127,7 @@ class BiomassTask(Task):
         encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=tuple(self.cfg.data.image_size))
         model = hydra.utils.instantiate(self.cfg.model, backbone=encoder, stats=stats)
         tta = self.cfg.data.get("tta")
-        if tta is not None and (tta.hflip or tta.vflip or len(tta.scales)):
+        if tta is not None and (tta.hflip or tta.vflip or len(tta.scales) or tta.tiles):
             if self.cfg.data.cache_features:
                 raise ValueError("data.tta changes the pixels the cached tokens were computed from: "
                                  "set data.cache_features=false for test-time augmentation")
@@ -137,7 +142,8 @@ class BiomassTask(Task):
         for model in models:
             model.tta = None
         return BiomassEnsemble(models, hflip=tta.hflip, vflip=tta.vflip, scales=list(tta.scales),
-                               mc_passes=int(ens.mc_passes), mc_eps=float(ens.mc_eps), prior=weights)
+                               mc_passes=int(ens.mc_passes), mc_eps=float(ens.mc_eps), prior=weights,
+                               cache_dir=ens.cache_dir, tiles=float(tta.tiles))
 
     def build_criterion(self, stats: dict):
         return hydra.utils.instantiate(self.cfg.loss, stats=stats)

@@ -142,6 +142,8 @@ def load_for_inference(cfg: DictConfig, ckpt_path) -> tuple[Task, nn.Module, dic
     model = task.build_model(ckpt["stats"])
     adapt.apply_head_adapters(model, ckpt_cfg.adapt)
     model = restore_for_inference(model, ckpt, str(ckpt_path))
+    stat = Path(str(ckpt_path)).stat()
+    model.checkpoint_id = f"{Path(str(ckpt_path)).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"  # prediction caches
     merge_for_inference(model, cfg.trainer.merge_adapters, str(ckpt_path))
     return task, model, ckpt["stats"], ckpt_cfg
 

@@ -103,7 +103,7 @@ def test_layer_fusion_with_one_hot_logits_is_that_layers_head():
 
 
 VIEWS = {"layout": "whole", "heads": 2, "dropout": 0.0}
-NO_META = {"mode": "none", "fields": ["State"], "dim": 8, "heads": 2}
+NO_META = {"mode": "none", "fields": ["State"], "dim": 8, "heads": 2, "field_dropout": 0.0}
 NO_MIX = {"prob": 0.0, "alpha": 1.0}
 
 
