@@ -7,7 +7,8 @@ Terms (a term with weight 0 is not computed):
 - weighted: the five targets in the target space, weighted by the official weights (normalised to 1)
 - height, ndvi: normalised auxiliary regressions; state: cross-entropy (soft labels when mixed)
 Target spaces: "norm_gm2" (per-target standardised g/m2, training-split statistics), "log1p" (log1p
-grams), "grams". Kind "tweedie" needs space "grams" (the mean is the predicted grams).
+grams), "grams". Kind "tweedie" needs space "grams" (the mean is the predicted grams); kind "zig" (zero-inflated
+Gamma NLL, biomass.zig) needs space "grams" and model.param=zig; "log_cosh" works in any space.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from torch import Tensor, nn
 
 from biomass.constants import TARGETS, official_weight_vector
 from biomass.labels import labels_of, state_targets
+from biomass.zig import masked_zig_loss
 from common.losses import masked_regression_loss
 from common.mtl import UncertaintyWeighting
 
 SPACES = ("norm_gm2", "log1p", "grams")
+GRAM_KINDS = ("tweedie", "zig")     # likelihoods of the grams themselves
 TERMS = ("total", "ratio", "weighted", "height", "ndvi", "state")
 TOTAL = TARGETS.index("Dry_Total_g")
 
@@ -31,12 +34,12 @@ def _inverse_softplus(x: Tensor) -> Tensor:
 
 class BiomassCriterion(nn.Module):
     def __init__(self, stats: dict, space: str, kind: str, delta: float, tweedie_p: float,
-                 weights: dict, balancing: str, uw_init_log_var: float):
+                 weights: dict, balancing: str, uw_init_log_var: float, uw_divide: bool):
         super().__init__()
         if space not in SPACES:
             raise ValueError(f"loss.space={space!r}: expected one of {SPACES}")
-        if kind == "tweedie" and space != "grams":
-            raise ValueError("loss.kind=tweedie needs loss.space=grams (its mean is the predicted grams)")
+        if kind in GRAM_KINDS and space != "grams":
+            raise ValueError(f"loss.kind={kind} needs loss.space=grams (its mean is the predicted grams)")
         unknown = sorted(set(weights) - set(TERMS))
         if unknown:
             raise ValueError(f"loss.weights: unknown term(s) {unknown}; expected a subset of {TERMS}")
@@ -49,7 +52,12 @@ class BiomassCriterion(nn.Module):
         self.register_buffer("official", w / w.sum(), persistent=False)
         self.register_buffer("gm2_mean", torch.tensor(stats["gm2_mean"]), persistent=False)
         self.register_buffer("gm2_std", torch.tensor(stats["gm2_std"]), persistent=False)
-        self.uw = UncertaintyWeighting(list(self.weights), uw_init_log_var) if balancing == "uw" else None
+        self.uw = UncertaintyWeighting(list(self.weights), uw_init_log_var, bool(uw_divide)) \
+            if balancing == "uw" else None
+
+    def epoch_log(self) -> dict[str, float]:
+        """Logged by the trainer once per epoch: the uncertainty-weighting log-variances and weights."""
+        return self.uw.epoch_log() if self.uw is not None else {}
 
     def to_space(self, grams: Tensor) -> Tensor:
         if self.space == "norm_gm2":
@@ -58,8 +66,15 @@ class BiomassCriterion(nn.Module):
             return torch.log1p(grams.clamp_min(0))
         return grams
 
-    def _regression(self, pred_g: Tensor, true_g: Tensor, mask: Tensor) -> Tensor:
+    def _regression(self, outputs: dict, true_g: Tensor, mask: Tensor) -> Tensor:
         """Per-target loss (5,) in the target space, masked."""
+        pred_g = outputs["pred_g"].float()
+        if self.kind == "zig":
+            if "zig_pi" not in outputs:
+                raise ValueError("loss.kind=zig needs the zero-inflated Gamma outputs: set model.param=zig")
+            return torch.stack([masked_zig_loss(outputs["zig_pi"][:, j], outputs["zig_mu_g"][:, j],
+                                                outputs["zig_shape"][:, j], true_g[:, j], mask[:, j])
+                                for j in range(pred_g.shape[1])])
         pred = _inverse_softplus(pred_g) if self.kind == "tweedie" else self.to_space(pred_g)
         true = true_g if self.kind == "tweedie" else self.to_space(torch.nan_to_num(true_g))
         return torch.stack([masked_regression_loss(pred[:, j], true[:, j], mask[:, j], kind=self.kind,
@@ -88,7 +103,7 @@ class BiomassCriterion(nn.Module):
     def forward(self, outputs: dict, batch: dict) -> dict[str, Tensor]:
         batch = labels_of(outputs, batch)
         pred_g, true_g, mask = outputs["pred_g"].float(), batch["targets_g"].float(), batch["target_mask"]
-        per_target = self._regression(pred_g, true_g, mask) if {"total", "weighted"} & set(self.weights) else None
+        per_target = self._regression(outputs, true_g, mask) if {"total", "weighted"} & set(self.weights) else None
         losses = {}
         for name in self.weights:
             if name == "total":

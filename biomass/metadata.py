@@ -5,6 +5,8 @@ and standardised NDVI / height with a missing indicator -> one vector (B, dim).
 MetadataFusion: "film" scales and shifts every layer's tokens, tokens * (1 + gamma) + beta; "xattn"
 lets a metadata query attend to the patch tokens and adds the projected answer to every token.
 Both start as the identity (zero-initialised output projections).
+field_dropout: in training, each field of each image is hidden (unknown category / missing number) with this
+probability, so the model also predicts without metadata (e.g. a test table that lacks it, as CSIRO's).
 """
 from __future__ import annotations
 
@@ -30,9 +32,12 @@ def check_fields(fields: Sequence[str]) -> list[str]:
 
 
 class MetadataEncoder(nn.Module):
-    def __init__(self, stats: dict, fields: Sequence[str], dim: int):
+    def __init__(self, stats: dict, fields: Sequence[str], dim: int, field_dropout: float):
         super().__init__()
+        if not 0.0 <= field_dropout < 1.0:
+            raise ValueError(f"model.metadata.field_dropout={field_dropout}: expected a probability in [0, 1)")
         self.fields = check_fields(fields)
+        self.field_dropout = float(field_dropout)
         self.stats = {k: stats[k] for k in ("states", "species", "ndvi_mean", "ndvi_std", "height_mean", "height_std")}
         self.embed = nn.ModuleDict()
         n_num = 0
@@ -45,16 +50,23 @@ class MetadataEncoder(nn.Module):
         self.numeric = nn.Linear(2 * n_num, dim) if n_num else None
         self.out = nn.Sequential(nn.GELU(), nn.Linear(dim, dim))
 
+    def _kept(self, batch_size: int, device) -> Tensor:
+        """Per image, 1 where the field is shown, 0 where training-time field dropout hides it."""
+        if not self.training or self.field_dropout == 0:
+            return torch.ones(batch_size, device=device)
+        return (torch.rand(batch_size, device=device) >= self.field_dropout).float()
+
     def forward(self, batch: dict) -> Tensor:
         parts, numeric = [], []
+        device = self.out[1].weight.device
         for field in self.fields:
             key, kind = FIELDS[field]
             if kind == "cat":
                 index = {s: i + 1 for i, s in enumerate(self.stats[VOCAB_KEYS[key]])}
-                ids = torch.tensor([index.get(s, 0) for s in batch[key]], device=self.out[1].weight.device)
-                parts.append(self.embed[key](ids))
+                ids = torch.tensor([index.get(s, 0) for s in batch[key]], device=device)
+                parts.append(self.embed[key](ids * self._kept(len(ids), device).long()))
             else:
-                mask = batch[f"{key}_mask"].float()
+                mask = batch[f"{key}_mask"].float() * self._kept(batch[f"{key}_mask"].shape[0], device)
                 value = (torch.nan_to_num(batch[key].float()) - self.stats[f"{key}_mean"]) / self.stats[f"{key}_std"]
                 numeric += [value * mask, mask]
         if numeric:
@@ -64,12 +76,12 @@ class MetadataEncoder(nn.Module):
 
 class MetadataFusion(nn.Module):
     def __init__(self, stats: dict, mode: str, fields: Sequence[str], dim: int, heads: int,
-                 embed_dim: int, num_layers: int):
+                 embed_dim: int, num_layers: int, field_dropout: float):
         super().__init__()
         if mode not in ("film", "xattn"):
             raise ValueError(f"model.metadata.mode={mode!r}: expected one of {MODES}")
         self.mode = mode
-        self.encoder = MetadataEncoder(stats, fields, dim)
+        self.encoder = MetadataEncoder(stats, fields, dim, field_dropout)
         width = 2 * embed_dim if mode == "film" else embed_dim
         self.project = nn.ModuleList(nn.Linear(dim if mode == "film" else embed_dim, width)
                                      for _ in range(num_layers))

@@ -54,7 +54,7 @@ class BiomassModel(nn.Module):
             if views["layout"] == "halves" else None
         self.metadata = None if metadata["mode"] == "none" else MetadataFusion(
             stats, metadata["mode"], list(metadata["fields"]), int(metadata["dim"]), int(metadata["heads"]),
-            backbone.embed_dim, len(backbone.layers))
+            backbone.embed_dim, len(backbone.layers), float(metadata["field_dropout"]))
         self.mixup = {"prob": float(mixup["prob"]), "alpha": float(mixup["alpha"])}
         self.states = list(stats["states"])
         self.param = get_param(param)
@@ -77,7 +77,10 @@ class BiomassModel(nn.Module):
         raw, weights = self.head(feats)
         k = self.param.raw_dim
         space = (self.param.to_space(raw[..., :k].float()) * weights.unsqueeze(-1)).sum(dim=1)
-        out = {"space": space, "pred_g": self.param.to_targets(space) * self.gm2_scale * self.quadrat_area}
+        grams_per_unit = self.gm2_scale * self.quadrat_area
+        out = {"space": space, "pred_g": self.param.to_targets(space) * grams_per_unit}
+        if hasattr(self.param, "extras"):     # distribution parameters a likelihood loss needs (zig)
+            out.update(self.param.extras(space, grams_per_unit))
         aux = (raw[..., k:].float() * weights.unsqueeze(-1)).sum(dim=1)
         start = 0
         for name, dim in self.aux_dims.items():
@@ -89,7 +92,7 @@ class BiomassModel(nn.Module):
     def forward_tta(self, batch: dict) -> dict[str, Tensor]:
         """Outputs averaged over the TTA views (flips, scales) of batch["image"]."""
         views = tta_views(batch["image"], bool(self.tta["hflip"]), bool(self.tta["vflip"]),
-                          list(self.tta["scales"]), self.backbone.patch_size)
+                          list(self.tta["scales"]), self.backbone.patch_size, float(self.tta["tiles"]))
         outs = [self.decode(self.encode({**batch, "image": view})) for view in views]
         return {key: torch.stack([o[key] for o in outs]).mean(dim=0) for key in outs[0]}
 

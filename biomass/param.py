@@ -5,12 +5,15 @@ tokens, layers, views or ensemble members -> the five targets (order of biomass.
   components total * softmax(ratios); targets rebuilt as green, dead, clover, green + clover, sum,
   so GDM = green + clover and Total = all three hold by construction, also after averaging.
 - direct: raw (..., 5) -> five non-negative outputs (softplus); no identity is imposed.
+- zig: zero-inflated Gamma per target (biomass.zig); expected grams (1 - pi) * mu, no identity imposed.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from biomass.zig import ZeroInflatedGamma
 
 
 class TotalRatio:
@@ -42,7 +45,7 @@ class Direct:
         return space
 
 
-PARAMETERISATIONS = {p.name: p for p in (TotalRatio, Direct)}
+PARAMETERISATIONS = {p.name: p for p in (TotalRatio, Direct, ZeroInflatedGamma)}
 
 
 def get_param(name: str):

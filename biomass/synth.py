@@ -4,6 +4,7 @@ Each image is a smooth random class map (soil, green, dead, clover) rendered wit
 texture noise and a per-image lighting change. Grams are `grams_per_cover[c] * cover_fraction[c]`
 times a small multiplicative noise; GDM and Total are the exact sums of the rounded components, so
 the label identities hold in the written CSV. NDVI and height are correlated with the cover.
+A share of training images (missing_share) lacks 1-2 targets (their rows are absent), so masks are exercised.
 Files written (same names and columns as the real release, plus test_solution.csv for scoring):
 train.csv (long), test.csv, test_solution.csv, train/*.jpg, test/*.jpg.
 """
@@ -46,6 +47,7 @@ class SynthConfig:
     species: tuple = ("Ryegrass_Clover", "Phalaris", "Ryegrass", "Fescue", "Lucerne")
     dirichlet: tuple = field(default=(1.2, 1.5, 1.0, 0.8))  # prior over soil, green, dead, clover
     prior_strength: float = 1.0                # how strongly the prior tilts the noise argmax
+    missing_share: float = 0.0                 # share of training images lacking 1-2 of the five targets
 
 
 def _class_map(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
@@ -112,6 +114,21 @@ def _split_rows(rng: np.random.Generator, root: Path, split: str, n: int, cfg: S
     return rows
 
 
+def drop_labels(train: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+    """Remove the rows of 1 or 2 random targets for round(share * images) random training images (targets
+    "not measured", as real releases can have); a separate generator, so the images stay the same."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"data.synth.missing_share={share}: expected a share in [0, 1]")
+    rng = np.random.default_rng([seed, 1])
+    image_ids = train["sample_id"].str.split(ID_SEP, regex=False).str[0]
+    unique = image_ids.unique()
+    chosen = rng.choice(unique, size=int(round(share * len(unique))), replace=False)
+    dropped = {(image_id, str(name)) for image_id in chosen
+               for name in rng.choice(TARGETS, size=int(rng.integers(1, 3)), replace=False)}
+    keep = [(i, n) not in dropped for i, n in zip(image_ids, train["target_name"])]
+    return train[keep].reset_index(drop=True)
+
+
 def write_synthetic(root: Path, seed: int, cfg: SynthConfig | None = None) -> None:
     """Write the synthetic dataset under `root` (deterministic in `seed` and `cfg`)."""
     cfg = cfg or SynthConfig()
@@ -121,6 +138,6 @@ def write_synthetic(root: Path, seed: int, cfg: SynthConfig | None = None) -> No
     used: set = set()
     train = pd.DataFrame(_split_rows(rng, root, "train", cfg.n_train, cfg, used))
     test = pd.DataFrame(_split_rows(rng, root, "test", cfg.n_test, cfg, used))
-    _write_csv(train, root / "train.csv")
+    _write_csv(drop_labels(train, cfg.missing_share, seed), root / "train.csv")
     _write_csv(test[["sample_id", "image_path", "target_name"]], root / "test.csv")
     _write_csv(test[["sample_id", "target"]], root / "test_solution.csv")

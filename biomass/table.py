@@ -112,6 +112,19 @@ def _widen(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return wide
 
 
+def missing_counts(wide: pd.DataFrame) -> dict[str, int]:
+    """Per target, the images whose label is missing (NaN / absent row: masked in the loss and metrics)."""
+    return {name: int(wide[name].isna().sum()) for name in TARGETS}
+
+
+def report_missing(wide: pd.DataFrame, path: Path) -> dict[str, int]:
+    """Print the number of masked (missing) labels per target at start; returns the counts."""
+    counts = missing_counts(wide)
+    print(f"[data] {path}: {len(wide)} images, {sum(counts.values())} masked (missing) labels: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+    return counts
+
+
 def read_train_table(root: Path, csv_name: str = "train.csv", skip_bad: bool = False) -> pd.DataFrame:
     """train.csv (long) -> one row per image: image_id, image_path, metadata, 5 targets, 5 masks."""
     root = Path(root)

@@ -18,12 +18,12 @@ from biomass.ensemble import BiomassEnsemble
 from biomass.plots import scatter_image
 from biomass.submission import collect_predictions, score_submission, write_submission
 from biomass.synth import SynthConfig, write_synthetic
-from biomass.table import read_solution_table, read_test_table, read_train_table
+from biomass.table import read_solution_table, read_test_table, read_train_table, report_missing
 from common.build import build_encoder
 from common.data import unwrap_subset
 from common.cache import maybe_cached
 from common.image_cache import ImageCache
-from common.cv import assign_folds
+from sklearn.model_selection import GroupKFold
 from common.task import Task
 
 
@@ -40,6 +40,7 @@ class BiomassTask(Task):
         super().__init__(cfg)
         self.test_rows: pd.DataFrame | None = None   # long test.csv rows, set by datasets(stage="predict")
         self.solution_path: Path | None = None       # test_solution.csv beside test.csv (synthetic demo)
+        self.baseline_g: list[float] | None = None   # mean grams per target of the full labelled table
 
     # ---- data -------------------------------------------------------------------------------
     def synthesize(self, root: Path, seed: int) -> None:
@@ -63,25 +64,32 @@ class BiomassTask(Task):
         return f"full-{int(d.image_size[0])}x{int(d.image_size[1])}-decode{int(d.decode_scale)}"
 
     def check_metadata_columns(self, root: Path) -> None:
-        """Metadata fusion needs its fields in test.csv too: fail at start, not at prediction time."""
+        """Metadata fusion needs its fields in test.csv too, unless it was trained with field dropout (then
+        absent fields are fed as unknown): fail at start, not at prediction time."""
         meta = self.cfg.model.get("metadata")
         test_csv = Path(root) / self.cfg.data.test_csv
         if meta is None or meta.mode == "none" or not test_csv.is_file():
             return
         columns = set(pd.read_csv(test_csv, nrows=0).columns)
         missing = [f for f in meta.fields if f not in columns]
-        if missing:
+        if missing and float(meta.field_dropout) > 0:
+            print(f"[data] {test_csv} lacks metadata fields {missing}: predictions treat them as unknown "
+                  f"(the model learns that with model.metadata.field_dropout={meta.field_dropout})", flush=True)
+        elif missing:
             raise ValueError(f"model.metadata.mode={meta.mode} uses fields {list(meta.fields)}, but {test_csv} "
-                             f"lacks {missing} (it has {sorted(columns)}); set model.metadata.mode=none")
+                             f"lacks {missing} (it has {sorted(columns)}); set model.metadata.mode=none, or "
+                             f"model.metadata.field_dropout > 0 to train the model to predict without them")
 
     def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
         d, root = self.cfg.data, Path(root)
         self.check_metadata_columns(root)
         if stage in ("fit", "cv"):
             table = read_train_table(root, d.train_csv, skip_bad=bool(d.skip_bad))
+            self.baseline_g = [float(v) for v in table[list(TARGETS)].mean(skipna=True)]
+            report_missing(table, root / d.train_csv)
             if stage == "cv":
                 return {"train": self._dataset(table, root, True), "val": self._dataset(table, root, False)}
-            folds = assign_folds(group_keys(table), int(d.n_folds), int(d.fold_seed))
+            folds = self.cv_folds(group_keys(table), int(d.n_folds), int(self.cfg.seed))
             train, val = table[folds != int(d.val_fold)], table[folds == int(d.val_fold)]
             return {"train": self._dataset(train, root, True), "val": self._dataset(val, root, False)}
         if stage == "eval":
@@ -95,15 +103,31 @@ class BiomassTask(Task):
     def cv_groups(self, dataset: Dataset) -> np.ndarray:
         return group_keys(_table_of(dataset))
 
+    def cv_folds(self, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+        """Grouped folds balanced in size (sklearn's unshuffled GroupKFold: largest group first into the
+        smallest fold); deterministic, `seed` unused. mode=train uses the same folds (data.val_fold)."""
+        n_groups = len(np.unique(groups))
+        if n_groups < n_folds:
+            raise ValueError(f"{n_folds} folds but the data has only {n_groups} (Sampling_Date, State) groups; "
+                             f"lower cv.folds")
+        folds = np.empty(len(groups), dtype=int)
+        for fold, (_, val_idx) in enumerate(GroupKFold(n_splits=n_folds).split(groups, groups=groups)):
+            folds[val_idx] = fold
+        return folds
+
     def fit_stats(self, train_set: Dataset) -> dict:
-        return fit_stats(_table_of(train_set), float(self.cfg.data.quadrat_area))
+        """Training-split statistics, plus baseline_g: the full labelled table's mean grams per target
+        (the global-baseline R2's SS_tot centre; read by datasets(root, "fit" or "cv"))."""
+        if self.baseline_g is None:
+            raise RuntimeError("fit_stats needs datasets(root, 'fit' or 'cv') first (it reads the full table)")
+        return {**fit_stats(_table_of(train_set), float(self.cfg.data.quadrat_area)), "baseline_g": self.baseline_g}
 
     # ---- model, loss, metric ----------------------------------------------------------------
     def build_model(self, stats: dict):
         encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=tuple(self.cfg.data.image_size))
         model = hydra.utils.instantiate(self.cfg.model, backbone=encoder, stats=stats)
         tta = self.cfg.data.get("tta")
-        if tta is not None and (tta.hflip or tta.vflip or len(tta.scales)):
+        if tta is not None and (tta.hflip or tta.vflip or len(tta.scales) or tta.tiles):
             if self.cfg.data.cache_features:
                 raise ValueError("data.tta changes the pixels the cached tokens were computed from: "
                                  "set data.cache_features=false for test-time augmentation")
@@ -118,13 +142,15 @@ class BiomassTask(Task):
         for model in models:
             model.tta = None
         return BiomassEnsemble(models, hflip=tta.hflip, vflip=tta.vflip, scales=list(tta.scales),
-                               mc_passes=int(ens.mc_passes), mc_eps=float(ens.mc_eps), prior=weights)
+                               mc_passes=int(ens.mc_passes), mc_eps=float(ens.mc_eps), prior=weights,
+                               cache_dir=ens.cache_dir, tiles=float(tta.tiles))
 
     def build_criterion(self, stats: dict):
         return hydra.utils.instantiate(self.cfg.loss, stats=stats)
 
     def build_metric(self, stats: dict):
-        return hydra.utils.instantiate(self.cfg.metric)
+        # checkpoints written before the global-baseline variant have no baseline_g: that variant is left out
+        return hydra.utils.instantiate(self.cfg.metric, baseline_g=stats.get("baseline_g"))
 
     # ---- outputs ----------------------------------------------------------------------------
     def write_predictions(self, results: Iterable, out_dir: Path, stats: dict) -> dict[str, Path]:

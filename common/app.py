@@ -144,6 +144,8 @@ def load_for_inference(cfg: DictConfig, ckpt_path) -> tuple[Task, nn.Module, dic
     model = task.build_model(ckpt["stats"])
     adapt.apply_head_adapters(model, ckpt_cfg.adapt)
     model = restore_for_inference(model, ckpt, str(ckpt_path))
+    stat = Path(str(ckpt_path)).stat()
+    model.checkpoint_id = f"{Path(str(ckpt_path)).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"  # prediction caches
     merge_for_inference(model, cfg.trainer.merge_adapters, str(ckpt_path))
     return task, model, ckpt["stats"], ckpt_cfg
 
@@ -209,11 +211,13 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
 WEIGHTINGS = ("mean", "metric", "stack")
 
 
-def _fold_checkpoints(run_dir: Path) -> list[Path]:
-    folds = sorted(run_dir.glob("fold_*/checkpoints/best.pt"))
+def _fold_checkpoints(run_dir: Path, which: str) -> list[Path]:
+    """The fold models of a mode=cv run directory: fold_*/checkpoints/<cv.checkpoint>.pt."""
+    from common.cv import fold_checkpoint
+    folds = sorted(path for path in (fold_checkpoint(d, which) for d in run_dir.glob("fold_*")) if path.is_file())
     if not folds:
-        raise FileNotFoundError(f"ckpt_path entry {run_dir} is a directory without fold_*/checkpoints/best.pt "
-                                f"(expected a mode=cv run directory)")
+        raise FileNotFoundError(f"ckpt_path entry {run_dir} is a directory without fold_*/checkpoints/{which}.pt "
+                                f"(expected a mode=cv run directory; cv.checkpoint={which})")
     return folds
 
 
@@ -224,11 +228,11 @@ def _ckpt_entries(ckpt_path) -> list[Path]:
     return [Path(str(entry)) for entry in entries]
 
 
-def checkpoint_paths(ckpt_path) -> list[Path]:
-    """ckpt_path: one file, a mode=cv run directory (its fold_*/checkpoints/best.pt), or a list of these."""
+def checkpoint_paths(ckpt_path, which: str = "best") -> list[Path]:
+    """ckpt_path: one file, a mode=cv run directory (its fold_*/checkpoints/<which>.pt), or a list of these."""
     paths: list[Path] = []
     for entry in _ckpt_entries(ckpt_path):
-        paths += _fold_checkpoints(entry) if entry.is_dir() else [entry]
+        paths += _fold_checkpoints(entry, which) if entry.is_dir() else [entry]
     return paths
 
 
@@ -252,7 +256,7 @@ def _stacked_predictor(cfg: DictConfig):
         if str(run_dir / "oof.csv") in frames:
             raise ValueError(f"ensemble.weighting=stack: ckpt_path lists {run_dir} twice")
         frames[str(run_dir / "oof.csv")] = _read_oof(run_dir)
-        loaded = [load_for_inference(cfg, path) for path in _fold_checkpoints(run_dir)]
+        loaded = [load_for_inference(cfg, path) for path in _fold_checkpoints(run_dir, str(cfg.cv.checkpoint))]
         first = first or loaded[0]
         members.append(loaded[0][0].ensemble([model for _, model, _, _ in loaded]))
     task, _, stats, ckpt_cfg = first
@@ -280,7 +284,7 @@ def _averaged_predictor(cfg: DictConfig, paths: list[Path]):
 def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
     if cfg.ensemble.weighting not in WEIGHTINGS:
         raise ValueError(f"ensemble.weighting={cfg.ensemble.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
-    paths = checkpoint_paths(cfg.ckpt_path)
+    paths = checkpoint_paths(cfg.ckpt_path, str(cfg.cv.checkpoint))
     if cfg.ensemble.weighting == "stack":
         (task, model, stats, ckpt_cfg), ensemble = _stacked_predictor(cfg)
     else:

@@ -54,11 +54,23 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+CHECKPOINTS = ("best", "last")
+
+
+def fold_checkpoint(fold_dir: Path, which: str) -> Path:
+    """cv.checkpoint: the fold model that OOF predictions and fold ensembles use (best.pt chosen on the
+    held-out fold itself, so an optimistic OOF, or last.pt, the final epoch)."""
+    if which not in CHECKPOINTS:
+        raise ValueError(f"cv.checkpoint={which!r}: expected one of {CHECKPOINTS}")
+    return Path(fold_dir) / "checkpoints" / f"{which}.pt"
+
+
 def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker, ctx) -> float | None:
     from common.app import build_parts, restore_for_inference
     sets = task.datasets(root, "cv")
     groups = np.asarray(task.cv_groups(sets["train"]))
-    folds = assign_folds(groups, int(cfg.cv.folds), int(cfg.seed))
+    folds = task.cv_folds(groups, int(cfg.cv.folds), int(cfg.seed))
+    print("[cv] fold sizes: " + str(np.bincount(folds, minlength=int(cfg.cv.folds)).tolist()), flush=True)
     if ctx.is_main:
         write_csv(run_dir / "folds.csv", [{"index": i, "group": g, "fold": f}
                                           for i, (g, f) in enumerate(zip(groups, folds))])
@@ -74,13 +86,21 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
                             task.sample_weights(root, train_set))
         step_offset += state.step
         raise_if_diverged(state, str(cfg.trainer.monitor))
-        best = fold_dir / "checkpoints" / "best.pt"
-        restore_for_inference(model, load_checkpoint(best, task.name), str(best))
-        oof_metric = oof_metric or task.build_metric(stats)
+        chosen = fold_checkpoint(fold_dir, str(cfg.cv.checkpoint))
+        restore_for_inference(model, load_checkpoint(chosen, task.name), str(chosen))
+        oof_metric, fold_metric = oof_metric or task.build_metric(stats), task.build_metric(stats)
+        fold_metric.reset()
         for outputs, batch in trainer.infer(model, val_set, task.collate):
             oof_metric.update(outputs, batch)
+            fold_metric.update(outputs, batch)
             oof_rows += [{"fold": fold, **row} for row in task.oof_rows(outputs, batch, stats)]
-        log.info(f"[cv] fold {fold}: best {cfg.trainer.monitor}={state.best_value}")
+        fold_values = fold_metric.compute()
+        if ctx.is_main:
+            RunFiles(fold_dir).write_final({"fold": fold, "checkpoint": str(chosen), "size": int(len(val_idx)),
+                                            "best_value": state.best_value, "best_epoch": state.best_epoch,
+                                            **{f"val/{k}": v for k, v in fold_values.items()}})
+        log.info(f"[cv] fold {fold}: best {cfg.trainer.monitor}={state.best_value}; {chosen.name}: "
+                 + ", ".join(f"{k}={v:.4f}" for k, v in fold_values.items()))
     values = {f"oof/{k}": v for k, v in oof_metric.compute().items()}
     if ctx.is_main:
         write_csv(run_dir / "oof.csv", oof_rows)

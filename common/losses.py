@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-REGRESSION_KINDS = ("mse", "huber", "smooth_l1", "tweedie")
+REGRESSION_KINDS = ("mse", "huber", "smooth_l1", "tweedie", "log_cosh")
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -46,13 +46,19 @@ def _tweedie_nll(pred: Tensor, target: Tensor, p: float, min_mu: float) -> Tenso
     return -target * mu.pow(1.0 - p) / (1.0 - p) + mu.pow(2.0 - p) / (2.0 - p)
 
 
+def _log_cosh(error: Tensor) -> Tensor:
+    """log(cosh(x)) = x + softplus(-2x) - log 2, without cosh's overflow for large |x|."""
+    return error + F.softplus(-2.0 * error) - torch.log(torch.tensor(2.0, dtype=error.dtype))
+
+
 def masked_regression_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "mse",
                            delta: float = 1.0, tweedie_p: float = 1.5, tweedie_min_mu: float = 1e-8) -> Tensor:
     """Mean element-wise regression loss over the observed (mask == 1) elements.
 
     kind: "mse"; "huber" (F.huber_loss with `delta`); "smooth_l1" (F.smooth_l1_loss with beta=`delta`);
     "tweedie": `pred` is the raw output and the positive mean is mu = softplus(pred) (floored at
-    `tweedie_min_mu` against underflow); loss = -y mu^(1-p)/(1-p) + mu^(2-p)/(2-p) with 1 < p < 2.
+    `tweedie_min_mu` against underflow); loss = -y mu^(1-p)/(1-p) + mu^(2-p)/(2-p) with 1 < p < 2;
+    "log_cosh": log(cosh(pred - y)) (quadratic near 0, linear for large errors).
     `mask` is bool or 0/1, same shape as `target` or broadcastable to it; `target` may hold NaN where masked.
     """
     if kind not in REGRESSION_KINDS:
@@ -73,6 +79,8 @@ def masked_regression_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str
         values = F.huber_loss(pred, target, reduction="none", delta=delta)
     elif kind == "smooth_l1":
         values = F.smooth_l1_loss(pred, target, reduction="none", beta=delta)
+    elif kind == "log_cosh":
+        values = _log_cosh(pred - target)
     else:
         values = _tweedie_nll(pred, target, tweedie_p, tweedie_min_mu)
     return _masked_mean(values, observed)

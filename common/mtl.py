@@ -1,6 +1,8 @@
 """Multi-task balancing: uncertainty weighting and PCGrad on the exact weighted terms that sum to the loss."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -11,16 +13,18 @@ class UncertaintyWeighting(nn.Module):
     """Learned homoscedastic-uncertainty weights (Kendall, Gal & Cipolla 2018, regression form).
 
     One learnable log-variance s_i per named term, stored in the vector parameter `log_var` (order of
-    `names`). forward(losses) returns {name: 0.5 * exp(-s_i) * L_i + 0.5 * s_i} for the names it weights;
-    other terms pass through unchanged, so the returned values sum to the total loss.
-    d/ds_i of a weighted term = 0.5 - 0.5 * exp(-s_i) * L_i (minimum at s_i = log L_i).
+    `names`). forward(losses) returns {name: 0.5 * exp(-s_i) * L_i + 0.5 * s_i} for the names it weights,
+    each divided by the number of weighted terms when `divide` (the mean over tasks, as the CSIRO
+    write-up's uw.py); other terms pass through unchanged, so the returned values sum to the total loss.
+    d/ds_i of a weighted term = 0.5 - 0.5 * exp(-s_i) * L_i (minimum at s_i = log L_i, with or without divide).
     """
 
-    def __init__(self, names: list[str], init_log_var: float = 0.0):
+    def __init__(self, names: list[str], init_log_var: float = 0.0, divide: bool = False):
         super().__init__()
         if len(names) == 0 or len(set(names)) != len(names):
             raise ValueError(f"names must be a non-empty list of distinct term names, got {names}")
         self.names = list(names)
+        self.scale = 1.0 / len(names) if divide else 1.0
         self.log_var = nn.Parameter(torch.full((len(names),), float(init_log_var)))
 
     def forward(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -30,12 +34,18 @@ class UncertaintyWeighting(nn.Module):
         out = dict(losses)
         for i, name in enumerate(self.names):
             s = self.log_var[i]
-            out[name] = 0.5 * torch.exp(-s) * losses[name] + 0.5 * s
+            out[name] = (0.5 * torch.exp(-s) * losses[name] + 0.5 * s) * self.scale
         return out
 
     def log_vars(self) -> dict[str, float]:
         """Current log-variances by name (for logging)."""
         return {name: float(v) for name, v in zip(self.names, self.log_var.detach().cpu())}
+
+    def epoch_log(self) -> dict[str, float]:
+        """uw/log_var/<term> and uw/weight/<term> = exp(-s) (the learned weight), logged once per epoch."""
+        values = self.log_vars()
+        return {**{f"uw/log_var/{k}": v for k, v in values.items()},
+                **{f"uw/weight/{k}": math.exp(-v) for k, v in values.items()}}
 
 
 def _flat_grads(term: Tensor, params: list[Tensor]) -> Tensor:

@@ -63,6 +63,11 @@ class Task(ABC):
         """One group id per item of the "cv" datasets; items of a group never split across folds."""
         return np.arange(len(dataset))
 
+    def cv_folds(self, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+        """Fold id per item of the "cv" datasets (mode=cv); default: shuffled grouped folds."""
+        from common.cv import assign_folds
+        return assign_folds(groups, n_folds, seed)
+
     def fit_stats(self, train_set: Dataset) -> dict:
         """Normalisation statistics from the training split only (plain containers)."""
         return {}

@@ -190,7 +190,8 @@ class Trainer:
         groups = build_param_groups(named_trainable(model, criterion), self._learning_rates(),
                                     weight_decay=self.t.optim.weight_decay,
                                     layer_decay=OmegaConf.select(self.cfg, "peft.layer_decay") or 1.0,
-                                    num_blocks=getattr(backbone, "num_blocks", 1))
+                                    num_blocks=getattr(backbone, "num_blocks", 1),
+                                    uw_weight_decay=self.t.optim.uw_weight_decay)
         self.optimizer = build_optimizer(groups, self.t.optim.betas, self.t.optim.fused, self.device)
         sched = self.t.schedule
         self.schedule = Schedule(sched.name, total_steps=steps_per_epoch * int(self.t.max_epochs),
@@ -274,8 +275,10 @@ class Trainer:
         wanted = set(self.t.pcgrad.groups)
         projected = [p for g in self.optimizer.param_groups if g["tag"] in wanted for p in g["params"]]
         others = [p for g in self.optimizer.param_groups if g["tag"] not in wanted for p in g["params"]]
-        pcgrad_backward({k: v * scale for k, v in terms.items()}, projected, mode=self.t.pcgrad.mode,
-                        primary=list(self.t.pcgrad.primary) or None, other_params=others)
+        counts = pcgrad_backward({k: v * scale for k, v in terms.items()}, projected, mode=self.t.pcgrad.mode,
+                                 primary=list(self.t.pcgrad.primary) or None, other_params=others)
+        for key, value in counts.items():     # summed over the epoch's micro-batches, logged with it
+            self.pcgrad_counts[key] = self.pcgrad_counts.get(key, 0.0) + value
 
     def _optimizer_step(self, state: FitState) -> bool:
         """Clip, step, update EMA. Returns False (step skipped) when the gradients are not finite."""
@@ -313,6 +316,7 @@ class Trainer:
         accum = int(self.t.accumulate_grad_batches)
         total = self.steps_per_epoch * accum
         sums = state.epoch_sums
+        self.pcgrad_counts: dict[str, float] = {}
         seen, skip_step, start = 0, False, time.perf_counter()
         bar = tqdm(total=total - state.batches_done, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
         for batch in itertools.islice(loader, max(total - state.batches_done, 0)):
@@ -340,6 +344,10 @@ class Trainer:
         seconds = time.perf_counter() - start
         record = {f"train/{k}": v / max(1, state.batches_done) for k, v in sums.items()}
         record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
+        record.update({f"train/{k}": v for k, v in self.pcgrad_counts.items()})
+        epoch_log = getattr(self.criterion, "epoch_log", None)   # e.g. uncertainty-weighting log-variances
+        if epoch_log is not None:
+            record.update({f"train/{k}": v for k, v in epoch_log().items()})
         return record
 
     def _finish_accumulation(self, state: FitState, skip: bool, terms: dict[str, float]) -> None:

@@ -153,9 +153,9 @@ def test_group_keys_pair_date_and_state(synth_root):
 
 
 AUG = OmegaConf.create({"p_clean": 0.0, "hflip": 0.5, "vflip": 0.5, "crop": {"p": 1.0, "min_scale": 0.5},
-                        "affine": {"p": 0.5, "scale": [0.95, 1.05], "translate": 0.03, "rotate": 5},
+                        "affine": {"p": 0.5, "scale": [0.95, 1.05], "translate": 0.03, "rotate": 5, "shear": 0.0},
                         "color": {"p": 0.5, "brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.02},
-                        "blur": {"p": 0.5, "sigma": [0.3, 1.0]}, "noise": {"p": 0.5, "std": [0.01, 0.04]},
+                        "blur": {"p": 0.5, "kernel": [0, 0], "sigma": [0.3, 1.0]}, "noise": {"p": 0.5, "std": [0.01, 0.04]},
                         "dropout": {"p": 0.5, "holes": [1, 2], "size": [0.05, 0.1]}})
 
 
@@ -218,3 +218,33 @@ def test_skip_bad_drops_undecodable_images(tmp_path, synth_root, caplog):
     wide = read_train_table(root, skip_bad=True)
     assert len(wide) == len(first) - 1 and broken not in set(wide["image_path"])
     assert "skipping 1 image(s) that cannot be decoded" in caplog.text and broken in caplog.text
+
+
+def test_extra_accepts_any_albumentations_transform_by_name_or_target():
+    import albumentations as A
+    from biomass.augment import build_augment
+    extra = [{"name": "GridDistortion", "num_steps": 3, "p": 1.0},
+             {"_target_": "albumentations.ElasticTransform", "alpha": 2.0, "p": 1.0},
+             {"name": "HueSaturationValue", "p": 0.5}, {"name": "Transpose", "p": 0.0}]
+    pipeline = build_augment(OmegaConf.merge(AUG, {"extra": extra}), [28, 56])
+    steps = pipeline.transforms[0].transforms
+    assert [type(t) for t in steps[-4:]] == [A.GridDistortion, A.ElasticTransform, A.HueSaturationValue, A.Transpose]
+    assert steps[-4].num_steps == 3 and steps[-3].alpha == 2.0
+    image = np.random.default_rng(0).integers(0, 255, (28, 56, 3), dtype=np.uint8)
+    assert pipeline(image=image)["image"].shape == (28, 56, 3)
+    for bad, words in (({"name": "NoSuchTransform"}, "no transform named"),
+                       ({"_target_": "torch.nn.Identity"}, "not an albumentations transform"),
+                       ({"p": 0.5}, r"expected \{_target_")):
+        with pytest.raises(ValueError, match=words):
+            build_augment(OmegaConf.merge(AUG, {"extra": [bad]}), [28, 56])
+
+
+def test_extra_from_the_command_line_composes():
+    from hydra import compose, initialize_config_dir
+    from biomass.augment import build_augment
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["task=biomass",
+                                           "data.aug.extra=[{name: GridDistortion, p: 0.2},"
+                                           "{_target_: albumentations.HueSaturationValue, p: 0.5}]"])
+    steps = build_augment(cfg.data.aug, cfg.data.image_size).transforms[0].transforms
+    assert [type(t).__name__ for t in steps[-2:]] == ["GridDistortion", "HueSaturationValue"]

@@ -24,7 +24,7 @@ def test_in_model_tta_is_the_mean_over_views_and_keeps_identities():
     model = _model().eval()
     batch = {"image": torch.rand(2, 3, 28, 56)}
     plain = [model(batch)["pred_g"], model({"image": batch["image"].flip(-1)})["pred_g"]]
-    model.tta = {"hflip": True, "vflip": False, "scales": []}
+    model.tta = {"hflip": True, "vflip": False, "scales": [], "tiles": 0.0}
     out = model(batch)["pred_g"]
     torch.testing.assert_close(out, 0.5 * (plain[0] + plain[1]))
     torch.testing.assert_close(out[:, 4], out[:, :3].sum(-1))

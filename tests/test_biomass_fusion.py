@@ -53,7 +53,7 @@ def _meta_batch():
 def test_metadata_fusion_starts_as_identity_and_then_conditions(mode):
     torch.manual_seed(0)
     fusion = MetadataFusion(STATS, mode, ["State", "Species", "Pre_GSHH_NDVI"], dim=8, heads=2,
-                            embed_dim=16, num_layers=2)
+                            embed_dim=16, num_layers=2, field_dropout=0.0)
     feats = BackboneOutput(tokens=[torch.randn(3, 6, 16), torch.randn(3, 6, 16)], grid=(2, 3))
     out = fusion(feats, _meta_batch())
     for a, b in zip(out.tokens, feats.tokens):
@@ -82,7 +82,8 @@ def test_metadata_fusion_needing_columns_absent_from_test_csv_fails_at_start(tmp
                   "target_name": ["Dry_Green_g"]}).to_csv(tmp_path / "test.csv", index=False)
     cfg = OmegaConf.create({"task": {"name": "biomass"},
                             "data": {"test_csv": "test.csv", "train_csv": "train.csv"},
-                            "model": {"metadata": {"mode": "film", "fields": ["State", "Species"]}}})
+                            "model": {"metadata": {"mode": "film", "fields": ["State", "Species"],
+                                                   "field_dropout": 0.0}}})
     with pytest.raises(ValueError, match=r"test.csv lacks \['State', 'Species'\]"):
         BiomassTask(cfg).datasets(tmp_path, "fit")
 

@@ -103,7 +103,7 @@ def test_layer_fusion_with_one_hot_logits_is_that_layers_head():
 
 
 VIEWS = {"layout": "whole", "heads": 2, "dropout": 0.0}
-NO_META = {"mode": "none", "fields": ["State"], "dim": 8, "heads": 2}
+NO_META = {"mode": "none", "fields": ["State"], "dim": 8, "heads": 2, "field_dropout": 0.0}
 NO_MIX = {"prob": 0.0, "alpha": 1.0}
 
 
@@ -133,7 +133,7 @@ def test_model_rejects_unknown_aux():
 def _criterion(**kw):
     args = dict(stats=STATS, space="norm_gm2", kind="mse", delta=1.0, tweedie_p=1.5,
                 weights={"total": 1.0, "ratio": 1.0, "weighted": 1.0, "height": 1.0, "ndvi": 1.0, "state": 1.0},
-                balancing="fixed", uw_init_log_var=0.0)
+                balancing="fixed", uw_init_log_var=0.0, uw_divide=False)
     return BiomassCriterion(**{**args, **kw})
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from common.build import build_encoder
 from tests.test_biomass_model import STATS
@@ -20,16 +21,56 @@ def _compose(overrides):
         return compose("config", overrides=overrides)
 
 
-def test_csiro_vitdet_preset_values():
+# The CSIRO write-up (configs/train.yaml as sections 2.2-3.4 state it): dotted config key -> value.
+WRITE_UP = {
+    "backbone.name": "vit_7b_patch16_dinov3.lvd1689m", "backbone.layers": [23, 31, 39],
+    "peft.name": "lora", "peft.r": 8, "peft.alpha": 16, "peft.targets": ["qkv"], "peft.last_n_blocks": 16,
+    "data.image_size": [480, 960], "trainer.max_epochs": 35, "trainer.ema.enabled": True, "trainer.ema.decay": 0.99,
+    # 3.3 ViTDet scalar readout per layer, learned fusion in component space
+    "model.head._target_": "biomass.heads_pool.LayerFusion",
+    "model.head.head._target_": "biomass.heads_vitdet.ViTDetScalarHead",
+    "model.head.head.width": 512, "model.head.head.bottleneck": 4096,
+    "model.head.head.scales": [2.0, 1.0, 0.5, 0.25], "model.head.head.norm": "ln",
+    "model.param": "total_ratio", "model.aux": ["height", "ndvi", "state"],
+    "model.mixup.prob": 0.96, "model.mixup.alpha": 3.9,
+    # 3.4.2-3.4.4 losses, UW (mean over the six tasks), primary-anchored PCGrad on the head group
+    "loss.space": "norm_gm2", "loss.kind": "mse", "loss.balancing": "uw", "loss.uw_divide": True,
+    "loss.weights": {"total": 1.0, "ratio": 1.0, "weighted": 1.0, "height": 1.0, "ndvi": 1.0, "state": 1.0},
+    "trainer.optim.uw_weight_decay": 0.0,
+    "trainer.pcgrad.enabled": True, "trainer.pcgrad.mode": "anchored",
+    "trainer.pcgrad.primary": ["total", "ratio", "weighted"], "trainer.pcgrad.groups": ["head"],
+    # 2.2.2 augmentation
+    "data.aug.p_clean": 0.1, "data.aug.hflip": 0.5, "data.aug.vflip": 0.5, "data.aug.crop.p": 0.0,
+    "data.aug.resized_crop": {"p": 1.0, "area": [0.8, 1.0]},
+    "data.aug.affine": {"p": 1.0, "scale": [0.95, 1.05], "translate": 0.02, "rotate": 5, "shear": 0.02},
+    "data.aug.color": {"p": 0.8, "brightness": 0.2, "contrast": 0.2, "saturation": 0.1, "hue": 0.0},
+    "data.aug.blur": {"p": 0.5, "kernel": [3, 7], "sigma": [0.1, 1.0]},
+    "data.aug.noise": {"p": 0.5, "std": [0.01, 0.01]},
+    "data.aug.erasing": {"p": 0.25, "area": [0.02, 0.1], "ratio": [0.3, 3.3], "fill": "random"},
+    "data.aug.overlay.p": 0.3, "data.aug.spots.p": 0.3, "data.aug.dropout.p": 0.0,
+    # 4.3 / 5.2 final-epoch heads
+    "cv.checkpoint": "last", "cv.folds": 5,
+}
+
+
+def test_csiro_vitdet_preset_equals_the_write_up():
     cfg = _compose(["experiment=biomass_csiro_vitdet"])
-    assert cfg.backbone.name.startswith("vit_7b_patch16_dinov3") and list(cfg.backbone.layers) == [23, 31, 39]
-    assert (cfg.peft.name, cfg.peft.r, cfg.peft.alpha, list(cfg.peft.targets), cfg.peft.last_n_blocks) == \
-        ("lora", 8, 16, ["qkv"], 16)
-    assert cfg.model.head.head._target_ == "biomass.heads.ViTDetHead" and cfg.model.head.head.width == 512
-    assert (cfg.model.mixup.prob, cfg.model.mixup.alpha) == (0.96, 3.9)
-    assert cfg.loss.balancing == "uw" and cfg.trainer.pcgrad.enabled and cfg.trainer.pcgrad.mode == "anchored"
-    assert cfg.trainer.ema.enabled and cfg.trainer.ema.decay == 0.99
-    assert cfg.trainer.max_epochs == 35 and list(cfg.data.image_size) == [480, 960]
+    for key, expected in WRITE_UP.items():
+        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        assert value == expected, f"{key}: preset {value!r} != write-up {expected!r}"
+
+
+def test_csiro_vitdet_preset_augmentation_builds_the_write_up_transforms():
+    from biomass.augment import build_augment
+    cfg = _compose(["experiment=biomass_csiro_vitdet"])
+    pipeline = build_augment(cfg.data.aug, [48, 96])
+    steps = {type(t).__name__: t for t in pipeline.transforms[0].transforms}
+    assert pipeline.transforms[0].p == pytest.approx(0.9)
+    assert {"RandomResizedCrop", "Affine", "ColorJitter", "GaussianBlur", "GaussNoise", "Erasing",
+            "TimestampOverlay", "LightSpots"} <= set(steps) and "RandomSizedCrop" not in steps
+    assert steps["RandomResizedCrop"].scale == (0.8, 1.0) and steps["Erasing"].scale == (0.02, 0.1)
+    assert steps["GaussianBlur"].blur_limit == (3, 7) and steps["ColorJitter"].p == 0.8
 
 
 @pytest.mark.parametrize("preset", ["biomass_csiro_vitdet", "biomass_halves_dinov3_l"])

@@ -1,0 +1,44 @@
+"""The CSIRO write-up's ViTDet scalar readout (same interface as biomass.heads).
+
+One backbone layer's patch tokens -> 2D map -> simple feature pyramid (scales 2, 1, 0.5, 0.25; each level
+1x1 conv -> LN -> 3x3 conv -> LN to `width` channels) -> global average pool per level -> concatenation
+(len(scales) * width) -> MLP (Linear, SiLU, Dropout) -> the shared bottleneck z -> one linear map from z
+to every raw output (total + ratio logits, NDVI, height, state logits: separate linear heads on z are
+the rows of this one linear map). One instance per image (weight 1); several layers are fused by
+biomass.heads_pool.LayerFusion in component space.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from biomass.heads import _norm, _rescale
+from common.backbone import BackboneOutput, tokens_to_map
+
+
+class ViTDetScalarHead(nn.Module):
+    def __init__(self, embed_dim: int, num_layers: int, out_dim: int, width: int, bottleneck: int,
+                 dropout: float, scales: Sequence[float] = (2.0, 1.0, 0.5, 0.25), norm: str = "ln",
+                 layer: int = -1):
+        super().__init__()
+        self.layer = layer
+        self.levels = nn.ModuleList()
+        for scale in scales:
+            rescale, ch = _rescale(embed_dim, float(scale))
+            self.levels.append(nn.Sequential(
+                rescale, nn.Conv2d(ch, width, 1, bias=norm == "none"), _norm(norm, width),
+                nn.Conv2d(width, width, 3, padding=1, bias=norm == "none"), _norm(norm, width)))
+        self.bottleneck = nn.Sequential(nn.Linear(width * len(self.levels), bottleneck), nn.SiLU(),
+                                        nn.Dropout(dropout))
+        self.out = nn.Linear(bottleneck, out_dim)
+
+    def descriptor(self, out: BackboneOutput) -> Tensor:
+        """(B, len(scales) * width): every pyramid level average-pooled, concatenated."""
+        fmap = tokens_to_map(out.tokens[self.layer], out.grid)
+        return torch.cat([level(fmap).mean(dim=(-2, -1)) for level in self.levels], dim=-1)
+
+    def forward(self, out: BackboneOutput) -> tuple[Tensor, Tensor]:
+        raw = self.out(self.bottleneck(self.descriptor(out))).unsqueeze(1)
+        return raw, raw.new_ones(raw.shape[:2])

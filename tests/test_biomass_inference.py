@@ -1,0 +1,143 @@
+"""biomass inference: head-only MC dropout, the per-member prediction cache, tiled inference, metadata
+field dropout (a test table without metadata still predicts)."""
+from __future__ import annotations
+
+import functools
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from biomass.ensemble import BiomassEnsemble, predict_tta, tiles_of, tta_views
+from biomass.heads import DensityMLP
+from biomass.task import BiomassTask
+from tests.test_biomass_fusion import _meta_batch
+from tests.test_biomass_model import NO_META, STATS, _model
+
+
+class CountingBackbone(torch.nn.Module):
+    """Wraps a backbone and counts its forward calls (the expensive part the head-only MC must not rerun)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+        self.patch_size, self.embed_dim, self.layers = inner.patch_size, inner.embed_dim, inner.layers
+
+    def forward(self, images):
+        self.calls += 1
+        return self.inner(images)
+
+
+def _member(seed, dropout=0.3):
+    torch.manual_seed(seed)
+    model = _model(head=functools.partial(DensityMLP, hidden=16, dropout=dropout)).eval()
+    model.backbone = CountingBackbone(model.backbone)
+    return model
+
+
+def _ensemble(members, **kw):
+    args = dict(hflip=True, vflip=False, scales=[], mc_passes=8, mc_eps=1e-6)
+    return BiomassEnsemble(members, **{**args, **kw})
+
+
+def test_mc_dropout_runs_the_backbone_once_per_image_and_view():
+    members = [_member(0), _member(1)]
+    batch = {"image": torch.rand(2, 3, 28, 56)}
+    out = _ensemble(members)(batch)
+    assert [m.backbone.calls for m in members] == [2, 2]           # 2 views each, not 2 x (1 + 8 passes)
+    assert out["pred_g"].shape == (2, 5) and torch.isfinite(out["member_weights"]).all()
+    # the weights are inverse variances of the head's passes: members with different variances differ
+    assert not torch.allclose(out["member_weights"], torch.full((2, 2), 0.5))
+
+
+def test_head_only_mc_equals_rerunning_the_model_with_head_dropout():
+    member = _member(0)
+    batch = {"image": torch.rand(2, 3, 28, 56)}
+    torch.manual_seed(3)
+    out = _ensemble([member], hflip=False, mc_passes=5)(batch)
+    torch.manual_seed(3)
+    drops = [m for m in member.head.modules() if isinstance(m, torch.nn.Dropout)]
+    for d in drops:
+        d.train()
+    totals = torch.stack([member(batch)["pred_g"][:, -1] for _ in range(5)])   # full model per pass
+    for d in drops:
+        d.eval()
+    with torch.no_grad():
+        plain = member(batch)["pred_g"]
+    torch.testing.assert_close(out["pred_g"], plain)
+    ens = _ensemble([member, member], hflip=False, mc_passes=5)
+    torch.manual_seed(3)
+    var0 = ens._member(0, batch)[1]
+    torch.testing.assert_close(var0, totals.var(dim=0, unbiased=True))
+
+
+def test_member_predictions_are_cached_on_disk_by_checkpoint_and_input(tmp_path):
+    members = [_member(0), _member(1)]
+    batch = {"image": torch.rand(2, 3, 28, 56), "image_id": ["a", "b"]}
+    first = _ensemble(members, cache_dir=tmp_path)(batch)
+    assert len(list(tmp_path.glob("*/*.pt"))) == 2
+    for m in members:
+        m.backbone.calls = 0
+    again = _ensemble(members, cache_dir=tmp_path)(batch)            # a new ensemble of the same members
+    assert [m.backbone.calls for m in members] == [0, 0]
+    torch.testing.assert_close(again["pred_g"], first["pred_g"])
+    _ensemble(members, cache_dir=tmp_path)({**batch, "image": torch.rand(2, 3, 28, 56)})   # other pixels
+    assert [m.backbone.calls for m in members] == [2, 2]
+    members[1].checkpoint_id = "/runs/fold_1/last.pt:123:456"        # another checkpoint: recomputed
+    _ensemble(members, cache_dir=tmp_path)(batch)
+    assert [m.backbone.calls for m in members] == [2, 4]
+
+
+def test_tiles_are_the_corners_and_centre_and_average_in_component_space():
+    images = torch.arange(2 * 3 * 28 * 56, dtype=torch.float32).view(2, 3, 28, 56)
+    tiles = tiles_of(images, 0.5, patch=14)
+    assert [t.shape[-2:] for t in tiles] == [(14, 28)] * 5
+    torch.testing.assert_close(tiles[0], images[..., :14, :28])
+    torch.testing.assert_close(tiles[3], images[..., 14:, 28:])
+    torch.testing.assert_close(tiles[4], images[..., 7:21, 14:42])
+    assert len(tta_views(images, False, False, [], 14, tiles=0.5)) == 6
+    model = _member(0, dropout=0.0)
+    batch = {"image": torch.rand(2, 3, 28, 56)}
+    with torch.no_grad():
+        views = tta_views(batch["image"], False, False, [], 14, tiles=0.5)
+        expected = torch.stack([model({"image": v})["pred_g"] for v in views]).mean(0)
+        got = predict_tta(model, batch, False, False, [], tiles=0.5)
+    torch.testing.assert_close(got, expected)
+    g, d, c, gdm, total = got.unbind(-1)
+    torch.testing.assert_close(total, g + d + c)
+    with pytest.raises(ValueError, match="tiles"):
+        tiles_of(images, 1.5, 14)
+
+
+def test_metadata_field_dropout_hides_fields_in_training_only():
+    meta = {**NO_META, "mode": "film", "fields": ["State", "Pre_GSHH_NDVI"], "field_dropout": 0.5}
+    torch.manual_seed(0)
+    model = _model(aux=("height",), metadata=meta)
+    encoder = model.metadata.encoder
+    batch = {**_meta_batch(), "state": ["Tas", "Vic", "NSW"] * 20, "species": [""] * 60,
+             "ndvi": torch.rand(60), "ndvi_mask": torch.ones(60)}
+    unknown = {"state": [""] * 60, "species": [""] * 60, "ndvi": torch.full((60,), float("nan")),
+               "ndvi_mask": torch.zeros(60)}
+    encoder.train()
+    torch.manual_seed(1)
+    hidden = torch.isclose(encoder(batch), encoder.eval()(unknown)).all(-1)
+    assert 0.1 < hidden.float().mean() < 0.5                # both fields hidden together: p^2 = 0.25
+    encoder.eval()
+    assert not torch.isclose(encoder(batch), encoder(unknown)).all(-1).any()
+    with pytest.raises(ValueError, match="field_dropout"):
+        _model(aux=("height",), metadata={**meta, "field_dropout": 1.0})
+
+
+def test_test_table_without_metadata_is_accepted_with_field_dropout(tmp_path, capsys):
+    pd.DataFrame({"sample_id": ["ID1__Dry_Green_g"], "image_path": ["test/ID1.jpg"],
+                  "target_name": ["Dry_Green_g"]}).to_csv(tmp_path / "test.csv", index=False)
+    meta = {"mode": "xattn", "fields": ["State", "Species"], "field_dropout": 0.3}
+    task = BiomassTask(OmegaConf.create({"task": {"name": "biomass"}, "model": {"metadata": meta},
+                                         "data": {"test_csv": "test.csv"}}))
+    task.check_metadata_columns(tmp_path)
+    assert "treat them as unknown" in capsys.readouterr().out
+    model = _model(aux=("height",), metadata={**NO_META, **meta}).eval()
+    with torch.no_grad():
+        out = model({"image": torch.rand(2, 3, 28, 56), "state": ["", ""], "species": ["", ""]})
+    assert torch.isfinite(out["pred_g"]).all()
