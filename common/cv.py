@@ -70,7 +70,7 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
     sets = task.datasets(root, "cv")
     groups = np.asarray(task.cv_groups(sets["train"]))
     folds = task.cv_folds(groups, int(cfg.cv.folds), int(cfg.seed))
-    print("[cv] fold sizes: " + str(np.bincount(folds, minlength=int(cfg.cv.folds)).tolist()), flush=True)
+    log.info("[cv] fold sizes: " + str(np.bincount(folds, minlength=int(cfg.cv.folds)).tolist()))
     if ctx.is_main:
         write_csv(run_dir / "folds.csv", [{"index": i, "group": g, "fold": f}
                                           for i, (g, f) in enumerate(zip(groups, folds))])
