@@ -42,7 +42,7 @@ def test_logits_at_input_resolution_and_fpn_follows_input(size):
     assert logits.shape == (2, 1, *size)
     assert grid.shape[-2:] == (size[0] // 14, size[1] // 14)
     assert [tuple(lv.shape[-2:]) for lv in levels] == [(round(size[0] / s), round(size[1] / s)) for s in (4, 8, 16)]
-    assert [lv.shape[1] for lv in levels] == [32, 48, 64]
+    assert [lv.shape[1] for lv in levels] == [24, 32, 48]
 
 
 def test_input_off_the_patch_grid_is_fitted_for_the_backbone_only():
@@ -85,9 +85,10 @@ def test_stages_follow_the_deck_trace_at_the_tiny_widths():
         stage.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape[1:])))
     with torch.no_grad():
         logits = model({"image": torch.rand(1, 3, 112, 112)})["logits"]
-    assert shapes == [(64, 14, 14), (48, 28, 28), (32, 56, 56)] and logits.shape == (1, 1, 112, 112)
-    # stage 1 joins f1 (48 ch), stage 2 f0 (32 ch), stage 3 no skip; transitions are BN -> ReLU -> conv
-    assert [s.dense.denselayer1.norm1.num_features for s in model.decoder] == [64 + 48, 64 + 32, 48]
+    assert shapes == [(32, 14, 14), (24, 28, 28), (16, 56, 56)] and logits.shape == (1, 1, 112, 112)
+    # stage 1 starts from f2 (48 ch) and joins f1 (32 ch), stage 2 joins f0 (24 ch), stage 3 no skip;
+    # transitions are BN -> ReLU -> conv
+    assert [s.dense.denselayer1.norm1.num_features for s in model.decoder] == [48 + 32, 32 + 24, 24]
     assert [type(m).__name__ for m in model.decoder[0].transition] == ["BatchNorm2d", "ReLU", "Conv2d"]
 
 
