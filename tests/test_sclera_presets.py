@@ -156,3 +156,13 @@ def test_specular_blob_strength_scales_the_blend_towards_white():
     image = np.full((21, 21, 3), 100, np.uint8)
     out = SpecularBlobs(p=1.0).apply(image, blobs=[(10.0, 10.0, 3.0, 0.5)])
     assert out[10, 10, 0] == int(100 + (255 - 100) * 0.5) and out[0, 0, 0] == 100   # blend, then truncated to uint8
+
+
+def test_speed_reports_the_models_counts_and_a_time():
+    from sclera.speed import measure
+    tiny = ["backbone=tiny", "backbone.layers=[1,3]", "model=sclera/cgdseg_tiny", "data.image_size=[112,112]"]
+    out = measure(tiny, [2], "cpu", amp=False, compile_model=False, repeats=1, warmup=0)
+    report = out["parameters"]
+    assert report["trainable"] == sum(report[k] for k in ("backbone_adapters", "grounding", "fpn", "decoder", "head"))
+    assert report["backbone_adapters"] == 4 * (8 * 64 + 192 * 8)      # LoRA r8 on the tiny ViT's 4 fused qkv (dim 64)
+    assert out["input"] == [112, 112] and out["ms_per_image"][2] > 0
