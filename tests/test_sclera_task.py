@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -133,3 +134,15 @@ def test_default_run_trains_evaluates_and_predicts_both_tracks(tmp_path):
     wrong = run_cli(["task=sclera", "mode=predict", f"ckpt_path={{Mixed:{synthetic}}}"], tmp_path / "wrong", cache,
                     check=False)
     assert wrong.returncode != 0 and "trained for track 'Synthetic'" in wrong.stderr
+
+
+def test_eval_takes_whole_data_values_and_the_submission_from_the_command_line(monkeypatch):
+    from common import app
+    cfg = compose_cfg(["task.submission.team=FromRun", "paths.root_dir=/tmp", "paths.output_dir=/tmp/out"])
+    ckpt_cfg = OmegaConf.to_container(compose_cfg(["task.track=Synthetic", "task.submission.team=FromCkpt",
+                                                   "paths.root_dir=/tmp", "paths.output_dir=/tmp/out"]), resolve=True)
+    ckpt_cfg["data"]["encodings"] = {"MOBIUS": "sip"}
+    monkeypatch.setattr(app, "_command_line_data_overrides", lambda: [("encodings", {})])   # data.encodings={}
+    merged = app.config_from_checkpoint(cfg, {"config": ckpt_cfg})
+    assert OmegaConf.to_container(merged.data.encodings) == {}           # replaced, not merged into {MOBIUS: sip}
+    assert merged.task.track == "Synthetic" and merged.task.submission.team == "FromRun"
