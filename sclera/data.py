@@ -120,7 +120,7 @@ def _ssbc(path: Path, image: Image.Image) -> np.ndarray:
     rgb = np.asarray(image.convert("RGB"))
     if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
         raise BadSample(f"{path}: colour pixels in a mask read as SSBC reads it (greyscale // 255); 4-class SIP "
-                        f"masks need data.eval_masks=encodings and data.encodings.<set>=sip")
+                        f"masks need data.eval_masks=encodings and +data.encodings.<set>=sip")
     return (np.asarray(image.convert("L")) // 255).astype(np.uint8)
 
 
