@@ -112,7 +112,7 @@ def test_default_run_trains_evaluates_and_predicts_both_tracks(tmp_path):
     """The embedded default (tiny backbone, tiny CLIP grounding, synthetic eyes) through run.py: SSBC's binary
     F1 >= 0.9 on every eval set, parameter counts in the run directory, and one predict for both tracks."""
     cache = tmp_path / "cache"
-    run_cli(["task=sclera"], tmp_path / "train", cache)
+    run_cli(["task=sclera"], tmp_path / "train", cache, timeout=1800)     # minutes alone, more on a shared CPU
     parameters = json.loads((tmp_path / "train" / "parameters.json").read_text())
     assert parameters["grounding"] > 0 and parameters["trainable"] == sum(
         parameters[k] for k in ("backbone_adapters", "grounding", "fpn", "decoder", "head"))
