@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # eval / predict rebuild the network from these checkpoint sections (the data section too, with the
 # command line's data.* overrides on top), so a checkpoint alone (plus backbone weights) predicts.
 CHECKPOINT_SECTIONS = ("backbone", "peft", "model", "task", "adapt")
+# inference settings inside the task section: this run's, not the checkpoint's
+RUN_TASK_KEYS = ("tta", "submission")
 
 
 def load_task(cfg: DictConfig) -> Task:
@@ -121,16 +123,15 @@ def config_from_checkpoint(cfg: DictConfig, ckpt: dict, source: str = "checkpoin
     """This run's config with the checkpoint's sections, once they are checked (common.checkpoint_config)."""
     merged = OmegaConf.to_container(cfg, resolve=True)
     check_checkpoint_config(ckpt["config"], merged, CHECKPOINT_SECTIONS + ("data",), source)
-    tta = merged.get("task", {}).get("tta")          # an inference setting: this run's, not the checkpoint's
+    run_task = {key: merged["task"][key] for key in RUN_TASK_KEYS if merged["task"].get(key) is not None}
     for section in CHECKPOINT_SECTIONS:
         if section in ckpt["config"]:
             merged[section] = ckpt["config"][section]
-    if tta is not None:
-        merged["task"]["tta"] = tta
+    merged["task"].update(run_task)
     data = OmegaConf.create(ckpt["config"]["data"])
     data.root = cfg.data.root
-    for key, value in _command_line_data_overrides():
-        OmegaConf.update(data, key, value, force_add=True)
+    for key, value in _command_line_data_overrides():      # a value given whole replaces the checkpoint's
+        OmegaConf.update(data, key, value, merge=False, force_add=True)
     merged["data"] = OmegaConf.to_container(data)
     return OmegaConf.create(merged)
 
@@ -248,11 +249,11 @@ def _read_oof(run_dir: Path):
         raise ValueError(f"{path} could not be read as a CSV ({err}); expected the oof.csv of a mode=cv run") from err
 
 
-def _stacked_predictor(cfg: DictConfig):
+def _stacked_predictor(cfg: DictConfig, ckpt_path):
     """ensemble.weighting=stack: one member per cv run directory (the mean of its folds), combined by the task's
     meta-model fit on the directories' oof.csv."""
     members, frames, first = [], {}, None
-    for run_dir in _ckpt_entries(cfg.ckpt_path):
+    for run_dir in _ckpt_entries(ckpt_path):
         if str(run_dir / "oof.csv") in frames:
             raise ValueError(f"ensemble.weighting=stack: ckpt_path lists {run_dir} twice")
         frames[str(run_dir / "oof.csv")] = _read_oof(run_dir)
@@ -281,23 +282,41 @@ def _averaged_predictor(cfg: DictConfig, paths: list[Path]):
     return (task, model, stats, ckpt_cfg), {"weighting": str(cfg.ensemble.weighting), "weights": weights}
 
 
-def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
-    if cfg.ensemble.weighting not in WEIGHTINGS:
-        raise ValueError(f"ensemble.weighting={cfg.ensemble.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
-    paths = checkpoint_paths(cfg.ckpt_path, str(cfg.cv.checkpoint))
+def _predict_group(cfg, ckpt_path, label, root, run_dir, tracker, ctx) -> dict:
+    """Predict with the checkpoints of one ckpt_path entry (one file, a cv run, or a list: an ensemble)."""
+    paths = checkpoint_paths(ckpt_path, str(cfg.cv.checkpoint))
     if cfg.ensemble.weighting == "stack":
-        (task, model, stats, ckpt_cfg), ensemble = _stacked_predictor(cfg)
+        (task, model, stats, ckpt_cfg), ensemble = _stacked_predictor(cfg, ckpt_path)
     else:
         (task, model, stats, ckpt_cfg), ensemble = _averaged_predictor(cfg, paths)
+    if label is not None:
+        task.check_prediction_group(label)
     model = task.for_inference(model)
     tracker.set_config(ckpt_cfg)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
     results = trainer.infer(model, task.datasets(root, "predict")["predict"], task.collate)
     written = task.write_predictions(results, run_dir, stats) if ctx.is_main else {}
+    return {"ckpt_path": [str(p) for p in paths], "ensemble": ensemble,
+            "outputs": {k: str(v) for k, v in written.items()}}
+
+
+def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
+    """ckpt_path: one entry, or a mapping {label: entry} predicted one label after another into this run's
+    directory (no ensembling across labels; e.g. one checkpoint per SSBC track)."""
+    if cfg.ensemble.weighting not in WEIGHTINGS:
+        raise ValueError(f"ensemble.weighting={cfg.ensemble.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    if isinstance(cfg.ckpt_path, DictConfig):
+        if not cfg.ckpt_path:
+            raise ValueError("ckpt_path={}: give at least one label: checkpoint")
+        groups = {str(label): _predict_group(cfg, entry, str(label), root, run_dir, tracker, ctx)
+                  for label, entry in cfg.ckpt_path.items()}
+        summary = {key: {label: group[key] for label, group in groups.items()} for key in ("ckpt_path", "ensemble")}
+        summary["outputs"] = {what: path for group in groups.values() for what, path in group["outputs"].items()}
+    else:
+        summary = _predict_group(cfg, cfg.ckpt_path, None, root, run_dir, tracker, ctx)
     if ctx.is_main:
-        RunFiles(run_dir).write_final({"ckpt_path": [str(p) for p in paths], "ensemble": ensemble,
-                                       "outputs": {k: str(v) for k, v in written.items()}})
-        for what, path in written.items():
+        RunFiles(run_dir).write_final(summary)
+        for what, path in summary["outputs"].items():
             log.info(f"[predict] {what}: {path}")
     return None
 

@@ -47,9 +47,10 @@ def layer_scale(name: str, layer_decay: float, num_blocks: int) -> float:
 
 def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: dict[str, float],
                        weight_decay: float, layer_decay: float = 1.0,
-                       num_blocks: int = 1, uw_weight_decay: float = 0.0) -> list[dict]:
-    """One optimiser group per (tag, lr scale, decay or not); each group remembers its tag. Biases and norms
-    get no decay; `uw` parameters (uncertainty-weighting log-variances) get `uw_weight_decay`."""
+                       num_blocks: int = 1, uw_weight_decay: float = 0.0, decay_1d: bool = False) -> list[dict]:
+    """One optimiser group per (tag, lr scale, decay or not); each group remembers its tag. 1-D parameters
+    (biases, norms) get no weight decay unless `decay_1d`; `uw` parameters (uncertainty-weighting
+    log-variances) get `uw_weight_decay`."""
     groups: dict[tuple, dict] = {}
     for name, param in named_params:
         tag = tag_of(name)
@@ -57,7 +58,7 @@ def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: dic
             raise ValueError(f"parameter {name} is trainable with tag '{tag}' but no learning rate is "
                              f"configured for that tag (configured: {sorted(k for k, v in lr.items() if v)})")
         scale = layer_scale(name, layer_decay, num_blocks) if tag in ("adapter", "backbone") else 1.0
-        decay = float(uw_weight_decay) if tag == "uw" else 0.0 if param.ndim <= 1 else weight_decay
+        decay = float(uw_weight_decay) if tag == "uw" else 0.0 if (param.ndim <= 1 and not decay_1d) else weight_decay
         key = (tag, scale, decay)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "tag": tag, "lr": lr[tag] * scale,

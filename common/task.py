@@ -113,6 +113,11 @@ class Task(ABC):
         (written to metrics.json)."""
         raise ValueError(f"task {self.name} has no stacking; use ensemble.weighting=mean or metric")
 
+    def check_prediction_group(self, label: str) -> None:
+        """mode=predict with ckpt_path={label: checkpoints, ...}: called on the task restored from the label's
+        checkpoints before they predict; raise if they do not belong under that label (default: any label)."""
+        return None
+
     def for_inference(self, model: nn.Module) -> nn.Module:
         """Optional: wrap the restored model (or ensemble) for eval and predict, e.g. test-time augmentation."""
         return model

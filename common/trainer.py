@@ -191,7 +191,8 @@ class Trainer:
                                     weight_decay=self.t.optim.weight_decay,
                                     layer_decay=OmegaConf.select(self.cfg, "peft.layer_decay") or 1.0,
                                     num_blocks=getattr(backbone, "num_blocks", 1),
-                                    uw_weight_decay=self.t.optim.uw_weight_decay)
+                                    uw_weight_decay=self.t.optim.uw_weight_decay,
+                                    decay_1d=bool(self.t.optim.decay_1d))
         self.optimizer = build_optimizer(groups, self.t.optim.betas, self.t.optim.fused, self.device)
         sched = self.t.schedule
         self.schedule = Schedule(sched.name, total_steps=steps_per_epoch * int(self.t.max_epochs),

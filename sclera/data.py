@@ -3,8 +3,10 @@
 SSBC layout: `<root>/<set>/{Training,Validation}/{Images,Masks}/` and `<root>/Evaluation/<set>/{Images,Masks}/`;
 the mask of `<name>.<ext>` is `Masks/<name>.png`. SBVPI release: `<root>/<subject>/<stem>.jpg` with one
 binary PNG per region, the sclera one being `<stem>_sclera.png`.
-Encodings: "binary" (greyscale, 255 sclera, 0 rest, read as value // 255) and "sip" (RGB: red sclera,
-green iris, blue pupil, black rest). Any other value is an error naming the file.
+Encodings: "binary" (greyscale, 255 sclera, 0 rest, read as value // 255; other grey values are an error),
+"ssbc" (as the SSBC evaluator reads a truth mask: greyscale conversion, value // 255, so any grey value
+below 255 is background; colour masks are refused) and "sip" (RGB: red sclera, green iris, blue pupil,
+black rest). Any other value is an error naming the file.
 """
 from __future__ import annotations
 
@@ -115,14 +117,23 @@ def _sip(path: Path, image: Image.Image) -> np.ndarray:
     return (codes == (255 << 16)).astype(np.uint8)
 
 
+def _ssbc(path: Path, image: Image.Image) -> np.ndarray:
+    rgb = np.asarray(image.convert("RGB"))
+    if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+        raise BadSample(f"{path}: colour pixels in a mask read as SSBC reads it (greyscale // 255); 4-class SIP "
+                        f"masks need data.eval_masks=encodings and +data.encodings.<set>=sip")
+    return (np.asarray(image.convert("L")) // 255).astype(np.uint8)
+
+
+MASK_READERS = {"binary": _binary, "ssbc": _ssbc, "sip": _sip}
+
+
 def read_mask(path: Path, encoding: str) -> np.ndarray:
     """(H, W) uint8 sclera mask in {0, 1}."""
+    if encoding not in MASK_READERS:
+        raise ValueError(f"mask encoding {encoding!r} for {path}: expected one of {sorted(MASK_READERS)}")
     with Image.open(path) as image:
-        if encoding == "binary":
-            return _binary(path, image)
-        if encoding == "sip":
-            return _sip(path, image)
-    raise ValueError(f"mask encoding {encoding!r} for {path}: expected 'binary' or 'sip'")
+        return MASK_READERS[encoding](path, image)
 
 
 def check_item(item: Item) -> None:

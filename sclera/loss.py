@@ -1,19 +1,34 @@
-"""Sclera criterion: Dice + BCE on the logits (one weighted term)."""
+"""Sclera criterion as in the reference deck: bce_weight * BCE + dice_weight * (1 - soft Dice), on the logits.
+
+BCE is the mean over every pixel of the batch (binary_cross_entropy_with_logits). Soft Dice is taken over
+the whole batch at once (the deck's sums run over every pixel i of the batch):
+    Dice = (2 sum_i p_i y_i + eps) / (sum_i p_i + sum_i y_i + eps),  p = sigmoid(logits).
+"""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.losses import dice_bce_loss
+
+def batch_soft_dice(logits: Tensor, target: Tensor, eps: float) -> Tensor:
+    prob = torch.sigmoid(logits)
+    return (2.0 * (prob * target).sum() + eps) / (prob.sum() + target.sum() + eps)
 
 
 class ScleraCriterion(nn.Module):
-    """forward(outputs with "logits" (B,1,H,W), batch with "mask" (B,1,H,W)) -> {"dice_bce": loss}."""
+    """forward(outputs with "logits" (B,1,H,W), batch with "mask" (B,1,H,W) in {0,1}) -> {"bce", "dice"},
+    the two weighted terms whose sum is the loss."""
 
-    def __init__(self, dice_weight: float, bce_weight: float, smooth: float):
+    def __init__(self, bce_weight: float, dice_weight: float, dice_eps: float):
         super().__init__()
-        self.dice_weight, self.bce_weight, self.smooth = float(dice_weight), float(bce_weight), float(smooth)
+        self.bce_weight, self.dice_weight, self.dice_eps = float(bce_weight), float(dice_weight), float(dice_eps)
 
     def forward(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        loss = dice_bce_loss(outputs["logits"], batch["mask"], dice_weight=self.dice_weight,
-                             bce_weight=self.bce_weight, smooth=self.smooth)
-        return {"dice_bce": loss}
+        logits = outputs["logits"].float()
+        target = batch["mask"].to(logits.dtype)
+        if logits.shape != target.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and mask {tuple(target.shape)} differ in shape")
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        dice = 1.0 - batch_soft_dice(logits, target, self.dice_eps)
+        return {"bce": self.bce_weight * bce, "dice": self.dice_weight * dice}

@@ -1,8 +1,8 @@
-"""CGDSeg: backbone tokens -> text grounding -> FPN (three scales from one token grid) ->
-three Dense-CSSE decoder stages -> head -> sclera logits at input resolution."""
+"""CGDSeg as the reference deck lays it out: backbone tokens -> text grounding -> FPN (three scales from one
+token grid) -> Dense-CSSE decoder stages (the first starting from the coarsest FPN level) -> head -> sclera
+logits at input resolution."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Optional, Sequence
 
@@ -14,8 +14,6 @@ from torch import Tensor, nn
 from common.backbone import Backbone, tokens_to_map
 from common.cache import encode
 from sclera.grounding import build_grounding
-
-log = logging.getLogger(__name__)
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, act: type[nn.Module]) -> nn.Sequential:
@@ -42,41 +40,50 @@ class FPN(nn.Module):
 
 
 class CSSE(nn.Module):
-    """Concurrent channel and spatial squeeze-excitation; the two recalibrated maps are summed."""
+    """Concurrent channel and spatial squeeze-excitation; the two recalibrated maps are summed.
+    Channel path: two bias-free 1x1 convolutions C -> C/r -> C (the deck's 2 C^2 / r parameters);
+    spatial path: one 1x1 convolution C -> 1 with bias (C + 1)."""
 
     def __init__(self, channels: int, reduction: int):
         super().__init__()
         hidden = max(1, channels // reduction)
-        self.channel = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(),
-                                     nn.Conv2d(hidden, channels, 1), nn.Sigmoid())
+        self.channel = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(),
+                                     nn.Conv2d(hidden, channels, 1, bias=False), nn.Sigmoid())
         self.spatial = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.channel(x) + x * self.spatial(x)
 
 
+def transition(cin: int, cout: int) -> nn.Sequential:
+    """DenseNet transition without pooling: BN -> ReLU -> 1x1 convolution (no bias)."""
+    return nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, cout, 1, bias=False))
+
+
 class DecoderStage(nn.Module):
-    """Upsample to the skip's size, concatenate, DenseBlock, transition (1x1 conv + BN + ReLU), CSSE."""
+    """Upsample to the stage's size, concatenate the FPN skip (if any), DenseBlock, transition, CSSE."""
 
     def __init__(self, in_ch: int, skip_ch: int, out_ch: int, dense_layers: int, growth: int, bn_size: int,
                  se_reduction: int):
         super().__init__()
         cin = in_ch + skip_ch
         self.dense = DenseBlock(dense_layers, cin, bn_size=bn_size, growth_rate=growth)
-        self.transition = conv_bn_act(cin + dense_layers * growth, out_ch, 1, nn.ReLU)
+        self.transition = transition(cin + dense_layers * growth, out_ch)
         self.se = CSSE(out_ch, se_reduction)
 
-    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.se(self.transition(self.dense(torch.cat([x, skip], dim=1))))
+    def forward(self, x: Tensor, size: tuple[int, int], skip: Optional[Tensor]) -> Tensor:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.se(self.transition(self.dense(x)))
 
 
 class Head(nn.Module):
-    """Upsample to the input size + conv3x3 + BN + ReLU + conv1x1 to logits."""
+    """Upsample to the input size, conv3x3 (with bias, as the deck's nn.Conv2d) + BN + ReLU, conv1x1 to logits."""
 
     def __init__(self, in_ch: int, mid_ch: int, num_classes: int):
         super().__init__()
-        self.body = conv_bn_act(in_ch, mid_ch, 3, nn.ReLU)
+        self.body = nn.Sequential(nn.Conv2d(in_ch, mid_ch, 3, padding=1), nn.BatchNorm2d(mid_ch), nn.ReLU())
         self.out = nn.Conv2d(mid_ch, num_classes, 1)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -89,44 +96,57 @@ def count(module: Optional[nn.Module], trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def _check_decoder(fpn_channels: Sequence[int], decoder_input: int, decoder_channels: Sequence[int],
+                   decoder_strides: Sequence[float], decoder_skips: Sequence[Optional[int]]) -> None:
+    if not len(decoder_channels) == len(decoder_strides) == len(decoder_skips):
+        raise ValueError(f"model.decoder_channels {list(decoder_channels)}, decoder_strides {list(decoder_strides)} "
+                         f"and decoder_skips {list(decoder_skips)} need one entry per decoder stage")
+    levels = range(len(fpn_channels))
+    for key, value in [("decoder_input", decoder_input)] + [("decoder_skips", s) for s in decoder_skips if s is not None]:
+        if value not in levels:
+            raise ValueError(f"model.{key}: FPN level {value} does not exist (levels 0..{len(fpn_channels) - 1})")
+
+
 class CGDSeg(nn.Module):
     """forward(batch with "image" (B,3,H,W) in [0,1]) -> {"logits": (B, num_classes, H, W)}.
 
-    The decoder starts from the (grounded) token grid; stage i joins FPN level (coarsest first).
-    With `fit_to_patch`, an input whose sides are not multiples of the patch size is resized down to
-    the nearest multiple for the backbone only; FPN, decoder and logits keep the input size.
+    The decoder starts from FPN level `decoder_input`; stage i upsamples to input / decoder_strides[i] and
+    concatenates FPN level decoder_skips[i] (none when null). With `fit_to_patch`, an input whose sides are
+    not multiples of the patch size is resized down to the nearest multiple for the backbone only; FPN,
+    decoder and logits keep the input size.
     """
 
     def __init__(self, backbone: Backbone, token_layers: Sequence[int], grounding: Optional[Mapping],
-                 fpn_channels: Sequence[int], fpn_strides: Sequence[float], decoder_channels: Sequence[int],
-                 dense_layers: int, growth: int, bn_size: int, se_reduction: int, head_channels: int,
-                 num_classes: int, fit_to_patch: bool):
+                 fpn_channels: Sequence[int], fpn_strides: Sequence[float], decoder_input: int,
+                 decoder_channels: Sequence[int], decoder_strides: Sequence[float],
+                 decoder_skips: Sequence[Optional[int]], dense_layers: int, growth: int, bn_size: int,
+                 se_reduction: int, head_channels: int, num_classes: int, fit_to_patch: bool):
         super().__init__()
-        if len(decoder_channels) != len(fpn_channels):
-            raise ValueError(f"model.decoder_channels {list(decoder_channels)} needs one stage per FPN level "
-                             f"({len(fpn_channels)})")
+        _check_decoder(fpn_channels, decoder_input, decoder_channels, decoder_strides, decoder_skips)
         self.backbone = backbone
         self.token_layers = [int(i) for i in token_layers]
         self.fit_to_patch = bool(fit_to_patch)
         dim = backbone.embed_dim * len(self.token_layers)
         self.grounding = build_grounding(grounding, dim)
         self.fpn = FPN(dim, fpn_channels, fpn_strides)
-        order = sorted(range(len(fpn_strides)), key=lambda i: -float(fpn_strides[i]))   # coarsest first
-        self.order = order
-        stages, cin = [], dim
-        for i, cout in zip(order, decoder_channels):
-            stages.append(DecoderStage(cin, fpn_channels[i], cout, dense_layers, growth, bn_size, se_reduction))
+        self.decoder_input = int(decoder_input)
+        self.decoder_strides = [float(s) for s in decoder_strides]
+        self.decoder_skips = [None if s is None else int(s) for s in decoder_skips]
+        stages, cin = [], fpn_channels[self.decoder_input]
+        for cout, skip in zip(decoder_channels, self.decoder_skips):
+            skip_ch = 0 if skip is None else fpn_channels[skip]
+            stages.append(DecoderStage(cin, skip_ch, cout, dense_layers, growth, bn_size, se_reduction))
             cin = cout
         self.decoder = nn.ModuleList(stages)
         self.head = Head(cin, head_channels, num_classes)
-        log.info("CGDSeg parameters: %s", self.parameter_report())
 
     def parameter_report(self) -> dict[str, int]:
-        parts = {"backbone": self.backbone, "grounding": self.grounding, "fpn": self.fpn,
+        """Trainable parameters per component (backbone: its adapters), plus the frozen and total counts."""
+        parts = {"backbone_adapters": self.backbone, "grounding": self.grounding, "fpn": self.fpn,
                  "decoder": self.decoder, "head": self.head}
-        report = {name: count(m) for name, m in parts.items()}
-        report["backbone_trainable"] = count(self.backbone, trainable_only=True)
+        report = {name: count(m, trainable_only=True) for name, m in parts.items()}
         report["trainable"] = count(self, trainable_only=True)
+        report["frozen"] = count(self) - report["trainable"]
         return report
 
     def features(self, images: Tensor, cache_keys: Optional[Sequence[str]] = None) -> Tensor:
@@ -144,8 +164,8 @@ class CGDSeg(nn.Module):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         images = batch["image"]
         size = (images.shape[-2], images.shape[-1])
-        x = self.features(images, batch.get("cache_key"))
-        levels = self.fpn(x, size)
-        for stage, i in zip(self.decoder, self.order):
-            x = stage(x, levels[i])
+        levels = self.fpn(self.features(images, batch.get("cache_key")), size)
+        x = levels[self.decoder_input]
+        for stage, stride, skip in zip(self.decoder, self.decoder_strides, self.decoder_skips):
+            x = stage(x, scaled_size(size, stride), None if skip is None else levels[skip])
         return {"logits": self.head(x, size)}

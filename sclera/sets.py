@@ -55,14 +55,31 @@ def training_items(data: DictConfig, root: Path, splits: tuple[str, ...], oversa
     return items
 
 
+EVAL_MASKS = ("ssbc", "encodings")
+
+
+def eval_encoding(data: DictConfig, set_name: str) -> str:
+    """How evaluation masks are read: as SSBC reads them (data.eval_masks=ssbc) or per set's encoding."""
+    if data.eval_masks not in EVAL_MASKS:
+        raise ValueError(f"data.eval_masks={data.eval_masks!r}: expected one of {EVAL_MASKS}")
+    return "ssbc" if data.eval_masks == "ssbc" else encoding_of(data, set_name)
+
+
 def evaluation_items(data: DictConfig, root: Path, with_masks: bool) -> list[Item]:
-    """Items of `<root>/<eval_dir>/<set>/{Images,Masks}` for each of `data.eval_sets` (null = every folder)."""
+    """Items of `<root>/<eval_dir>/<set>/{Images,Masks}` for each of `data.eval_sets` (null = every folder);
+    a set without any usable image is an error."""
     base = Path(root) / data.eval_dir
     if not base.is_dir():
         raise FileNotFoundError(f"expected the evaluation folder {base} with one sub-folder per evaluation set")
     names = list(data.eval_sets) if data.eval_sets is not None else sorted(p.name for p in base.iterdir() if p.is_dir())
+    if not names:
+        raise ValueError(f"no evaluation sets: data.eval_sets is empty and {base} has no sub-folders")
     items: list[Item] = []
     for name in names:
-        found, problems = scan_ssbc(base / name, name, encoding_of(data, name), with_masks=with_masks)
-        items += validated(found, problems, bool(data.skip_bad))
+        found, problems = scan_ssbc(base / name, name, eval_encoding(data, name), with_masks=with_masks)
+        usable = validated(found, problems, bool(data.skip_bad))
+        if not usable:
+            raise ValueError(f"evaluation set {name}: no usable images in {base / name / 'Images'}"
+                             f"{' with masks' if with_masks else ''} (data.eval_sets lists it)")
+        items += usable
     return items

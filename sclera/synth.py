@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from common.atomic import atomic_path
+from sclera.tiny_clip import write_tiny_clip
 
 WIDTH, HEIGHT = 400, 300
 SCLERA, IRIS, PUPIL = 1, 2, 3
@@ -29,8 +31,9 @@ class SetSpec:
     encoding: str = "binary"
 
 
-TRAIN_SETS = (SetSpec("SynCROI", "synthetic"), SetSpec("MASD", "real"))
-EVAL_SETS = (SetSpec("MOBIUS", "real", "sip"), SetSpec("SMD+SLD", "real"), SetSpec("Synthetic", "synthetic"))
+TRAIN_SETS = (SetSpec("SynCROI", "synthetic"), SetSpec("MASD", "real"), SetSpec("SBVPI", "real"))
+# the benchmark ships every evaluation set with 2-class masks (MOBIUS too), at 400x300
+EVAL_SETS = (SetSpec("MOBIUS", "real"), SetSpec("SMD+SLD", "real"), SetSpec("Synthetic", "synthetic"))
 
 
 def _eye_geometry(rng: np.random.Generator) -> dict:
@@ -164,10 +167,13 @@ def write_sample(folder: Path, stem: str, spec: SetSpec, rng: np.random.Generato
 
 
 def write_dataset(root: Path, seed: int, train_per_set: int, val_per_set: int, eval_per_set: int,
-                  train_sets=TRAIN_SETS, eval_sets=EVAL_SETS) -> None:
-    """The SSBC layout: <root>/<set>/{Training,Validation}/{Images,Masks} and <root>/Evaluation/<set>/..."""
+                  train_sets=TRAIN_SETS, eval_sets=EVAL_SETS, text_model: Optional[str] = None) -> None:
+    """The SSBC layout: <root>/<set>/{Training,Validation}/{Images,Masks} and <root>/Evaluation/<set>/...;
+    with `text_model`, a tiny random CLIP (model + tokenizer) in <root>/<text_model> for text grounding."""
     rng = np.random.default_rng(seed)
     root = Path(root)
+    if text_model:
+        write_tiny_clip(root / text_model, seed)
     for spec in train_sets:
         for split, count in (("Training", train_per_set), ("Validation", val_per_set)):
             for i in range(count):

@@ -1,17 +1,21 @@
 """The sclera task: CGDSeg binary sclera segmentation on the SSBC layout, scored as SSBC scores it."""
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from common.atomic import atomic_write_text
 from common.build import build_encoder
 from common.cache import maybe_cached
 from common.image_cache import ImageCache
@@ -19,6 +23,7 @@ from common.metric import Metric
 from common.task import Batch, Outputs, Task
 from sclera.augment import build_train_transform
 from sclera.data import ScleraDataset
+from sclera.grounding import resolve_sources
 from sclera.metric import batch_scores, benchmark_maps
 from sclera.sets import SPLITS, evaluation_items, training_items
 from sclera.synth import save_atomic, write_dataset
@@ -43,6 +48,7 @@ class ScleraTask(Task):
         super().__init__(cfg)
         if cfg.task.track not in TRACKS:
             raise ValueError(f"task.track={cfg.task.track!r}: expected one of {TRACKS} (the SSBC training track)")
+        self.root: Optional[Path] = None        # the dataset root of the last datasets() call
 
     @property
     def size(self) -> tuple[int, int]:
@@ -50,10 +56,12 @@ class ScleraTask(Task):
 
     def synthesize(self, root: Path, seed: int) -> None:
         s = self.cfg.data.synth
-        write_dataset(Path(root), seed, int(s.train_per_set), int(s.val_per_set), int(s.eval_per_set))
+        write_dataset(Path(root), seed, int(s.train_per_set), int(s.val_per_set), int(s.eval_per_set),
+                      text_model=s.text_model)
 
     def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
         data, size = self.cfg.data, self.size
+        self.root = Path(root)
         # cached backbone tokens are of the clean, resized image: no pixel augmentation then
         augment = None if data.cache_features else build_train_transform(data.augment)
         view = f"resized-{size[0]}x{size[1]}" if data.cache_features else None
@@ -78,9 +86,26 @@ class ScleraTask(Task):
     def cv_groups(self, dataset: Dataset) -> np.ndarray:
         return np.asarray([item.group for item in dataset.items])
 
+    def _dataset_root(self) -> Path:
+        if self.root is None:                   # eval / predict build the model before reading data
+            from common.app import data_root
+            self.root = data_root(self.cfg, self)
+        return self.root
+
     def build_model(self, stats: dict) -> nn.Module:
+        """CGDSeg; grounding sources relative to the dataset root are read from there. Prints the trainable
+        parameters per component and writes them to <run dir>/parameters.json."""
+        model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
+        model_cfg["grounding"] = resolve_sources(model_cfg["grounding"], self._dataset_root)
         encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=self.size)
-        return instantiate(self.cfg.model, backbone=encoder, _convert_="all")
+        model = instantiate(model_cfg, backbone=encoder, _convert_="all")
+        report = model.parameter_report()
+        print("[model] CGDSeg trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in report.items()),
+              flush=True)
+        if HydraConfig.initialized():
+            atomic_write_text(Path(HydraConfig.get().runtime.output_dir) / "parameters.json",
+                              json.dumps(report, indent=2) + "\n")
+        return model
 
     def build_criterion(self, stats: dict) -> nn.Module:
         return instantiate(self.cfg.loss)
@@ -88,27 +113,31 @@ class ScleraTask(Task):
     def build_metric(self, stats: dict) -> Metric:
         return instantiate(self.cfg.metric)
 
-    def _maps(self, outputs: Outputs, batch: Batch):
-        """(index, Predictions uint8, Binarised uint8) per image at its original size."""
-        probs = torch.sigmoid(outputs["logits"].float())[:, 0]
-        for i in range(probs.shape[0]):
-            size = (int(batch["height"][i]), int(batch["width"][i]))
-            yield (i, *benchmark_maps(probs[i], size, float(self.cfg.metric.threshold)))
+    def check_prediction_group(self, label: str) -> None:
+        if label != self.cfg.task.track:
+            raise ValueError(f"ckpt_path.{label}: the checkpoint was trained for track {self.cfg.task.track!r} "
+                             f"(its task.track); list it under ckpt_path.{self.cfg.task.track}")
 
     def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,
                           stats: dict) -> dict[str, Path]:
-        """<out>/<track>/<set>/{Predictions,Binarised}/<stem>.png, greyscale at the image's size."""
-        base = Path(out_dir) / str(self.cfg.task.track)
-        written = 0
+        """<out>/<team>/<track>/<set>/{Predictions,Binarised}/<stem>.png, greyscale at task.submission.size:
+        the probability resized bilinearly, then thresholded (metric.threshold)."""
+        sub = self.cfg.task.submission
+        base = Path(out_dir) / str(sub.team) / str(self.cfg.task.track)
+        size, threshold = (int(sub.size[0]), int(sub.size[1])), float(self.cfg.metric.threshold)
+        written: Counter = Counter()
         for outputs, batch in results:
-            for i, pred, binary in self._maps(outputs, batch):
+            probs = torch.sigmoid(outputs["logits"].float())[:, 0]
+            for i in range(probs.shape[0]):
+                pred, binary = benchmark_maps(probs[i], size, threshold)
                 folder = base / batch["set"][i]
                 save_atomic(Image.fromarray(pred), folder / "Predictions" / f"{batch['stem'][i]}.png")   # 2-D uint8: L
                 save_atomic(Image.fromarray(binary), folder / "Binarised" / f"{batch['stem'][i]}.png")
-                written += 1
+                written[batch["set"][i]] += 1
         if not written:
             raise ValueError("no images to predict: the evaluation sets are empty")
-        return {f"SSBC submission ({written} images)": base}
+        sets = ", ".join(f"{name} {count}" for name, count in sorted(written.items()))
+        return {f"SSBC submission, track {self.cfg.task.track} ({sets} images)": base}
 
     def oof_rows(self, outputs: Outputs, batch: Batch, stats: dict) -> list[dict]:
         rows = batch_scores(outputs["logits"], batch, float(self.cfg.metric.threshold))

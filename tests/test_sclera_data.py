@@ -30,7 +30,7 @@ def ssbc_root(tmp_path_factory):
 
 
 def test_layout_is_the_ssbc_tree(ssbc_root):
-    for name in ("SynCROI", "MASD"):
+    for name in ("SynCROI", "MASD", "SBVPI"):
         for split in ("Training", "Validation"):
             images = sorted(p.stem for p in (ssbc_root / name / split / "Images").iterdir())
             masks = sorted(p.stem for p in (ssbc_root / name / split / "Masks").iterdir())
@@ -159,18 +159,34 @@ def test_sets_are_mixed_with_oversampling_factors(ssbc_root):
         training_items(bad, ssbc_root, ("Training",), oversample=True)
 
 
-def test_evaluation_sets_with_declared_encodings(ssbc_root):
-    cfg = data_cfg()
-    items = evaluation_items(cfg, ssbc_root, with_masks=True)
+def test_evaluation_masks_are_read_as_ssbc_reads_them(ssbc_root, tmp_path):
+    items = evaluation_items(data_cfg(), ssbc_root, with_masks=True)
     assert sorted({it.set for it in items}) == ["MOBIUS", "SMD+SLD", "Synthetic"]
-    assert {it.encoding for it in items if it.set == "MOBIUS"} == {"sip"}
+    assert {it.encoding for it in items} == {"ssbc"}                        # data.eval_masks=ssbc, every set
     every = evaluation_items(data_cfg(eval_sets=None), ssbc_root, with_masks=False)
     assert sorted({it.set for it in every}) == ["MOBIUS", "SMD+SLD", "Synthetic"] and every[0].mask is None
+    declared = evaluation_items(data_cfg(eval_masks="encodings", encodings={"MOBIUS": "sip"}), ssbc_root,
+                                with_masks=False)
+    assert {it.encoding for it in declared if it.set == "MOBIUS"} == {"sip"}
     with pytest.raises(FileNotFoundError, match="Nope"):
         evaluation_items(data_cfg(eval_dir="Nope"), ssbc_root, with_masks=True)
-    # declared binary, the RGB SIP masks of MOBIUS are refused with the file named
-    with pytest.raises(BadSample, match="MOBIUS/Masks/eval_0000.png: colour pixels"):
-        evaluation_items(data_cfg(encodings={}), ssbc_root, with_masks=True)
+    with pytest.raises(ValueError, match="data.eval_masks='greyscale'"):
+        evaluation_items(data_cfg(eval_masks="greyscale"), ssbc_root, with_masks=True)
+    # SSBC's reading: greyscale conversion, value // 255 (254 is background); colour masks are refused
+    Image.fromarray(np.array([[0, 254, 255]], np.uint8)).save(tmp_path / "grey.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "grey.png", "ssbc"), [[0, 0, 1]])
+    Image.fromarray(np.array([[[255, 0, 0], [0, 0, 0]]], np.uint8)).save(tmp_path / "sip.png")
+    with pytest.raises(BadSample, match="sip.png: colour pixels .* data.encodings.<set>=sip"):
+        read_mask(tmp_path / "sip.png", "ssbc")
+
+
+def test_an_empty_evaluation_set_is_an_error(tmp_path):
+    write_dataset(tmp_path, seed=0, train_per_set=0, val_per_set=0, eval_per_set=1)
+    for path in (tmp_path / "Evaluation" / "SMD+SLD").rglob("*.*"):
+        path.unlink()
+    for with_masks in (True, False):
+        with pytest.raises(ValueError, match="evaluation set SMD\\+SLD: no usable images"):
+            evaluation_items(data_cfg(), tmp_path, with_masks=with_masks)
 
 
 def test_dataset_resizes_image_and_mask_together(ssbc_root):
@@ -198,6 +214,6 @@ def test_geometry_moves_mask_with_image_and_blobs_touch_the_image_only(ssbc_root
     full = build_train_transform(aug)      # the whole pipeline keeps a 0/1 mask of the same shape
     out = full(image=np.zeros((56, 56, 3), np.uint8), mask=np.ones((56, 56), np.uint8))
     assert out["mask"].shape == (56, 56) and set(np.unique(out["mask"])) <= {0, 1}
-    blob = SpecularBlobs(max_blobs=2, sigma_range=(0.1, 0.2), p=1.0)
+    blob = SpecularBlobs(count_range=(1, 2), sigma_range=(0.1, 0.2), strength_range=(1.0, 1.0), p=1.0)
     res = blob(image=np.zeros((40, 40, 3), np.uint8), mask=np.zeros((40, 40), np.uint8))
     assert res["image"].max() > 200 and res["mask"].max() == 0

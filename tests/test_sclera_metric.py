@@ -1,74 +1,125 @@
-"""Sclera metrics against sklearn, per image then averaged, per set and pooled."""
+"""Sclera metrics against a reimplementation of the SSBC 2025 evaluator's definitions (evaluate_predictions.py
+of dariant/SSBC_2025, read from PNG files as it reads them), edge cases included, per image then averaged."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import f1_score, jaccard_score, precision_recall_curve, precision_score, recall_score
+from PIL import Image
+from sklearn.metrics import f1_score, jaccard_score, precision_recall_curve
 
-from sclera.metric import ScleraMetric, benchmark_maps, best_threshold_f1, image_scores
-
-
-def sklearn_scores(pred_u8, binary_u8, truth):
-    t, b = truth.ravel().astype(int), (binary_u8.ravel() > 0).astype(int)
-    p, r, _ = precision_recall_curve(t, pred_u8.ravel() / 255.0)
-    f1_curve = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
-    return {"f1": f1_score(t, b, zero_division=1.0), "iou": jaccard_score(t, b, zero_division=1.0),
-            "precision": precision_score(t, b, zero_division=1.0), "recall": recall_score(t, b, zero_division=1.0),
-            "mae": np.abs(pred_u8.ravel() / 255.0 - t).mean(), "f1_best": f1_curve.max()}
+from sclera.metric import NAMES, ScleraMetric, benchmark_maps, image_scores
 
 
-def random_case(rng, shape=(30, 40)):
+def ssbc_reference(truth_png, binarised_png, predictions_png) -> dict:
+    """SSBC's definitions, written here from its description: masks read as greyscale // 255, binary F1
+    macro over labels [0, 1], Jaccard of label 1 (sklearn defaults: zero_division 0), and the best F1 of the
+    probability PR curve after keeping, per recall value, only the point of highest precision."""
+    gt = np.asarray(Image.open(truth_png).convert("L")).ravel() // 255
+    binary = np.asarray(Image.open(binarised_png).convert("L")).ravel() // 255
+    prob = np.asarray(Image.open(predictions_png).convert("L")).ravel() / 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f1 = f1_score(gt, binary, average="macro", labels=[0, 1])
+        iou = jaccard_score(gt, binary)
+        precision, recall, _ = precision_recall_curve(gt, prob, pos_label=1)
+    recall[~np.isfinite(recall)] = 0
+    points = {}
+    for index, (p, r) in enumerate(zip(precision, recall)):
+        if r not in points or p > precision[points[r]]:
+            points[r] = index
+    kept = sorted(points.values())
+    p, r = precision[kept], recall[kept]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curve = 2 * p * r / (p + r)
+    best = int(np.argmax(curve))
+    return {"Binary/F1": f1, "Binary/IoU": iou, "Probabilistic/F1": curve[best],
+            "Probabilistic/Precision": p[best], "Probabilistic/Recall": r[best]}
+
+
+def write_case(folder, name, prob, truth, threshold=0.5):
+    pred, binary = benchmark_maps(torch.tensor(prob, dtype=torch.float32), truth.shape, threshold)
+    paths = [folder / f"{name}_{kind}.png" for kind in ("truth", "bin", "pred")]
+    for path, array in zip(paths, (truth.astype(np.uint8) * 255, binary, pred)):
+        Image.fromarray(array).save(path)
+    return pred, binary, paths
+
+
+def hand_made_cases(rng, shape=(30, 40)):
+    """Ordinary images, empty truth, empty prediction, both empty, all sclera, a single grey level."""
     truth = np.zeros(shape, np.uint8)
     truth[5:20, 8:30] = 1
-    prob = np.clip(truth * 0.6 + rng.normal(0.2, 0.25, shape), 0, 1)
-    return torch.tensor(prob, dtype=torch.float32), truth
+    noisy = lambda t: np.clip(t * 0.6 + rng.normal(0.2, 0.25, shape), 0, 1)
+    empty = np.zeros(shape, np.uint8)
+    return {
+        "ordinary_1": (noisy(truth), truth), "ordinary_2": (noisy(truth), truth),
+        "empty_truth": (noisy(truth), empty),
+        "empty_prediction": (np.full(shape, 0.1), truth),
+        "both_empty": (np.full(shape, 0.2), empty),
+        "both_empty_zero_map": (np.zeros(shape), empty),
+        "all_sclera": (np.full(shape, 0.9), np.ones(shape, np.uint8)),
+        "one_level_on_truth": (truth * 0.7, truth),
+    }
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_image_scores_match_sklearn(seed):
-    prob, truth = random_case(np.random.default_rng(seed))
-    pred, binary = benchmark_maps(prob, truth.shape, 0.5)
-    ours, ref = image_scores(pred, binary, truth), sklearn_scores(pred, binary, truth)
-    for key in ref:
-        assert ours[key] == pytest.approx(ref[key], abs=1e-9), key
+@pytest.fixture
+def cases(tmp_path):
+    out = {}
+    for name, (prob, truth) in hand_made_cases(np.random.default_rng(0)).items():
+        pred, binary, paths = write_case(tmp_path, name, prob, truth)
+        out[name] = (pred, binary, truth, ssbc_reference(*paths))
+    return out
 
 
-def test_benchmark_maps_are_the_submission_files():
-    prob = torch.tensor([[0.0, 0.2], [0.5, 0.999]])
-    pred, binary = benchmark_maps(prob, (2, 2), 0.5)
-    assert pred.dtype == np.uint8 and pred.tolist() == [[0, 51], [128, 255]]
-    assert binary.tolist() == [[0, 0], [255, 255]]
-    pred, binary = benchmark_maps(prob, (300, 400), 0.5)      # resized to the image's own size
-    assert pred.shape == (300, 400) and set(np.unique(binary)) == {0, 255}
+def test_every_ssbc_number_equals_the_reference_on_hand_made_files(cases):
+    for name, (pred, binary, truth, ref) in cases.items():
+        ours = image_scores(pred, binary, truth)
+        for key, value in ref.items():
+            assert ours[key] == pytest.approx(value, abs=1e-12), (name, key)
 
 
-@pytest.mark.filterwarnings("ignore:No positive class found")
-def test_empty_truth_and_empty_prediction_score_one():
-    empty = np.zeros((5, 5), np.uint8)
-    scores = image_scores(empty, empty, empty)
-    assert scores["f1"] == scores["iou"] == scores["precision"] == scores["recall"] == scores["f1_best"] == 1.0
-    ref = sklearn_scores(empty, empty, empty)
-    assert (ref["f1"], ref["iou"]) == (1.0, 1.0)
-    assert best_threshold_f1(np.full((5, 5), 200, np.uint8), empty) == 1.0
+def test_empty_cases_score_as_ssbc_scores_them(cases):
+    # both empty: background F1 1, sclera F1 0 (zero_division 0) -> macro 0.5; Jaccard 0; probabilistic F1 0
+    both = image_scores(*cases["both_empty"][:3])
+    assert (both["Binary/F1"], both["Binary/IoU"], both["Probabilistic/F1"]) == (0.5, 0.0, 0.0)
+    assert (both["Probabilistic/Precision"], both["Probabilistic/Recall"]) == (0.0, 1.0)
+    assert both["sclera_f1"] == both["sclera_iou"] == 1.0          # the suite's own convention, beside
+    empty_truth = image_scores(*cases["empty_truth"][:3])
+    assert empty_truth["Binary/IoU"] == empty_truth["Probabilistic/F1"] == empty_truth["sclera_f1"] == 0.0
+    all_sclera = image_scores(*cases["all_sclera"][:3])
+    assert all_sclera["Binary/F1"] == 0.5 and all_sclera["Binary/IoU"] == 1.0   # background label absent: 0
 
 
-def test_metric_averages_per_image_per_set_and_pooled():
-    rng = np.random.default_rng(7)
-    cases = [random_case(rng) for _ in range(5)]
-    sets = ["A", "A", "B", "B", "B"]
+def test_metric_averages_per_image_per_set_and_pooled(cases):
+    names = list(cases)
+    sets = ["A" if i % 2 else "B" for i in range(len(names))]
     metric = ScleraMetric(threshold=0.5)
-    logits = torch.logit(torch.stack([p for p, _ in cases]).clamp(1e-4, 1 - 1e-4))[:, None]
-    masks = torch.tensor(np.stack([t for _, t in cases]), dtype=torch.float32)[:, None]
-    metric.update({"logits": logits[:2]}, {"mask": masks[:2], "set": sets[:2]})
-    metric.update({"logits": logits[2:]}, {"mask": masks[2:], "set": sets[2:]})
+    for i, name in enumerate(names):
+        pred, _, truth, _ = cases[name]
+        logits = torch.logit(torch.tensor(pred / 255.0, dtype=torch.float32).clamp(1e-6, 1 - 1e-6))[None, None]
+        metric.update({"logits": logits}, {"mask_full": [truth], "set": [sets[i]]})
     out = metric.compute()
-    per_image = []
-    for i in range(5):
-        pred, binary = benchmark_maps(torch.sigmoid(logits[i, 0]), (30, 40), 0.5)
-        per_image.append(sklearn_scores(pred, binary, cases[i][1]))
-    for key in ("f1", "iou", "precision", "recall", "mae", "f1_best"):
-        assert out[key] == pytest.approx(np.mean([s[key] for s in per_image]), abs=1e-6)
-        assert out[f"A/{key}"] == pytest.approx(np.mean([s[key] for s in per_image[:2]]), abs=1e-6)
-        assert out[f"B/{key}"] == pytest.approx(np.mean([s[key] for s in per_image[2:]]), abs=1e-6)
+    assert set(NAMES) <= set(out)
+    for key in cases[names[0]][3]:
+        ref = [cases[n][3][key] for n in names]
+        assert out[key] == pytest.approx(np.mean(ref), abs=1e-9), key
+        for s in ("A", "B"):
+            assert out[f"{s}/{key}"] == pytest.approx(np.mean([v for v, t in zip(ref, sets) if t == s]), abs=1e-9)
+
+
+def test_benchmark_maps_resize_bilinear_then_threshold():
+    prob = torch.tensor([[0.0, 1.0]])
+    pred, binary = benchmark_maps(prob, (1, 4), 0.5)
+    ref = torch.nn.functional.interpolate(prob[None, None], size=(1, 4), mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_array_equal(pred, np.rint(ref.numpy() * 255).astype(np.uint8))
+    np.testing.assert_array_equal(binary, np.where(ref.numpy() >= 0.5, 255, 0))
+    assert pred.dtype == binary.dtype == np.uint8
+
+
+def test_mae_is_the_stored_probability_map_against_the_truth():
+    truth = np.array([[0, 1]], np.uint8)
+    pred = np.array([[51, 204]], np.uint8)
+    assert image_scores(pred, np.array([[0, 255]], np.uint8), truth)["mae"] == pytest.approx((0.2 + 0.2) / 2)
 
 
 def test_full_resolution_masks_are_scored_at_their_own_size():
@@ -79,7 +130,7 @@ def test_full_resolution_masks_are_scored_at_their_own_size():
     metric = ScleraMetric(threshold=0.5)
     metric.update({"logits": logits}, {"mask_full": [truth], "set": ["S"], "mask": torch.zeros(1, 1, 28, 28)})
     out = metric.compute()
-    assert out["f1"] > 0.98 and out["S/iou"] > 0.97     # scored against the 400x300 truth, not the zero mask
+    assert out["Binary/F1"] > 0.98 and out["S/Binary/IoU"] > 0.97   # against the 400x300 truth, not the zero mask
 
 
 def test_threshold_must_be_a_probability():

@@ -1,6 +1,5 @@
 """CGDSeg: shapes at two input sizes, FPN scales relative to the input, text grounding (none, file,
 tiny CLIP), CSSE formula, parameter report."""
-import json
 import string
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def test_logits_at_input_resolution_and_fpn_follows_input(size):
     assert logits.shape == (2, 1, *size)
     assert grid.shape[-2:] == (size[0] // 14, size[1] // 14)
     assert [tuple(lv.shape[-2:]) for lv in levels] == [(round(size[0] / s), round(size[1] / s)) for s in (4, 8, 16)]
-    assert [lv.shape[1] for lv in levels] == [32, 48, 64]
+    assert [lv.shape[1] for lv in levels] == [24, 32, 48]
 
 
 def test_input_off_the_patch_grid_is_fitted_for_the_backbone_only():
@@ -74,10 +73,23 @@ def test_grounding_none_removes_the_stage():
 def test_parameter_report_adds_up():
     model = build(kind="none")
     report = model.parameter_report()
-    total = sum(p.numel() for p in model.parameters())
-    assert sum(report[k] for k in ("backbone", "grounding", "fpn", "decoder", "head")) == total
-    assert report["grounding"] == 0 and report["backbone_trainable"] == 0
-    assert report["trainable"] == total - report["backbone"]
+    assert sum(report[k] for k in ("backbone_adapters", "grounding", "fpn", "decoder", "head")) == report["trainable"]
+    assert report["grounding"] == 0 and report["backbone_adapters"] == 0
+    assert report["trainable"] + report["frozen"] == sum(p.numel() for p in model.parameters())
+
+
+def test_stages_follow_the_deck_trace_at_the_tiny_widths():
+    model = build(kind="none").eval()
+    shapes = []
+    for stage in model.decoder:
+        stage.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape[1:])))
+    with torch.no_grad():
+        logits = model({"image": torch.rand(1, 3, 112, 112)})["logits"]
+    assert shapes == [(32, 14, 14), (24, 28, 28), (16, 56, 56)] and logits.shape == (1, 1, 112, 112)
+    # stage 1 starts from f2 (48 ch) and joins f1 (32 ch), stage 2 joins f0 (24 ch), stage 3 no skip;
+    # transitions are BN -> ReLU -> conv
+    assert [s.dense.denselayer1.norm1.num_features for s in model.decoder] == [48 + 32, 32 + 24, 24]
+    assert [type(m).__name__ for m in model.decoder[0].transition] == ["BatchNorm2d", "ReLU", "Conv2d"]
 
 
 def test_grounding_from_file_is_normalised_averaged_and_attended(tmp_path):
@@ -110,32 +122,54 @@ def test_bad_embedding_files_are_named(tmp_path):
 
 
 def save_tiny_clip(folder: Path) -> None:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """A tiny random CLIPModel and a character-level tokenizer, saved to a local folder."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
     vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
     vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=64,
-                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                            pad_token_id=vocab["<|endoftext|>"])
-    CLIPTextModel(config).save_pretrained(folder)
+    special = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                   pad_token_id=vocab["<|endoftext|>"])
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                                         **special),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=16),
+                        projection_dim=24)
+    CLIPModel(config).save_pretrained(folder)
 
 
-def test_grounding_from_a_local_clip_text_encoder(tmp_path):
-    from transformers import CLIPTextModel, CLIPTokenizer
+def test_grounding_is_clips_projected_text_embedding(tmp_path):
+    from transformers import CLIPModel, CLIPTokenizer
     save_tiny_clip(tmp_path)
     prompts = ["white sclera", "the eye"]
     model = build(kind="clip", clip_path=str(tmp_path), prompts=prompts)
-    tokenizer, encoder = CLIPTokenizer.from_pretrained(tmp_path), CLIPTextModel.from_pretrained(tmp_path).eval()
+    tokenizer, clip = CLIPTokenizer.from_pretrained(tmp_path), CLIPModel.from_pretrained(tmp_path).eval()
     ids = tokenizer(prompts, padding=True, return_tensors="pt")
     assert ids["input_ids"][0].tolist() != ids["input_ids"][1].tolist()        # the prompts really differ
-    with torch.no_grad():
-        pooled = encoder(**ids).pooler_output
-    torch.testing.assert_close(model.grounding.text, F.normalize(pooled, dim=-1).mean(0, keepdim=True))
+    with torch.no_grad():                                                       # CLIP's joint-space text_embeds
+        text_embeds = clip(**ids, pixel_values=torch.zeros(1, 3, 32, 32)).text_embeds
+    assert text_embeds.shape == (2, 24)                                         # projected, not the 32-d pooled output
+    torch.testing.assert_close(model.grounding.text, F.normalize(text_embeds, dim=-1).mean(0, keepdim=True))
     assert all(not name.startswith("grounding.text") for name in model.state_dict())   # rebuilt, not stored
-    assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == model.grounding.proj.in_features
+
+
+def test_missing_clip_names_the_keys_the_model_and_the_ways_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError) as err:
+        build(kind="clip", clip_path=str(tmp_path / "no-such-clip"))
+    message = str(err.value)
+    for needle in ("model.grounding.kind=clip", "model.grounding.clip_path", "no-such-clip", "model.grounding.file",
+                   "kind=file", "save_pretrained", "model.grounding=none"):
+        assert needle in message, needle
+
+
+def test_the_synthetic_datasets_tiny_clip_loads_as_clip(tmp_path):
+    from sclera.tiny_clip import write_tiny_clip
+    folder = write_tiny_clip(tmp_path / "CLIP-tiny-random", seed=0)
+    model = build(kind="clip", clip_path=str(folder))
+    assert model.grounding.text.shape == (1, 32) and torch.isfinite(model.grounding.text).all()
 
 
 def test_csse_sums_channel_and_spatial_excitation():

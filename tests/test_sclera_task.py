@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
-from sklearn.metrics import f1_score, jaccard_score
 from torch.utils.data import DataLoader
 
-from sclera.data import read_mask
-from sclera.sets import encoding_of
 from tests.cli import REPO, run_cli
+from tests.test_sclera_metric import ssbc_reference
 
 
 def compose_cfg(overrides=()):
@@ -36,51 +35,52 @@ def run_model(task, dataset, model):
         return [(model(batch), batch) for batch in loader]
 
 
-def test_submission_tree_and_eval_scores_match_the_files(task_and_root, tmp_path):
+def test_submission_tree_and_eval_scores_match_ssbc_on_the_files(task_and_root, tmp_path):
     task, root = task_and_root
+    eval_set, predict_set = task.datasets(root, "eval")["eval"], task.datasets(root, "predict")["predict"]
     torch.manual_seed(0)
-    model = task.build_model({}).eval()
+    model = task.build_model({}).eval()          # grounding: the tiny CLIP of the synthetic dataset
+    assert model.grounding is not None
     torch.nn.init.normal_(model.head.out.weight, std=3.0)     # an untrained model: spread its output
     metric = task.build_metric({})
-    for outputs, batch in run_model(task, task.datasets(root, "eval")["eval"], model):
+    for outputs, batch in run_model(task, eval_set, model):
         metric.update(outputs, batch)
     reported = metric.compute()
-    written = task.write_predictions(run_model(task, task.datasets(root, "predict")["predict"], model), tmp_path, {})
-    base = tmp_path / "Mixed"
+    written = task.write_predictions(run_model(task, predict_set, model), tmp_path, {})
+    base = tmp_path / "CGDSeg" / "Mixed"
     assert list(written.values()) == [base]
     scores = {}
     for set_dir in sorted((root / "Evaluation").iterdir()):
         for image in sorted((set_dir / "Images").iterdir()):
-            binarised = Image.open(base / set_dir.name / "Binarised" / f"{image.stem}.png")
-            predicted = Image.open(base / set_dir.name / "Predictions" / f"{image.stem}.png")
-            assert binarised.mode == predicted.mode == "L" and binarised.size == predicted.size == (400, 300)
-            b, p = np.asarray(binarised), np.asarray(predicted)
-            assert set(np.unique(b)) <= {0, 255} and len(np.unique(p)) > 2
-            truth = read_mask(set_dir / "Masks" / f"{image.stem}.png", encoding_of(task.cfg.data, set_dir.name))
-            scores.setdefault(set_dir.name, []).append(
-                (f1_score(truth.ravel(), b.ravel() // 255, zero_division=1.0),
-                 jaccard_score(truth.ravel(), b.ravel() // 255, zero_division=1.0),
-                 np.abs(p.ravel() / 255.0 - truth.ravel()).mean()))
+            name = f"{image.stem}.png"
+            binarised, predicted = base / set_dir.name / "Binarised" / name, base / set_dir.name / "Predictions" / name
+            with Image.open(binarised) as b, Image.open(predicted) as p:
+                assert b.mode == p.mode == "L" and b.size == p.size == (400, 300)
+                assert set(np.unique(b)) <= {0, 255} and len(np.unique(p)) > 2
+            scores.setdefault(set_dir.name, []).append(ssbc_reference(set_dir / "Masks" / name, binarised, predicted))
     assert sorted(scores) == ["MOBIUS", "SMD+SLD", "Synthetic"]
-    pooled = np.array([s for rows in scores.values() for s in rows])
-    assert reported["f1"] == pytest.approx(pooled[:, 0].mean(), abs=1e-9)
-    assert reported["iou"] == pytest.approx(pooled[:, 1].mean(), abs=1e-9)
-    assert reported["mae"] == pytest.approx(pooled[:, 2].mean(), abs=1e-9)
-    for name, rows in scores.items():
-        assert reported[f"{name}/f1"] == pytest.approx(np.mean([r[0] for r in rows]), abs=1e-9)
+    pooled = [row for rows in scores.values() for row in rows]
+    for key in pooled[0]:
+        assert reported[key] == pytest.approx(np.mean([r[key] for r in pooled]), abs=1e-9), key
+        for name, rows in scores.items():
+            assert reported[f"{name}/{key}"] == pytest.approx(np.mean([r[key] for r in rows]), abs=1e-9)
 
 
-def test_threshold_and_track_come_from_config(task_and_root, tmp_path):
+def test_threshold_size_team_and_track_come_from_config(task_and_root, tmp_path):
     from sclera.task import ScleraTask
-    _, root = task_and_root
-    task = ScleraTask(compose_cfg(["task.track=Synthetic", "metric.threshold=0.9"]))
+    task = ScleraTask(compose_cfg(["task.track=Synthetic", "metric.threshold=0.9", "task.submission.team=Us"]))
     batch = {"set": ["S"], "stem": ["x"], "height": torch.tensor([3]), "width": torch.tensor([4])}
     logits = torch.logit(torch.full((1, 1, 3, 4), 0.8))
     task.write_predictions([({"logits": logits}, batch)], tmp_path, {})
-    assert np.asarray(Image.open(tmp_path / "Synthetic/S/Binarised/x.png")).max() == 0      # 0.8 < 0.9
-    assert np.asarray(Image.open(tmp_path / "Synthetic/S/Predictions/x.png")).max() == 204
+    binarised, predicted = Image.open(tmp_path / "Us/Synthetic/S/Binarised/x.png"), Image.open(
+        tmp_path / "Us/Synthetic/S/Predictions/x.png")
+    assert binarised.size == predicted.size == (400, 300)             # the benchmark's size, not the image's
+    assert np.asarray(binarised).max() == 0 and np.asarray(predicted).max() == 204      # 0.8 < 0.9
     with pytest.raises(ValueError, match="task.track='Real'"):
         ScleraTask(compose_cfg(["task.track=Real"]))
+    with pytest.raises(ValueError, match="ckpt_path.Mixed: the checkpoint was trained for track 'Synthetic'"):
+        task.check_prediction_group("Mixed")
+    task.check_prediction_group("Synthetic")
 
 
 def test_media_overlay_and_oof_rows(task_and_root):
@@ -104,43 +104,45 @@ def test_media_overlay_and_oof_rows(task_and_root):
     np.testing.assert_array_equal(image[~sclera], raw[~sclera])       # untouched outside the masks
     assert (image[sclera][:, 2].astype(int) < raw[sclera][:, 2]).all()  # red + green tint lowers blue
     rows = task.oof_rows({"logits": logits}, batch, {})
-    assert [r["stem"] for r in rows] == batch["stem"] and all(r["f1"] == 1.0 for r in rows)
+    assert [r["stem"] for r in rows] == batch["stem"] and all(r["sclera_f1"] == 1.0 for r in rows)
     assert len(set(task.cv_groups(task.datasets(root, "cv")["train"]))) == len(task.datasets(root, "cv")["train"])
 
 
-def test_default_run_trains_evaluates_and_predicts(tmp_path):
-    """The embedded default (tiny backbone, synthetic eyes) through run.py; F1 >= 0.9 on every eval set."""
+def test_default_run_trains_evaluates_and_predicts_both_tracks(tmp_path):
+    """The embedded default (tiny backbone, tiny CLIP grounding, synthetic eyes) through run.py: SSBC's binary
+    F1 >= 0.9 on every eval set, parameter counts in the run directory, and one predict for both tracks."""
     cache = tmp_path / "cache"
-    run_cli(["task=sclera"], tmp_path / "train", cache)
+    run_cli(["task=sclera"], tmp_path / "train", cache, timeout=1800)     # minutes alone, more on a shared CPU
+    parameters = json.loads((tmp_path / "train" / "parameters.json").read_text())
+    assert parameters["grounding"] > 0 and parameters["trainable"] == sum(
+        parameters[k] for k in ("backbone_adapters", "grounding", "fpn", "decoder", "head"))
     ckpt = tmp_path / "train" / "checkpoints" / "best.pt"
     run_cli(["task=sclera", "mode=eval", f"ckpt_path={ckpt}"], tmp_path / "eval", cache)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for name in ("MOBIUS", "SMD+SLD", "Synthetic"):
-        assert metrics[f"eval/{name}/f1"] >= 0.9, metrics
-    run_cli(["task=sclera", "mode=predict", f"ckpt_path={ckpt}"], tmp_path / "predict", cache)
-    for name in ("MOBIUS", "SMD+SLD", "Synthetic"):
-        for kind in ("Predictions", "Binarised"):
-            assert len(list((tmp_path / "predict" / "Mixed" / name / kind).glob("*.png"))) == 16
+        assert metrics[f"eval/{name}/Binary/F1"] >= 0.9, metrics
+    synthetic = tmp_path / "synthetic.pt"            # the same weights, declared as the Synthetic track's
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["task"]["track"] = "Synthetic"
+    torch.save(state, synthetic)
+    run_cli(["task=sclera", "mode=predict", f"ckpt_path={{Synthetic:{synthetic},Mixed:{ckpt}}}"],
+            tmp_path / "predict", cache)
+    for track in ("Synthetic", "Mixed"):
+        for name in ("MOBIUS", "SMD+SLD", "Synthetic"):
+            for kind in ("Predictions", "Binarised"):
+                assert len(list((tmp_path / "predict" / "CGDSeg" / track / name / kind).glob("*.png"))) == 16
+    wrong = run_cli(["task=sclera", "mode=predict", f"ckpt_path={{Mixed:{synthetic}}}"], tmp_path / "wrong", cache,
+                    check=False)
+    assert wrong.returncode != 0 and "trained for track 'Synthetic'" in wrong.stderr
 
 
-@pytest.mark.parametrize("preset, track, masd", [("sclera_cgdseg_synthetic", "Synthetic", 0),
-                                                 ("sclera_cgdseg_mixed", "Mixed", 3)])
-def test_presets_reproduce_the_reference_recipe(preset, track, masd):
-    from common.optim import tag_of
-    from sclera.task import ScleraTask
-    cfg = compose_cfg([f"experiment={preset}", "backbone.weights=null", "model.grounding.kind=none"])
-    assert (cfg.task.track, cfg.data.train_sets.MASD.factor, cfg.data.batch_size) == (track, masd, 32)
-    assert (cfg.trainer.max_epochs, cfg.trainer.grad_clip, cfg.trainer.optim.lr, cfg.peft.lr) == (70, 1.0, 1e-4, 1e-5)
-    assert cfg.trainer.optim.weight_decay == 1e-4 and cfg.trainer.optim.lr * cfg.trainer.schedule.min_lr_ratio == pytest.approx(1e-6)
-    assert (cfg.peft.name, cfg.peft.r, cfg.peft.alpha, list(cfg.peft.targets)) == ("lora", 8, 16, ["qkv"])
-    assert cfg.model.grounding.heads == 4 and list(cfg.model.fpn_channels) == [96, 192, 384]
-    model = ScleraTask(cfg).build_model({}).eval()
-    images = torch.rand(1, 3, *cfg.data.image_size)
-    with torch.no_grad():
-        grid = model.features(images)
-        levels = model.fpn(grid, (256, 256))
-        logits = model({"image": images})["logits"]
-    assert grid.shape[-2:] == (18, 18) and logits.shape == (1, 1, 256, 256)
-    assert [tuple(lv.shape[1:]) for lv in levels] == [(96, 64, 64), (192, 32, 32), (384, 16, 16)]
-    tags = {tag_of(f"model.{n}") for n, p in model.named_parameters() if p.requires_grad}
-    assert tags == {"adapter", "head"}
+def test_eval_takes_whole_data_values_and_the_submission_from_the_command_line(monkeypatch):
+    from common import app
+    cfg = compose_cfg(["task.submission.team=FromRun", "paths.root_dir=/tmp", "paths.output_dir=/tmp/out"])
+    ckpt_cfg = OmegaConf.to_container(compose_cfg(["task.track=Synthetic", "task.submission.team=FromCkpt",
+                                                   "paths.root_dir=/tmp", "paths.output_dir=/tmp/out"]), resolve=True)
+    ckpt_cfg["data"]["encodings"] = {"MOBIUS": "sip"}
+    monkeypatch.setattr(app, "_command_line_data_overrides", lambda: [("encodings", {})])   # data.encodings={}
+    merged = app.config_from_checkpoint(cfg, {"config": ckpt_cfg})
+    assert OmegaConf.to_container(merged.data.encodings) == {}           # replaced, not merged into {MOBIUS: sip}
+    assert merged.task.track == "Synthetic" and merged.task.submission.team == "FromRun"
