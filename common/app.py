@@ -184,11 +184,13 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     task, model, stats, ckpt_cfg = load_for_inference(cfg, cfg.ckpt_path)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
     model = task.for_inference(model)                    # Trainer.evaluate moves it to the device
-    values = trainer.evaluate(model, None, task.build_metric(stats), task.datasets(root, "eval")["eval"],
-                              task.collate)
+    metric, dataset = task.build_metric(stats), task.datasets(root, "eval")["eval"]
+    values = trainer.evaluate(model, None, metric, dataset, task.collate)
     metrics = {f"eval/{k}": v for k, v in values.items()}
     if ctx.is_main:
         RunFiles(run_dir).write_final({"ckpt_path": str(cfg.ckpt_path), **metrics})
+        for what, path in task.write_eval_outputs(metric, dataset, run_dir, tracker).items():
+            print(f"[eval] {what}: {path}", flush=True)
     tracker.set_summary(metrics)
     print("[eval] " + json.dumps(metrics), flush=True)
     return metrics.get(str(cfg.optimized_metric).replace("val/", "eval/", 1))

@@ -16,14 +16,17 @@ from common.tracking import RunFiles, Tracker
 from common.trainer import Trainer
 
 
-def assign_folds(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Fold id per item; a group never spans two folds; fold sizes balanced (sklearn GroupKFold)."""
+def assign_folds(groups: np.ndarray, n_folds: int, seed: int, splitter=None,
+                 labels: np.ndarray | None = None) -> np.ndarray:
+    """Fold id per item; a group never spans two folds; fold sizes balanced (sklearn GroupKFold unless the
+    task's `splitter` is given, e.g. StratifiedGroupKFold with the items' `labels`)."""
     n_groups = len(np.unique(groups))
     if n_groups < n_folds:
         raise ValueError(f"cv.folds={n_folds} but the data has only {n_groups} groups; lower cv.folds")
     folds = np.empty(len(groups), dtype=int)
-    splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(groups)), groups=groups)):
+    splitter = splitter or GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    y = np.zeros(len(groups)) if labels is None else np.asarray(labels)
+    for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(groups)), y, groups=groups)):
         folds[val_idx] = fold
     return folds
 
@@ -55,7 +58,13 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
     from common.app import build_parts, restore_for_inference
     sets = task.datasets(root, "cv")
     groups = np.asarray(task.cv_groups(sets["train"]))
-    folds = assign_folds(groups, int(cfg.cv.folds), int(cfg.seed))
+    labels = task.cv_labels(sets["train"])
+    folds = assign_folds(groups, int(cfg.cv.folds), int(cfg.seed), task.cv_splitter(int(cfg.cv.folds), int(cfg.seed)),
+                         labels)
+    if labels is not None:
+        print("[cv] labels per fold: " + "; ".join(
+            f"fold {f}: " + ", ".join(f"{c}={int(((folds == f) & (labels == c)).sum())}" for c in np.unique(labels))
+            for f in range(int(cfg.cv.folds))), flush=True)
     if ctx.is_main:
         write_csv(run_dir / "folds.csv", [{"index": i, "group": g, "fold": f}
                                           for i, (g, f) in enumerate(zip(groups, folds))])

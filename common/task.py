@@ -63,6 +63,15 @@ class Task(ABC):
         """One group id per item of the "cv" datasets; items of a group never split across folds."""
         return np.arange(len(dataset))
 
+    def cv_splitter(self, n_folds: int, seed: int):
+        """mode=cv's fold splitter: an sklearn splitter with split(X, y, groups); default shuffled GroupKFold."""
+        from sklearn.model_selection import GroupKFold
+        return GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+
+    def cv_labels(self, dataset: Dataset) -> np.ndarray | None:
+        """Optional: one class label per item of the "cv" datasets (stratified splitters; counts per fold)."""
+        return None
+
     def fit_stats(self, train_set: Dataset) -> dict:
         """Normalisation statistics from the training split only (plain containers)."""
         return {}
@@ -122,6 +131,11 @@ class Task(ABC):
     def oof_rows(self, outputs: Outputs, batch: Batch, stats: dict) -> list[dict]:
         """Rows of oof.csv for one validation batch in cross-validation (id, true, predicted)."""
         return []
+
+    def write_eval_outputs(self, metric: Metric, dataset: Dataset, out_dir: Path, tracker) -> dict[str, Path]:
+        """Optional: mode=eval's files beyond metrics.json (e.g. error analysis) from the metric after compute();
+        returns {what: path}."""
+        return {}
 
     def log_tables(self, logger, metrics: dict[str, float]) -> None:
         """Optional: tables of the best epoch's metrics (logger.log_table(name, columns, rows)), once per run."""

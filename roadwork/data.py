@@ -195,10 +195,26 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     return np.sort(train), np.sort(val)
 
 
-def load_index(root: Path, rel: str, data_cfg, require_label: bool):
-    vocabularies, text_fields = metadata_spec(data_cfg)
-    index = index_samples(Path(root) / rel, vocabularies, text_fields, require_label, bool(data_cfg.skip_bad))
+def _log_index_notes(rel: str, index) -> None:
+    """One warning per kind: skipped samples, orphan sidecars, per field the values outside its vocabulary
+    and the malformed values of fields no input uses."""
     if index.skipped:
         log.warning("%s: skipped %d bad samples (data.skip_bad=true):\n  %s", rel, len(index.skipped),
-                    "\n  ".join(index.skipped[:20]))
+                    "\n  ".join(reason for _, reason in index.skipped[:20]))
+    if index.orphans:
+        log.warning("%s: %d sidecars without an image (ignored): %s", rel, len(index.orphans),
+                    ", ".join(index.orphans[:20]))
+    for name, counts in sorted(index.unseen.items()):
+        log.warning("%s: %d %s values outside data.vocabularies.%s became NULL (unknown): %s", rel,
+                    sum(counts.values()), name, name, dict(counts.most_common(10)))
+    for name, problems in sorted(index.ignored.items()):
+        log.warning("%s: %d malformed %s values ignored (no input of this run uses %s), e.g. %s", rel,
+                    len(problems), name, name, problems[0])
+
+
+def load_index(root: Path, rel: str, data_cfg, require_label: bool):
+    vocabularies, text_fields = metadata_spec(data_cfg)
+    index = index_samples(Path(root) / rel, vocabularies, text_fields, require_label, bool(data_cfg.skip_bad),
+                          gps_used="gps" in list(data_cfg.metadata))
+    _log_index_notes(rel, index)
     return index

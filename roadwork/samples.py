@@ -6,6 +6,7 @@ naming the file (or row), unless `skip_bad` is set, in which case the sample is 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +30,18 @@ class Sample:
 @dataclass
 class SampleIndex:
     samples: list[Sample]
-    skipped: list[str] = field(default_factory=list)   # "file: reason" of each skipped bad sample
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, "file: reason") of skipped samples
+    inputs: list[str] = field(default_factory=list)     # every input's name, in input order
+    orphans: list[str] = field(default_factory=list)    # sidecars without an image
+    unseen: dict[str, Counter] = field(default_factory=dict)   # field -> values outside its vocabulary
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # unused field -> its malformed values
+
+    def report(self, kind: str, name: str, detail: str) -> None:
+        """parse_metadata's callback: count an unseen category value or an ignored malformed field."""
+        if kind == "unseen":
+            self.unseen.setdefault(name, Counter())[detail] += 1
+        else:
+            self.ignored.setdefault(name, []).append(detail)
 
 
 def check_image(path: Path) -> None:
@@ -69,17 +81,36 @@ def _text_inputs(record: dict, text_fields: Sequence[str], where: str) -> dict:
     return out
 
 
+def _label(record: dict, where: str, require_label: bool, index: SampleIndex | None) -> int:
+    """The label; where none is required (predict), a malformed one is reported to `index` and unknown."""
+    try:
+        return parse_label(record.get("label"), where, required=require_label)
+    except ValueError as err:
+        if require_label or index is None:
+            raise
+        index.report("ignored", "label", str(err))
+        return -1
+
+
 def make_sample(image: Path, name: str, record: dict | None, where: str, vocabularies: dict,
-                text_fields: Sequence[str], require_label: bool) -> Sample:
+                text_fields: Sequence[str], require_label: bool, gps_used: bool = True,
+                index: SampleIndex | None = None) -> Sample:
+    """`index` (when given) hears of unused fields' malformed values and of unseen category values."""
     check_image(image)
     if record is None:
         if require_label:
             raise FileNotFoundError(f"{where}: no sidecar / label for {image}; training and evaluation need labels")
         record = {}
-    label = parse_label(record.get("label"), where, required=require_label)
-    meta = parse_metadata(record, vocabularies, where)
+    label = _label(record, where, require_label, index)
+    meta = parse_metadata(record, vocabularies, where, gps_used, None if index is None else index.report)
     meta.update(_text_inputs(record, text_fields, where))
     return Sample(image=image, name=name, label=label, meta=meta)
+
+
+def orphan_sidecars(folder: Path) -> list[str]:
+    """Sidecars (<stem>.json) under `folder` with no image of the same stem."""
+    stems = {p.with_suffix("") for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.json") if p.with_suffix("") not in stems)
 
 
 def _folder_entries(folder: Path):
@@ -101,8 +132,9 @@ def _manifest_entries(csv_path: Path):
 
 
 def index_samples(path: Path, vocabularies: dict, text_fields: Sequence[str], require_label: bool,
-                  skip_bad: bool) -> SampleIndex:
-    """All samples of a folder (image + sidecar) or a CSV manifest (`image_path,label,...`)."""
+                  skip_bad: bool, gps_used: bool = True) -> SampleIndex:
+    """All samples of a folder (image + sidecar) or a CSV manifest (`image_path,label,...`); a folder's
+    sidecars without an image are listed in `orphans`."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
         entries = _manifest_entries(path)
@@ -110,15 +142,16 @@ def index_samples(path: Path, vocabularies: dict, text_fields: Sequence[str], re
         entries = _folder_entries(path)
     else:
         raise FileNotFoundError(f"{path}: expected a folder of images with JSON sidecars or a .csv manifest")
-    index = SampleIndex(samples=[])
+    index = SampleIndex(samples=[], orphans=orphan_sidecars(path) if path.is_dir() else [])
     for image, name, where, load_record in entries:
+        index.inputs.append(name)
         try:
             index.samples.append(make_sample(image, name, load_record(), str(where), vocabularies,
-                                             text_fields, require_label))
+                                             text_fields, require_label, gps_used, index))
         except (ValueError, FileNotFoundError) as err:
             if not skip_bad:
                 raise
-            index.skipped.append(str(err))
+            index.skipped.append((name, str(err)))
     if not index.samples:
         raise ValueError(f"{path}: no usable samples ({len(index.skipped)} skipped as bad)")
     return index

@@ -82,7 +82,8 @@ class RoadworkTask(Task):
                 samples = [_without_metadata(s) for s in samples]
             return {"eval": self._dataset(samples, False, benchmark=self.benchmark)}
         if stage == "predict":
-            return {"predict": self._dataset(load_index(root, self.data.predict, self.data, False).samples, False)}
+            self.predict_index = load_index(root, self.data.predict, self.data, False)  # its inputs and skips
+            return {"predict": self._dataset(self.predict_index.samples, False)}
         raise ValueError(f"stage {stage!r}: expected fit, cv, eval or predict")
 
     def on_validation_end(self, model: nn.Module, metrics: dict[str, float]) -> None:
@@ -129,7 +130,7 @@ class RoadworkTask(Task):
                            view_names=resolve_views(self.data.views),
                            vocab_sizes={f: len(vocabularies[f]) for f in CATEGORY_FIELDS if f in fields},
                            text_fields=text_fields, use_gps="gps" in fields,
-                           num_weather=len(vocabularies["weather"]), _convert_="all")
+                           num_weather=len(vocabularies["weather"]), view_size=size, _convert_="all")
 
     def build_criterion(self, stats: dict) -> nn.Module:
         return instantiate(self.cfg.loss)
@@ -140,8 +141,26 @@ class RoadworkTask(Task):
 
     def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,
                           stats: dict) -> dict[str, Path]:
-        path = write_predictions_csv(results, Path(out_dir) / "predictions.csv")
+        index = getattr(self, "predict_index", None)     # set by datasets(root, "predict")
+        path = write_predictions_csv(results, Path(out_dir) / "predictions.csv",
+                                     None if index is None else index.inputs, () if index is None else index.skipped)
         return {"predictions": path}
+
+    def write_eval_outputs(self, metric, dataset, out_dir: Path, tracker) -> dict[str, Path]:
+        """Confusion matrix, worst false positives / negatives, breakdown, validator curve (roadwork.errors)."""
+        from roadwork.errors import write_error_analysis
+        base, _ = unwrap_subset(dataset)
+        paths = {sample.name: sample.image for sample in base.samples}
+        return write_error_analysis(metric, metric.compute(), paths, Path(out_dir), tracker)
+
+    def cv_splitter(self, n_folds: int, seed: int):
+        """Stratified grouped folds: every fold keeps the positive share (sklearn StratifiedGroupKFold)."""
+        from sklearn.model_selection import StratifiedGroupKFold
+        return StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+
+    def cv_labels(self, dataset: Dataset) -> np.ndarray:
+        base, indices = unwrap_subset(dataset)
+        return np.array([base.samples[i].label for i in indices])
 
     def oof_rows(self, outputs: Outputs, batch: Batch, stats: dict) -> list[dict]:
         prob = outputs["prob"].float().cpu().numpy()
