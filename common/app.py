@@ -189,10 +189,11 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     metrics = {f"eval/{k}": v for k, v in values.items()}
     if ctx.is_main:
         RunFiles(run_dir).write_final({"ckpt_path": str(cfg.ckpt_path), **metrics})
-        for what, path in task.write_eval_outputs(metric, dataset, run_dir, tracker).items():
-            print(f"[eval] {what}: {path}", flush=True)
     tracker.set_summary(metrics)
     print("[eval] " + json.dumps(metrics), flush=True)
+    if ctx.is_main:
+        for what, path in task.write_eval_outputs(metric, dataset, run_dir, tracker).items():
+            print(f"[eval] {what}: {path}", flush=True)
     return metrics.get(str(cfg.optimized_metric).replace("val/", "eval/", 1))
 
 
@@ -267,10 +268,23 @@ def _averaged_predictor(cfg: DictConfig, paths: list[Path]):
     return (task, model, stats, ckpt_cfg), {"weighting": str(cfg.ensemble.weighting), "weights": weights}
 
 
+def _top_k(cfg: DictConfig, paths: list[Path]) -> list[Path]:
+    """ensemble.top_k: the k checkpoints with the best validation monitor (mean / metric weighting)."""
+    from common.ensemble import top_k_indices
+    if cfg.ensemble.weighting == "stack":
+        raise ValueError("ensemble.top_k with ensemble.weighting=stack: the meta-model needs every cv run; "
+                         "use weighting mean or metric")
+    keep = top_k_indices([(str(p), load_checkpoint(p, str(cfg.task.name))) for p in paths], int(cfg.ensemble.top_k))
+    print(f"[predict] ensemble.top_k={cfg.ensemble.top_k}: " + ", ".join(str(paths[i]) for i in keep), flush=True)
+    return [paths[i] for i in keep]
+
+
 def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
     if cfg.ensemble.weighting not in WEIGHTINGS:
         raise ValueError(f"ensemble.weighting={cfg.ensemble.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
     paths = checkpoint_paths(cfg.ckpt_path)
+    if cfg.ensemble.top_k is not None:
+        paths = _top_k(cfg, paths)
     if cfg.ensemble.weighting == "stack":
         (task, model, stats, ckpt_cfg), ensemble = _stacked_predictor(cfg)
     else:

@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 
 from common.cache import file_digest, image_key
 from common.image_cache import ImageCache, through
-from roadwork.augment import BenchmarkTransform, augment_views, augment_views_and_masks, build_pipeline
+from roadwork.augment import augment_views, augment_views_and_masks, build_pipeline
+from roadwork.challenge import BenchmarkTransform
 from roadwork.samples import Sample, index_samples
 from roadwork.views import cut_views, resolve_views
 
@@ -150,13 +151,12 @@ class RoadworkDataset(Dataset):
         return views, masks
 
     def _benchmark_views(self, index: int) -> list[np.ndarray]:
-        # Eval: one fixed level per item (index-seeded), so benchmark scores are reproducible. Train: a level
-        # from numpy's global generator, which the trainer seeds per worker and epoch.
+        # Eval: index-seeded draws (level and all), so benchmark scores are reproducible. Train: the
+        # transform's own generator, which the trainer reseeds per worker and epoch.
         seed = None if self.benchmark_random else self.seed * 100003 + index
-        level = int(np.random.randint(len(self.benchmark.levels)) if seed is None
-                    else np.random.default_rng(seed).integers(len(self.benchmark.levels)))
-        image = np.asarray(self.load_image(self.samples[index]))
-        return cut_views(Image.fromarray(self.benchmark(image, level, seed)), self.view_names, self.view_size)
+        sample = self.samples[index]
+        image = self.benchmark(np.asarray(self.load_image(sample)), seed, sample.mask_center)
+        return cut_views(Image.fromarray(image), self.view_names, self.view_size)
 
     def _views(self, index: int) -> tuple[list[np.ndarray], Optional[list[np.ndarray]]]:
         if self.benchmark is not None:                       # no masks with the benchmark levels (__init__)

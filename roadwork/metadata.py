@@ -44,6 +44,19 @@ def parse_gps(value: Any, where: str) -> Optional[tuple[float, float]]:
     return lat, lon
 
 
+def parse_point(value: Any, where: str) -> Optional[tuple[float, float]]:
+    """An image point [x, y] in pixels (the validator's `mask_center`); unknown -> None; invalid -> ValueError."""
+    if is_missing(value):
+        return None
+    try:
+        x, y = (float(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: mask_center must be [x, y] in pixels, got {value!r}") from err
+    if not (math.isfinite(x) and math.isfinite(y)) or x < 0 or y < 0:
+        raise ValueError(f"{where}: mask_center {value!r} must be two finite non-negative numbers")
+    return x, y
+
+
 def category_index(value: Any, vocabulary: Sequence[str]) -> int:
     """1 + position of the value in `vocabulary` (case-insensitive); unknown or unseen -> NULL_INDEX (0)."""
     if is_missing(value):

@@ -14,7 +14,7 @@ from typing import Sequence
 import pandas as pd
 from PIL import Image
 
-from roadwork.metadata import is_missing, parse_label, parse_metadata
+from roadwork.metadata import is_missing, parse_label, parse_metadata, parse_point
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -25,6 +25,7 @@ class Sample:
     name: str            # path relative to the split's folder (what predictions.csv reports)
     label: int           # 0 / 1, or -1 when unknown (predict time)
     meta: dict           # category indices, gps, gps_known, text presence flags <f> and raw texts <f>_text
+    mask_center: tuple[float, float] | None = None   # sidecar [x, y]: a point the validator's crop keeps
 
 
 @dataclass
@@ -104,7 +105,14 @@ def make_sample(image: Path, name: str, record: dict | None, where: str, vocabul
     label = _label(record, where, require_label, index)
     meta = parse_metadata(record, vocabularies, where, gps_used, None if index is None else index.report)
     meta.update(_text_inputs(record, text_fields, where))
-    return Sample(image=image, name=name, label=label, meta=meta)
+    try:
+        point = parse_point(record.get("mask_center"), where)
+    except ValueError as err:           # it only steers the benchmark crop: never fatal
+        if index is None:
+            raise
+        index.report("ignored", "mask_center", str(err))
+        point = None
+    return Sample(image=image, name=name, label=label, meta=meta, mask_center=point)
 
 
 def orphan_sidecars(folder: Path) -> list[str]:

@@ -142,26 +142,6 @@ def test_manifest_and_dataset_item(tmp_path):
     assert float(item["views"].max()) <= 1.0 and item["weather"] == 2 and item["gps_known"] == 1.0
 
 
-def test_benchmark_levels_are_224_jpegs_and_reproducible_in_eval(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from roadwork.augment import BenchmarkTransform
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(str(conf), version_base=None):
-        cfg = compose("config", overrides=["task=roadwork"])
-    bench = BenchmarkTransform(cfg.data.benchmark.levels, cfg.data.benchmark.jpeg_quality)
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
-    for level in range(4):
-        out = bench(image, level, seed=5)
-        assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-        np.testing.assert_array_equal(out, bench(image, level, seed=5))
-    # level 0 is the centre square resized (then JPEG): close to a direct centre crop + resize
-    yy, xx = np.mgrid[0:300, 0:400]
-    smooth = np.stack([xx * 255 // 400, yy * 255 // 300, (xx + yy) * 255 // 700], -1).astype(np.uint8)
-    direct = np.asarray(Image.fromarray(smooth[:, 50:350]).resize((224, 224), Image.LANCZOS)).astype(float)
-    assert np.abs(bench(smooth, 0).astype(float) - direct).mean() < 3
-
-
 def test_predict_ignores_malformed_fields_it_does_not_use(tmp_path):
     _write(tmp_path, "a", {"label": "maybe", "gps": "north", "weather": "rain"})
     _write(tmp_path, "b", {"label": 1, "gps": [1, 2]})
