@@ -74,8 +74,9 @@ def stream_order(label: np.ndarray, order: str, seed: int, length: int | None) -
 
 
 def validator_scores(label, prob, cfg) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """cfg: the metric.validator mapping. (summary, curve) of the stream ordered by `cfg["order"]`: the reward after the last image (what the
-    validator holds at the end), its mean over the stream, and the final windows' MCC and accuracy."""
+    """cfg: the metric.validator mapping. (summary, curve) of the stream ordered by `cfg["order"]`: the reward
+    after the last image (what the validator holds at the end), its mean over the stream, and the final
+    windows' MCC and accuracy."""
     label, prob = np.asarray(label, dtype=int), np.asarray(prob, dtype=np.float64)
     order = stream_order(label, str(cfg["order"]), int(cfg["seed"]), cfg["length"])
     curve = reward_stream(label[order], prob[order], int(cfg["mcc_window"]), int(cfg["accuracy_window"]),
