@@ -31,6 +31,13 @@ def assign_folds(groups: np.ndarray, n_folds: int, seed: int, splitter=None,
     return folds
 
 
+def print_label_counts(folds: np.ndarray, labels: np.ndarray, n_folds: int) -> None:
+    """[cv] labels per fold: fold 0: 0=12, 1=5; ... (e.g. the positives of a stratified split)."""
+    counts = ["fold %d: " % f + ", ".join(f"{c}={int(((folds == f) & (labels == c)).sum())}" for c in np.unique(labels))
+              for f in range(n_folds)]
+    print("[cv] labels per fold: " + "; ".join(counts), flush=True)
+
+
 class FoldTracker(Tracker):
     """Logs one fold's metrics under `fold<k>/` with steps after the previous folds' (wandb needs monotone steps)."""
 
@@ -58,13 +65,10 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
     from common.app import build_parts, restore_for_inference
     sets = task.datasets(root, "cv")
     groups = np.asarray(task.cv_groups(sets["train"]))
-    labels = task.cv_labels(sets["train"])
-    folds = assign_folds(groups, int(cfg.cv.folds), int(cfg.seed), task.cv_splitter(int(cfg.cv.folds), int(cfg.seed)),
-                         labels)
+    n_folds, labels = int(cfg.cv.folds), task.cv_labels(sets["train"])
+    folds = assign_folds(groups, n_folds, int(cfg.seed), task.cv_splitter(n_folds, int(cfg.seed)), labels)
     if labels is not None:
-        print("[cv] labels per fold: " + "; ".join(
-            f"fold {f}: " + ", ".join(f"{c}={int(((folds == f) & (labels == c)).sum())}" for c in np.unique(labels))
-            for f in range(int(cfg.cv.folds))), flush=True)
+        print_label_counts(folds, np.asarray(labels), n_folds)
     if ctx.is_main:
         write_csv(run_dir / "folds.csv", [{"index": i, "group": g, "fold": f}
                                           for i, (g, f) in enumerate(zip(groups, folds))])

@@ -72,8 +72,8 @@ def describe(groups: dict, i: int) -> str:
 
 def plot_grid(rows: pd.DataFrame, paths: dict, columns: int, thumb: int):
     count = max(1, len(rows))
-    fig, axes = plt.subplots(math.ceil(count / columns), columns, figsize=(3.0 * columns, 3.3 * math.ceil(count / columns)),
-                             squeeze=False)
+    rows_of_grid = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows_of_grid, columns, figsize=(3.0 * columns, 3.3 * rows_of_grid), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows.itertuples()):

@@ -21,6 +21,8 @@ SMALL = ["task=roadwork", "trainer=debug", "trainer.max_epochs=1", "trainer.limi
 MEMBERS = {"single": ["data.views=single", "model.width=32"],
            "tiles": ["data.views=[global,center,tile_00,tile_11]", "model.prune_k=2", "model.width=48",
                      "model.num_heads=2", "data.metadata=[weather]"]}
+CONVNEXT = ["backbone=convnextv2_b", "backbone.name=convnextv2_atto", "backbone.weights=null", "backbone.layers=[-1]",
+            "model.pool=meanmax", "data.view_size=64", "data.views=single", "model.width=32", "data.metadata=[]"]
 
 
 def _cfg(overrides):
@@ -32,19 +34,22 @@ def test_members_get_their_own_inputs_and_combine_on_prob_or_logit():
     torch.manual_seed(0)
     a = RoadworkTask(_cfg(SMALL + MEMBERS["single"])).build_model({}).eval()
     b = RoadworkTask(_cfg(SMALL + MEMBERS["tiles"])).build_model({}).eval()
-    assert a.input_spec != b.input_spec
+    c = RoadworkTask(_cfg(SMALL + CONVNEXT)).build_model({}).eval()          # a random ConvNeXt-V2 (atto)
+    assert a.input_spec != b.input_spec != c.input_spec
     batch = {"views": torch.rand(3, 1, 3, 28, 28), "image": ["x", "y", "z"], "label": torch.tensor([0, 1, 0]),
-             "m1/views": torch.rand(3, 4, 3, 28, 28), "m1/weather": torch.tensor([0, 2, 1])}
+             "m1/views": torch.rand(3, 4, 3, 28, 28), "m1/weather": torch.tensor([0, 2, 1]),
+             "m2/views": torch.rand(3, 1, 3, 64, 64)}
     for key in ("weather", "daytime", "scene"):
         batch[key] = torch.zeros(3, dtype=torch.long)
     batch.update(gps=torch.zeros(3, 2), gps_known=torch.zeros(3))
     with torch.no_grad():
         pa = a(batch)["prob"]
         pb = b({"views": batch["m1/views"], "weather": batch["m1/weather"]})["prob"]
-        mean = RoadworkEnsemble([a, b], [0.25, 0.75], "prob", 1e-6)(batch)
-        logit = RoadworkEnsemble([a, b], None, "logit", 1e-6)(batch)
-    torch.testing.assert_close(mean["prob"], 0.25 * pa + 0.75 * pb)
-    torch.testing.assert_close(logit["prob"], torch.sigmoid((torch.logit(pa) + torch.logit(pb)) / 2))
+        pc = c({"views": batch["m2/views"]})["prob"]
+        mean = RoadworkEnsemble([a, b, c], [0.25, 0.5, 0.25], "prob", 1e-6)(batch)
+        logit = RoadworkEnsemble([a, b, c], None, "logit", 1e-6)(batch)
+    torch.testing.assert_close(mean["prob"], 0.25 * pa + 0.5 * pb + 0.25 * pc)
+    torch.testing.assert_close(logit["prob"], torch.sigmoid((torch.logit(pa) + torch.logit(pb) + torch.logit(pc)) / 3))
     assert member_batch(batch, 0) is batch and set(member_batch(batch, 1)) == {"views", "weather", "image", "label"}
     with pytest.raises(ValueError, match="combine"):
         RoadworkEnsemble([a, b], None, "vote", 1e-6)
