@@ -5,7 +5,7 @@
   and false negatives (lowest probability, label 1), each with its probability and metadata;
 - breakdown.csv: MCC and accuracy per weather / daytime / scene / GPS cluster of the evaluated set;
 - validator_curve.csv (benchmark=true): per scored image, the validator's windowed MCC, accuracy and reward.
-The confusion matrix, the breakdown and the grid also go to the tracker (wandb tables and an image).
+The confusion matrix (table and image), the breakdown (table) and the grid (image) also go to the tracker.
 """
 from __future__ import annotations
 
@@ -114,7 +114,9 @@ def write_error_analysis(metric, values: dict, image_paths: dict, out_dir: Path,
     written = {}
     confusion = confusion_frame(label, prob)
     written["confusion_csv"] = write_csv(confusion, out_dir / "confusion_matrix.csv")
-    written["confusion_png"] = save_figure(plot_confusion(confusion), out_dir / "confusion_matrix.png")
+    figure = plot_confusion(confusion)
+    tracker.log_images("confusion_matrix", [figure_array(figure)], step=0)
+    written["confusion_png"] = save_figure(figure, out_dir / "confusion_matrix.png")
     tracker.log_table("confusion_matrix", list(confusion.columns), confusion.values.tolist())
     rows = error_rows(data, metric.groups(data), int(cfg["worst_n"]))
     written["worst_errors_csv"] = write_csv(rows, out_dir / "worst_errors.csv")

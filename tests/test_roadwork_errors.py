@@ -69,7 +69,9 @@ def test_error_analysis_files_and_tracker(tmp_path):
     assert sorted(clusters["n"]) == [15, 25]                          # the evaluated set's two places
     assert Image.open(written["worst_errors_png"]).size[0] > 0 and written["confusion_png"].is_file()
     assert len(pd.read_csv(written["validator_curve"])) == n
-    assert set(tracker.tables) == {"confusion_matrix", "breakdown"} and len(tracker.images["worst_errors"]) == 1
+    assert set(tracker.tables) == {"confusion_matrix", "breakdown"} and set(tracker.images) == {"confusion_matrix",
+                                                                                              "worst_errors"}
+    assert tracker.tables["confusion_matrix"][1] == confusion.values.tolist()
 
 
 def test_roadwork_folds_are_stratified_and_grouped():
