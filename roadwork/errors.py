@@ -81,7 +81,8 @@ def plot_grid(rows: pd.DataFrame, paths: dict, columns: int, thumb: int):
             img = img.convert("RGB")
             img.thumbnail((thumb, thumb))
         ax.imshow(np.asarray(img))
-        ax.set_title(f"{row.kind} p={row.probability:.3f}\n{row.image}\n{row.metadata}", fontsize=6)
+        metadata = row.metadata.replace(", ", "\n")            # one field a line: titles stay within the image
+        ax.set_title(f"{row.kind} p={row.probability:.3f}\n{row.image}\n{metadata}", fontsize=6)
     if rows.empty:
         axes.flat[0].text(0.5, 0.5, "no errors", ha="center")
     return fig
