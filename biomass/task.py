@@ -103,7 +103,7 @@ class BiomassTask(Task):
     def cv_groups(self, dataset: Dataset) -> np.ndarray:
         return group_keys(_table_of(dataset))
 
-    def cv_folds(self, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    def cv_folds(self, groups: np.ndarray, n_folds: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
         """Grouped folds balanced in size (sklearn's unshuffled GroupKFold: largest group first into the
         smallest fold); deterministic, `seed` unused. mode=train uses the same folds (data.val_fold)."""
         n_groups = len(np.unique(groups))

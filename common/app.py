@@ -199,13 +199,16 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     tracker.set_config(ckpt_cfg)
     trainer = Trainer(ckpt_cfg, run_dir, tracker, ctx)
     model = task.for_inference(model)                    # Trainer.evaluate moves it to the device
-    values = trainer.evaluate(model, None, task.build_metric(stats), task.datasets(root, "eval")["eval"],
-                              task.collate)
+    metric, dataset = task.build_metric(stats), task.datasets(root, "eval")["eval"]
+    values = trainer.evaluate(model, None, metric, dataset, task.collate)
     metrics = {f"eval/{k}": v for k, v in values.items()}
     if ctx.is_main:
         RunFiles(run_dir).write_final({"ckpt_path": str(cfg.ckpt_path), **metrics})
     tracker.set_summary(metrics)
     log.info("[eval] " + json.dumps(metrics))
+    if ctx.is_main:
+        for what, path in task.write_eval_outputs(metric, dataset, run_dir, tracker).items():
+            log.info(f"[eval] {what}: {path}")
     return metrics.get(str(cfg.optimized_metric).replace("val/", "eval/", 1))
 
 
@@ -282,9 +285,22 @@ def _averaged_predictor(cfg: DictConfig, paths: list[Path]):
     return (task, model, stats, ckpt_cfg), {"weighting": str(cfg.ensemble.weighting), "weights": weights}
 
 
+def _top_k(cfg: DictConfig, paths: list[Path]) -> list[Path]:
+    """ensemble.top_k: the k checkpoints with the best validation monitor (mean / metric weighting)."""
+    from common.ensemble import top_k_indices
+    if cfg.ensemble.weighting == "stack":
+        raise ValueError("ensemble.top_k with ensemble.weighting=stack: the meta-model needs every cv run; "
+                         "use weighting mean or metric")
+    keep = top_k_indices([(str(p), load_checkpoint(p, str(cfg.task.name))) for p in paths], int(cfg.ensemble.top_k))
+    log.info(f"[predict] ensemble.top_k={cfg.ensemble.top_k}: " + ", ".join(str(paths[i]) for i in keep))
+    return [paths[i] for i in keep]
+
+
 def _predict_group(cfg, ckpt_path, label, root, run_dir, tracker, ctx) -> dict:
     """Predict with the checkpoints of one ckpt_path entry (one file, a cv run, or a list: an ensemble)."""
     paths = checkpoint_paths(ckpt_path, str(cfg.cv.checkpoint))
+    if cfg.ensemble.top_k is not None:
+        paths = _top_k(cfg, paths)
     if cfg.ensemble.weighting == "stack":
         (task, model, stats, ckpt_cfg), ensemble = _stacked_predictor(cfg, ckpt_path)
     else:

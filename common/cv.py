@@ -19,16 +19,26 @@ from common.trainer import Trainer, raise_if_diverged
 log = logging.getLogger(__name__)
 
 
-def assign_folds(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Fold id per item; a group never spans two folds; fold sizes balanced (sklearn GroupKFold)."""
+def assign_folds(groups: np.ndarray, n_folds: int, seed: int, splitter=None,
+                 labels: np.ndarray | None = None) -> np.ndarray:
+    """Fold id per item; a group never spans two folds; fold sizes balanced (sklearn GroupKFold unless the
+    task's `splitter` is given, e.g. StratifiedGroupKFold with the items' `labels`)."""
     n_groups = len(np.unique(groups))
     if n_groups < n_folds:
         raise ValueError(f"cv.folds={n_folds} but the data has only {n_groups} groups; lower cv.folds")
     folds = np.empty(len(groups), dtype=int)
-    splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(groups)), groups=groups)):
+    splitter = splitter or GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    y = np.zeros(len(groups)) if labels is None else np.asarray(labels)
+    for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(groups)), y, groups=groups)):
         folds[val_idx] = fold
     return folds
+
+
+def print_label_counts(folds: np.ndarray, labels: np.ndarray, n_folds: int) -> None:
+    """[cv] labels per fold: fold 0: 0=12, 1=5; ... (e.g. the positives of a stratified split)."""
+    counts = ["fold %d: " % f + ", ".join(f"{c}={int(((folds == f) & (labels == c)).sum())}" for c in np.unique(labels))
+              for f in range(n_folds)]
+    print("[cv] labels per fold: " + "; ".join(counts), flush=True)
 
 
 class FoldTracker(Tracker):
@@ -69,8 +79,11 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
     from common.app import build_parts, restore_for_inference
     sets = task.datasets(root, "cv")
     groups = np.asarray(task.cv_groups(sets["train"]))
-    folds = task.cv_folds(groups, int(cfg.cv.folds), int(cfg.seed))
-    log.info("[cv] fold sizes: " + str(np.bincount(folds, minlength=int(cfg.cv.folds)).tolist()))
+    n_folds, labels = int(cfg.cv.folds), task.cv_labels(sets["train"])
+    folds = task.cv_folds(groups, n_folds, int(cfg.seed), labels)
+    log.info("[cv] fold sizes: " + str(np.bincount(folds, minlength=n_folds).tolist()))
+    if labels is not None:
+        print_label_counts(folds, np.asarray(labels), n_folds)
     if ctx.is_main:
         write_csv(run_dir / "folds.csv", [{"index": i, "group": g, "fold": f}
                                           for i, (g, f) in enumerate(zip(groups, folds))])

@@ -69,6 +69,23 @@ def metric_weights(ckpts: Sequence[tuple[str, dict]]) -> list[float]:
     return [v / sum(values) for v in values]
 
 
+def top_k_indices(ckpts: Sequence[tuple[str, dict]], k: int) -> list[int]:
+    """Positions (in input order) of the k checkpoints with the best validation value of their monitor
+    (fit_state.best_value, by trainer.monitor_direction), e.g. the plan's best 3 of 5 cv folds."""
+    if not 1 <= k <= len(ckpts):
+        raise ValueError(f"ensemble.top_k={k}: expected 1..{len(ckpts)} (the number of checkpoints)")
+    scores = []
+    for source, ckpt in ckpts:
+        value = (ckpt.get("fit_state") or {}).get("best_value")
+        if value is None or not math.isfinite(float(value)):
+            raise ValueError(f"ensemble.top_k: checkpoint {source} has no finite best validation value "
+                             f"(fit_state.best_value={value})")
+        sign = 1.0 if ckpt["config"]["trainer"]["monitor_direction"] == "maximize" else -1.0
+        scores.append(sign * float(value))
+    best = sorted(range(len(ckpts)), key=lambda i: -scores[i])[:k]
+    return sorted(best)
+
+
 def align_oof(frames: dict[str, pd.DataFrame], id_column: str, value_column: str,
               label_column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Out-of-fold files of several members (source -> frame) joined on the id column:

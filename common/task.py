@@ -63,10 +63,20 @@ class Task(ABC):
         """One group id per item of the "cv" datasets; items of a group never split across folds."""
         return np.arange(len(dataset))
 
-    def cv_folds(self, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-        """Fold id per item of the "cv" datasets (mode=cv); default: shuffled grouped folds."""
+    def cv_folds(self, groups: np.ndarray, n_folds: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+        """Fold id per item of the "cv" datasets (mode=cv); default: the task's splitter over the groups (and the
+        items' labels for a stratified splitter)."""
         from common.cv import assign_folds
-        return assign_folds(groups, n_folds, seed)
+        return assign_folds(groups, n_folds, seed, self.cv_splitter(n_folds, seed), labels)
+
+    def cv_splitter(self, n_folds: int, seed: int):
+        """mode=cv's fold splitter: an sklearn splitter with split(X, y, groups); default shuffled GroupKFold."""
+        from sklearn.model_selection import GroupKFold
+        return GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+
+    def cv_labels(self, dataset: Dataset) -> np.ndarray | None:
+        """Optional: one class label per item of the "cv" datasets (stratified splitters; counts per fold)."""
+        return None
 
     def fit_stats(self, train_set: Dataset) -> dict:
         """Normalisation statistics from the training split only (plain containers)."""
@@ -132,6 +142,11 @@ class Task(ABC):
     def oof_rows(self, outputs: Outputs, batch: Batch, stats: dict) -> list[dict]:
         """Rows of oof.csv for one validation batch in cross-validation (id, true, predicted)."""
         return []
+
+    def write_eval_outputs(self, metric: Metric, dataset: Dataset, out_dir: Path, tracker) -> dict[str, Path]:
+        """Optional: mode=eval's files beyond metrics.json (e.g. error analysis) from the metric after compute();
+        returns {what: path}."""
+        return {}
 
     def log_tables(self, logger, metrics: dict[str, float]) -> None:
         """Optional: tables of the best epoch's metrics (logger.log_table(name, columns, rows)), once per run."""

@@ -196,7 +196,8 @@ class Trainer:
         self.optimizer = build_optimizer(groups, self.t.optim.betas, self.t.optim.fused, self.device)
         sched = self.t.schedule
         self.schedule = Schedule(sched.name, total_steps=steps_per_epoch * int(self.t.max_epochs),
-                                 warmup_steps=round(sched.warmup_epochs * steps_per_epoch),
+                                 warmup_steps=round(sched.warmup_epochs * steps_per_epoch)
+                                 if sched.warmup_steps is None else int(sched.warmup_steps),
                                  min_lr_ratio=sched.min_lr_ratio,
                                  restart_steps=round(sched.restart_epochs * steps_per_epoch),
                                  restart_mult=sched.restart_mult, min_lr=sched.min_lr)

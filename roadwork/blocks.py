@@ -43,11 +43,20 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
 
 
-class GatedBlock(nn.Module):
-    """Pre-norm transformer block: x + GatedAttention(LN(x)), then x + MLP(LN(x))."""
+NORMS = ("pre", "post")
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, gate: bool = True):
+
+class GatedBlock(nn.Module):
+    """Transformer block with gated attention. norm="pre": x + GatedAttention(LN(x)), then x + MLP(LN(x)).
+    norm="post" (the plan's layer: the gate sees the original input, residual, then LayerNorm):
+    LN(x + GatedAttention(x)), then LN(x + MLP(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, gate: bool = True,
+                 norm: str = "pre"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"model.block_norm={norm!r}: expected one of {NORMS}")
+        self.post_norm = norm == "post"
         self.norm1 = nn.LayerNorm(dim)
         self.attn = GatedAttention(dim, num_heads, gate=gate, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim)
@@ -55,6 +64,9 @@ class GatedBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.drop(self.attn(x, key_mask)))
+            return self.norm2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.norm1(x), key_mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 

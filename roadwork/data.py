@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 from common.cache import file_digest, image_key
 from common.image_cache import ImageCache, through
 from common.image_check import raise_if_broken
-from roadwork.augment import BenchmarkTransform, augment_views, augment_views_and_masks, build_pipeline
+from roadwork.augment import augment_views, augment_views_and_masks, build_pipeline
+from roadwork.challenge import BenchmarkTransform
 from roadwork.samples import Sample, index_samples
 from roadwork.views import cut_views, resolve_views
 
@@ -153,13 +154,12 @@ class RoadworkDataset(Dataset):
         return views, masks
 
     def _benchmark_views(self, index: int) -> list[np.ndarray]:
-        # Eval: one fixed level per item (index-seeded), so benchmark scores are reproducible. Train: a level
-        # from numpy's global generator, which the trainer seeds per worker and epoch.
+        # Eval: index-seeded draws (level and all), so benchmark scores are reproducible. Train: the
+        # transform's own generator, which the trainer reseeds per worker and epoch.
         seed = None if self.benchmark_random else self.seed * 100003 + index
-        level = int(np.random.randint(len(self.benchmark.levels)) if seed is None
-                    else np.random.default_rng(seed).integers(len(self.benchmark.levels)))
-        image = np.asarray(self.load_image(self.samples[index]))
-        return cut_views(Image.fromarray(self.benchmark(image, level, seed)), self.view_names, self.view_size)
+        sample = self.samples[index]
+        image = self.benchmark(np.asarray(self.load_image(sample)), seed, sample.mask_center)
+        return cut_views(Image.fromarray(image), self.view_names, self.view_size)
 
     def _views(self, index: int) -> tuple[list[np.ndarray], Optional[list[np.ndarray]]]:
         if self.benchmark is not None:                       # no masks with the benchmark levels (__init__)
@@ -198,10 +198,26 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     return np.sort(train), np.sort(val)
 
 
-def load_index(root: Path, rel: str, data_cfg, require_label: bool):
-    vocabularies, text_fields = metadata_spec(data_cfg)
-    index = index_samples(Path(root) / rel, vocabularies, text_fields, require_label, bool(data_cfg.skip_bad))
+def _log_index_notes(rel: str, index) -> None:
+    """One warning per kind: skipped samples, orphan sidecars, per field the values outside its vocabulary
+    and the malformed values of fields no input uses."""
     if index.skipped:
         log.warning("%s: skipped %d bad samples (data.skip_bad=true):\n  %s", rel, len(index.skipped),
-                    "\n  ".join(index.skipped[:20]))
+                    "\n  ".join(reason for _, reason in index.skipped[:20]))
+    if index.orphans:
+        log.warning("%s: %d sidecars without an image (ignored): %s", rel, len(index.orphans),
+                    ", ".join(index.orphans[:20]))
+    for name, counts in sorted(index.unseen.items()):
+        log.warning("%s: %d %s values outside data.vocabularies.%s became NULL (unknown): %s", rel,
+                    sum(counts.values()), name, name, dict(counts.most_common(10)))
+    for name, problems in sorted(index.ignored.items()):
+        log.warning("%s: %d malformed %s values ignored (no input of this run uses %s), e.g. %s", rel,
+                    len(problems), name, name, problems[0])
+
+
+def load_index(root: Path, rel: str, data_cfg, require_label: bool):
+    vocabularies, text_fields = metadata_spec(data_cfg)
+    index = index_samples(Path(root) / rel, vocabularies, text_fields, require_label, bool(data_cfg.skip_bad),
+                          gps_used="gps" in list(data_cfg.metadata))
+    _log_index_notes(rel, index)
     return index

@@ -17,17 +17,34 @@ from torch import Tensor, nn
 from roadwork.text_encoder import build_sentence_encoder
 
 
-def gps_features(gps: Tensor, num_frequencies: int) -> Tensor:
-    """(B, 2) degrees -> (B, 4 F): sin and cos of 2^f * lat and 2^f * lon in radians, f = 0..F-1."""
-    radians = gps.float() * (math.pi / 180.0)
-    scales = 2.0 ** torch.arange(num_frequencies, device=gps.device, dtype=torch.float32)
-    angles = (radians[:, :, None] * scales).flatten(1)              # (B, 2F)
+GPS_ENCODINGS = ("octaves", "logspace")
+
+
+def gps_features(gps: Tensor, num_frequencies: int, kind: str = "octaves",
+                 frequency_range: Sequence[float] = (1.0, 1.0e4)) -> Tensor:
+    """(B, 2) degrees -> (B, 4 F) sin / cos features.
+
+    octaves: sin and cos of 2^f * lat and 2^f * lon in radians, f = 0..F-1;
+    logspace (the plan): F frequencies log-spaced over `frequency_range` (1 to 10,000), sin and cos of
+    lat * f * pi / 90 and lon * f * pi / 180 (F = 32 gives the plan's 128-d vector)."""
+    if kind == "octaves":
+        scales = 2.0 ** torch.arange(num_frequencies, device=gps.device, dtype=torch.float32)
+        angles = (gps.float() * (math.pi / 180.0))[:, :, None] * scales
+    elif kind == "logspace":
+        low, high = (math.log10(float(f)) for f in frequency_range)
+        freqs = torch.logspace(low, high, num_frequencies, device=gps.device, dtype=torch.float64)
+        unit = torch.tensor([math.pi / 90.0, math.pi / 180.0], device=gps.device, dtype=torch.float64)
+        angles = ((gps.double() * unit)[:, :, None] * freqs).float()
+    else:
+        raise ValueError(f"model.gps_encoding={kind!r}: expected one of {GPS_ENCODINGS}")
+    angles = angles.flatten(1)                                      # (B, 2F)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 class MetadataEncoder(nn.Module):
     def __init__(self, vocab_sizes: dict[str, int], text_fields: Sequence[str], use_gps: bool, dim: int,
-                 out_dim: int, gps_frequencies: int, dropout: float, text_encoder: Optional[Mapping] = None):
+                 out_dim: int, gps_frequencies: int, dropout: float, text_encoder: Optional[Mapping] = None,
+                 gps_encoding: str = "octaves", gps_frequency_range: Sequence[float] = (1.0, 1.0e4)):
         super().__init__()
         self.categories = nn.ModuleDict({f: nn.Embedding(n + 1, dim) for f, n in vocab_sizes.items()})
         self.text_fields = list(text_fields)
@@ -44,6 +61,9 @@ class MetadataEncoder(nn.Module):
         self.gps = nn.Linear(4 * gps_frequencies, dim) if use_gps else None
         self.gps_null = nn.Parameter(torch.zeros(dim)) if use_gps else None
         self.gps_frequencies = gps_frequencies
+        if gps_encoding not in GPS_ENCODINGS:
+            raise ValueError(f"model.gps_encoding={gps_encoding!r}: expected one of {GPS_ENCODINGS}")
+        self.gps_encoding, self.gps_frequency_range = gps_encoding, tuple(gps_frequency_range)
         fields = len(self.categories) + len(self.text_fields) + int(use_gps)
         self.out = nn.Sequential(nn.Linear(fields * dim, out_dim), nn.GELU(), nn.LayerNorm(out_dim))
         self.dropout = dropout
@@ -77,6 +97,7 @@ class MetadataEncoder(nn.Module):
         parts += [self._text(name, batch) for name in self.text_fields]
         if self.gps is not None:
             known = self._drop(batch["gps_known"] > 0.5)
-            encoded = self.gps(gps_features(batch["gps"], self.gps_frequencies))
+            encoded = self.gps(gps_features(batch["gps"], self.gps_frequencies, self.gps_encoding,
+                                                    self.gps_frequency_range))
             parts.append(torch.where(known[:, None], encoded, self.gps_null.expand_as(encoded)))
         return self.out(torch.cat(parts, dim=1))

@@ -7,7 +7,7 @@ so a value never seen in the vocabulary is unknown too, never an error.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 NULL_INDEX = 0
 _NULL_STRINGS = {"", "null", "none", "nan"}
@@ -44,6 +44,19 @@ def parse_gps(value: Any, where: str) -> Optional[tuple[float, float]]:
     return lat, lon
 
 
+def parse_point(value: Any, where: str) -> Optional[tuple[float, float]]:
+    """An image point [x, y] in pixels (the validator's `mask_center`); unknown -> None; invalid -> ValueError."""
+    if is_missing(value):
+        return None
+    try:
+        x, y = (float(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: mask_center must be [x, y] in pixels, got {value!r}") from err
+    if not (math.isfinite(x) and math.isfinite(y)) or x < 0 or y < 0:
+        raise ValueError(f"{where}: mask_center {value!r} must be two finite non-negative numbers")
+    return x, y
+
+
 def category_index(value: Any, vocabulary: Sequence[str]) -> int:
     """1 + position of the value in `vocabulary` (case-insensitive); unknown or unseen -> NULL_INDEX (0)."""
     if is_missing(value):
@@ -72,10 +85,26 @@ def parse_label(value: Any, where: str, required: bool) -> int:
     return int(number)
 
 
-def parse_metadata(record: dict, vocabularies: dict[str, Sequence[str]], where: str) -> dict:
-    """Sidecar/manifest record -> model inputs: category indices (0 = unknown), gps and its known flag."""
-    out: dict[str, Any] = {name: category_index(record.get(name), vocab) for name, vocab in vocabularies.items()}
-    gps = parse_gps(record.get("gps"), where)
+def parse_metadata(record: dict, vocabularies: dict[str, Sequence[str]], where: str, gps_used: bool = True,
+                   report: Optional[Callable[[str, str, str], None]] = None) -> dict:
+    """Sidecar/manifest record -> model inputs: category indices (0 = unknown), gps and its known flag.
+
+    report(kind, field, detail), when given, hears of every value outside its vocabulary ("unseen", it
+    becomes NULL) and of a malformed gps that no model input uses ("ignored", it becomes unknown); a
+    malformed gps that the model uses (gps_used) raises."""
+    out: dict[str, Any] = {}
+    for name, vocab in vocabularies.items():
+        value = record.get(name)
+        out[name] = category_index(value, vocab)
+        if out[name] == NULL_INDEX and not is_missing(value) and report is not None:
+            report("unseen", name, str(value).strip())
+    try:
+        gps = parse_gps(record.get("gps"), where)
+    except ValueError as err:
+        if gps_used or report is None:
+            raise
+        report("ignored", "gps", str(err))
+        gps = None
     out["gps"] = (0.0, 0.0) if gps is None else gps
     out["gps_known"] = gps is not None
     return out

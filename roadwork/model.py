@@ -77,7 +77,9 @@ class RoadworkModel(nn.Module):
                  text_fields: Sequence[str], use_gps: bool, meta_embed_dim: int, meta_dim: int,
                  gps_frequencies: int, meta_dropout: float, classifier_hidden: Sequence[int], num_weather: int,
                  feature_stats_momentum: Optional[float], seg_head: bool = False,
-                 text_encoder: Optional[dict] = None):
+                 text_encoder: Optional[dict] = None, block_norm: str = "pre", gps_encoding: str = "octaves",
+                 gps_frequency_range: Sequence[float] = (1.0, 1.0e4), view_size: Optional[int] = None):
+        # Defaults of the last four: what checkpoints written before these options were built with.
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"model.pool={pool!r}: expected one of {POOLS}")
@@ -85,13 +87,16 @@ class RoadworkModel(nn.Module):
         self.project = self._make_projection(backbone, pool, width)
         self.pruner = self._make_pruner(prune_k, prune_where, width)
         self.pyramid = ChannelPyramid(width, dropout) if pyramid else nn.Identity()
-        self.blocks = nn.ModuleList([GatedBlock(width, num_heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.blocks = nn.ModuleList([GatedBlock(width, num_heads, mlp_ratio, dropout, norm=block_norm)
+                                     for _ in range(depth)])
+        self.view_size = view_size      # the input side of each view (ensembles of different inputs)
         self.fusion = GatedViewFusion(width, num_heads, fusion_cross_layers, fusion_refine, mlp_ratio, dropout)
         self.view_head = nn.Linear(width, 2)
         self.weather_head = nn.Linear(width, num_weather)
         has_meta = bool(vocab_sizes) or bool(text_fields) or use_gps or text_encoder is not None
         self.meta = MetadataEncoder(vocab_sizes, text_fields, use_gps, meta_embed_dim, meta_dim, gps_frequencies,
-                                    meta_dropout, text_encoder=text_encoder) if has_meta else None
+                                    meta_dropout, text_encoder=text_encoder, gps_encoding=gps_encoding,
+                                    gps_frequency_range=gps_frequency_range) if has_meta else None
         self.classifier = mlp_head(width + (meta_dim if has_meta else 0), classifier_hidden, 2, dropout)
         # Added to the roadwork logit at inference; set by calibration (task.calibrate), saved in checkpoints.
         self.register_buffer("logit_shift", torch.zeros(()))

@@ -6,6 +6,7 @@ naming the file (or row), unless `skip_bad` is set, in which case the sample is 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -13,7 +14,7 @@ from typing import Sequence
 import pandas as pd
 
 from common.image_check import broken_images
-from roadwork.metadata import is_missing, parse_label, parse_metadata
+from roadwork.metadata import is_missing, parse_label, parse_metadata, parse_point
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -24,12 +25,24 @@ class Sample:
     name: str            # path relative to the split's folder (what predictions.csv reports)
     label: int           # 0 / 1, or -1 when unknown (predict time)
     meta: dict           # category indices, gps, gps_known, text presence flags <f> and raw texts <f>_text
+    mask_center: tuple[float, float] | None = None   # sidecar [x, y]: a point the validator's crop keeps
 
 
 @dataclass
 class SampleIndex:
     samples: list[Sample]
-    skipped: list[str] = field(default_factory=list)   # "file: reason" of each skipped bad sample
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, "file: reason") of skipped samples
+    inputs: list[str] = field(default_factory=list)     # every input's name, in input order
+    orphans: list[str] = field(default_factory=list)    # sidecars without an image
+    unseen: dict[str, Counter] = field(default_factory=dict)   # field -> values outside its vocabulary
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # unused field -> its malformed values
+
+    def report(self, kind: str, name: str, detail: str) -> None:
+        """parse_metadata's callback: count an unseen category value or an ignored malformed field."""
+        if kind == "unseen":
+            self.unseen.setdefault(name, Counter())[detail] += 1
+        else:
+            self.ignored.setdefault(name, []).append(detail)
 
 
 def check_image(path: Path, broken: dict[Path, str]) -> None:
@@ -65,17 +78,43 @@ def _text_inputs(record: dict, text_fields: Sequence[str], where: str) -> dict:
     return out
 
 
+def _label(record: dict, where: str, require_label: bool, index: SampleIndex | None) -> int:
+    """The label; where none is required (predict), a malformed one is reported to `index` and unknown."""
+    try:
+        return parse_label(record.get("label"), where, required=require_label)
+    except ValueError as err:
+        if require_label or index is None:
+            raise
+        index.report("ignored", "label", str(err))
+        return -1
+
+
 def make_sample(image: Path, name: str, record: dict | None, where: str, vocabularies: dict,
-                text_fields: Sequence[str], require_label: bool, broken: dict[Path, str]) -> Sample:
+                text_fields: Sequence[str], require_label: bool, broken: dict[Path, str], gps_used: bool = True,
+                index: SampleIndex | None = None) -> Sample:
+    """`index` (when given) hears of unused fields' malformed values and of unseen category values."""
     check_image(image, broken)
     if record is None:
         if require_label:
             raise FileNotFoundError(f"{where}: no sidecar / label for {image}; training and evaluation need labels")
         record = {}
-    label = parse_label(record.get("label"), where, required=require_label)
-    meta = parse_metadata(record, vocabularies, where)
+    label = _label(record, where, require_label, index)
+    meta = parse_metadata(record, vocabularies, where, gps_used, None if index is None else index.report)
     meta.update(_text_inputs(record, text_fields, where))
-    return Sample(image=image, name=name, label=label, meta=meta)
+    try:
+        point = parse_point(record.get("mask_center"), where)
+    except ValueError as err:           # it only steers the benchmark crop: never fatal
+        if index is None:
+            raise
+        index.report("ignored", "mask_center", str(err))
+        point = None
+    return Sample(image=image, name=name, label=label, meta=meta, mask_center=point)
+
+
+def orphan_sidecars(folder: Path) -> list[str]:
+    """Sidecars (<stem>.json) under `folder` with no image of the same stem."""
+    stems = {p.with_suffix("") for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.json") if p.with_suffix("") not in stems)
 
 
 def _folder_entries(folder: Path):
@@ -97,8 +136,9 @@ def _manifest_entries(csv_path: Path):
 
 
 def index_samples(path: Path, vocabularies: dict, text_fields: Sequence[str], require_label: bool,
-                  skip_bad: bool) -> SampleIndex:
-    """All samples of a folder (image + sidecar) or a CSV manifest (`image_path,label,...`)."""
+                  skip_bad: bool, gps_used: bool = True) -> SampleIndex:
+    """All samples of a folder (image + sidecar) or a CSV manifest (`image_path,label,...`); a folder's
+    sidecars without an image are listed in `orphans`."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
         entries = _manifest_entries(path)
@@ -106,16 +146,18 @@ def index_samples(path: Path, vocabularies: dict, text_fields: Sequence[str], re
         entries = _folder_entries(path)
     else:
         raise FileNotFoundError(f"{path}: expected a folder of images with JSON sidecars or a .csv manifest")
-    index, entries = SampleIndex(samples=[]), list(entries)
+    index = SampleIndex(samples=[], orphans=orphan_sidecars(path) if path.is_dir() else [])
+    entries = list(entries)
     broken = broken_images(image for image, *_ in entries if image.is_file())
     for image, name, where, load_record in entries:
+        index.inputs.append(name)
         try:
             index.samples.append(make_sample(image, name, load_record(), str(where), vocabularies,
-                                             text_fields, require_label, broken))
+                                             text_fields, require_label, broken, gps_used, index))
         except (ValueError, FileNotFoundError) as err:
             if not skip_bad:
                 raise
-            index.skipped.append(str(err))
+            index.skipped.append((name, str(err)))
     if not index.samples:
         raise ValueError(f"{path}: no usable samples ({len(index.skipped)} skipped as bad)")
     return index

@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from common.ensemble import align_oof
+from roadwork.ensemble import member_batch
 
 
 def clipped_logit(prob: np.ndarray, eps: float) -> np.ndarray:
@@ -32,7 +33,8 @@ def fit_meta_model(member_probs: np.ndarray, labels: np.ndarray, c: float, eps: 
 
 
 class StackedEnsemble(nn.Module):
-    """forward(batch) -> the first member's outputs with prob = sigmoid(w . logit(p_members) + b) and
+    """forward(batch) -> (each member on its own inputs, roadwork.ensemble.member_batch) the first member's
+    outputs with prob = sigmoid(w . logit(p_members) + b) and
     logits (B, 2) = [0, logit prob] (the same convention as the roadwork model's softmax)."""
 
     def __init__(self, members: Sequence[nn.Module], coef: Sequence[float], intercept: float, eps: float):
@@ -45,7 +47,7 @@ class StackedEnsemble(nn.Module):
         self.register_buffer("intercept", torch.tensor(float(intercept), dtype=torch.float32))
 
     def forward(self, batch: dict) -> dict:
-        outputs = [member(batch) for member in self.members]
+        outputs = [member(member_batch(batch, k)) for k, member in enumerate(self.members)]
         probs = torch.stack([out["prob"].float() for out in outputs], dim=1)       # (B, members)
         z = torch.logit(probs, eps=self.eps) @ self.coef + self.intercept
         merged = dict(outputs[0])

@@ -22,7 +22,7 @@ from common.atomic import atomic_path, atomic_write_text
 
 CITIES = {"berlin": (52.52, 13.40), "paris": (48.86, 2.35), "austin": (30.27, -97.74),
           "tokyo": (35.68, 139.69), "sao_paulo": (-23.55, -46.63)}
-WEATHER = ["clear", "rain", "fog", "snow"]
+WEATHER = ["clear", "rainy", "foggy", "snowy"]     # spellings of the plan's vocabulary (data.vocabularies)
 DAYTIME = ["day", "dusk", "night"]
 SCENE = ["urban", "highway", "residential"]
 ORANGE = (245, 120, 20)
@@ -133,14 +133,14 @@ def _roadwork(draw, rng, w, h, horizon, small):
 
 def _weather(img, rng, weather, daytime):
     arr = np.asarray(img).astype(np.float32)
-    if weather == "fog":
+    if weather == "foggy":
         arr = 0.55 * arr + 0.45 * 200.0
-    elif weather == "rain":
+    elif weather == "rainy":
         arr *= 0.85
         for _ in range(arr.shape[1] // 3):
             x, y = int(rng.integers(arr.shape[1])), int(rng.integers(arr.shape[0]))
             arr[y:y + 8, x:x + 1] = 190.0
-    elif weather == "snow":
+    elif weather == "snowy":
         ys, xs = rng.integers(arr.shape[0], size=arr.shape[1]), rng.integers(arr.shape[1], size=arr.shape[1])
         arr[ys, xs] = 250.0
     if daytime == "night":

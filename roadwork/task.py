@@ -18,8 +18,9 @@ from common.image_cache import ImageCache
 from common.metric import Metric
 from common.task import Outputs, Batch, Task
 from roadwork import gps_sampling, synth
-from roadwork.augment import BenchmarkTransform
+from roadwork.challenge import BenchmarkTransform
 from roadwork.data import CATEGORY_FIELDS, RoadworkDataset, load_index, mask_files, metadata_spec, split_indices
+from roadwork.ensemble import MemberInputs, RoadworkEnsemble, input_spec
 from roadwork.metric import breakdown_rows
 from roadwork.predict import write_predictions_csv
 from roadwork.tta import build_tta, feature_stats_of
@@ -36,22 +37,40 @@ class RoadworkTask(Task):
         synth.synthesize(Path(root), seed, OmegaConf.to_container(s.splits, resolve=True), s.positive_fraction,
                          s.small_fraction, s.distractor_p, s.meta_present, s.jpeg_quality)
 
-    def _dataset(self, samples, train: bool, benchmark: bool = False, masks=None) -> RoadworkDataset:
+    def _dataset(self, samples, train: bool, benchmark: bool = False, masks=None, data=None) -> RoadworkDataset:
+        """data: the data config of the model that reads the items (an ensemble member's); default this task's."""
+        data = self.data if data is None else data
         bench = None
-        benchmark = benchmark or (train and bool(self.data.train_benchmark_levels))
-        cached = bool(self.data.cache_features)
+        benchmark = benchmark or (train and bool(data.train_benchmark_levels))
+        cached = bool(data.cache_features)
         if benchmark:
             if cached:
                 raise ValueError("the benchmark transform levels change the pixels the cached tokens were computed "
                                  "from: set data.cache_features=false (and data.train_benchmark_levels=false)")
-            b = self.data.benchmark
-            bench = BenchmarkTransform(b.levels, b.jpeg_quality)
+            bench = BenchmarkTransform(self.cfg.challenge)
         # select: checkpoints written before data.image_cache existed carry no such section (= disabled)
-        image_cache = ImageCache.from_config(OmegaConf.select(self.data, "image_cache"))
-        return RoadworkDataset(samples, self.data.views, self.data.view_size,
-                               augment=self.data.augment if train and not cached else None, benchmark=bench,
+        image_cache = ImageCache.from_config(OmegaConf.select(data, "image_cache"))
+        return RoadworkDataset(samples, data.views, data.view_size,
+                               augment=data.augment if train and not cached else None, benchmark=bench,
                                seed=int(self.cfg.seed), benchmark_random=train, cache_features=cached,
                                masks=masks, image_cache=image_cache)
+
+    def _inference_set(self, root: Path, split: str, require_label: bool, benchmark: bool):
+        """(dataset, the first member's sample index) of an eval / predict split: one dataset per distinct
+        ensemble member input spec (roadwork.ensemble.MemberInputs), or this task's own."""
+        specs = getattr(self, "member_specs", None) or [input_spec(self.data)]
+        sets, indexes = [], []
+        for k, spec in enumerate(specs):      # member 0 is this task's own model (app: the first checkpoint)
+            if k and spec == specs[0]:
+                sets.append(None)
+                continue
+            data = self.data if k == 0 else OmegaConf.merge(self.data, spec)
+            index = load_index(root, split, data, require_label)
+            samples = [_without_metadata(s) for s in index.samples] if benchmark else index.samples
+            sets.append(self._dataset(samples, False, benchmark=benchmark, data=data))
+            indexes.append(index)
+        dataset = sets[0] if all(d is None for d in sets[1:]) else MemberInputs(sets)
+        return dataset, indexes[0]
 
     def _masks(self, root: Path, samples) -> list | None:
         """data.masks (fit and cv only, where the seg loss is computed): each sample's mask file or None."""
@@ -77,12 +96,11 @@ class RoadworkTask(Task):
             return {"train": self._dataset(train + val, True, masks=masks),
                     "val": self._dataset(train + val, False, masks=masks)}
         if stage == "eval":
-            samples = load_index(root, self.data.eval, self.data, require_label=True).samples
-            if self.benchmark:
-                samples = [_without_metadata(s) for s in samples]
-            return {"eval": self._dataset(samples, False, benchmark=self.benchmark)}
+            dataset, _ = self._inference_set(root, self.data.eval, True, self.benchmark)
+            return {"eval": dataset}
         if stage == "predict":
-            return {"predict": self._dataset(load_index(root, self.data.predict, self.data, False).samples, False)}
+            dataset, self.predict_index = self._inference_set(root, self.data.predict, False, False)
+            return {"predict": dataset}
         raise ValueError(f"stage {stage!r}: expected fit, cv, eval or predict")
 
     def on_validation_end(self, model: nn.Module, metrics: dict[str, float]) -> None:
@@ -125,11 +143,13 @@ class RoadworkTask(Task):
         vocabularies, text_fields = metadata_spec(self.data)
         fields = list(self.data.metadata)
         size = int(self.data.view_size)
-        return instantiate(self.cfg.model, backbone=maybe_cached(build_encoder(self.cfg), self.cfg, (size, size)),
+        model = instantiate(self.cfg.model, backbone=maybe_cached(build_encoder(self.cfg), self.cfg, (size, size)),
                            view_names=resolve_views(self.data.views),
                            vocab_sizes={f: len(vocabularies[f]) for f in CATEGORY_FIELDS if f in fields},
                            text_fields=text_fields, use_gps="gps" in fields,
-                           num_weather=len(vocabularies["weather"]), _convert_="all")
+                           num_weather=len(vocabularies["weather"]), view_size=size, _convert_="all")
+        model.input_spec = input_spec(self.data)      # what an ensemble needs to feed it its own inputs
+        return model
 
     def build_criterion(self, stats: dict) -> nn.Module:
         return instantiate(self.cfg.loss)
@@ -140,17 +160,52 @@ class RoadworkTask(Task):
 
     def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,
                           stats: dict) -> dict[str, Path]:
-        path = write_predictions_csv(results, Path(out_dir) / "predictions.csv")
+        index = getattr(self, "predict_index", None)     # set by datasets(root, "predict")
+        path = write_predictions_csv(results, Path(out_dir) / "predictions.csv",
+                                     None if index is None else index.inputs, () if index is None else index.skipped)
         return {"predictions": path}
+
+    def write_eval_outputs(self, metric, dataset, out_dir: Path, tracker) -> dict[str, Path]:
+        """Confusion matrix, worst false positives / negatives, breakdown, validator curve (roadwork.errors)."""
+        from roadwork.errors import write_error_analysis
+        base, _ = unwrap_subset(dataset)
+        paths = {sample.name: sample.image for sample in base.samples}
+        return write_error_analysis(metric, metric.compute(), paths, Path(out_dir), tracker)
+
+    def cv_splitter(self, n_folds: int, seed: int):
+        """Stratified grouped folds: every fold keeps the positive share (sklearn StratifiedGroupKFold)."""
+        from sklearn.model_selection import StratifiedGroupKFold
+        return StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+
+    def cv_labels(self, dataset: Dataset) -> np.ndarray:
+        base, indices = unwrap_subset(dataset)
+        return np.array([base.samples[i].label for i in indices])
 
     def oof_rows(self, outputs: Outputs, batch: Batch, stats: dict) -> list[dict]:
         prob = outputs["prob"].float().cpu().numpy()
         return [{"image": name, "label": int(label), "probability": float(p)}
                 for name, label, p in zip(batch["image"], batch["label"].tolist(), prob)]
 
+    def ensemble(self, models: list[nn.Module], weights: list[float] | None = None) -> nn.Module:
+        """Members with their own inputs, combined on probabilities or logits (ensemble.combine); eval and
+        predict datasets then feed every member its own views and metadata (roadwork/ensemble.py)."""
+        ensemble = RoadworkEnsemble(models, weights, str(self.cfg.ensemble.combine), float(self.cfg.ensemble.stack_eps))
+        self._check_member_specs(ensemble.member_specs)
+        return ensemble
+
+    def _check_member_specs(self, specs: list) -> None:
+        if any(spec is None for spec in specs):
+            raise ValueError("an ensemble member has no single input spec (an ensemble of members with different "
+                             "inputs inside another ensemble): list its checkpoints directly in ckpt_path")
+        if any(spec != specs[0] for spec in specs) and self.cfg.task.tta.enabled:
+            raise ValueError("task.tta with ensemble members of different inputs: the test-time variants augment "
+                             "only the first member's views; set task.tta.enabled=false")
+        self.member_specs = specs
+
     def stack(self, members: list[nn.Module], oof_frames: dict, cfg_ensemble) -> nn.Module:
         """Logistic regression on the logits of the members' out-of-fold probabilities (roadwork/stacking.py)."""
         from roadwork.stacking import stack_members
+        self._check_member_specs([getattr(m, "input_spec", None) for m in members])
         return stack_members(members, oof_frames, c=float(cfg_ensemble.stack_c), eps=float(cfg_ensemble.stack_eps))
 
 

@@ -142,21 +142,32 @@ def test_manifest_and_dataset_item(tmp_path):
     assert float(item["views"].max()) <= 1.0 and item["weather"] == 2 and item["gps_known"] == 1.0
 
 
-def test_benchmark_levels_are_224_jpegs_and_reproducible_in_eval(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from roadwork.augment import BenchmarkTransform
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(str(conf), version_base=None):
-        cfg = compose("config", overrides=["task=roadwork"])
-    bench = BenchmarkTransform(cfg.data.benchmark.levels, cfg.data.benchmark.jpeg_quality)
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
-    for level in range(4):
-        out = bench(image, level, seed=5)
-        assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-        np.testing.assert_array_equal(out, bench(image, level, seed=5))
-    # level 0 is the centre square resized (then JPEG): close to a direct centre crop + resize
-    yy, xx = np.mgrid[0:300, 0:400]
-    smooth = np.stack([xx * 255 // 400, yy * 255 // 300, (xx + yy) * 255 // 700], -1).astype(np.uint8)
-    direct = np.asarray(Image.fromarray(smooth[:, 50:350]).resize((224, 224), Image.LANCZOS)).astype(float)
-    assert np.abs(bench(smooth, 0).astype(float) - direct).mean() < 3
+def test_predict_ignores_malformed_fields_it_does_not_use(tmp_path):
+    _write(tmp_path, "a", {"label": "maybe", "gps": "north", "weather": "rain"})
+    _write(tmp_path, "b", {"label": 1, "gps": [1, 2]})
+    with pytest.raises(ValueError, match="a.json.*gps"):                 # gps is a model input: still an error
+        index_samples(tmp_path, VOCAB, [], False, skip_bad=False, gps_used=True)
+    index = index_samples(tmp_path, VOCAB, [], False, skip_bad=False, gps_used=False)
+    assert [s.label for s in index.samples] == [-1, 1]
+    assert index.samples[0].meta["gps_known"] is False and index.samples[0].meta["weather"] == 2
+    assert sorted(index.ignored) == ["gps", "label"] and "maybe" in index.ignored["label"][0]
+    with pytest.raises(ValueError, match="maybe"):                     # training needs the label
+        index_samples(tmp_path, VOCAB, [], True, skip_bad=False, gps_used=False)
+
+
+def test_orphan_sidecars_and_unseen_values_are_counted_and_logged(tmp_path, caplog):
+    from roadwork.data import load_index
+    _write(tmp_path / "split", "a", {"label": 1, "weather": "Sunny", "scene": "rural"})
+    _write(tmp_path / "split", "b", {"label": 0, "weather": "sunny"})
+    _write(tmp_path / "split", "ghost", {"label": 0}, image=False)
+    _write(tmp_path / "split" / "sub", "lost", {"label": 1}, image=False)
+    cfg = OmegaConf.create({"metadata": ["weather"], "leaky_fields": [], "allow_leaky_fields": False,
+                            "vocabularies": VOCAB, "skip_bad": False})
+    with caplog.at_level("WARNING"):
+        index = load_index(tmp_path, "split", cfg, require_label=True)
+    assert index.orphans == ["ghost.json", "sub/lost.json"]
+    assert dict(index.unseen["weather"]) == {"Sunny": 1, "sunny": 1} and dict(index.unseen["scene"]) == {"rural": 1}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("sidecars without an image" in w and "sub/lost.json" in w for w in warnings) == 1
+    assert sum("2 weather values outside" in w for w in warnings) == 1          # once per field
+    assert [s.meta["weather"] for s in index.samples] == [0, 0]

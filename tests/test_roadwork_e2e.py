@@ -27,14 +27,23 @@ def test_train_eval_benchmark_predict(tmp_path):
                    tmp_path / "eval", cache)
     line = next(l for l in proc.stdout.splitlines() if l.startswith("[eval] "))
     metrics = json.loads(line[len("[eval] "):])
-    expected = (0.5 * max(metrics["eval/mcc"], 0) + 0.5 * metrics["eval/accuracy"]) ** 3
-    assert abs(metrics["eval/reward"] - expected) < 1e-9
+    curve = pd.read_csv(tmp_path / "eval" / "validator_curve.csv")
+    assert len(curve) == 16 and abs(metrics["eval/reward"] - curve["reward"].iloc[-1]) < 1e-12
+    last = curve.tail(10)                                   # the validator's accuracy window
+    expected = (0.5 * max(metrics["eval/mcc"], 0) + 0.5 * (last["prediction"] == last["label"]).mean()) ** 3
+    assert abs(metrics["eval/reward"] - expected) < 1e-9     # 16 images < 100: the MCC window is all of them
+    assert abs(metrics["eval/reward_mean"] - curve["reward"].mean()) < 1e-9
+    confusion = pd.read_csv(tmp_path / "eval" / "confusion_matrix.csv")
+    assert confusion[["predicted_0", "predicted_1"]].to_numpy().sum() == 16
+    for name in ("confusion_matrix.png", "worst_errors.png", "worst_errors.csv", "breakdown.csv"):
+        assert (tmp_path / "eval" / name).is_file(), name
     run_cli(["task=roadwork", "mode=predict", f"ckpt_path={ckpt}", *SMALL], tmp_path / "predict", cache)
     frame = pd.read_csv(tmp_path / "predict" / "predictions.csv")
     test_dir = next(cache.glob("synthetic/roadwork-*")) / "test"
     assert sorted(frame["image"]) == sorted(p.name for p in test_dir.glob("*.jpg"))
     assert frame["probability"].between(0, 1).all()
-    assert (frame["prediction"] == (frame["probability"] >= 0.5).astype(int)).all()
+    assert (frame["prediction"] == (frame["probability"] > 0.5).astype(int)).all()     # 0.5 -> 0, as scored
+    assert (frame["predicted"] == 1).all()
     run_cli(["task=roadwork", "mode=predict", f"ckpt_path={ckpt}", "task.tta.enabled=true", *SMALL],
             tmp_path / "tta", cache)
     tta = pd.read_csv(tmp_path / "tta" / "predictions.csv")

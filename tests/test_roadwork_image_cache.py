@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from common.image_cache import ImageCache
-from roadwork.augment import BenchmarkTransform
+from roadwork.challenge import BenchmarkTransform
 from roadwork.data import RoadworkDataset, mask_files
 from roadwork.samples import index_samples
 from roadwork.task import RoadworkTask
@@ -110,8 +110,8 @@ def test_other_views_sizes_or_masks_miss(folder, tmp_path):
 
 def test_benchmark_datasets_bypass_the_cache(folder, tmp_path):
     root, samples, _ = folder
-    level = [{"_target_": "albumentations.RandomResizedCrop", "size": [40, 40], "scale": [0.3, 1.0]}]
-    bench = BenchmarkTransform([level], quality=90)
+    with initialize_config_dir(str(CONF), version_base=None):
+        bench = BenchmarkTransform(compose("config", overrides=["task=roadwork"]).challenge)
     data = RoadworkDataset(samples, "single", 28, benchmark=bench, image_cache=ImageCache(tmp_path / "cache"))
     items = _items(data)
     assert data.image_cache is None and _files(tmp_path / "cache") == []

@@ -11,9 +11,14 @@ from roadwork.metric import RoadworkMetric, benchmark_reward, best_threshold
 from roadwork.predict import write_predictions_csv
 
 
+VALIDATOR = {"mcc_window": 100, "accuracy_window": 10, "mcc_weight": 0.5, "accuracy_weight": 0.5, "exponent": 3.0,
+             "order": "input", "length": None, "seed": 0}
+
+
 def _metric(**kw):
-    return RoadworkMetric(breakdown=True, vocabularies={"weather": ["clear", "rain"]},
-                          regions={"berlin": [52.5, 13.4], "tokyo": [35.7, 139.7]}, min_group_size=1, **kw)
+    from omegaconf import OmegaConf
+    return RoadworkMetric(breakdown=True, vocabularies={"weather": ["clear", "rain"]}, gps_clusters=2,
+                          min_group_size=1, validator=OmegaConf.create(VALIDATOR), errors={}, **kw)
 
 
 def test_metric_matches_sklearn_and_best_threshold():
@@ -22,13 +27,15 @@ def test_metric_matches_sklearn_and_best_threshold():
     prob = np.clip(0.35 * label + rng.uniform(0, 0.65, 200), 0, 1)
     weather = rng.integers(0, 3, 200)
     gps = np.where(rng.random((200, 1)) < 0.5, [52.6, 13.3], [35.6, 139.8])
+    prob[:7] = 0.5                                  # exact ties: the validator rounds them to 0
     metric = _metric(benchmark=True)
     for sl in (slice(0, 120), slice(120, 200)):
         metric.update({"prob": torch.tensor(prob[sl])},
                       {"label": torch.tensor(label[sl]), "weather": torch.tensor(weather[sl]),
+                       "image": [f"{i}.jpg" for i in range(200)[sl]],
                        "gps": torch.tensor(gps[sl]), "gps_known": torch.ones(len(label[sl]))})
     out = metric.compute()
-    pred = (prob >= 0.5).astype(int)
+    pred = (prob > 0.5).astype(int)
     assert out["mcc"] == pytest.approx(matthews_corrcoef(label, pred))
     assert out["accuracy"] == pytest.approx(accuracy_score(label, pred))
     assert out["f1"] == pytest.approx(f1_score(label, pred))
@@ -36,11 +43,15 @@ def test_metric_matches_sklearn_and_best_threshold():
     brute = max(matthews_corrcoef(label, (prob >= t).astype(int)) for t in np.unique(prob))
     assert out["mcc_best"] == pytest.approx(brute)
     assert matthews_corrcoef(label, (prob >= out["threshold_best"]).astype(int)) == pytest.approx(brute)
-    assert out["reward"] == pytest.approx((0.5 * max(out["mcc"], 0) + 0.5 * out["accuracy"]) ** 3)
+    window = slice(100, 200), slice(190, 200)           # the validator's last 100 / last 10, in input order
+    expected = (0.5 * max(matthews_corrcoef(label[window[0]], pred[window[0]]), 0)
+                + 0.5 * accuracy_score(label[window[1]], pred[window[1]])) ** 3
+    assert out["reward"] == pytest.approx(expected)
     sel = weather == 2
     assert out["weather/rain/mcc"] == pytest.approx(matthews_corrcoef(label[sel], pred[sel]))
     sel = gps[:, 0] > 40
-    assert out["region/berlin/accuracy"] == pytest.approx(accuracy_score(label[sel], pred[sel]))
+    assert out["gps_cluster/52.60,13.30/accuracy"] == pytest.approx(accuracy_score(label[sel], pred[sel]))
+    assert out["gps_cluster/35.60,139.80/n"] == float((~sel).sum())
 
 
 def test_reward_clips_negative_mcc_and_unlabelled_rows_are_ignored():
@@ -49,10 +60,10 @@ def test_reward_clips_negative_mcc_and_unlabelled_rows_are_ignored():
         matthews_corrcoef([0, 0, 1, 1], [0, 1, 1, 1]))
     metric = _metric()
     metric.update({"prob": torch.tensor([0.9, 0.1, 0.7])},
-                  {"label": torch.tensor([1, 0, -1]), "weather": torch.tensor([0, 0, 0]),
+                  {"label": torch.tensor([1, 0, -1]), "weather": torch.tensor([0, 0, 0]), "image": ["a", "b", "c"],
                    "gps": torch.zeros(3, 2), "gps_known": torch.zeros(3)})
     out = metric.compute()
-    assert out["accuracy"] == 1.0 and out["region/unknown/n"] == 2.0
+    assert out["accuracy"] == 1.0 and out["gps_cluster/unknown/n"] == 2.0
 
 
 def test_loss_terms_weights_and_weather_mask():
@@ -76,10 +87,20 @@ def test_predictions_csv_format(tmp_path):
                ({"prob": torch.tensor([0.99])}, {"image": ["c.png"]})]
     path = write_predictions_csv(results, tmp_path / "predictions.csv")
     frame = pd.read_csv(path)
-    assert list(frame.columns) == ["image", "probability", "prediction"]
+    assert list(frame.columns) == ["image", "probability", "prediction", "predicted", "skip_reason"]
     assert frame["image"].tolist() == ["a.jpg", "sub/b.jpg", "c.png"]
-    assert frame["prediction"].tolist() == [0, 1, 1]
+    assert frame["prediction"].tolist() == [0, 0, 1]                  # 0.5 is "no roadwork" (validator)
     assert frame["probability"].between(0, 1).all()
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="non-finite"):
         write_predictions_csv([({"prob": torch.tensor([float("nan")])}, {"image": ["x"]})], tmp_path / "p2.csv")
+
+
+def test_skipped_images_keep_their_row_in_input_order(tmp_path):
+    results = [({"prob": torch.tensor([0.7, 0.2])}, {"image": ["a.jpg", "c.jpg"]})]
+    path = write_predictions_csv(results, tmp_path / "p.csv", inputs=["a.jpg", "b.jpg", "c.jpg"],
+                                 skipped=[("b.jpg", "b.jpg: cannot decode image")])
+    frame = pd.read_csv(path, keep_default_na=False)
+    assert frame["image"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert frame["predicted"].tolist() == [1, 0, 1] and frame["prediction"].tolist() == ["1", "", "0"]
+    assert frame["probability"].tolist()[1] == "" and "cannot decode" in frame["skip_reason"][1]

@@ -144,3 +144,35 @@ def test_model_updates_feature_stats_in_training_only():
 def test_pruning_before_the_backbone_needs_two_kept_views():
     with pytest.raises(ValueError, match="prune_k=1 with prune_where=before"):
         _model("highres12", prune_k=1, prune_where="before")
+
+
+def test_plan_gps_encoding_is_128d_log_spaced():
+    import numpy as np
+    from roadwork.meta_encoder import gps_features
+    gps = torch.tensor([[45.0, -90.0], [-12.5, 170.25]])
+    out = gps_features(gps, 32, "logspace", (1.0, 10000.0)).double().numpy()
+    assert out.shape == (2, 128)
+    freqs = np.logspace(0.0, 4.0, 32)
+    lat = gps[:, :1].double().numpy() * freqs * np.pi / 90.0
+    lon = gps[:, 1:].double().numpy() * freqs * np.pi / 180.0
+    angles = np.concatenate([lat, lon], axis=1).astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(out, np.concatenate([np.sin(angles), np.cos(angles)], axis=1), atol=1e-5)
+    with pytest.raises(ValueError, match="gps_encoding"):
+        gps_features(gps, 4, "fourier")
+
+
+def test_post_norm_block_is_the_plans_layer():
+    from roadwork.blocks import GatedBlock
+    torch.manual_seed(0)
+    post, pre = GatedBlock(8, 2, 2.0, 0.0, norm="post").eval(), GatedBlock(8, 2, 2.0, 0.0, norm="pre").eval()
+    pre.load_state_dict(post.state_dict())
+    x = torch.randn(2, 3, 8)
+    attn = post.attn
+    q, k, v = attn.qkv(x).view(2, 3, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    heads = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v                   # (B, heads, N, 4)
+    gated = heads.transpose(1, 2).reshape(2, 3, 8) * torch.sigmoid(attn.gate(x))       # gate from the raw input
+    h = post.norm1(x + attn.proj(gated))
+    torch.testing.assert_close(post(x), post.norm2(h + post.mlp(h)), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(post(x), pre(x))
+    with pytest.raises(ValueError, match="block_norm"):
+        GatedBlock(8, 2, 2.0, 0.0, norm="sandwich")
