@@ -1,4 +1,4 @@
-"""Names and official weights of the CSIRO Image2Biomass targets (FORMATS.md, biomass)."""
+"""Names and official weights of the CSIRO Image2Biomass targets (docs/FORMATS.md, biomass)."""
 from __future__ import annotations
 
 # Order used everywhere in the package: the three components, then the two sums.

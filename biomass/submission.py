@@ -1,4 +1,4 @@
-"""submission.csv (FORMATS.md): header sample_id,target; one row per test.csv row, same order,
+"""submission.csv (docs/FORMATS.md): header sample_id,target; one row per test.csv row, same order,
 non-negative grams; written atomically. Scoring a submission against a solution file (demo)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RoadworkTask: NATIX-style image + sidecar classification (see FORMATS.md, roadwork)."""
+"""RoadworkTask: NATIX-style image + sidecar classification (see docs/FORMATS.md, roadwork)."""
 from __future__ import annotations
 
 import math
