@@ -89,7 +89,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def build_parts(task: Task, stats: dict):
-    """Model (adapted from adapt.init_ckpt when set), criterion and metric for training."""
+    """Model (adapted from adapt.init_ckpt when set), criterion and metric for training. Seeded here, so the
+    initial weights do not depend on what ran before (generating the synthetic data, an earlier fold)."""
+    seed_everything(int(task.cfg.seed))
     model = adapt.build_for_training(task.build_model(stats), task.cfg, task.name)
     criterion, metric = task.build_criterion(stats), task.build_metric(stats)
     counts = count_parameters(model)

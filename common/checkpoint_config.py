@@ -5,7 +5,8 @@ are handed to `hydra.utils.instantiate`, and a `_target_` there names any callab
 writes a file). So every section a run copies from a checkpoint is checked against this run's composed config
 before anything is built. The schema is the composed config joined with every option file under conf/ (so a
 checkpoint of another backbone, model or preset still loads into a plain `task=` run):
-- a mapping's keys must be keys of the same mapping in the schema (an unknown key is refused by name);
+- a mapping's keys must be keys of the same mapping in the schema (an unknown key is refused by name), except
+  where the schema's mapping is empty (a user-keyed one such as data.encodings);
 - a `_target_` may stand only where the schema has one; the composed config's target (or, where it has
   none, the option files' target) is accepted, another one must be a class of the suite's packages or of a
   named model library (ALLOWED_PACKAGES) that is a model (torch.nn.Module), task, metric or augmentation
@@ -96,7 +97,8 @@ class _Checker:
         if "_target_" in value:
             free, allowed = self.target(value["_target_"], current_map, where, free)
         else:
-            allowed = None if free or current_map is None else set(current_map)
+            # an empty mapping in the schema is a user-keyed one (data.encodings: set name -> encoding)
+            allowed = None if free or not current_map else set(current_map)
         _refuse_unknown(value, allowed, where, self.source)
         for key, item in value.items():
             child = None if current_map is None else current_map.get(key)

@@ -76,21 +76,6 @@ def checkpoint_run(ckpt_path) -> dict:
             "overrides": short_overrides(overrides or [])}
 
 
-def sweep_trial_number(study_name: str, storage_url: str, overrides: list[str]) -> int | None:
-    """The Optuna trial this sweep job runs: the study's RUNNING trial whose parameters are this job's overrides
-    (the sweeper launches a trial with `name=value` for each of its parameters). None when no single trial
-    matches (e.g. two workers running the same parameters)."""
-    import optuna
-    from optuna.trial import TrialState
-
-    from sweeps.shared_study import make_storage
-    given = dict(item.lstrip("+~").split("=", 1) for item in overrides if "=" in item)
-    study = optuna.load_study(study_name=study_name, storage=make_storage(storage_url, None, None))
-    matches = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if t.params and all(given.get(k) == str(v) for k, v in t.params.items())]
-    return matches[0] if len(matches) == 1 else None
-
-
 def default_tags(cfg: DictConfig, choices: dict, facts: list[str]) -> list[str]:
     """`<fact>:<value>` for each fact named in logger.default_tags (task, mode, or a config group such as
     experiment or sweeps) that has a value, then the run's own `tags`."""
@@ -100,16 +85,15 @@ def default_tags(cfg: DictConfig, choices: dict, facts: list[str]) -> list[str]:
 
 
 def _sweep_name(hydra_cfg, overrides: list[str]) -> str | None:
-    """`trial-<n> <swept parameters>` for a job of an Optuna sweep; None outside sweeps."""
+    """`trial-<n> <swept parameters>` for a job of an Optuna sweep (sweeps/shared_study.py launches trial n as
+    hydra.job.num = n); None outside sweeps."""
     sweeper = hydra_cfg.sweeper
     if "study_name" not in sweeper or "storage" not in sweeper:
         return None
     swept = set(OmegaConf.to_container(sweeper.params, resolve=False)) if "params" in sweeper and sweeper.params \
         else set()
     params = short_name([o for o in overrides if o.lstrip("+~").partition("=")[0] in swept])
-    number = sweep_trial_number(str(sweeper.study_name), str(sweeper.storage), overrides) \
-        if sweeper.storage else None                      # an in-memory study is not reachable from the job
-    label = f"trial-{number}" if number is not None else f"job-{hydra_cfg.job.num}"
+    label = f"trial-{hydra_cfg.job.num}"                 # the shared-study sweeper numbers jobs by trial
     return f"{label} {params}".strip()
 
 

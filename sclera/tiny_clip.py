@@ -24,8 +24,9 @@ def write_tiny_clip(folder: Path, seed: int, width: int = 32, projection_dim: in
                 pad_token_id=eos)
     vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
                   image_size=32, patch_size=16)
-    torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)).eval()
+    with torch.random.fork_rng(devices=[]):      # leaves the run's global generator as it was
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)).eval()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

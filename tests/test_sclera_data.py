@@ -176,7 +176,7 @@ def test_evaluation_masks_are_read_as_ssbc_reads_them(ssbc_root, tmp_path):
     Image.fromarray(np.array([[0, 254, 255]], np.uint8)).save(tmp_path / "grey.png")
     np.testing.assert_array_equal(read_mask(tmp_path / "grey.png", "ssbc"), [[0, 0, 1]])
     Image.fromarray(np.array([[[255, 0, 0], [0, 0, 0]]], np.uint8)).save(tmp_path / "sip.png")
-    with pytest.raises(BadSample, match="sip.png: colour pixels .* data.encodings.<set>=sip"):
+    with pytest.raises(BadSample, match=r"sip.png: colour pixels .* \+data.encodings.<set>=sip"):
         read_mask(tmp_path / "sip.png", "ssbc")
 
 

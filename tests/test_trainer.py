@@ -83,8 +83,10 @@ def test_sigterm_writes_last_and_resume_finishes(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # the first epoch has finished: signal the run in the middle of the second
-        if line.startswith("[epoch 0]"):
+        if line.startswith("[epoch 0/"):
             break
+    else:
+        raise AssertionError(f"the run ended without an epoch line (exit {proc.wait()})")
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]

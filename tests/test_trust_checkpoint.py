@@ -73,7 +73,7 @@ VARIANTS = [  # (task, key set to the exploit or to a value, expected message)
     ("biomass", "backbone.name", "${oc.env:HOME}", r"backbone\.name=.*holds an interpolation"),
     ("biomass", "model.head._target_", None, r"model\.head\._target_=None: a checkpoint may only name"),
     ("roadwork", "data.augment.0", EXPLOIT, r"data\.augment\[0\]\._target_='pathlib\.Path\.write_text'"),
-    ("roadwork", "data.augment.4.transforms.1", EXPLOIT, r"data\.augment\[4\]\.transforms\[1\]\._target_="),
+    ("roadwork", "data.augment.5.transforms.1", EXPLOIT, r"data\.augment\[5\]\.transforms\[1\]\._target_="),
     ("sclera", "model.payload", EXPLOIT, r"unknown key model\.payload"),
     ("sclera", "model.grounding", EXPLOIT, r"nested _target_ is not expected at model\.grounding"),
     ("roadwork", "model._target_", "roadwork.model.Tensor", r"torch._C.TensorBase|torch.Tensor, defined outside"),
