@@ -13,18 +13,21 @@ Only measured (mask 1) rows count.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import r2_score
 
 from biomass.constants import OFFICIAL_WEIGHTS, TARGETS, official_weight_vector
 from common.metric import Metric
 
 
 def weighted_r2(y: np.ndarray, yhat: np.ndarray, w: np.ndarray) -> float:
+    """sklearn's weighted R2 (the competition's metric over its long rows); nan where it is undefined (fewer
+    than two rows, or a constant target), never sklearn's finite stand-in."""
     y, yhat, w = (np.asarray(a, dtype=np.float64).ravel() for a in (y, yhat, w))
-    ybar = np.sum(w * y) / np.sum(w)
-    den = np.sum(w * (y - ybar) ** 2)
-    if den <= 0:
+    if y.size < 2:
         return float("nan")
-    return float(1.0 - np.sum(w * (y - yhat) ** 2) / den)
+    with np.errstate(divide="ignore", invalid="ignore"):     # a constant target divides by zero: nan below
+        score = r2_score(y, yhat, sample_weight=w, force_finite=False)
+    return float(score) if np.isfinite(score) else float("nan")
 
 
 def baseline_r2(y: np.ndarray, yhat: np.ndarray, baseline: float) -> float:

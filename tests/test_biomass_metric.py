@@ -20,6 +20,13 @@ def test_weighted_r2_by_hand():
     assert weighted_r2(y, yhat, w) == pytest.approx(1 - ss_res / ss_tot)
 
 
+@pytest.mark.parametrize("y,yhat", [([2.0, 2.0, 2.0], [2.0, 1.0, 3.0]),    # constant target: sklearn says 0.0
+                                    ([2.0, 2.0], [2.0, 2.0]),              # ... or 1.0 when exact
+                                    ([3.0], [1.0])])                        # one row
+def test_weighted_r2_is_nan_where_undefined(y, yhat):
+    assert np.isnan(weighted_r2(np.array(y), np.array(yhat), np.ones(len(y))))
+
+
 def _random_case(seed: int, n: int = 30):
     rng = np.random.default_rng(seed)
     true = rng.gamma(2.0, 15.0, (n, 5))
