@@ -12,3 +12,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from common.resolvers import register_resolvers  # noqa: E402  (configs composed in-process use ${cwd:})
 
 register_resolvers()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_config_between_tests():
+    """Tests that compose with return_hydra_config set Hydra's process-wide HydraConfig; code that asks
+    `HydraConfig.initialized()` in a later test of the same worker must not see it."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+    HydraConfig.instance().cfg = None
