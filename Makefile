@@ -1,9 +1,11 @@
 # make demo   - train -> eval -> predict every task on synthetic data with the tiny backbone (CPU, < 5 min);
 #               DEMO_ARGS='key=value ...' adds overrides to every training run
-# make test   - the test suite (CPU)
+# make test   - the test suite (CPU, one pytest-xdist worker per core)
 # make install- .venv/ with the pinned, tested dependency set (constraints.txt); no-op when up to date
 # make bench  - GPU benchmarks (bench/), prints a table and writes JSON
 PYTHON ?= python3
+# pytest-xdist processes for make test (auto: one per CPU); TEST_WORKERS=0 runs the tests in one process
+TEST_WORKERS ?= auto
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -25,7 +27,7 @@ demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m common.demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider tests
+	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests
 
 bench: $(STAMP)
 	$(PY) -m bench.run

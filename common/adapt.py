@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from common.checkpoint import load_checkpoint, trainable_state
@@ -87,6 +86,7 @@ def apply_head_adapters(model: nn.Module, a: DictConfig) -> None:
         return
     if a.method not in ("lora", "dora"):
         raise ValueError(f"adapt.method={a.method!r}: expected lora or dora")
+    from peft import LoraConfig, inject_adapter_in_model     # peft (and transformers) only when adapting
     targets = head_linears(model, a.modules, a.layers)
     backbone_grad = {n: p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone.")}
     # A regex is matched against full names; a list would also match the backbone's "...blocks.0.attn.qkv".

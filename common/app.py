@@ -42,11 +42,12 @@ def load_task(cfg: DictConfig) -> Task:
     return cls(cfg)
 
 
-def _synthetic_root(cfg: DictConfig, task: Task) -> Path:
+def synthetic_root(cfg: DictConfig) -> Path:
+    """The folder of the synthetic dataset that `cfg` trains on when data.root is unset (keyed by its settings)."""
     seed = int(OmegaConf.select(cfg, "data.synth_seed", default=0))
     synth_cfg = OmegaConf.to_container(cfg.data.synth, resolve=True) if "synth" in cfg.data else {}
     digest = hashlib.sha1(json.dumps([seed, synth_cfg], sort_keys=True).encode()).hexdigest()[:8]
-    return Path(cfg.paths.cache_dir) / "synthetic" / f"{task.name}-{digest}"
+    return Path(cfg.paths.synth_dir) / f"{cfg.task.name}-{digest}"
 
 
 def ensure_synthetic(task: Task, root: Path, seed: int) -> Path:
@@ -68,7 +69,7 @@ def ensure_synthetic(task: Task, root: Path, seed: int) -> Path:
 def data_root(cfg: DictConfig, task: Task) -> Path:
     if cfg.data.root is None:
         seed = int(OmegaConf.select(cfg, "data.synth_seed", default=0))
-        return ensure_synthetic(task, _synthetic_root(cfg, task), seed)
+        return ensure_synthetic(task, synthetic_root(cfg), seed)
     root = Path(str(cfg.data.root)).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data.root={root} does not exist: expected the {task.name} dataset as laid out "

@@ -23,3 +23,11 @@ def run_cli(args: list[str], run_dir: Path, cache_dir: Path, env: dict | None = 
         raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
     return proc
+
+
+def synthetic_root(run_dir: Path) -> Path:
+    """The synthetic dataset the run in `run_dir` used (from its saved config)."""
+    from omegaconf import OmegaConf
+
+    from common.app import synthetic_root as root_of
+    return root_of(OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml"))

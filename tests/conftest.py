@@ -5,6 +5,16 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "VFM_SYNTH_DIR" not in os.environ:
+    # One synthetic dataset per task and settings for the whole session (xdist workers inherit the variable):
+    # generating roadwork's takes ~30 s. Keyed by the generator's settings, written atomically under a lock.
+    os.environ["VFM_SYNTH_DIR"] = tempfile.mkdtemp(prefix="vfm-test-synth-")
+    atexit.register(shutil.rmtree, os.environ["VFM_SYNTH_DIR"], True)
+
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

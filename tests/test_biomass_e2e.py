@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from tests.cli import run_cli
+from tests.cli import run_cli, synthetic_root
 
 
 def test_default_train_then_predict_reaches_r2(tmp_path):
@@ -18,7 +18,7 @@ def test_default_train_then_predict_reaches_r2(tmp_path):
     proc = run_cli(["task=biomass", "mode=predict", f"ckpt_path={ckpt}"], tmp_path / "predict", cache)
     assert "submission.csv vs test_solution.csv" in proc.stdout
     sub = pd.read_csv(tmp_path / "predict" / "submission.csv")
-    test = pd.read_csv(next(cache.glob("synthetic/biomass-*")) / "test.csv")
+    test = pd.read_csv(synthetic_root(tmp_path / "train") / "test.csv")
     assert list(sub.columns) == ["sample_id", "target"]
     assert list(sub["sample_id"]) == list(test["sample_id"]) and (sub["target"] >= 0).all()
     scores = json.loads((tmp_path / "predict" / "submission_scores.json").read_text())

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from tests.cli import run_cli
+from tests.cli import run_cli, synthetic_root
 
 SMALL = ["data.synth.splits.train.count=40", "data.synth.splits.val.count=16", "data.synth.splits.test.count=6",
          "data.synth.splits.train224.count=4", "data.synth.splits.val224.count=4", "data.batch_size=8"]
@@ -39,7 +39,7 @@ def test_train_eval_benchmark_predict(tmp_path):
         assert (tmp_path / "eval" / name).is_file(), name
     run_cli(["task=roadwork", "mode=predict", f"ckpt_path={ckpt}", *SMALL], tmp_path / "predict", cache)
     frame = pd.read_csv(tmp_path / "predict" / "predictions.csv")
-    test_dir = next(cache.glob("synthetic/roadwork-*")) / "test"
+    test_dir = synthetic_root(tmp_path / "predict") / "test"
     assert sorted(frame["image"]) == sorted(p.name for p in test_dir.glob("*.jpg"))
     assert frame["probability"].between(0, 1).all()
     assert (frame["prediction"] == (frame["probability"] > 0.5).astype(int)).all()     # 0.5 -> 0, as scored
