@@ -1,0 +1,35 @@
+"""A run imports only what it uses: peft (and with it transformers, 3.4 s of start-up on every run and sweep
+trial) only with adapters or a text encoder. wandb is not checked: any `import timm` imports it when installed
+(timm.utils.summary does `try: import wandb`, 0.6 s); the suite itself imports it only with logger=wandb."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.cli import REPO
+
+HEAVY = ("peft", "transformers")
+# run.py as users start it, reporting at exit which of HEAVY ended up in sys.modules
+PROBE = ("import atexit, json, runpy, sys\n"
+         "atexit.register(lambda: print('IMPORTED', json.dumps([m for m in %r if m in sys.modules])))\n"
+         "sys.argv = ['run.py', *sys.argv[1:]]\n"
+         "runpy.run_path('run.py', run_name='__main__')\n") % (HEAVY,)
+
+
+def _imported(tmp_path, args: list[str]) -> list[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args, f"hydra.run.dir={tmp_path / 'run'}",
+                           f"paths.cache_dir={tmp_path / 'cache'}", "trainer.progress=plain"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("IMPORTED ")][-1]
+    return json.loads(line.split(" ", 1)[1])
+
+
+def test_plain_run_imports_neither_peft_nor_transformers(tmp_path):
+    assert _imported(tmp_path, ["task=biomass", "trainer=debug", "logger=none", "peft=none"]) == []
+
+
+def test_adapters_import_peft(tmp_path):
+    """The probe sees imports (so an empty list above means something)."""
+    assert "peft" in _imported(tmp_path, ["task=biomass", "trainer=debug", "logger=none", "peft=lora"])
