@@ -86,6 +86,17 @@ def _rescale(channels: int, scale: float) -> tuple[nn.Module, int]:
     raise ValueError(f"pyramid scale {scale}: expected one of 4, 2, 1, 0.5, 0.25")
 
 
+def vitdet_pyramid(embed_dim: int, width: int, scales: Sequence[float], norm: str) -> nn.ModuleList:
+    """ViTDet's simple feature pyramid: per scale, rescale the token map, then 1x1 and 3x3 convolutions."""
+    levels = nn.ModuleList()
+    for scale in scales:
+        rescale, ch = _rescale(embed_dim, float(scale))
+        levels.append(nn.Sequential(
+            rescale, nn.Conv2d(ch, width, 1, bias=norm == "none"), _norm(norm, width),
+            nn.Conv2d(width, width, 3, padding=1, bias=norm == "none"), _norm(norm, width)))
+    return levels
+
+
 class ViTDetHead(nn.Module):
     """ViTDet simple feature pyramid on one layer + a shared per-location predictor.
 
@@ -97,12 +108,7 @@ class ViTDetHead(nn.Module):
                  layer: int = -1):
         super().__init__()
         self.layer = layer
-        self.levels = nn.ModuleList()
-        for scale in scales:
-            rescale, ch = _rescale(embed_dim, float(scale))
-            self.levels.append(nn.Sequential(
-                rescale, nn.Conv2d(ch, width, 1, bias=norm == "none"), _norm(norm, width),
-                nn.Conv2d(width, width, 3, padding=1, bias=norm == "none"), _norm(norm, width)))
+        self.levels = vitdet_pyramid(embed_dim, width, scales, norm)
         self.predict = nn.Sequential(nn.Conv2d(width, hidden, 1), nn.GELU(), nn.Dropout(dropout),
                                      nn.Conv2d(hidden, out_dim, 1))
 

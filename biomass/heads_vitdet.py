@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from biomass.heads import _norm, _rescale
+from biomass.heads import vitdet_pyramid
 from common.backbone import BackboneOutput, tokens_to_map
 
 
@@ -24,12 +24,7 @@ class ViTDetScalarHead(nn.Module):
                  layer: int = -1):
         super().__init__()
         self.layer = layer
-        self.levels = nn.ModuleList()
-        for scale in scales:
-            rescale, ch = _rescale(embed_dim, float(scale))
-            self.levels.append(nn.Sequential(
-                rescale, nn.Conv2d(ch, width, 1, bias=norm == "none"), _norm(norm, width),
-                nn.Conv2d(width, width, 3, padding=1, bias=norm == "none"), _norm(norm, width)))
+        self.levels = vitdet_pyramid(embed_dim, width, scales, norm)
         self.bottleneck = nn.Sequential(nn.Linear(width * len(self.levels), bottleneck), nn.SiLU(),
                                         nn.Dropout(dropout))
         self.out = nn.Linear(bottleneck, out_dim)
