@@ -120,8 +120,8 @@ def missing_counts(wide: pd.DataFrame) -> dict[str, int]:
 def report_missing(wide: pd.DataFrame, path: Path) -> dict[str, int]:
     """Print the number of masked (missing) labels per target at start; returns the counts."""
     counts = missing_counts(wide)
-    print(f"[data] {path}: {len(wide)} images, {sum(counts.values())} masked (missing) labels: "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+    log.info(f"[data] {path}: {len(wide)} images, {sum(counts.values())} masked (missing) labels: "
+             + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return counts
 
 

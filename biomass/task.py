@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Iterable
 
@@ -25,6 +26,8 @@ from common.cache import maybe_cached
 from common.image_cache import ImageCache
 from sklearn.model_selection import GroupKFold
 from common.task import Task
+
+log = logging.getLogger(__name__)
 
 
 def _table_of(dataset: Dataset) -> pd.DataFrame:
@@ -73,8 +76,8 @@ class BiomassTask(Task):
         columns = set(pd.read_csv(test_csv, nrows=0).columns)
         missing = [f for f in meta.fields if f not in columns]
         if missing and float(meta.field_dropout) > 0:
-            print(f"[data] {test_csv} lacks metadata fields {missing}: predictions treat them as unknown "
-                  f"(the model learns that with model.metadata.field_dropout={meta.field_dropout})", flush=True)
+            log.info(f"[data] {test_csv} lacks metadata fields {missing}: predictions treat them as unknown "
+                     f"(the model learns that with model.metadata.field_dropout={meta.field_dropout})")
         elif missing:
             raise ValueError(f"model.metadata.mode={meta.mode} uses fields {list(meta.fields)}, but {test_csv} "
                              f"lacks {missing} (it has {sorted(columns)}); set model.metadata.mode=none, or "
@@ -161,7 +164,7 @@ class BiomassTask(Task):
         written = {"submission": path}
         if self.solution_path is not None and self.solution_path.is_file():
             scores = score_submission(path, self.solution_path, Path(out_dir) / "submission_scores.json")
-            print("[predict] submission.csv vs test_solution.csv: " + json.dumps(scores), flush=True)
+            log.info("[predict] submission.csv vs test_solution.csv: " + json.dumps(scores))
             written["scores"] = Path(out_dir) / "submission_scores.json"
         return written
 

@@ -38,7 +38,7 @@ def print_label_counts(folds: np.ndarray, labels: np.ndarray, n_folds: int) -> N
     """[cv] labels per fold: fold 0: 0=12, 1=5; ... (e.g. the positives of a stratified split)."""
     counts = ["fold %d: " % f + ", ".join(f"{c}={int(((folds == f) & (labels == c)).sum())}" for c in np.unique(labels))
               for f in range(n_folds)]
-    print("[cv] labels per fold: " + "; ".join(counts), flush=True)
+    log.info("[cv] labels per fold: " + "; ".join(counts))
 
 
 class FoldTracker(Tracker):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_path, atomic_write_text
 from common.run_info import short_overrides
+
+log = logging.getLogger(__name__)
 
 PANEL_COLUMNS = 4
 
@@ -183,4 +186,4 @@ class GridSummary(Callback):
         if not sweep_dir.is_dir():
             return
         table = write_grid_summary(sweep_dir)
-        print(f"[grid] {sweep_dir}: summary.csv, summary.md\n{table}", flush=True)
+        log.info(f"[grid] {sweep_dir}: summary.csv, summary.md\n{table}")

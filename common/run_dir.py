@@ -8,6 +8,7 @@ it was written by an earlier attempt of this Slurm job (a requeued job keeps its
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from common.atomic import file_lock
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
 
@@ -58,7 +61,7 @@ def _claim(lock: Path) -> None:
                     f"run directory {lock.parent} is in use by process {holder[1]} on {holder[0]}"
                     + (f" (Slurm job {holder[2]})" if len(holder) > 2 else "")
                     + f"; pass another hydra.run.dir, or delete {lock} if that process is gone")
-            print(f"[run] taking over the stale lock {lock} of process {' '.join(holder)}", flush=True)
+            log.info(f"[run] taking over the stale lock {lock} of process {' '.join(holder)}")
             lock.unlink()
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         with os.fdopen(fd, "w") as handle:
@@ -73,8 +76,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
-        print(f"[run] removed {len(stale)} stale temporary file(s) of an interrupted run, e.g. {stale[0]}",
-              flush=True)
+        log.info(f"[run] removed {len(stale)} stale temporary file(s) of an interrupted run, e.g. {stale[0]}")
     return stale
 
 

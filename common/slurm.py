@@ -1,9 +1,12 @@
 """What a process learns about its Slurm job: its id, whether it may be requeued, its nodes; requeue itself."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
+
+log = logging.getLogger(__name__)
 
 
 def job_id() -> str | None:
@@ -32,7 +35,7 @@ def requeue_allowed() -> bool:
 def requeue() -> None:
     job = job_id()
     _scontrol("requeue", job)
-    print(f"[slurm] requeued job {job}: it resumes from last.pt when it starts again", flush=True)
+    log.info(f"[slurm] requeued job {job}: it resumes from last.pt when it starts again")
 
 
 def hostnames(nodelist: str) -> list[str]:

@@ -8,6 +8,7 @@ without GPS get `unknown_weight`.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,8 @@ from sklearn.cluster import KMeans
 from common.sampling import WeightedEpochSampler
 from roadwork.metadata import parse_gps
 from roadwork.regions import haversine_km
+
+log = logging.getLogger(__name__)
 
 
 def read_reference_coordinates(path: Path) -> np.ndarray:
@@ -104,6 +107,6 @@ def sample_weights(samples: Sequence, root: Path, g, seed: int) -> np.ndarray:
     bracket = brackets(gps, known, centres, g.brackets_km)
     weights = bracket_weights(bracket, g.weights, float(g.unknown_weight))
     drawn = WeightedEpochSampler(weights, 0, 1, seed, 0).global_draw().numpy()
-    print(f"[data] GPS-weighted sampling: {len(centres)} centres from {len(reference)} reference coordinates "
-          f"({g.reference}); one epoch's draw:\n" + distance_check(bracket, drawn, g.brackets_km), flush=True)
+    log.info(f"[data] GPS-weighted sampling: {len(centres)} centres from {len(reference)} reference coordinates "
+             f"({g.reference}); one epoch's draw:\n" + distance_check(bracket, drawn, g.brackets_km))
     return weights

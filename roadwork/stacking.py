@@ -6,6 +6,7 @@ p = sigmoid(w . logit(p_members) + b).
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +17,8 @@ from torch import nn
 
 from common.ensemble import align_oof
 from roadwork.ensemble import member_batch
+
+log = logging.getLogger(__name__)
 
 
 def clipped_logit(prob: np.ndarray, eps: float) -> np.ndarray:
@@ -68,6 +71,5 @@ def stack_members(members: Sequence[nn.Module], oof_frames: dict[str, pd.DataFra
     meta = fit_meta_model(probs, labels, c, eps)
     stacked = StackedEnsemble(members, meta.coef_[0].tolist(), float(meta.intercept_[0]), eps)
     terms = " ".join(f"{w:+.4f}*logit(p[{source}])" for w, source in zip(meta.coef_[0], oof_frames))
-    print(f"[stack] meta-model on {len(labels)} out-of-fold rows: p = sigmoid({meta.intercept_[0]:+.4f} {terms})",
-          flush=True)
+    log.info(f"[stack] meta-model on {len(labels)} out-of-fold rows: p = sigmoid({meta.intercept_[0]:+.4f} {terms})")
     return stacked

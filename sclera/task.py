@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
@@ -27,6 +28,8 @@ from sclera.grounding import resolve_sources
 from sclera.metric import batch_scores, benchmark_maps
 from sclera.sets import SPLITS, evaluation_items, training_items
 from sclera.synth import save_atomic, write_dataset
+
+log = logging.getLogger(__name__)
 
 TRACKS = ("Synthetic", "Mixed")
 
@@ -100,8 +103,7 @@ class ScleraTask(Task):
         encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=self.size)
         model = instantiate(model_cfg, backbone=encoder, _convert_="all")
         report = model.parameter_report()
-        print("[model] CGDSeg trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in report.items()),
-              flush=True)
+        log.info("[model] CGDSeg trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in report.items()))
         if HydraConfig.initialized():
             atomic_write_text(Path(HydraConfig.get().runtime.output_dir) / "parameters.json",
                               json.dumps(report, indent=2) + "\n")

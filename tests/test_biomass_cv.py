@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -53,7 +54,8 @@ def test_train_validates_on_the_named_cv_fold(tmp_path):
     assert len(fit["train"]) + len(fit["val"]) == len(table)
 
 
-def test_synthetic_missing_labels_keep_images_and_are_counted(tmp_path, capsys):
+def test_synthetic_missing_labels_keep_images_and_are_counted(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     write_synthetic(tmp_path / "full", seed=1, cfg=SynthConfig(**{**vars(SMALL), "missing_share": 0.0}))
     write_synthetic(tmp_path / "gaps", seed=1, cfg=SMALL)
     full, gaps = read_train_table(tmp_path / "full"), read_train_table(tmp_path / "gaps")
@@ -66,7 +68,7 @@ def test_synthetic_missing_labels_keep_images_and_are_counted(tmp_path, capsys):
         (tmp_path / "gaps" / "train" / f"{full['image_id'][0]}.jpg").read_bytes()
     counts = report_missing(gaps, tmp_path / "gaps" / "train.csv")
     assert counts == missing_counts(gaps) == {t: int(gaps[t].isna().sum()) for t in TARGETS}
-    assert f"{sum(counts.values())} masked (missing) labels" in capsys.readouterr().out
+    assert f"{sum(counts.values())} masked (missing) labels" in caplog.text
 
 
 def test_log1p_variants_match_independent_computations():

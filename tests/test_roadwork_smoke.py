@@ -1,6 +1,7 @@
 """The README's CPU smoke runs of every roadwork preset (tiny backbone, debug trainer), in process:
 roadwork_highres12 and roadwork_benchmark224 train, roadwork_adapt adapts the highres12 smoke checkpoint
 with 2 stratified folds, and the benchmark eval writes the validator curve and the error analysis."""
+import logging
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -24,7 +25,8 @@ def _run(tmp_path, name, overrides):
     return tmp_path / name
 
 
-def test_every_roadwork_preset_smoke_runs_on_cpu(tmp_path, capsys):
+def test_every_roadwork_preset_smoke_runs_on_cpu(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     highres = _run(tmp_path, "highres12", ["experiment=roadwork_highres12", *HIGHRES12])
     best = highres / "checkpoints" / "best.pt"
     assert best.is_file()
@@ -32,7 +34,7 @@ def test_every_roadwork_preset_smoke_runs_on_cpu(tmp_path, capsys):
     assert (bench / "checkpoints" / "best.pt").is_file()
     adapt = _run(tmp_path, "adapt", ["experiment=roadwork_adapt", *HIGHRES12, f"adapt.init_ckpt={best}",
                                      "adapt.split=224/train", "cv.folds=2"])
-    assert (adapt / "oof.csv").is_file() and "[cv] labels per fold: fold 0:" in capsys.readouterr().out
+    assert (adapt / "oof.csv").is_file() and "[cv] labels per fold: fold 0:" in caplog.text
     evaluated = _run(tmp_path, "eval", ["task=roadwork", "mode=eval", "benchmark=true",
                                         f"ckpt_path={bench / 'checkpoints' / 'best.pt'}"])
     for name in ("validator_curve.csv", "confusion_matrix.png", "worst_errors.png", "breakdown.csv"):
