@@ -1,6 +1,7 @@
 # make demo   - train -> eval -> predict every task on synthetic data with the tiny backbone (CPU, < 5 min);
 #               DEMO_ARGS='key=value ...' adds overrides to every training run
 # make test   - the test suite (CPU, one pytest-xdist worker per core)
+# make test-fast - the tests not marked slow (a few minutes)
 # make install- .venv/ with the pinned, tested dependency set (constraints.txt); no-op when up to date
 # make bench  - GPU benchmarks (bench/), prints a table and writes JSON
 PYTHON ?= python3
@@ -13,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -28,6 +29,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests
+
+test-fast: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -72,6 +72,7 @@ def test_adapt_preset_composes():
     assert cfg.data.views == "highres12" and cfg.model.prune_k == 8           # the stage-1 plan's model
 
 
+@pytest.mark.slow
 def test_train_then_kfold_adaptation_then_predict(tmp_path):
     cache = tmp_path / "cache"
     run_cli(["task=roadwork", "trainer=debug", *SMALL], tmp_path / "stage1", cache)

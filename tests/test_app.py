@@ -53,6 +53,7 @@ def toy_run(tmp_path_factory):
     return base
 
 
+@pytest.mark.slow
 def test_run_directory_contract_toy(toy_run):
     run = toy_run / "train"
     assert (run / ".hydra" / "config.yaml").is_file()
@@ -68,6 +69,7 @@ def test_run_directory_contract_toy(toy_run):
     assert not any(k.startswith("backbone.") for k in ckpt["model"])  # frozen weights are not stored
 
 
+@pytest.mark.slow
 def test_eval_predict_from_checkpoint(toy_run):
     ckpt = toy_run / "train" / "checkpoints" / "best.pt"
     run_cli([*TOY, "mode=eval", f"ckpt_path={ckpt}"], toy_run / "eval", toy_run / "cache")
@@ -78,6 +80,7 @@ def test_eval_predict_from_checkpoint(toy_run):
     assert (toy_run / "pred" / "predictions.csv").read_text().startswith("id,pred\n")
 
 
+@pytest.mark.slow
 def test_cv_writes_folds_and_oof(tmp_path):
     run_cli([*TOY, "mode=cv", "cv.folds=3", "trainer=debug"], tmp_path / "cv", tmp_path / "cache")
     folds = np.genfromtxt(tmp_path / "cv" / "folds.csv", delimiter=",", names=True, dtype=int)
@@ -97,6 +100,7 @@ def test_assign_folds_grouped_and_balanced():
         assign_folds(groups, 21, seed=0)
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_clear_message(toy_run, tmp_path):
     cache = toy_run / "cache"
     missing = run_cli([*TOY, "data.root=/nonexistent/data"], tmp_path / "a", cache, check=False)
@@ -112,6 +116,7 @@ def test_bad_inputs_give_one_clear_message(toy_run, tmp_path):
     assert "needs ckpt_path" in nockpt.stderr
 
 
+@pytest.mark.slow
 def test_logger_none_never_imports_wandb(tmp_path):
     fake = tmp_path / "fake" / "wandb"
     fake.mkdir(parents=True)
@@ -119,6 +124,7 @@ def test_logger_none_never_imports_wandb(tmp_path):
     run_cli([*TOY, "trainer=debug"], tmp_path / "r", tmp_path / "c", env={"PYTHONPATH": str(fake.parent)})
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written(tmp_path):
     run_cli([*TOY, "trainer=debug", "logger=wandb"], tmp_path / "r", tmp_path / "c", env={"WANDB_MODE": "offline"})
     assert list((tmp_path / "r" / "wandb").glob("offline-run-*"))
@@ -162,6 +168,7 @@ def test_slurm_launcher_preset_composes():
     assert launcher.gpus_per_node == 1 and launcher.max_num_timeout == 3 and launcher.signal_delay_s == 120
 
 
+@pytest.mark.slow
 def test_predict_averages_cv_fold_checkpoints(tmp_path):
     import csv
     run_cli([*TOY, "mode=cv", "cv.folds=2", "trainer=debug"], tmp_path / "cv", tmp_path / "cache")
@@ -177,6 +184,7 @@ def test_predict_averages_cv_fold_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("task", TASKS)
+@pytest.mark.slow
 def test_run_directory_contract_every_task(task, tmp_path_factory):
     base = tmp_path_factory.mktemp(task)
     run_cli([f"task={task}", "trainer=debug"], base / "run", base / "cache")
@@ -194,6 +202,7 @@ def test_run_directory_contract_every_task(task, tmp_path_factory):
 
 
 @pytest.mark.parametrize("task", TASKS)
+@pytest.mark.slow
 def test_cross_validation_every_task(task, tmp_path_factory):
     import csv
     base = tmp_path_factory.mktemp(f"cv-{task}")

@@ -91,6 +91,7 @@ def test_log1p_variants_match_independent_computations():
     assert "r2_log1p_global_baseline" not in biomass_scores(true, pred, mask)
 
 
+@pytest.mark.slow
 def test_cv_uses_last_checkpoint_writes_fold_metrics_and_logs_uw_pcgrad(tmp_path):
     small = ["data.synth.n_train=24", "data.synth.n_test=4", "data.synth.width=112", "data.synth.height=56",
              "data.image_size=[56,112]", "data.batch_size=4", "data.num_workers=0"]
@@ -122,6 +123,7 @@ def test_cv_uses_last_checkpoint_writes_fold_metrics_and_logs_uw_pcgrad(tmp_path
 
 
 @pytest.mark.parametrize("preset", ["biomass_csiro_vitdet", "biomass_halves_dinov3_l"])
+@pytest.mark.slow
 def test_presets_smoke_run_on_cpu(preset, tmp_path):
     run_cli([f"experiment={preset}", "+smoke=biomass_cpu"], tmp_path / "run", tmp_path / "cache")
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from tests.cli import run_cli, synthetic_root
 
 
+@pytest.mark.slow
 def test_default_train_then_predict_reaches_r2(tmp_path):
     cache = tmp_path / "cache"
     run_cli(["task=biomass"], tmp_path / "train", cache)

@@ -3,6 +3,7 @@ field dropout (a test table without metadata still predicts)."""
 from __future__ import annotations
 
 import functools
+import logging
 
 import pandas as pd
 import pytest
@@ -129,14 +130,15 @@ def test_metadata_field_dropout_hides_fields_in_training_only():
         _model(aux=("height",), metadata={**meta, "field_dropout": 1.0})
 
 
-def test_test_table_without_metadata_is_accepted_with_field_dropout(tmp_path, capsys):
+def test_test_table_without_metadata_is_accepted_with_field_dropout(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     pd.DataFrame({"sample_id": ["ID1__Dry_Green_g"], "image_path": ["test/ID1.jpg"],
                   "target_name": ["Dry_Green_g"]}).to_csv(tmp_path / "test.csv", index=False)
     meta = {"mode": "xattn", "fields": ["State", "Species"], "field_dropout": 0.3}
     task = BiomassTask(OmegaConf.create({"task": {"name": "biomass"}, "model": {"metadata": meta},
                                          "data": {"test_csv": "test.csv"}}))
     task.check_metadata_columns(tmp_path)
-    assert "treat them as unknown" in capsys.readouterr().out
+    assert "treat them as unknown" in caplog.text
     model = _model(aux=("height",), metadata={**NO_META, **meta}).eval()
     with torch.no_grad():
         out = model({"image": torch.rand(2, 3, 28, 56), "state": ["", ""], "species": ["", ""]})

@@ -34,6 +34,7 @@ def test_summary_block_names_run_dir_best_files_and_commands(tmp_path):
     assert "evaluate  cmd-eval" in block and "predict   cmd-predict" in block
 
 
+@pytest.mark.slow
 def test_training_console_and_run_log(tmp_path):
     proc = run_cli([*TOY], tmp_path / "run", tmp_path / "cache")
     lines = proc.stdout.splitlines()

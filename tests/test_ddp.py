@@ -1,11 +1,13 @@
 """DDP under torchrun (gloo, 2 CPU processes) trains like one process with the same global batch."""
 import sys
 
+import pytest
 import torch
 
 from tests.cli import REPO, TOY, run_cli
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     common = [*TOY, "model.dropout=0.0", "trainer.max_epochs=1", "trainer.device=cpu"]
     run_cli([*common, "data.batch_size=8"], tmp_path / "single", tmp_path / "cache")

@@ -162,6 +162,7 @@ def _predict(base, name, args, in_process=True):
     return frame, json.loads((base / name / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_predict_stack_and_metric_end_to_end(cv_runs):
     base, (cv_a, cv_b) = cv_runs
     p_a, _ = _predict(base, "pred_a", [f"ckpt_path={cv_a}"])                # the mean of cv_a's folds

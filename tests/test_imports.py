@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.cli import REPO
+
+pytestmark = pytest.mark.slow   # runs run.py end to end (make test-fast leaves it out)
 
 HEAVY = ("peft", "transformers")
 # run.py as users start it, reporting at exit which of HEAVY ended up in sys.modules

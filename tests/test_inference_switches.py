@@ -143,6 +143,7 @@ def test_sclera_setup_converts_in_channels_last_and_keeps_outputs(tmp_path):
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in _convs(fresh))
 
 
+@pytest.mark.slow
 def test_eval_with_merged_adapters_gives_the_same_metrics(tmp_path):
     cache, train = tmp_path / "cache", tmp_path / "train"
     adapted = ["peft=dora", "peft.lr=1e-2", "peft.dropout=0.0", "adapt.modules=[head]", "adapt.method=lora"]

@@ -17,6 +17,8 @@ import pytest
 
 from tests.cli import REPO
 
+pytestmark = pytest.mark.slow   # runs run.py end to end (make test-fast leaves it out)
+
 SMOKE_TRAIN = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 SMOKE_SWEEP = ["hydra.sweeper.budget=2"]
 SMOKE_DEMO = "DEMO_ARGS='trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1'"

@@ -75,6 +75,7 @@ def test_minimised_metric_ranks_lowest_first(tmp_path):
     assert [r["rank"] for r in grid_rows(tmp_path)] == [2, 1]
 
 
+@pytest.mark.slow
 def test_multirun_grid_prints_and_writes_its_summary(tmp_path):
     cmd = [sys.executable, str(REPO / "run.py"), "-m", *TOY, "trainer=debug", "seed=1,2", "logger=none",
            f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}"]

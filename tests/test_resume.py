@@ -97,6 +97,7 @@ def _assert_same(a_dir, b_dir):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.slow
 def test_mid_epoch_preemption_resumes_bitwise(tmp_path, num_workers):
     cfg = _config(tmp_path, num_workers)
     assert _fit(cfg, tmp_path / "straight", None) is None

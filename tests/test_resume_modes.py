@@ -15,6 +15,7 @@ from common.data import seed_worker
 from tests.cli import REPO, TOY, run_cli
 
 
+@pytest.mark.slow
 def test_cv_signal_resumes_at_fold_and_epoch(tmp_path):
     cache = tmp_path / "cache"
     args = [*TOY, "mode=cv", "cv.folds=2", "trainer.max_epochs=2", "model.dropout=0.3"]

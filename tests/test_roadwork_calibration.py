@@ -28,6 +28,7 @@ def test_shift_is_minus_the_logit_of_the_best_threshold():
     assert float(model.logit_shift) == pytest.approx(-math.log(0.3 / 0.7))
 
 
+@pytest.mark.slow
 def test_calibrated_checkpoint_scores_best_threshold_at_half(tmp_path):
     cache = tmp_path / "cache"
     run_cli(["task=roadwork", "trainer=debug", "task.calibrate=true", "trainer.limit_val_batches=null"],

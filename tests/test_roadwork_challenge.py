@@ -77,6 +77,7 @@ def test_distortions_follow_the_table():
 
 
 @pytest.mark.parametrize("level,contrasts", [(1, {1.0}), (2, {1.0, 0.85}), (3, {1.0, 0.85, 0.725})])
+@pytest.mark.slow
 def test_levels_draw_the_validators_distortion_levels(level, contrasts):
     """A flat grey image without rotation: only colour contrast moves its mean, by the table's factors."""
     bench = BenchmarkTransform(_challenge_cfg(rotation_degrees=0))

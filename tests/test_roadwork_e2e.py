@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from tests.cli import run_cli, synthetic_root
 
@@ -12,6 +13,7 @@ SMALL = ["data.synth.splits.train.count=40", "data.synth.splits.val.count=16", "
          "data.synth.splits.train224.count=4", "data.synth.splits.val224.count=4", "data.batch_size=8"]
 
 
+@pytest.mark.slow
 def test_train_eval_benchmark_predict(tmp_path):
     cache = tmp_path / "cache"
     (tmp_path / "deploy.csv").write_text("lat,lon\n52.50,13.40\n52.55,13.35\n48.85,2.35\n")

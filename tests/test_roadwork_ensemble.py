@@ -65,6 +65,7 @@ def test_top_k_by_validation_value():
         top_k_indices([(str(i), ckpt(v)) for i, v in enumerate(values)], 6)
 
 
+@pytest.mark.slow
 def test_predict_with_heterogeneous_members_end_to_end(tmp_path):
     cache = tmp_path / "cache"
 

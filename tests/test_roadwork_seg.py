@@ -173,6 +173,7 @@ def test_seg_head_on_cached_features(tmp_path):
     torch.testing.assert_close(first, plain({"views": views})["seg_logits"])
 
 
+@pytest.mark.slow
 def test_train_with_masks_logs_seg_loss(tmp_path):
     small = ["data.synth.splits.train.count=16", "data.synth.splits.val.count=8", "data.synth.splits.test.count=2",
              "data.synth.splits.train224.count=2", "data.synth.splits.val224.count=2", "data.batch_size=8",

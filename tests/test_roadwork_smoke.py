@@ -4,6 +4,7 @@ with 2 stratified folds, and the benchmark eval writes the validator curve and t
 import logging
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from common import app
@@ -25,6 +26,7 @@ def _run(tmp_path, name, overrides):
     return tmp_path / name
 
 
+@pytest.mark.slow
 def test_every_roadwork_preset_smoke_runs_on_cpu(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     highres = _run(tmp_path, "highres12", ["experiment=roadwork_highres12", *HIGHRES12])

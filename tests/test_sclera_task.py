@@ -108,6 +108,7 @@ def test_media_overlay_and_oof_rows(task_and_root):
     assert len(set(task.cv_groups(task.datasets(root, "cv")["train"]))) == len(task.datasets(root, "cv")["train"])
 
 
+@pytest.mark.slow
 def test_default_run_trains_evaluates_and_predicts_both_tracks(tmp_path):
     """The embedded default (tiny backbone, tiny CLIP grounding, synthetic eyes) through run.py: SSBC's binary
     F1 >= 0.9 on every eval set, parameter counts in the run directory, and one predict for both tracks."""

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from tests.cli import REPO, TOY, run_cli
 
-pytestmark = pytest.mark.xdist_group("slurm")   # with -n: its jobs share the one-node cluster: one test at a time
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]   # with -n: its jobs share the one-node cluster: one test at a time
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 SMALL = ["--cpus-per-task=1", "--mem=2G"]

@@ -4,6 +4,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 from optuna.trial import TrialState
 
 from tests.test_sweeps import BEAT, _study, _sweep_dir, _wait_for, _worker
@@ -11,6 +12,7 @@ from tests.test_sweeps import BEAT, _study, _sweep_dir, _wait_for, _worker
 SLOW = [*BEAT, "hydra.sweeper.budget=2", "trainer.max_epochs=3", "loss.sleep_s=0.3"]
 
 
+@pytest.mark.slow
 def test_requeued_worker_resumes_its_trial(tmp_path):
     first = _worker(tmp_path, "slurm-77", SLOW, popen=True)
     last_pt = _sweep_dir(tmp_path) / "trial-0" / "checkpoints" / "last.pt"

@@ -12,6 +12,7 @@ from tests.cli import REPO
 OPEN = "import sys; from sweeps.storage import make_storage; make_storage(sys.argv[1])"
 
 
+@pytest.mark.slow
 def test_concurrent_schema_creation_never_crashes_a_worker(tmp_path):
     for round_ in range(2):
         url = f"sqlite:///{tmp_path / f'race{round_}.db'}"

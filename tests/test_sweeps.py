@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from sweeps.storage import creation_lock, load_study, make_storage
@@ -59,6 +60,7 @@ def _states(trials) -> list[str]:
     return [t.state.name for t in trials]
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_budget_and_a_rerun_adds_nothing(tmp_path):
     workers = [_worker(tmp_path, f"w{i}", ["hydra.sweeper.budget=4"], popen=True) for i in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
@@ -81,6 +83,7 @@ def test_two_workers_share_one_budget_and_a_rerun_adds_nothing(tmp_path):
     assert sorted(p.name for p in _sweep_dir(tmp_path).iterdir()) == listing
 
 
+@pytest.mark.slow
 def test_diverged_trial_is_failed_with_its_reason_and_sweep_goes_on(tmp_path):
     # seed 7 (mixed with worker w0 and 0 trials so far) proposes poison_after 0 (diverges at once), then 1000, 1000
     proc = _worker(tmp_path, "w0", ["hydra.sweeper.sampler.seed=7", "hydra.sweeper.budget=2",
@@ -104,6 +107,7 @@ def _read_until(proc, text: str) -> str:
     raise AssertionError(f"the worker ended without printing {text!r}:\n{''.join(seen)[-3000:]}")
 
 
+@pytest.mark.slow
 def test_dead_worker_never_blocks_the_budget(tmp_path):
     """w1 finds w0's live trial filling the budget of 1 and waits; w0 is SIGKILLed; w1 does not count the dead
     trial against the budget but, once its heartbeat is older than grace_period, fails it with the reason and

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from tests.test_sweeps import _worker
 
-pytestmark = pytest.mark.xdist_group("postgres")   # with -n: one PostgreSQL server at a time
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("postgres")]   # with -n: one PostgreSQL server at a time
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PASSWORD = "Zq7-s3cr3t-pw"

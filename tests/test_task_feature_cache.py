@@ -22,6 +22,7 @@ def _history(run_dir):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_cached_training_matches_uncached(case, tmp_path):
     common = ["trainer=debug", "data.cache_dtype=float32", "data.num_workers=0", *CASES[case]]
     cache = tmp_path / "cache"
@@ -34,18 +35,21 @@ def test_cached_training_matches_uncached(case, tmp_path):
     assert list((cache / "features").rglob("*.pt"))
 
 
+@pytest.mark.slow
 def test_biomass_cache_refuses_test_time_augmentation(tmp_path):
     proc = run_cli(["task=biomass", "trainer=debug", "data.cache_features=true", "data.tta.hflip=true"],
                    tmp_path / "r", tmp_path / "cache", check=False)
     assert proc.returncode != 0 and "data.cache_features=false for test-time augmentation" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cache_refuses_adapters(tmp_path):
     proc = run_cli(["task=sclera", "trainer=debug", "data.cache_features=true", "peft=lora"],
                    tmp_path / "r", tmp_path / "cache", check=False)
     assert proc.returncode != 0 and "feature cache needs a frozen backbone without adapters" in proc.stderr
 
 
+@pytest.mark.slow
 def test_roadwork_cache_refuses_benchmark_levels(tmp_path):
     proc = run_cli(["task=roadwork", "trainer=debug", "data.cache_features=true", "data.train_benchmark_levels=true"],
                    tmp_path / "r", tmp_path / "cache", check=False)

@@ -142,6 +142,7 @@ def test_confusion_matrix_counts_become_pairs():
         confusion_pairs([[1, 0], [0, 1]], 3)
 
 
+@pytest.mark.slow
 def test_eval_logs_the_checkpoints_config_not_the_command_lines(tmp_path):
     """A LoRA checkpoint evaluated with a command line that says nothing about peft."""
     fake = fake_wandb.write_package(tmp_path / "fake")

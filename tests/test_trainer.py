@@ -11,6 +11,7 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_epochs_equal_one_plus_resume(tmp_path):
     cache = tmp_path / "cache"
     run_cli([*TOY, "trainer.max_epochs=2"], tmp_path / "straight", cache)
@@ -28,6 +29,7 @@ def test_two_epochs_equal_one_plus_resume(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
 
 
+@pytest.mark.slow
 def test_nonfinite_guard_skips_then_stops(tmp_path):
     cache = tmp_path / "cache"
     ok = run_cli([*TOY, "loss.poison_after=8", "trainer.max_nonfinite_steps=100"], tmp_path / "skip", cache)
@@ -41,6 +43,7 @@ def test_nonfinite_guard_skips_then_stops(tmp_path):
     assert "trainer.max_nonfinite_steps=3" in bad.stderr and "diverged" in bad.stderr
 
 
+@pytest.mark.slow
 def test_ema_checkpoint_matches_hand_computation(tmp_path):
     run_cli([*TOY, "trainer.max_epochs=1", "trainer.ema.enabled=true", "trainer.ema.decay=0.5"],
             tmp_path / "ema", tmp_path / "cache")
@@ -68,6 +71,7 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_sigterm_writes_last_and_resume_finishes(tmp_path):
     import os
     import signal

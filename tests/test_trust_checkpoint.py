@@ -117,6 +117,7 @@ def test_checkpoints_of_other_presets_are_accepted(tmp_path, trained, current):
                             SECTIONS, "ok.pt")
 
 
+@pytest.mark.slow
 def test_cli_eval_of_crafted_checkpoint_fails_and_writes_nothing(tmp_path):
     victim = tmp_path / "victim.pth"
     cfg = _cfg(tmp_path, ["task=biomass"])

@@ -70,6 +70,7 @@ def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
         pass
 
 
+@pytest.mark.slow
 def test_cli_run_into_a_busy_directory_fails_naming_the_pid(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -111,6 +112,7 @@ def test_unwritable_folder_fails_at_start_naming_the_key(tmp_path, key, override
         check_run_folders(cfg, blocker / "run" if key == "hydra.run.dir" else tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_cli_unwritable_cache_fails_before_training(tmp_path):
     (tmp_path / "a_file").write_text("")
     proc = run_cli([*TOY], tmp_path / "run", tmp_path / "a_file" / "cache", check=False)
@@ -136,6 +138,7 @@ def test_atomic_write_json_turns_non_finite_into_null(tmp_path):
     assert _strict_json(tmp_path / "m.json") == {"a": None, "b": [1.5, None, None], "c": "x"}
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_one_gets_the_directory(tmp_path):
     """Two holders started together: exactly one gets the directory."""
     procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "3"], cwd=REPO,
