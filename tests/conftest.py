@@ -15,9 +15,14 @@ if "VFM_SYNTH_DIR" not in os.environ:
     os.environ["VFM_SYNTH_DIR"] = tempfile.mkdtemp(prefix="vfm-test-synth-")
     atexit.register(shutil.rmtree, os.environ["VFM_SYNTH_DIR"], True)
 
+# The CPU cores shared among the xdist workers (and the run.py processes they start): two workers of two threads
+# each on two cores oversubscribe OpenMP and run a training epoch ~6x slower than one thread each.
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
 
 from common.resolvers import register_resolvers  # noqa: E402  (configs composed in-process use ${cwd:})
 
