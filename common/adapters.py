@@ -1,19 +1,15 @@
 """LoRA / DoRA adapters (through peft) on the projections of the last N blocks of a Backbone.
 
-Targets are named the same for every family and mapped to each family's module names:
+Targets are named the same for every family (qkv, proj, fc1, fc2; mlp = fc1 + fc2); each registered family
+(common.backbone_families) maps them to its module names and says where its blocks are, e.g.
   qkv  -> timm attn.qkv (fused) | attn.q_proj/k_proj/v_proj | transformers attention.q_proj/k_proj/v_proj
-          (transformers 4 DINOv2: attention.attention.query/key/value)
-  proj -> timm attn.proj | transformers attention.o_proj (transformers 4 DINOv2: attention.output.dense)
   fc1  -> mlp.fc1 | SwiGLU mlp.fc1_g/fc1_x | transformers mlp.up_proj/gate_proj
-  fc2  -> mlp.fc2 | transformers mlp.down_proj
-  mlp  -> fc1 + fc2
-Adapter parameter names contain "lora_" and keep the block index ("blocks.<i>." for timm,
-"layer.<i>." for transformers), which common.optim uses to tag groups and decay learning rates.
+Adapter parameter names contain "lora_" (common.optim tags them "adapter") and keep their block's name, so the
+family's block pattern (Backbone.block_of) gives their depth for layer-wise learning-rate decay.
 """
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -25,23 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from common.backbone import Backbone, BackboneOutput
+from common.backbone_families import FAMILIES
 
-TARGET_ALIASES = {
-    "qkv": ("attn.qkv", "attn.q_proj", "attn.k_proj", "attn.v_proj",
-            "attention.q_proj", "attention.k_proj", "attention.v_proj",
-            "attention.attention.query", "attention.attention.key", "attention.attention.value"),  # transformers 4
-    "proj": ("attn.proj", "attention.o_proj", "attention.output.dense"),
-    "fc1": ("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x", "mlp.up_proj", "mlp.gate_proj"),
-    "fc2": ("mlp.fc2", "mlp.down_proj"),
-}
+TARGETS = ("qkv", "proj", "fc1", "fc2")
 TARGET_GROUPS = {"mlp": ("fc1", "fc2")}
-# Full module name inside Backbone.model -> (block index, name inside the block).
-BLOCK_PATTERNS = {
-    "timm_vit": re.compile(r"blocks\.(\d+)\.(.+)"),
-    "timm_eva": re.compile(r"blocks\.(\d+)\.(.+)"),
-    "hf_dinov2": re.compile(r"encoder\.layer\.(\d+)\.(.+)"),
-    "hf_dinov3": re.compile(r"model\.layer\.(\d+)\.(.+)"),
-}
 
 
 def inject_adapters(backbone: Backbone, method: str, r: int, alpha: float, dropout: float,
@@ -72,19 +55,20 @@ def inject_adapters(backbone: Backbone, method: str, r: int, alpha: float, dropo
 def adapter_target_modules(backbone: Backbone, targets: Union[str, Sequence[str]],
                            last_n_blocks: Optional[int]) -> list[str]:
     """Full names (inside backbone.model) of the linears that `targets` select in the last N blocks."""
-    pattern = BLOCK_PATTERNS.get(backbone.family)
-    if pattern is None:
-        raise ValueError(f"backbone {backbone.name}: adapters are supported on ViT families "
-                         f"{sorted(BLOCK_PATTERNS)}, not on {backbone.family!r}")
+    spec = backbone.spec
+    if not spec.adapter_targets:
+        raise ValueError(f"backbone {backbone.name}: family {backbone.family!r} names no adapter targets "
+                         f"(common/backbone_families.py); adapters fit the ViT families "
+                         f"{sorted(n for n, f in FAMILIES.items() if f.adapter_targets)}")
     first = _first_adapted_block(backbone, last_n_blocks)
     linears = {}  # name inside block -> full names, for blocks >= first
     for full, module in backbone.model.named_modules():
-        match = pattern.fullmatch(full)
+        match = spec.block_pattern.fullmatch(full)
         if match and isinstance(module, nn.Linear) and int(match.group(1)) >= first:
             linears.setdefault(match.group(2), []).append(full)
     selected = []
     for target in _expand_targets(targets):
-        hits = [full for alias in TARGET_ALIASES[target] for full in linears.get(alias, [])]
+        hits = [full for alias in spec.adapter_targets.get(target, ()) for full in linears.get(alias, [])]
         if not hits:
             raise ValueError(f"peft.targets: {target!r} matches no linear module of backbone {backbone.name} "
                              f"({backbone.family}); its blocks hold {sorted(linears)}")
@@ -100,11 +84,11 @@ def _expand_targets(targets: Union[str, Sequence[str]]) -> list[str]:
     for t in targets:
         if t in TARGET_GROUPS:
             expanded += TARGET_GROUPS[t]
-        elif t in TARGET_ALIASES:
+        elif t in TARGETS:
             expanded.append(t)
         else:
             raise ValueError(f"peft.targets: unknown target {t!r}; expected some of "
-                             f"{sorted(TARGET_ALIASES) + sorted(TARGET_GROUPS)}")
+                             f"{sorted(TARGETS) + sorted(TARGET_GROUPS)}")
     return expanded
 
 

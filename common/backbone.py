@@ -8,9 +8,9 @@ Every backbone, whatever its family, answers `forward(images) -> BackboneOutput`
 - grids:     (h, w) per configured layer (all equal for ViTs; one per stage for ConvNeXt)
 so every head works unchanged on DINOv2, DINOv3 and ConvNeXt.
 
-Families: "timm_vit" (DINOv2), "timm_eva" (DINOv3), "hf_dinov2", "hf_dinov3" (transformers),
-"timm_convnext" (ConvNeXt and ConvNeXt-V2; `layers` are stage indices, `patch_size` is the
-reduction of the last configured stage).
+Families are registered specs (common/backbone_families.py): "timm_vit" (DINOv2), "timm_eva" (DINOv3),
+"hf_dinov2", "hf_dinov3" (transformers), "timm_convnext" (ConvNeXt and ConvNeXt-V2; `layers` are stage
+indices, `patch_size` is the reduction of the last configured stage). Nothing here names a family.
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import safetensors.torch
-import timm
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
+
+from common.backbone_families import FAMILIES, FamilySpec, family_for
+from common.timm_import import timm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,7 +64,7 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.model = model
-        self.family = family              # "timm_vit" | "timm_eva" | "hf_dinov2" | "hf_dinov3" | "timm_convnext"
+        self.family = family              # a registered FamilySpec's name (common.backbone_families)
         self.name = name
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -87,35 +89,19 @@ class Backbone(nn.Module):
         height, width = images.shape[-2], images.shape[-1]
         self.check_input_size(height, width)
         images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-        if self.family == "timm_convnext":
-            tokens, prefix = self._convnext_tokens(images)
-        elif self.family in ("hf_dinov2", "hf_dinov3"):
-            tokens, prefix = self._hf_tokens(images)
-        else:
-            tokens, prefix = self._timm_vit_tokens(images)
+        tokens, prefix = self.spec.tokens(self.model, images, self.layers, self.num_prefix_tokens)
         grids = [(height // s, width // s) for s in self.layer_strides]
         cls = prefix[:, 0] if prefix is not None and self.num_prefix_tokens > self.num_registers else None
         registers = prefix[:, self.num_prefix_tokens - self.num_registers:] if self.num_registers else None
         return BackboneOutput(tokens=tokens, grid=grids[-1], cls=cls, registers=registers, grids=grids)
 
-    def _timm_vit_tokens(self, images: Tensor) -> tuple[list[Tensor], Optional[Tensor]]:
-        outs = self.model.forward_intermediates(
-            images, indices=self.layers, return_prefix_tokens=True, norm=True,
-            output_fmt="NLC", intermediates_only=True)
-        return [t for t, _ in outs], outs[-1][1]
+    @property
+    def spec(self) -> FamilySpec:
+        return FAMILIES[self.family]
 
-    def _hf_tokens(self, images: Tensor) -> tuple[list[Tensor], Optional[Tensor]]:
-        out = self.model(pixel_values=images, output_hidden_states=True)
-        norm = self.model.layernorm if self.family == "hf_dinov2" else self.model.norm
-        # hidden_states[0] is the embedding output; block i's output is hidden_states[i + 1].
-        seqs = [norm(out.hidden_states[i + 1]) for i in self.layers]
-        p = self.num_prefix_tokens
-        return [s[:, p:] for s in seqs], seqs[-1][:, :p]
-
-    def _convnext_tokens(self, images: Tensor) -> tuple[list[Tensor], Optional[Tensor]]:
-        maps = self.model.forward_intermediates(images, indices=self.layers, norm=True,
-                                                output_fmt="NCHW", intermediates_only=True)
-        return [m.flatten(2).transpose(1, 2) for m in maps], None
+    def block_of(self, name: str) -> Optional[int]:
+        """Block (ConvNeXt: stage) index of a module or parameter name inside `self.model`, or None."""
+        return self.spec.block_of(name)
 
 
 def _resolve_layers(layers: Sequence[int], num_blocks: int, name: str) -> list[int]:
@@ -158,39 +144,29 @@ def create_backbone(source: str, name: str, weights: Optional[str], layers: Sequ
 
 def _create_timm(name: str, weights: Optional[str], layers: Sequence[int], init_seed: int,
                  model_kwargs: dict, hub_name: Optional[str]) -> Backbone:
-    is_convnext = timm.models.get_arch_name(name).startswith("convnext")
-    if not is_convnext:
-        model_kwargs.setdefault("dynamic_img_size", True)  # interpolated position embeddings
+    arch = timm.models.get_arch_name(name)
+    if not timm.models.is_model(arch):
+        raise ValueError(f"backbone {name}: timm has no architecture {arch!r} (backbone.name)")
+    spec = family_for("timm", timm.models.model_entrypoint(arch).__module__, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=0, **{**spec.create_kwargs, **model_kwargs})
     if weights is not None:
         path = _timm_weights_file(name, weights, hub_name or model.pretrained_cfg.get("hf_hub_id"))
         _load_checked(model, _read_timm_state_dict(path, model), name, path)
     mean = model.pretrained_cfg.get("mean", IMAGENET_MEAN)
     std = model.pretrained_cfg.get("std", IMAGENET_STD)
-    if is_convnext:
-        return _convnext_backbone(model, name, layers, mean, std)
-    module = type(model).__module__
-    if not module.endswith((".eva", ".vision_transformer")):
-        raise ValueError(f"backbone {name}: timm architecture {type(model).__name__} is not supported; "
-                         f"expected a DINOv2 ViT, a DINOv3 ViT (Eva) or a ConvNeXt")
-    family = "timm_eva" if module.endswith(".eva") else "timm_vit"
-    num_prefix = int(getattr(model, "num_prefix_tokens", 1))
-    num_reg = num_prefix - (1 if getattr(model, "cls_token", None) is not None else 0)
-    return Backbone(model, family, name, patch_size=model.patch_embed.patch_size[0],
-                    embed_dim=model.embed_dim, num_blocks=len(model.blocks), layers=layers,
-                    num_prefix_tokens=num_prefix, num_registers=num_reg, mean=mean, std=std)
+    return _backbone_of(spec, model, name, layers, mean, std)
 
 
-def _convnext_backbone(model: nn.Module, name: str, layers: Sequence[int], mean, std) -> Backbone:
-    info = model.feature_info
-    stages = _resolve_layers(layers, len(info), name)
-    strides = [int(info[i]["reduction"]) for i in stages]
-    dims = [int(info[i]["num_chs"]) for i in stages]
-    return Backbone(model, "timm_convnext", name, patch_size=strides[-1], embed_dim=dims[-1],
-                    num_blocks=len(info), layers=stages, num_prefix_tokens=0, num_registers=0,
-                    mean=mean, std=std, layer_strides=strides, embed_dims=dims)
+def _backbone_of(spec: FamilySpec, model: nn.Module, name: str, layers: Sequence[int], mean, std) -> Backbone:
+    geometry = spec.geometry(model)
+    strides, dims = geometry.pop("stage_strides", None), geometry.pop("stage_dims", None)
+    if strides is not None:        # a pyramid (ConvNeXt): the chosen stages set the strides and widths
+        layers = _resolve_layers(layers, geometry["num_blocks"], name)
+        strides, dims = [strides[i] for i in layers], [dims[i] for i in layers]
+        geometry.update(patch_size=strides[-1], embed_dim=dims[-1], layer_strides=strides, embed_dims=dims)
+    return Backbone(model, spec.name, name, layers=layers, mean=mean, std=std, **geometry)
 
 
 def _timm_weights_file(name: str, weights: str, repo: Optional[str]) -> Path:
@@ -280,14 +256,16 @@ class WeightsUnavailableError(OSError):
 
 # ---------------------------------------------------------------- transformers
 
-def _hf_classes(name: str, model_type: Optional[str] = None):
-    from transformers import Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel
-    kind = model_type or ("dinov3_vit" if "dinov3" in name.lower() else "dinov2" if "dinov2" in name.lower() else None)
-    classes = {"dinov2": (Dinov2Config, Dinov2Model), "dinov3_vit": (DINOv3ViTConfig, DINOv3ViTModel)}
-    if kind not in classes:
-        raise ValueError(f"backbone {name}: source=hf supports DINOv2 and DINOv3 ViTs (model_type dinov2 or "
-                         f"dinov3_vit), got {model_type or 'a name without dinov2/dinov3'}")
-    return classes[kind]
+def _hf_family(name: str, model_type: Optional[str] = None) -> FamilySpec:
+    """The family of a transformers model: its config's model_type, or else the name (a "dinov3..." name is
+    model_type dinov3_vit: a kind's first word in the name)."""
+    hf = [spec for spec in FAMILIES.values() if spec.source == "hf"]
+    if model_type is None:
+        model_type = next((kind for spec in hf for kind in spec.kinds if kind.split("_")[0] in name.lower()), None)
+    if model_type is None:
+        raise ValueError(f"backbone {name}: source=hf needs a name holding one of "
+                         f"{sorted(k.split('_')[0] for s in hf for k in s.kinds)} or a local folder with a config")
+    return family_for("hf", model_type, name)
 
 
 def _create_hf(name: str, weights: Optional[str], layers: Sequence[int], init_seed: int,
@@ -295,21 +273,17 @@ def _create_hf(name: str, weights: Optional[str], layers: Sequence[int], init_se
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         if weights is None:
-            config_cls, model_cls = _hf_classes(name)
+            config_cls, model_cls = _hf_family(name).hf_classes()
             model, (mean, std) = model_cls(config_cls(**model_kwargs)), (IMAGENET_MEAN, IMAGENET_STD)
         else:
             model, (mean, std) = _load_hf(name, weights, hub_name, model_kwargs)
     config = model.config
-    family = "hf_dinov3" if config.model_type == "dinov3_vit" else "hf_dinov2"
     for field in ("pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale"):
         # DINOv3's pretraining RoPE augmentation would make train-mode tokens random (timm has none);
         # off unless model_kwargs asks for it.
         if hasattr(config, field) and field not in model_kwargs:
             setattr(config, field, None)
-    num_reg = int(getattr(config, "num_register_tokens", 0) or 0)
-    return Backbone(model, family, name, patch_size=int(config.patch_size), embed_dim=int(config.hidden_size),
-                    num_blocks=int(config.num_hidden_layers), layers=layers,
-                    num_prefix_tokens=1 + num_reg, num_registers=num_reg, mean=mean, std=std)
+    return _backbone_of(_hf_family(name, config.model_type), model, name, layers, mean, std)
 
 
 def _load_hf(name: str, weights: str, hub_name: Optional[str], model_kwargs: dict):
@@ -326,7 +300,7 @@ def _load_hf(name: str, weights: str, hub_name: Optional[str], model_kwargs: dic
     # A bare state-dict file: the architecture comes from `name` and model_kwargs.
     if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise ValueError(f"weights file {path}: expected a .safetensors, .pth, .pt or .bin state dict")
-    config_cls, _ = _hf_classes(name)
+    config_cls, _ = _hf_family(name).hf_classes()
     with tempfile.TemporaryDirectory() as folder:
         config_cls(**model_kwargs).save_pretrained(folder)
         target = "model.safetensors" if path.suffix == ".safetensors" else "pytorch_model.bin"
@@ -336,7 +310,7 @@ def _load_hf(name: str, weights: str, hub_name: Optional[str], model_kwargs: dic
 
 def _hf_from_pretrained(name: str, src: str, model_kwargs: dict, shown: Optional[str] = None) -> nn.Module:
     from transformers import AutoConfig
-    _, model_cls = _hf_classes(name, AutoConfig.from_pretrained(src).model_type)
+    _, model_cls = _hf_family(name, AutoConfig.from_pretrained(src).model_type).hf_classes()
     model, info = model_cls.from_pretrained(src, output_loading_info=True, ignore_mismatched_sizes=True,
                                             **model_kwargs)
     mismatched = [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in info["mismatched_keys"]]

@@ -35,7 +35,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import timm
+from common.timm_import import timm
 import torch
 from torch import Tensor, nn
 

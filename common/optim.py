@@ -9,15 +9,13 @@ Tags (by parameter name, so optimisers, PCGrad and logging route the same way):
 from __future__ import annotations
 
 import math
-import re
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 TAGS = ("head", "adapter", "backbone", "uw")
-# ConvNeXt decays by stage ("stages.<i>."); ViTs by block ("blocks.<i>." in timm, "layer.<i>." in transformers).
-_BLOCK_INDEX = re.compile(r"\.stages\.(\d+)\.|\.(?:blocks|layer|layers)\.(\d+)\.")
+BACKBONE_PREFIX = "model.backbone.model."      # a trainable name under the backbone's encoder
 
 
 def tag_of(name: str) -> str:
@@ -36,28 +34,30 @@ def named_trainable(model: nn.Module, criterion: nn.Module) -> list[tuple[str, n
     return [(n, p) for n, p in named if p.requires_grad]
 
 
-def layer_scale(name: str, layer_decay: float, num_blocks: int) -> float:
-    """lr multiplier layer_decay ** (depth from the top) for block-indexed backbone parameters."""
-    match = _BLOCK_INDEX.search(name)
-    if layer_decay == 1.0 or match is None:
+def layer_scale(block: Optional[int], layer_decay: float, num_blocks: int) -> float:
+    """lr multiplier layer_decay ** (depth from the top) for a parameter of backbone block `block` (None: not
+    in a block, e.g. the patch embedding or the final norm, scale 1)."""
+    if layer_decay == 1.0 or block is None:
         return 1.0
-    index = int(match.group(1) if match.group(1) is not None else match.group(2))
-    return layer_decay ** (num_blocks - 1 - index)
+    return layer_decay ** (num_blocks - 1 - block)
 
 
 def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: dict[str, float],
-                       weight_decay: float, layer_decay: float = 1.0,
-                       num_blocks: int = 1, uw_weight_decay: float = 0.0, decay_1d: bool = False) -> list[dict]:
+                       weight_decay: float, layer_decay: float = 1.0, num_blocks: int = 1,
+                       block_of: Optional[Callable[[str], Optional[int]]] = None,
+                       uw_weight_decay: float = 0.0, decay_1d: bool = False) -> list[dict]:
     """One optimiser group per (tag, lr scale, decay or not); each group remembers its tag. 1-D parameters
     (biases, norms) get no weight decay unless `decay_1d`; `uw` parameters (uncertainty-weighting
-    log-variances) get `uw_weight_decay`."""
+    log-variances) get `uw_weight_decay`. `block_of` maps a name inside the backbone's encoder to its block
+    (Backbone.block_of) for layer decay over `num_blocks`."""
     groups: dict[tuple, dict] = {}
     for name, param in named_params:
         tag = tag_of(name)
         if lr.get(tag) is None:
             raise ValueError(f"parameter {name} is trainable with tag '{tag}' but no learning rate is "
                              f"configured for that tag (configured: {sorted(k for k, v in lr.items() if v)})")
-        scale = layer_scale(name, layer_decay, num_blocks) if tag in ("adapter", "backbone") else 1.0
+        in_backbone = tag in ("adapter", "backbone")
+        scale = layer_scale(_block(name, block_of), layer_decay, num_blocks) if in_backbone else 1.0
         decay = float(uw_weight_decay) if tag == "uw" else 0.0 if (param.ndim <= 1 and not decay_1d) else weight_decay
         key = (tag, scale, decay)
         if key not in groups:
@@ -66,6 +66,12 @@ def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: dic
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())
+
+
+def _block(name: str, block_of: Optional[Callable[[str], Optional[int]]]) -> Optional[int]:
+    if block_of is None or not name.startswith(BACKBONE_PREFIX):
+        return None
+    return block_of(name[len(BACKBONE_PREFIX):])
 
 
 def build_optimizer(groups: list[dict], betas: Iterable[float], fused: str | bool,

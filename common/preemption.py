@@ -63,6 +63,8 @@ def handlers() -> Iterator[None]:
         _running.pop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if signal.getsignal(SIGNALS[1]) is not _handle:   # nothing left to act on a caught signal: forget it
+            _received.clear()
 
 
 def requested() -> int | None:

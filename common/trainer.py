@@ -191,6 +191,7 @@ class Trainer:
                                     weight_decay=self.t.optim.weight_decay,
                                     layer_decay=OmegaConf.select(self.cfg, "peft.layer_decay") or 1.0,
                                     num_blocks=getattr(backbone, "num_blocks", 1),
+                                    block_of=getattr(backbone, "block_of", None),
                                     uw_weight_decay=self.t.optim.uw_weight_decay,
                                     decay_1d=bool(self.t.optim.decay_1d))
         self.optimizer = build_optimizer(groups, self.t.optim.betas, self.t.optim.fused, self.device)

@@ -8,12 +8,14 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models.densenet import DenseBlock
 from torch import Tensor, nn
 
 from common.backbone import Backbone, tokens_to_map
 from common.cache import encode
+from common.timm_import import timm
 from sclera.grounding import build_grounding
+
+DenseBlock = timm.models.densenet.DenseBlock
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, act: type[nn.Module]) -> nn.Sequential:

@@ -9,7 +9,8 @@ from common import adapters
 from common.adapters import (adapter_state_dict, check_adapters_active, inject_adapters, load_peft_adapter,
                              load_adapter_state_dict, merge_adapters, save_peft_adapter)
 from common.backbone import create_backbone
-from common.optim import layer_scale, tag_of
+from common.backbone_families import FAMILIES as REGISTERED_FAMILIES
+from common.optim import build_param_groups, tag_of
 from tests.tolerance import assert_close_reordered
 
 VIT = dict(embed_dim=32, depth=3, num_heads=2)
@@ -178,12 +179,14 @@ def test_last_n_blocks_limits_injection_and_names_feed_the_optimiser(key, block_
     bb, names = adapted(key, "lora", targets=["qkv"], last_n_blocks=2)
     blocks = {int(re.search(block_re, "." + n).group(1)) for n in names}
     assert blocks == {1, 2}
-    for n, p in bb.named_parameters():
-        full = "model.backbone." + n
-        if p.requires_grad:
-            assert tag_of(full) == "adapter"
-            block = int(re.search(block_re, n).group(1))
-            assert layer_scale(full, 0.5, bb.num_blocks) == 0.5 ** (bb.num_blocks - 1 - block)
+    trainable = [("model.backbone." + n, p) for n, p in bb.named_parameters() if p.requires_grad]
+    groups = build_param_groups(trainable, {"adapter": 1.0}, weight_decay=0.0, layer_decay=0.5,
+                                num_blocks=bb.num_blocks, block_of=bb.block_of)
+    lr_of = {name: g["lr"] for g in groups for name in g["names"]}
+    for full, _ in trainable:
+        assert tag_of(full) == "adapter"
+        block = int(re.search(block_re, full).group(1))
+        assert lr_of[full] == 0.5 ** (bb.num_blocks - 1 - block)
     _, all_names = adapted(key, "lora", targets=["qkv"], last_n_blocks=None)
     assert len(all_names) == 3 * len(names) // 2
     for bad in (0, 4):
@@ -196,7 +199,7 @@ def test_bad_targets_and_methods_raise(monkeypatch):
         adapted("timm_dinov2", targets=["qkvx"])
     with pytest.raises(ValueError, match="expected 'lora' or 'dora'"):
         adapted("hf_dinov2", method="ia3")
-    monkeypatch.setitem(adapters.TARGET_ALIASES, "proj", ("attn.out_proj",))
+    monkeypatch.setitem(REGISTERED_FAMILIES["timm_eva"].adapter_targets, "proj", ("attn.out_proj",))
     with pytest.raises(ValueError, match=r"'proj' matches no linear module.*'attn\.qkv'"):
         adapted("timm_dinov3", targets=["proj"])
     conv = create_backbone(source="timm", name="convnext_base", weights=None, layers=[3],

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from common.ema import EMA
+from common.backbone_families import FAMILIES
 from common.optim import Schedule, build_param_groups, layer_scale, tag_of
 
 
@@ -63,13 +64,12 @@ def test_tags_and_layer_decay_groups():
     assert tag_of("model.backbone.model.blocks.3.attn.qkv.lora_A.default.weight") == "adapter"
     assert tag_of("model.backbone.model.blocks.3.attn.qkv.weight") == "backbone"
     assert tag_of("model.head.fc.weight") == "head"
-    assert layer_scale("model.backbone.model.blocks.3.attn.qkv.lora_A.default.weight", 0.5, 4) == 1.0
-    assert layer_scale("model.backbone.model.blocks.1.attn.qkv.lora_A.default.weight", 0.5, 4) == 0.25
+    assert layer_scale(3, 0.5, 4) == 1.0 and layer_scale(1, 0.5, 4) == 0.25 and layer_scale(None, 0.5, 4) == 1.0
     named = [("model.backbone.model.blocks.1.attn.qkv.lora_A.default.weight", nn.Parameter(torch.zeros(2, 2))),
              ("model.head.fc.weight", nn.Parameter(torch.zeros(2, 2))),
              ("model.head.fc.bias", nn.Parameter(torch.zeros(2)))]
     groups = build_param_groups(named, {"head": 1e-3, "adapter": 1e-4}, weight_decay=0.05, layer_decay=0.5,
-                                num_blocks=4)
+                                num_blocks=4, block_of=FAMILIES["timm_vit"].block_of)
     by_name = {n: g for g in groups for n in g["names"]}
     assert by_name[named[0][0]]["lr"] == pytest.approx(1e-4 * 0.25) and by_name[named[0][0]]["tag"] == "adapter"
     assert by_name["model.head.fc.weight"]["weight_decay"] == 0.05

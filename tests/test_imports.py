@@ -1,6 +1,6 @@
 """A run imports only what it uses: peft (and with it transformers, 3.4 s of start-up on every run and sweep
-trial) only with adapters or a text encoder. wandb is not checked: any `import timm` imports it when installed
-(timm.utils.summary does `try: import wandb`, 0.6 s); the suite itself imports it only with logger=wandb."""
+trial) only with adapters or a text encoder, wandb (1.1 s) only with logger=wandb (common.timm_import keeps timm's
+optional `import wandb` out)."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ from tests.cli import REPO
 
 pytestmark = pytest.mark.slow   # runs run.py end to end (make test-fast leaves it out)
 
-HEAVY = ("peft", "transformers")
+HEAVY = ("peft", "transformers", "wandb")
 # run.py as users start it, reporting at exit which of HEAVY ended up in sys.modules
 PROBE = ("import atexit, json, runpy, sys\n"
          "atexit.register(lambda: print('IMPORTED', json.dumps([m for m in %r if m in sys.modules])))\n"
@@ -30,10 +30,14 @@ def _imported(tmp_path, args: list[str]) -> list[str]:
     return json.loads(line.split(" ", 1)[1])
 
 
-def test_plain_run_imports_neither_peft_nor_transformers(tmp_path):
+def test_plain_run_imports_neither_peft_nor_transformers_nor_wandb(tmp_path):
     assert _imported(tmp_path, ["task=biomass", "trainer=debug", "logger=none", "peft=none"]) == []
 
 
 def test_adapters_import_peft(tmp_path):
     """The probe sees imports (so an empty list above means something)."""
     assert "peft" in _imported(tmp_path, ["task=biomass", "trainer=debug", "logger=none", "peft=lora"])
+
+
+def test_wandb_logger_imports_wandb(tmp_path):
+    assert "wandb" in _imported(tmp_path, ["task=biomass", "trainer=debug", "logger=wandb", "peft=none"])
