@@ -50,7 +50,8 @@ class Built:
 
 
 def build(ref: Reference, cfg, batch_size: int) -> Built:
-    from common.app import data_root, load_task
+    from common.app import data_root
+    from common.parts import load_task
     from common.trainer import move_to
     task = load_task(cfg)
     sets = task.datasets(data_root(cfg, task), "fit")

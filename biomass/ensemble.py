@@ -111,7 +111,7 @@ def _digest(*parts) -> str:
 
 
 def member_key(model: nn.Module) -> str:
-    """The checkpoint a member came from (`checkpoint_id`, set by common.app.load_for_inference), else a digest
+    """The checkpoint a member came from (`checkpoint_id`, set by common.inference.load_for_inference), else a digest
     of its whole state (models built in code)."""
     checkpoint = getattr(model, "checkpoint_id", None)
     if checkpoint is not None:

@@ -38,6 +38,16 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], sour
     module.load_state_dict(state, strict=False)
 
 
+def restore_for_inference(model: nn.Module, ckpt: dict, source: str) -> nn.Module:
+    """Trainable weights of the checkpoint, with its EMA weights swapped in when it has them."""
+    load_trainable_state(model, ckpt["model"], source)
+    if ckpt.get("ema"):
+        params = dict(model.named_parameters())
+        for name, value in ckpt["ema"]["shadow"].items():
+            params[name].data.copy_(value)
+    return model
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),

@@ -12,7 +12,8 @@ from sklearn.model_selection import GroupKFold
 from torch.utils.data import Subset
 
 from common.atomic import atomic_write_text
-from common.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint, restore_for_inference
+from common.parts import build_parts
 from common.tracking import RunFiles, Tracker
 from common.trainer import Trainer, raise_if_diverged
 
@@ -76,7 +77,6 @@ def fold_checkpoint(fold_dir: Path, which: str) -> Path:
 
 
 def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker, ctx) -> float | None:
-    from common.app import build_parts, restore_for_inference
     sets = task.datasets(root, "cv")
     groups = np.asarray(task.cv_groups(sets["train"]))
     n_folds, labels = int(cfg.cv.folds), task.cv_labels(sets["train"])

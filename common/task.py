@@ -1,8 +1,9 @@
 """The one interface every task speaks.
 
 A task is data + model + loss + metrics + an output writer + a synthetic-data generator.
-`common.app` drives every mode (train / eval / predict / cv / synth) through these methods only,
-so training, evaluation, prediction and export have one code path each.
+`common.app` drives every mode (train / eval / predict / cv / synth) through these methods only
+(eval and predict through `common.inference`, which turns checkpoints into a predictor), so training,
+evaluation, prediction and export have one code path each.
 
 Conventions
 - A batch is a dict. Tensor values are moved to the device by the trainer; anything else
@@ -35,6 +36,10 @@ Outputs = dict[str, Tensor]
 
 class Task(ABC):
     """Subclass once per task; the class path is `task._target_` in `conf/task/<name>.yaml`."""
+
+    # Keys of the task config section that eval / predict take from this run, not from the checkpoint
+    # (inference settings such as test-time augmentation or the submission's team name).
+    INFERENCE_KEYS: tuple[str, ...] = ()
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg

@@ -219,7 +219,12 @@ class Trainer:
         batches = len(loader)
         if self.t.limit_train_batches:
             batches = min(batches, int(self.t.limit_train_batches))
-        return max(1, batches // int(self.t.accumulate_grad_batches))
+        accumulate = int(self.t.accumulate_grad_batches)
+        if batches < accumulate:
+            raise ValueError(f"trainer.accumulate_grad_batches={accumulate} is more than the {batches} training "
+                             f"batches of an epoch (data.batch_size, trainer.limit_train_batches): no optimiser "
+                             f"step would ever run; use at most {batches}")
+        return batches // accumulate
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _payload(self, state: FitState, task_name: str, stats: dict) -> dict:
@@ -369,7 +374,7 @@ class Trainer:
         """Metric values (no prefix) plus the mean loss when a criterion is given."""
         model.eval()
         metric.reset()
-        loss_sum, batches = 0.0, 0
+        loss_sum, items = 0.0, 0                           # val/loss: the mean over items, on every rank count
         if model is not getattr(self, "model", None):      # the training model was placed by _setup
             self._place(model)
         context = self.ema.applied(model) if getattr(self, "ema", None) is not None and model is self.model \
@@ -383,16 +388,16 @@ class Trainer:
                 with self.autocast():
                     outputs = model(batch)
                     if criterion is not None:
-                        loss_sum += float(sum(criterion(outputs, batch).values()))
+                        loss_sum += float(sum(criterion(outputs, batch).values())) * batch_size_of(batch)
+                items += batch_size_of(batch)
                 outputs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                            for k, v in outputs.items()}
                 metric.update(outputs, batch)
                 if i == 0 and on_first_batch is not None:
                     on_first_batch(_to_cpu(outputs), batch)
-                batches += 1
         values = metric.compute()
         if criterion is not None:
-            totals = torch.tensor([loss_sum, float(batches)], dtype=torch.float64, device=self.device)
+            totals = torch.tensor([loss_sum, float(items)], dtype=torch.float64, device=self.device)
             if self.ctx.enabled:
                 torch.distributed.all_reduce(totals)
             values["loss"] = float(totals[0] / totals[1].clamp(min=1))
@@ -491,6 +496,9 @@ class Trainer:
 
     def _should_stop(self, state: FitState) -> bool:
         patience = self.t.early_stopping_patience
+        if patience is not None and int(patience) < 1:
+            raise ValueError(f"trainer.early_stopping_patience={patience}: expected epochs >= 1 without improvement "
+                             f"before stopping, or null to train every epoch")
         if patience is not None and state.epochs_without_improvement >= int(patience):
             log.info(f"[trainer] early stopping: no improvement of {self.t.monitor} for {patience} epochs")
             return True

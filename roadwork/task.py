@@ -28,6 +28,8 @@ from roadwork.views import resolve_views
 
 
 class RoadworkTask(Task):
+    INFERENCE_KEYS = ("tta",)          # eval / predict use this run's task.tta
+
     @property
     def data(self):
         return self.cfg.data

@@ -47,6 +47,8 @@ def overlay(image: torch.Tensor, pred: np.ndarray, truth: np.ndarray | None) -> 
 
 
 class ScleraTask(Task):
+    INFERENCE_KEYS = ("submission",)   # predict writes this run's team name and size
+
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
         if cfg.task.track not in TRACKS:

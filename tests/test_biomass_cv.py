@@ -17,7 +17,7 @@ from biomass.metric import biomass_scores
 from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import missing_counts, read_train_table, report_missing
 from biomass.task import BiomassTask
-from common.app import checkpoint_paths
+from common.inference import checkpoint_paths
 from common.cv import assign_folds
 from tests.cli import run_cli
 

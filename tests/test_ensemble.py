@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from common import app
+from common import app, inference
 from common.ensemble import WeightedEnsemble, align_oof, metric_weights
 from roadwork.stacking import stack_members
 from tests.cli import REPO, run_cli
@@ -123,13 +123,13 @@ def test_checkpoint_paths_expand_cv_directories(tmp_path):
             (tmp_path / run / f"fold_{k}" / "checkpoints").mkdir(parents=True)
             (tmp_path / run / f"fold_{k}" / "checkpoints" / "best.pt").write_bytes(b"")
     single = tmp_path / "single.pt"
-    assert app.checkpoint_paths([tmp_path / "cv1", single, tmp_path / "cv2"]) == [
+    assert inference.checkpoint_paths([tmp_path / "cv1", single, tmp_path / "cv2"]) == [
         tmp_path / "cv1/fold_0/checkpoints/best.pt", tmp_path / "cv1/fold_1/checkpoints/best.pt", single,
         tmp_path / "cv2/fold_0/checkpoints/best.pt"]
     with pytest.raises(FileNotFoundError, match="without fold_"):
-        app.checkpoint_paths([tmp_path])
+        inference.checkpoint_paths([tmp_path])
     with pytest.raises(FileNotFoundError, match=r"cv1/oof.csv not found; ckpt_path must list mode=cv run"):
-        app._read_oof(tmp_path / "cv1")
+        inference._read_oof(tmp_path / "cv1")
 
 
 # ---- end to end (roadwork, run.py) ------------------------------------------------------------

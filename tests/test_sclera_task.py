@@ -138,12 +138,13 @@ def test_default_run_trains_evaluates_and_predicts_both_tracks(tmp_path):
 
 
 def test_eval_takes_whole_data_values_and_the_submission_from_the_command_line(monkeypatch):
-    from common import app
-    cfg = compose_cfg(["task.submission.team=FromRun", "paths.root_dir=/tmp", "paths.output_dir=/tmp/out"])
+    from common import inference
+    cfg = compose_cfg(["task.submission.team=FromRun", "paths.root_dir=/tmp", "paths.output_dir=/tmp/out",
+                       "data.encodings={}"])
     ckpt_cfg = OmegaConf.to_container(compose_cfg(["task.track=Synthetic", "task.submission.team=FromCkpt",
                                                    "paths.root_dir=/tmp", "paths.output_dir=/tmp/out"]), resolve=True)
     ckpt_cfg["data"]["encodings"] = {"MOBIUS": "sip"}
-    monkeypatch.setattr(app, "_command_line_data_overrides", lambda: [("encodings", {})])   # data.encodings={}
-    merged = app.config_from_checkpoint(cfg, {"config": ckpt_cfg})
+    monkeypatch.setattr(inference, "_command_line_data_keys", lambda: ["encodings"])   # given on the command line
+    merged = inference.config_from_checkpoint(cfg, {"config": ckpt_cfg})
     assert OmegaConf.to_container(merged.data.encodings) == {}           # replaced, not merged into {MOBIUS: sip}
     assert merged.task.track == "Synthetic" and merged.task.submission.team == "FromRun"

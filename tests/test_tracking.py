@@ -85,7 +85,8 @@ def test_wandb_init_names_groups_tags_and_silences(monkeypatch, tmp_path):
 
 def test_trainer_logs_step_and_epoch_losses_on_their_axes(monkeypatch, tmp_path):
     from common import distributed
-    from common.app import build_parts, data_root, load_task
+    from common.app import data_root
+    from common.parts import build_parts, load_task
     from common.trainer import Trainer
     tracker, cfg = _tracker(monkeypatch, tmp_path, ["trainer=debug", "trainer.log_every_n_steps=1",
                                                    "trainer.device=cpu"])

@@ -6,7 +6,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from common.app import load_for_inference
+from common.inference import load_for_inference
 from common.checkpoint import FORMAT_VERSION
 from common.checkpoint_config import UntrustedCheckpoint, check_checkpoint_config
 from tests.cli import REPO, run_cli
