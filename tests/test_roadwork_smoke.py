@@ -15,7 +15,7 @@ SMOKE = ["backbone=tiny", "trainer=debug", "data.view_size=28", "data.num_worker
 HIGHRES12 = ["peft.last_n_blocks=2"]
 SMALL = ["data.synth.splits.train.count=12", "data.synth.splits.val.count=8", "data.synth.splits.test.count=4",
          "data.synth.splits.train224.count=8", "data.synth.splits.val224.count=4", "data.batch_size=4",
-         "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
+         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]   # 2: the presets accumulate 2 batches
 
 
 def _run(tmp_path, name, overrides):
