@@ -1,4 +1,10 @@
-"""The reference configurations of issue 8, as command-line overrides of the suite's own configs."""
+"""The reference configurations of issue 8, as command-line overrides of the suite's own configs.
+
+`tiny` (bench.run --tiny): overrides appended after a reference's own, which swap in the tiny random backbone
+(conf/backbone/tiny.yaml: 4 blocks, width 64, patch 14) and small inputs, so that every reference builds and runs
+through the same code in seconds on a CPU (tests/test_bench.py). They change sizes only: the task, model, head,
+adapters and loss of the reference stay as its own overrides set them. `tiny_batch` is the batch size there.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,33 +20,54 @@ class Reference:
     targets: dict = field(default_factory=dict)     # samples/s the optimised path should reach per mode
     modes: tuple = ("infer", "train")
     cached: bool = False                            # head only, on precomputed backbone tokens
+    tiny: list[str] = field(default_factory=list)   # --tiny: appended after `overrides` (after TINY)
+    tiny_batch: int = 2
+
+
+TINY = ["backbone=tiny", "backbone.layers=[3]"]     # the tiny backbone's last block (it has 4)
 
 
 REFERENCES = [
     Reference("sclera_cgdseg_s14_256", [
         "experiment=sclera_cgdseg_synthetic", "model.grounding.kind=file", f"model.grounding.file={TEXT_EMBEDDINGS}",
         "data.synth.train_per_set=8", "data.synth.val_per_set=2", "data.synth.eval_per_set=2"],
-        batch_size=128, targets={"infer": 3000, "train": 1000}),
+        batch_size=128, targets={"infer": 3000, "train": 1000},
+        tiny=["data.image_size=[112,112]"], tiny_batch=2),
     Reference("biomass_dinov3_l16_480x960_lora", [
         "task=biomass", "backbone=dinov3_l16", "backbone.layers=[23]", "peft=lora", "peft.targets=[qkv]",
         "peft.last_n_blocks=16", "model=biomass/vitdet_dense", "model.head.width=512", "model.head.hidden=256",
         "data.image_size=[480,960]", "data.synth.n_train=16", "data.synth.n_test=4", "data.synth.width=960",
         "data.synth.height=480"],
-        batch_size=32, targets={"infer": 250, "train": 70}),
+        batch_size=32, targets={"infer": 250, "train": 70},
+        tiny=["peft.last_n_blocks=3", "data.image_size=[112,224]", "data.synth.width=224", "data.synth.height=112"],
+        tiny_batch=2),
     Reference("biomass_dinov3_l16_cached_head", [
         "task=biomass", "backbone=dinov3_l16", "backbone.layers=[23]", "peft=none", "model=biomass/vitdet_dense",
         "model.head.width=512", "model.head.hidden=256", "data.image_size=[480,960]", "data.synth.n_train=16",
         "data.synth.n_test=4", "data.synth.width=960", "data.synth.height=480"],
-        batch_size=256, targets={"train": 2000}, modes=("train",), cached=True),
+        batch_size=256, targets={"train": 2000}, modes=("train",), cached=True,
+        tiny=["data.image_size=[112,224]", "data.synth.width=224", "data.synth.height=112"], tiny_batch=4),
     Reference("roadwork_b14_12x518", [
         "task=roadwork", "backbone=dinov2_b14", "backbone.layers=[11]", "data.views=highres12",
         "data.view_size=518", "model.width=512", "model.depth=4", "model.num_heads=8",
         "model.classifier_hidden=[512,256]", "data.synth.splits.train.count=16", "data.synth.splits.val.count=8",
         "data.synth.splits.test.count=4"],
-        batch_size=16, targets={"infer": 95}, modes=("infer",)),
+        batch_size=16, targets={"infer": 95}, modes=("infer",),
+        tiny=["data.view_size=56", *[f"data.synth.splits.{s}.count=4" for s in ("train224", "val224")]],
+        tiny_batch=2),
     Reference("roadwork_b14_224_single", [
         "task=roadwork", "backbone=dinov2_b14", "backbone.layers=[11]", "data.views=single", "data.view_size=224",
-        "data.synth.splits.train.count=16", "data.synth.splits.val.count=8", "data.synth.splits.test.count=4",
-],
-        batch_size=256, modes=("infer",)),
+        "data.synth.splits.train.count=16", "data.synth.splits.val.count=8", "data.synth.splits.test.count=4"],
+        batch_size=256, modes=("infer",),
+        tiny=["data.view_size=56", *[f"data.synth.splits.{s}.count=4" for s in ("train224", "val224")]],
+        tiny_batch=4),
 ]
+
+
+def overrides_of(ref: Reference, tiny: bool) -> list[str]:
+    """The reference's Hydra overrides; with `tiny`, the size-only CPU overrides appended (the later wins)."""
+    return [*ref.overrides, *TINY, *ref.tiny] if tiny else list(ref.overrides)
+
+
+def batch_size_of(ref: Reference, tiny: bool) -> int:
+    return ref.tiny_batch if tiny else ref.batch_size

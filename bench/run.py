@@ -1,197 +1,302 @@
 """make bench: every task's reference configuration on one GPU, fp32 eager vs the optimised path, one table.
 
     python -m bench.run [--only NAME ...] [--out bench.json] [--repeats 5]
+    python -m bench.run --device cpu --tiny --repeats 1     # the CPU check of tests/test_bench.py
 
-Per configuration and variant: steady-state samples/s (after warm-up, CUDA-event timing, median of repeats),
-peak GPU memory, achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter on the eager model) and MFU as a
-fraction of a bf16 matmul measured in the same run. Backbones are randomly initialised (same FLOPs as the
-pretrained ones); data is each task's synthetic set at the reference input size.
+Every configuration is composed from the suite's own Hydra configs (bench/references.py) and built the way
+`run.py` trains: `load_task`, `data_root`, `task.datasets`, `task.fit_stats`, `common.parts.build_parts` (seeded
+model with head adapters, criterion). A training step is `Trainer._train_epoch` over one batch after
+`Trainer._setup` (parameter groups, AdamW, schedule, gradient clipping, EMA, channels_last, compile as the
+trainer config says); an inference call is `Trainer.infer`'s body (adapters merged as `mode=predict` merges them,
+`Trainer._place`, the trainer's autocast, outputs to the CPU) on one batch held on the device. The variants differ
+only in trainer settings (VARIANTS), so they are the trainer's own switches.
+
+Per configuration and variant: steady-state samples/s (median of `--repeats` timed groups of `--calls` calls
+after `--warmup` calls, so compilation and autotuning are excluded; CUDA events on the GPU, time.perf_counter on
+the CPU), peak GPU memory, achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter on the fp32 eager model)
+and MFU as a fraction of a bf16 matmul measured in the same run. The fp32 baseline runs with TF32 off for
+matmuls and cuDNN. Backbones are randomly initialised (same FLOPs as the pretrained ones); data is each task's
+synthetic set at the reference input size.
+
+--tiny appends size-only overrides (tiny random backbone, small inputs and batches; bench/references.py) so that
+every reference builds and runs in seconds on a CPU. --device cpu measures what makes sense there: fp32 eager
+and bf16 autocast eager; torch.compile (the optimised variant) is listed as skipped with its reason; peak memory
+and MFU are n/a. CPU figures are a smoke check of the benchmark, not performance figures.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import tempfile
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bench.measure import count_flops, matmul_peak_tflops, peak_memory_gib, time_per_call
+from bench.measure import count_flops, matmul_peak_tflops, peak_memory_gib, strict_fp32, time_per_call
 from bench.pipeline import input_pipeline_rate
-from bench.references import REFERENCES, TEXT_EMBEDDINGS, Reference
-from common.atomic import atomic_write_text
-from common.trainer import to_channels_last
+from bench.references import REFERENCES, TEXT_EMBEDDINGS, Reference, batch_size_of, overrides_of
+from common.atomic import atomic_path, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Trainer settings of each variant (the trainer's own switches; `optimised` is conf/trainer/gpu.yaml's recipe).
+VARIANTS = {
+    "fp32 eager": ["trainer.precision=fp32", "trainer.compile=false", "trainer.channels_last=false",
+                   "trainer.optim.fused=false"],
+    "optimised": ["trainer.precision=bf16", "trainer.compile=true", "trainer.channels_last=true",
+                  "trainer.optim.fused=auto"],
+    "bf16 eager": ["trainer.precision=bf16", "trainer.compile=false", "trainer.channels_last=true",
+                   "trainer.optim.fused=auto"],
+}
+DEFAULT_VARIANTS = {"cuda": ("fp32 eager", "optimised"), "cpu": ("fp32 eager", "bf16 eager", "optimised")}
+SKIPPED = {"cpu": {"optimised": "torch.compile runs on CUDA only here (Inductor's CPU kernels are not the GPU's; "
+                                "bf16 eager stands in)"}}
 
-def compose(ref: Reference, cache_dir: Path):
+
+def compose(ref: Reference, cache_dir: Path, variant: str, device: str, tiny: bool):
+    """The reference's config as run.py composes it, with the variant's trainer settings; the config-group
+    choices are checked as run.py checks them."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from omegaconf import open_dict
 
+    from common.choices import check_choices
+    from common.resolvers import register_resolvers as register_path_resolvers
     from sweeps.workers import register_resolvers
+    register_path_resolvers()
     register_resolvers()
-    overrides = [*ref.overrides, f"paths.root_dir={REPO}", f"paths.cache_dir={cache_dir}",
-                 "paths.output_dir=/tmp/bench-run", "logger=none", "backbone.weights=null"]
+    overrides = [*overrides_of(ref, tiny), f"paths.root_dir={REPO}", f"paths.cache_dir={cache_dir}",
+                 f"paths.output_dir={Path(tempfile.gettempdir()) / 'bench-run'}", "logger=none",
+                 "backbone.weights=null", "trainer.progress=off", f"trainer.device={device}", *VARIANTS[variant]]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    check_choices(cfg, dict(cfg.hydra.runtime.choices))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 @dataclass
 class Built:
     task: object
+    trainer: object
     model: torch.nn.Module
     criterion: torch.nn.Module
     batch: dict
-    dataset: object = None
-    extra: dict = field(default_factory=dict)
+    samples: int                 # items per call (batch x gradient accumulation for a training step)
 
 
-def build(ref: Reference, cfg, batch_size: int) -> Built:
+def build(ref: Reference, cfg, batch_size: int, train: bool) -> Built:
+    """The reference's task, data, model and criterion through the suite's own code; a trainer for the step."""
+    from common import image_check
     from common.app import data_root
-    from common.parts import load_task
-    from common.trainer import move_to
+    from common.distributed import DistContext, resolve_device
+    from common.parts import build_parts, load_task
+    from common.seed import seed_everything
+    from common.tracking import Tracker
+    from common.trainer import Trainer, move_to
+    seed_everything(int(cfg.seed))
     task = load_task(cfg)
+    image_check.configure(cfg)
     sets = task.datasets(data_root(cfg, task), "fit")
     stats = task.fit_stats(sets["train"])
-    model, criterion = task.build_model(stats).cuda(), task.build_criterion(stats).cuda()
+    model, criterion, _ = build_parts(task, stats)
+    device = resolve_device(str(cfg.trainer.device))
+    trainer = Trainer(cfg, Path(cfg.paths.output_dir), Tracker(), DistContext(device=device))
     distinct = min(len(sets["train"]), 8)
     items = [sets["train"][i % distinct] for i in range(batch_size)]
-    return Built(task, model, criterion, move_to(task.collate(items), torch.device("cuda")), sets["train"])
+    batch = move_to(task.collate(items), device)
+    accumulate = int(cfg.trainer.accumulate_grad_batches) if train else 1
+    return Built(task, trainer, model, criterion, batch, batch_size * accumulate)
 
 
 def freeze_features(built: Built) -> None:
-    """Head-only training on cached features: the backbone returns precomputed tokens (held on the GPU)."""
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        feats = built.model.backbone(built.batch["image"])
-    built.model.backbone.forward = lambda *args, **kwargs: feats
+    """Head-only training on cached features: the backbone returns tokens computed once (held on the device,
+    float32 as the feature cache returns them). Not the suite's data.cache_features path, which reads the tokens
+    from disk inside the model's forward (common.cache.CachedEncoder): this times the head alone."""
+    backbone = built.model.backbone.to(built.trainer.device)
+    with torch.no_grad(), built.trainer.autocast():
+        out = backbone(built.batch["image"])
+    out.tokens = [t.float() for t in out.tokens]
+    backbone.forward = lambda *args, **kwargs: out
 
 
-def step_fn(built: Built, train: bool, optimized: bool):
-    model, criterion, batch = built.model, built.criterion, built.batch
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=optimized)
-    if not train:
-        model.eval()
+def train_step(built: Built):
+    """One optimiser step of the suite's training loop: Trainer._train_epoch over one batch (forward and loss
+    under the trainer's autocast, non-finite check, backward, gradient clipping, schedule, AdamW step, EMA)."""
+    from common.trainer import FitState
+    trainer = built.trainer
+    trainer._setup(built.model, built.criterion, steps_per_epoch=1)
+    state = FitState()
 
-        def infer():
-            with torch.no_grad(), autocast:
-                model(batch)
-        return infer
-    model.train()
-    params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=optimized)
-
-    def train_step():
-        with autocast:
-            loss = sum(criterion(model(batch), batch).values())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return train_step
+    def step():
+        state.batches_done, state.epoch_sums = 0, {}
+        trainer._train_epoch(itertools.repeat(built.batch), state)
+    return step
 
 
-def optimise(built: Built) -> None:
-    if built.extra.get("channels_last", True):
-        to_channels_last(built.model)             # conv weights only, as the trainer does
-    built.model.compile()
+def infer_step(built: Built):
+    """One prediction call as mode=predict makes it: adapters merged (trainer.merge_adapters), the model placed
+    by Trainer._place, eval mode, no gradients, the trainer's autocast, outputs to the CPU (Trainer.infer)."""
+    from common.inference import merge_for_inference
+    from common.trainer import _to_cpu
+    trainer, batch = built.trainer, built.batch
+    model = merge_for_inference(built.model, trainer.t.merge_adapters, "bench")
+    trainer._place(model).eval()
+    if trainer.t.compile:
+        model.compile()
+    built.model = model
+
+    @torch.no_grad()
+    def infer():
+        with trainer.autocast():
+            _to_cpu(model(batch))
+    return infer
 
 
-def measure(ref: Reference, cfg, mode: str, variant: str, repeats: int, peak: float) -> dict:
-    batch_size = ref.batch_size
+def measure(ref: Reference, cfg, mode: str, variant: str, batch_size: int, repeats: int, warmup: int,
+            calls: int, device: str) -> dict:
+    base = {"config": ref.name, "mode": mode, "variant": variant}
+    cuda = device == "cuda"
+    built = None
     while True:
         try:
-            built = build(ref, cfg, batch_size)
-            if ref.cached:
-                freeze_features(built)
-            flops = count_flops(step_fn(built, mode == "train", optimized=False)) if variant == "fp32 eager" \
-                else None
-            if variant == "optimised":
-                optimise(built)
-            fn = step_fn(built, mode == "train", optimized=variant == "optimised")
-            seconds = time_per_call(fn, warmup=3, repeats=repeats, calls=5)
-            memory = peak_memory_gib(fn)
+            with strict_fp32() if variant == "fp32 eager" else nullcontext():
+                built = build(ref, cfg, batch_size, mode == "train")
+                if ref.cached:
+                    freeze_features(built)
+                fn = train_step(built) if mode == "train" else infer_step(built)
+                flops = count_flops(fn) if variant == "fp32 eager" else None
+                seconds = time_per_call(fn, warmup=warmup, repeats=repeats, calls=calls, device=device)
+                memory = peak_memory_gib(fn, device)
             break
         except torch.cuda.OutOfMemoryError:
             del built
-            torch.cuda.empty_cache()
+            built = None
+            if cuda:
+                torch.cuda.empty_cache()
             if batch_size == 1:
-                return {"config": ref.name, "mode": mode, "variant": variant, "error": "out of memory"}
+                return {**base, "error": "out of memory"}
             batch_size //= 2
-    row = {"config": ref.name, "mode": mode, "variant": variant, "batch": batch_size,
-           "samples_per_s": batch_size / seconds, "peak_gib": memory, "flops_per_call": flops}
+    row = {**base, "batch": built.samples, "samples_per_s": built.samples / seconds, "peak_gib": memory,
+           "flops_per_call": flops}
     del built
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return row
 
 
-def add_rates(rows: list[dict], peak: float) -> None:
+def add_rates(rows: list[dict], peak: float | None) -> None:
     """TFLOP/s and MFU from the eager FLOP count (the same work, whichever variant ran it)."""
     flops = {(r["config"], r["mode"]): r["flops_per_call"] / r["batch"] for r in rows if r.get("flops_per_call")}
     for row in rows:
         per_sample = flops.get((row["config"], row["mode"]))
         if per_sample and "samples_per_s" in row:
             row["tflops"] = per_sample * row["samples_per_s"] / 1e12
-            row["mfu"] = row["tflops"] / peak
+            row["mfu"] = row["tflops"] / peak if peak else None
 
 
-def print_table(rows: list[dict], peak: float) -> None:
-    print(f"\nbf16 matmul peak (8192^3, this run): {peak:.0f} TFLOP/s; device {torch.cuda.get_device_name()}")
-    head = f"{'config':<26} {'mode':<6} {'variant':<10} {'batch':>5} {'samples/s':>10} {'peak GiB':>8} " \
+def _num(value, spec: str, width: int) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
+def print_table(rows: list[dict], peak: float | None, device_name: str) -> None:
+    peak_text = f"{peak:.0f} TFLOP/s" if peak else "n/a"
+    print(f"\nbf16 matmul peak (8192^3, this run): {peak_text}; device {device_name}")
+    head = f"{'config':<32} {'mode':<6} {'variant':<10} {'batch':>5} {'samples/s':>10} {'peak GiB':>8} " \
            f"{'TFLOP/s':>8} {'MFU':>5} {'target':>8} {'speed-up':>8}"
     print(head + "\n" + "-" * len(head))
     eager = {(r["config"], r["mode"]): r.get("samples_per_s") for r in rows if r["variant"] == "fp32 eager"}
     for r in rows:
-        if "error" in r:
-            print(f"{r['config']:<26} {r['mode']:<6} {r['variant']:<10} {r['error']}")
+        if "error" in r or "skipped" in r:
+            what = f"error: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+            print(f"{r['config']:<32} {r['mode']:<6} {r['variant']:<10} {what}")
             continue
         ref = next(x for x in REFERENCES if x.name == r["config"])
         target = ref.targets.get(r["mode"]) if r["variant"] == "optimised" else None
         base = eager.get((r["config"], r["mode"]))
-        speedup = f"{r['samples_per_s'] / base:.2f}x" if base and r["variant"] == "optimised" else ""
-        print(f"{r['config']:<26} {r['mode']:<6} {r['variant']:<10} {r['batch']:>5} {r['samples_per_s']:>10.1f} "
-              f"{r['peak_gib']:>8.1f} {r.get('tflops', 0):>8.1f} {r.get('mfu', 0):>5.2f} "
-              f"{target if target else '':>8} {speedup:>8}")
+        speedup = f"{r['samples_per_s'] / base:.2f}x" if base and r["variant"] != "fp32 eager" else ""
+        print(f"{r['config']:<32} {r['mode']:<6} {r['variant']:<10} {r['batch']:>5} {r['samples_per_s']:>10.1f} "
+              f"{_num(r['peak_gib'], '.1f', 8)} {_num(r.get('tflops'), '.3f' if not peak else '.1f', 8)} "
+              f"{_num(r.get('mfu'), '.2f', 5)} {target if target else '':>8} {speedup:>8}")
 
 
-def main() -> None:
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="configuration names (default: all)")
-    parser.add_argument("--modes", nargs="*", default=["infer", "train"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--modes", nargs="*", default=["infer", "train"], choices=["infer", "train"])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random backbone, small inputs and batches (bench/references.py): a CPU check")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS),
+                        help="default: fp32 eager and optimised on cuda; fp32 eager and bf16 eager on cpu, where "
+                             "optimised (torch.compile) is listed as skipped. bf16 eager on cuda is what "
+                             "mode=predict runs there (trainer.precision=auto, no compile)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed groups; the figure is their median")
+    parser.add_argument("--calls", type=int, default=5, help="calls per timed group")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation, autotuning)")
     parser.add_argument("--out", default=str(REPO / "logs" / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"))
     parser.add_argument("--cache-dir", default=os.environ.get("VFM_CACHE", str(REPO / ".cache")))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("make bench needs a CUDA GPU (this measures GPU throughput)")
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 eager means fp32
-    torch.save(torch.randn(3, 512), TEXT_EMBEDDINGS)
-    peak = matmul_peak_tflops()
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or []) - {ref.name for ref in REFERENCES})
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}: expected {', '.join(r.name for r in REFERENCES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.run --device cuda needs a CUDA GPU (this measures GPU throughput); "
+                         "--device cpu --tiny checks the benchmark on a CPU")
+    with atomic_path(TEXT_EMBEDDINGS) as tmp:       # concurrent runs never read a partial file
+        torch.save(torch.randn(3, 512), tmp)
+    peak = matmul_peak_tflops() if args.device == "cuda" else None
+    name = device_name(args.device)
     rows, pipeline = [], []
     for ref in REFERENCES:
         if args.only and ref.name not in args.only:
             continue
-        cfg = compose(ref, Path(args.cache_dir))
+        cfg = None
         for mode in args.modes:
-            if mode in ref.modes:
-                for variant in ("fp32 eager", "optimised"):
-                    rows.append(measure(ref, cfg, mode, variant, args.repeats, peak))
-                    print(json.dumps(rows[-1]), flush=True)
-                    write_results(args.out, peak, rows, pipeline)
+            if mode not in ref.modes:
+                continue
+            for variant in args.variants or DEFAULT_VARIANTS[args.device]:
+                reason = SKIPPED.get(args.device, {}).get(variant)
+                if reason:
+                    rows.append({"config": ref.name, "mode": mode, "variant": variant, "skipped": reason})
+                else:
+                    cfg = compose(ref, Path(args.cache_dir), variant, args.device, args.tiny)
+                    rows.append(measure(ref, cfg, mode, variant, batch_size_of(ref, args.tiny), args.repeats,
+                                        args.warmup, args.calls, args.device))
+                print(json.dumps(rows[-1]), flush=True)
+                write_results(args.out, name, peak, rows, pipeline, args)
+        if cfg is None:
+            cfg = compose(ref, Path(args.cache_dir), "fp32 eager", args.device, args.tiny)
         pipeline.append(input_pipeline_rate(ref, cfg))
     add_rates(rows, peak)
-    write_results(args.out, peak, rows, pipeline)
-    print_table(rows, peak)
+    write_results(args.out, name, peak, rows, pipeline, args)
+    print_table(rows, peak, name)
     print("\ninput pipeline (one worker, decode + resize + augment): " +
           ", ".join(f"{p['config']} {p['items_per_s']:.0f} items/s" for p in pipeline))
     print(f"wrote {args.out}")
 
 
-def write_results(out: str, peak: float, rows: list[dict], pipeline: list[dict]) -> None:
-    """Rewritten after every row, so that a run cut short keeps what it measured."""
-    atomic_write_text(out, json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                     "matmul_peak_tflops": peak, "rows": rows, "pipeline": pipeline}, indent=2))
+def write_results(out: str, device_name: str, peak: float | None, rows: list[dict], pipeline: list[dict],
+                  args) -> None:
+    """Rewritten after every row, so that a run cut short keeps what it measured (strict JSON: a non-finite
+    figure is written as null)."""
+    atomic_write_json(out, {
+        "device": device_name, "torch": torch.__version__, "tiny": args.tiny, "repeats": args.repeats,
+        "calls": args.calls, "warmup": args.warmup,
+        "timing": "cuda events" if args.device == "cuda" else "time.perf_counter",
+        "matmul_peak_tflops": peak, "rows": rows, "pipeline": pipeline})
 
 
 if __name__ == "__main__":

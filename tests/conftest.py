@@ -18,7 +18,8 @@ if "VFM_SYNTH_DIR" not in os.environ:
 # The CPU cores shared among the xdist workers (and the run.py processes they start): two workers of two threads
 # each on two cores oversubscribe OpenMP and run a training epoch ~6x slower than one thread each.
 THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
-os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+# Not MKL_NUM_THREADS: run.py subprocesses get OMP_NUM_THREADS=1, which an inherited MKL_NUM_THREADS=2 overrides.
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import torch  # noqa: E402
 

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]   # with -n: i
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 SMALL = ["--cpus-per-task=1", "--mem=2G"]
+IDLE_WAIT_S = 180
 
 
 @pytest.fixture
@@ -31,9 +32,16 @@ def slurm():
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         problem = "sinfo / sbatch not found: start a one-node cluster with `sudo .ci/slurm_up.sh`"
     else:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-        if proc.returncode != 0 or not re.search(r"idle|mixed", proc.stdout):
-            problem = f"no idle Slurm node (sinfo: {proc.stdout.strip()} {proc.stderr.strip()}): run .ci/slurm_up.sh"
+        deadline = time.time() + IDLE_WAIT_S        # the previous test's job may still be completing
+        while True:
+            proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+            if proc.returncode == 0 and re.search(r"idle|mixed", proc.stdout):
+                break
+            if time.time() > deadline:
+                problem = (f"no idle Slurm node after {IDLE_WAIT_S} s (sinfo: {proc.stdout.strip()} "
+                           f"{proc.stderr.strip()}): run .ci/slurm_up.sh")
+                break
+            time.sleep(2)
     if problem:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but the Slurm cluster is not usable: {problem}")
