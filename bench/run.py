@@ -99,7 +99,8 @@ def build(ref: Reference, cfg, batch_size: int, train: bool) -> Built:
     from common.parts import build_parts, load_task
     from common.seed import seed_everything
     from common.tracking import Tracker
-    from common.trainer import Trainer, move_to
+    from common.device import move_to
+    from common.trainer import Trainer
     seed_everything(int(cfg.seed))
     task = load_task(cfg)
     image_check.configure(cfg)
@@ -144,7 +145,7 @@ def infer_step(built: Built):
     """One prediction call as mode=predict makes it: adapters merged (trainer.merge_adapters), the model placed
     by Trainer._place, eval mode, no gradients, the trainer's autocast, outputs to the CPU (Trainer.infer)."""
     from common.inference import merge_for_inference
-    from common.trainer import _to_cpu
+    from common.device import to_cpu
     trainer, batch = built.trainer, built.batch
     model = merge_for_inference(built.model, trainer.t.merge_adapters, "bench")
     trainer._place(model).eval()
@@ -155,7 +156,7 @@ def infer_step(built: Built):
     @torch.no_grad()
     def infer():
         with trainer.autocast():
-            _to_cpu(model(batch))
+            to_cpu(model(batch))
     return infer
 
 

@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +29,7 @@ from common.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable
 from common import preemption
 from common.console import epoch_line, lines_above_bars
 from common.data import SeededItems, reseed_augmentations, seed_worker
+from common.device import batch_size_of, move_to, resolve_channels_last, to_channels_last, to_cpu
 from common.distributed import DistContext, ShardSampler
 from common.ema import EMA
 from common.metric import Metric
@@ -72,48 +73,6 @@ class FitState:
     nonfinite_steps: int = 0
     batches_done: int = 0                # batches of epoch `epoch` already trained (preempted mid-epoch)
     epoch_sums: dict = field(default_factory=dict)   # their loss sums, so the epoch's mean covers every batch
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, list) and batch and isinstance(batch[0], torch.Tensor):
-        return [move_to(v, device) for v in batch]
-    return batch
-
-
-def batch_size_of(batch: dict) -> int:
-    for value in batch.values():
-        if isinstance(value, torch.Tensor):
-            return int(value.shape[0])
-    raise ValueError("batch holds no tensor: cannot tell its size")
-
-
-def _to_cpu(outputs: dict) -> dict:
-    return {k: (v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu())
-            if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
-
-
-def resolve_channels_last(setting, device: torch.device) -> bool:
-    """trainer.channels_last: auto = on CUDA (cuDNN's NHWC convolutions, faster under bf16), off on the CPU."""
-    if setting == "auto":
-        return device.type == "cuda"
-    if not isinstance(setting, bool):
-        raise ValueError(f"trainer.channels_last={setting!r}: expected auto, true or false")
-    return setting
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """2-D convolution weights in channels_last memory format, in place (same values, other strides); their
-    outputs follow. Other 4-D tensors keep their layout, a ViT's linears are unaffected."""
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and weight is not None and weight.dim() == 4 \
-                and not weight.is_contiguous(memory_format=torch.channels_last):
-            weight.data = weight.data.contiguous(memory_format=torch.channels_last)
-    return model
 
 
 class Trainer:
@@ -394,7 +353,7 @@ class Trainer:
                            for k, v in outputs.items()}
                 metric.update(outputs, batch)
                 if i == 0 and on_first_batch is not None:
-                    on_first_batch(_to_cpu(outputs), batch)
+                    on_first_batch(to_cpu(outputs), batch)
         values = metric.compute()
         if criterion is not None:
             totals = torch.tensor([loss_sum, float(items)], dtype=torch.float64, device=self.device)
@@ -412,7 +371,7 @@ class Trainer:
             device_batch = move_to(batch, self.device)
             with self.autocast():
                 outputs = model(device_batch)
-            yield _to_cpu(outputs), batch
+            yield to_cpu(outputs), batch
 
     def _check_preemption(self) -> None:
         """Evaluation and prediction stop at a signal too (one process; DDP ranks hold unequal shards, so they

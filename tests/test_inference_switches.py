@@ -20,7 +20,8 @@ from common.adapters import inject_adapters, merge_adapters
 from common.backbone import create_backbone
 from common.distributed import DistContext
 from common.tracking import Tracker
-from common.trainer import Trainer, resolve_channels_last, to_channels_last
+from common.device import resolve_channels_last, to_channels_last
+from common.trainer import Trainer
 from tests.cli import TOY, run_cli
 from tests.tolerance import assert_close_reordered
 from tests.test_biomass_model import _model as biomass_model
