@@ -13,6 +13,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from common.choices import ChoiceError, check_choices  # noqa: E402
+from common.config_schema import SchemaError, check_schema  # noqa: E402
 from common.resolvers import register_resolvers as register_path_resolvers  # noqa: E402
 from sweeps.workers import register_resolvers  # noqa: E402
 
@@ -27,7 +28,8 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     try:
         check_choices(cfg, dict(HydraConfig.get().runtime.choices))
-    except ChoiceError as err:
+        check_schema(cfg)
+    except (ChoiceError, SchemaError) as err:
         sys.exit(f"error: {err}")
     from common.app import run
     return run(cfg)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def trial(overrides: list[str], run_dir: Path, cache_dir: Path) -> float:
-    cmd = [sys.executable, "run.py", "task=biomass", "logger=none", "trainer.progress=off", "data.aug.p_clean=1.0",
+    cmd = [sys.executable, "run.py", "task=biomass", "logger=none", "trainer.progress=off", "data.augment=[]",
            f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}", *overrides]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)

@@ -5,10 +5,10 @@
 
 Every configuration is composed from the suite's own Hydra configs (bench/references.py) and built the way
 `run.py` trains: `load_task`, `data_root`, `task.datasets`, `task.fit_stats`, `common.parts.build_parts` (seeded
-model with head adapters, criterion). A training step is `Trainer._train_epoch` over one batch after
-`Trainer._setup` (parameter groups, AdamW, schedule, gradient clipping, EMA, channels_last, compile as the
-trainer config says); an inference call is `Trainer.infer`'s body (adapters merged as `mode=predict` merges them,
-`Trainer._place`, the trainer's autocast, outputs to the CPU) on one batch held on the device. The variants differ
+model with head adapters, criterion). A training step is `Trainer.train_epoch` over one optimiser step's batches
+after `Trainer.prepare` (parameter groups, optimiser, schedule, gradient clipping, EMA, channels_last, compile as
+the trainer config says); an inference call is `Trainer.infer`'s body (adapters merged as `mode=predict` merges
+them, `Trainer.place`, the trainer's autocast, outputs to the CPU) on one batch held on the device. The variants differ
 only in trainer settings (VARIANTS), so they are the trainer's own switches.
 
 Per configuration and variant: steady-state samples/s (median of `--repeats` timed groups of `--calls` calls
@@ -128,27 +128,28 @@ def freeze_features(built: Built) -> None:
 
 
 def train_step(built: Built):
-    """One optimiser step of the suite's training loop: Trainer._train_epoch over one batch (forward and loss
-    under the trainer's autocast, non-finite check, backward, gradient clipping, schedule, AdamW step, EMA)."""
+    """One optimiser step of the suite's training loop: Trainer.train_epoch of a one-step epoch over the held
+    batch (accumulate_grad_batches micro-batches: forward and loss under the trainer's autocast, non-finite check,
+    backward, gradient clipping, schedule, optimiser step, EMA)."""
     from common.trainer import FitState
     trainer = built.trainer
-    trainer._setup(built.model, built.criterion, steps_per_epoch=1)
+    trainer.prepare(built.model, built.criterion, steps_per_epoch=1)
     state = FitState()
 
     def step():
         state.batches_done, state.epoch_sums = 0, {}
-        trainer._train_epoch(itertools.repeat(built.batch), state)
+        trainer.train_epoch(itertools.repeat(built.batch), state)
     return step
 
 
 def infer_step(built: Built):
     """One prediction call as mode=predict makes it: adapters merged (trainer.merge_adapters), the model placed
-    by Trainer._place, eval mode, no gradients, the trainer's autocast, outputs to the CPU (Trainer.infer)."""
+    by Trainer.place, eval mode, no gradients, the trainer's autocast, outputs to the CPU (Trainer.infer)."""
     from common.inference import merge_for_inference
     from common.device import to_cpu
     trainer, batch = built.trainer, built.batch
     model = merge_for_inference(built.model, trainer.t.merge_adapters, "bench")
-    trainer._place(model).eval()
+    trainer.place(model).eval()
     if trainer.t.compile:
         model.compile()
     built.model = model

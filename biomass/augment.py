@@ -1,94 +1,90 @@
-"""Albumentations pipelines for the whole-image view (height x width kept at the image's 2:1 shape).
+"""Biomass's own transforms for `data.augment` (built by common.augment.build_augment), and the resize before it.
 
-Eval: resize to `image_size`. Train: resize, then, with probability 1 - p_clean, the configured
-augmentations in a fixed order (each with its own probability), then the `extra` list: any
-albumentations transform, as {_target_: albumentations.GridDistortion, p: 0.3, ...} or
-{name: GridDistortion, p: 0.3, ...}. Both random crops keep the output's aspect ratio by construction
-("crop": side in [min_scale, 1]; "resized_crop": area in `area`, RandomResizedCrop with the image's own
-aspect ratio), so they never fall back to a fixed centre crop. The resize is its own step (build_resize) and the random rest
-another (build_augment), so datasets can cache the resized image (data.image_cache) and augment it after.
+The default list (conf/data/biomass/csiro.yaml) is one common.augment.SequentialOrClean: with probability p_clean
+the resized image trains as it is, otherwise flips, crop, affine, colour, blur, noise, dropout, timestamp overlay and
+light spots run in that order, each with its own probability. The resize is its own step (build_resize), done by the
+dataset before the augmentation, so it can cache the resized image (data.image_cache): the transforms get images at
+data.image_size, and the crops here take their geometry from the image they get. Both crops keep the image's
+aspect ratio by construction (AspectCrop: side in [min_scale, 1]; AspectResizedCrop: area in `area`), so they never
+fall back to a fixed centre crop. Artefacts of field photos: burnt-in camera timestamps (TimestampOverlay, here)
+and light spots (common.augment.GaussianHighlights with relative_to: height, size_is: radius, min_size: 1).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import albumentations as A
 import cv2
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+import numpy as np
+
+from common.augment import build_augment
 
 
-def _crop(c, h: int, w: int) -> A.BasicTransform:
-    return A.RandomSizedCrop(min_max_height=(max(1, int(round(c.min_scale * h))), h), size=(h, w),
-                             w2h_ratio=w / h, p=c.p)
+class TimestampOverlay(A.ImageOnlyTransform):
+    """Draws a camera-style date-time string (orange or white, with a dark outline) in a random corner."""
+
+    COLOURS = ((255, 140, 0), (255, 255, 255), (255, 220, 0))
+
+    def __init__(self, font_scale: tuple[float, float] = (0.3, 0.6), p: float = 0.5):
+        super().__init__(p=p)
+        self.font_scale = tuple(font_scale)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        r = self.py_random
+        text = (f"20{r.randint(10, 25):02d}/{r.randint(1, 12):02d}/{r.randint(1, 28):02d} "
+                f"{r.randint(0, 23):02d}:{r.randint(0, 59):02d}")
+        return {"text": text, "scale": r.uniform(*self.font_scale), "corner": r.randint(0, 3),
+                "colour": self.COLOURS[r.randint(0, len(self.COLOURS) - 1)]}
+
+    def apply(self, img: np.ndarray, text: str = "", scale: float = 0.5, corner: int = 0,
+              colour: tuple = (255, 255, 255), **params) -> np.ndarray:
+        h, w = img.shape[:2]
+        font = cv2.FONT_HERSHEY_SIMPLEX
+        thickness = max(1, int(round(scale * 2)))
+        (tw, th), base = cv2.getTextSize(text, font, scale, thickness)
+        x = 4 if corner in (0, 2) else max(0, w - tw - 4)
+        y = th + 4 if corner in (0, 1) else max(th, h - base - 4)
+        out = np.ascontiguousarray(img.copy())
+        cv2.putText(out, text, (x, y), font, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+        cv2.putText(out, text, (x, y), font, scale, colour, thickness, cv2.LINE_AA)
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("font_scale",)
 
 
-def _resized_crop(c, h: int, w: int) -> A.BasicTransform:
-    return A.RandomResizedCrop(size=(h, w), scale=tuple(c.area), ratio=(w / h, w / h), p=c.p)
+class AspectCrop(A.RandomSizedCrop):
+    """A random crop with the image's own aspect ratio, its height drawn from [round(min_scale * H), H] pixels
+    (at least 1), resized back to the image's size H x W: RandomSizedCrop sized by the image it gets."""
+
+    def __init__(self, min_scale: float = 0.85, p: float = 1.0):
+        super().__init__(min_max_height=(1, 1), size=(1, 1), p=p)      # set per image below
+        self.min_scale = float(min_scale)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        self.min_max_height, self.size, self.w2h_ratio = (max(1, int(round(self.min_scale * h))), h), (h, w), w / h
+        return super().get_params_dependent_on_data(params, data)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_scale",)
 
 
-def _affine(c, h: int, w: int) -> A.BasicTransform:
-    return A.Affine(scale=tuple(c.scale), translate_percent=(-c.translate, c.translate),
-                    rotate=(-c.rotate, c.rotate), shear=(-c.shear, c.shear), border_mode=cv2.BORDER_REFLECT_101,
-                    p=c.p)
+class AspectResizedCrop(A.RandomResizedCrop):
+    """RandomResizedCrop with the image's own aspect ratio: a crop of a share of the image's area drawn from
+    `area`, resized back to the image's size."""
 
+    def __init__(self, area: tuple[float, float] = (0.8, 1.0), p: float = 1.0):
+        super().__init__(size=(1, 1), scale=tuple(area), ratio=(1.0, 1.0), p=p)   # size, ratio: per image below
+        self.area = self.scale
 
-def _color(c, h: int, w: int) -> A.BasicTransform:
-    return A.ColorJitter(brightness=c.brightness, contrast=c.contrast, saturation=c.saturation,
-                         hue=c.hue, p=c.p)
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        self.size, self.ratio = (h, w), (w / h, w / h)
+        return super().get_params_dependent_on_data(params, data)
 
-
-def _blur(c, h: int, w: int) -> A.BasicTransform:
-    return A.GaussianBlur(blur_limit=tuple(c.kernel), sigma_limit=tuple(c.sigma), p=c.p)
-
-
-def _noise(c, h: int, w: int) -> A.BasicTransform:
-    return A.GaussNoise(std_range=tuple(c.std), p=c.p)
-
-
-def _dropout(c, h: int, w: int) -> A.BasicTransform:
-    return A.CoarseDropout(num_holes_range=tuple(c.holes), hole_height_range=tuple(c.size),
-                           hole_width_range=tuple(c.size), fill=0, p=c.p)
-
-
-def _erasing(c, h: int, w: int) -> A.BasicTransform:
-    return A.Erasing(scale=tuple(c.area), ratio=tuple(c.ratio), fill=c.fill, p=c.p)
-
-
-def _overlay(c, h: int, w: int) -> A.BasicTransform:
-    from biomass.overlays import TimestampOverlay
-    return TimestampOverlay(font_scale=tuple(c.font_scale), p=c.p)
-
-
-def _spots(c, h: int, w: int) -> A.BasicTransform:
-    from biomass.overlays import LightSpots
-    return LightSpots(num_spots=tuple(c.num), radius=tuple(c.radius), strength=tuple(c.strength), p=c.p)
-
-
-BUILDERS = {"hflip": None, "vflip": None, "crop": _crop, "resized_crop": _resized_crop, "affine": _affine,
-            "color": _color, "blur": _blur, "noise": _noise, "dropout": _dropout, "erasing": _erasing,
-            "overlay": _overlay, "spots": _spots}
-
-
-def build_extra(entry, index: int) -> A.BasicTransform:
-    """One `data.aug.extra` entry -> an albumentations transform (by _target_ or by name, with its arguments)."""
-    spec = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
-    where = f"data.aug.extra[{index}]"
-    if "_target_" in spec:
-        if not str(spec["_target_"]).startswith("albumentations."):
-            raise ValueError(f"{where}: _target_={spec['_target_']!r} is not an albumentations transform")
-        transform = instantiate(spec)
-    elif "name" in spec:
-        name = spec.pop("name")
-        if not isinstance(getattr(A, str(name), None), type):
-            raise ValueError(f"{where}: albumentations has no transform named {name!r}")
-        transform = getattr(A, name)(**spec)
-    else:
-        raise ValueError(f"{where}: expected {{_target_: albumentations.<Transform>, ...}} or "
-                         f"{{name: <Transform>, ...}}, got keys {sorted(spec)}")
-    if not isinstance(transform, A.BasicTransform):
-        raise ValueError(f"{where}: {type(transform).__name__} is not an albumentations transform")
-    return transform
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("area",)
 
 
 def build_resize(image_size) -> A.Resize:
@@ -96,31 +92,8 @@ def build_resize(image_size) -> A.Resize:
     return A.Resize(height=int(image_size[0]), width=int(image_size[1]), interpolation=cv2.INTER_AREA)
 
 
-def build_augment(aug: DictConfig | None, image_size) -> A.Compose | None:
-    """The random rest of the training pipeline, on images already at `image_size`; None without `aug`."""
-    if aug is None:
-        return None
-    h, w = int(image_size[0]), int(image_size[1])
-    unknown = sorted(set(aug.keys()) - set(BUILDERS) - {"p_clean", "extra"})
-    if unknown:
-        raise ValueError(f"data.aug: unknown augmentation(s) {unknown}; known: {sorted(BUILDERS)}, p_clean "
-                         f"and extra (a list of any albumentations transforms)")
-    steps = []
-    for name, build in BUILDERS.items():
-        if name not in aug or aug[name] is None:
-            continue
-        if name == "hflip":
-            steps.append(A.HorizontalFlip(p=float(aug.hflip)))
-        elif name == "vflip":
-            steps.append(A.VerticalFlip(p=float(aug.vflip)))
-        elif float(aug[name].p) > 0:
-            steps.append(build(aug[name], h, w))
-    steps += [build_extra(entry, i) for i, entry in enumerate(aug.get("extra") or [])]
-    return A.Compose([A.Sequential(steps, p=1.0 - float(aug.p_clean))])
-
-
-def build_transform(aug: DictConfig | None, image_size, train: bool) -> Callable:
-    """The whole pipeline: resize, then (train) the augmentations. `image_size` is [height, width];
-    `aug` holds p_clean and one entry per transform (see BUILDERS)."""
-    augment = build_augment(aug, image_size) if train else None
-    return A.Compose([build_resize(image_size), *(augment.transforms if augment is not None else [])])
+def build_transform(augment, image_size, train: bool) -> Callable:
+    """One item's whole pipeline as one Compose: resize to `image_size` [height, width], then (train) the
+    `data.augment` list (the dataset runs the same two steps apart, build_resize then build_augment)."""
+    steps = build_augment(augment) if train else None
+    return A.Compose([build_resize(image_size), *(steps.transforms if steps is not None else [])])

@@ -7,11 +7,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from biomass.ensemble import tta_views
-from biomass.metadata import FIELDS, MODES, MetadataFusion, check_fields
+from biomass.meta_encoder import FIELDS, MODES, MetadataFusion, check_fields
 from biomass.mixing import mix_features, mix_labels
 from biomass.param import get_param
-from biomass.views import LAYOUTS, HalvesEncoder
+from biomass.tta import ViewTTA
+from biomass.view_fusion import LAYOUTS, HalvesEncoder
 from common.backbone import Backbone, BackboneOutput
 from common.cache import CachedEncoder, encode
 from common.mixup import sample_mixup
@@ -41,7 +41,7 @@ class BiomassModel(nn.Module):
     mixed labels under "mixed/<key>"."""
 
     def __init__(self, backbone: Backbone, head: Callable[..., nn.Module], param: str, aux: Sequence[str],
-                 stats: dict, views: dict, metadata: dict, mixup: dict):
+                 stats: dict, views: dict, metadata: dict, mixup: dict, tta: ViewTTA | None = None):
         super().__init__()
         _check_aux(aux, metadata)
         if views["layout"] not in LAYOUTS:
@@ -61,7 +61,11 @@ class BiomassModel(nn.Module):
         self.aux_dims = {name: AUX_DIMS.get(name, len(self.states)) for name in aux}
         out_dim = self.param.raw_dim + sum(self.aux_dims.values())
         self.head = head(embed_dim=backbone.embed_dim, num_layers=len(backbone.layers), out_dim=out_dim)
-        self.tta: dict | None = None   # set by the task from data.tta: eval-mode test-time augmentation
+        # Test-time augmentation in eval mode (inference.tta), passed by the task for validation during training
+        # (mode=train / cv). It is the model's own, not a wrapper's, because the trainer validates and checkpoints
+        # the very module it trains: a wrapper would prefix every checkpoint key and hide model.backbone / .head.
+        # eval / predict wrap the restored model instead (ViewTTA(model), common.inference), with tta=None here.
+        self.tta = tta
         self.register_buffer("gm2_scale", torch.tensor(float(stats["total_gm2_mean"])), persistent=False)
         self.quadrat_area = float(stats["quadrat_area"])
 
@@ -89,16 +93,15 @@ class BiomassModel(nn.Module):
             start += dim
         return out
 
-    def forward_tta(self, batch: dict) -> dict[str, Tensor]:
-        """Outputs averaged over the TTA views (flips, scales) of batch["image"]."""
-        views = tta_views(batch["image"], bool(self.tta["hflip"]), bool(self.tta["vflip"]),
-                          list(self.tta["scales"]), self.backbone.patch_size, float(self.tta["tiles"]))
-        outs = [self.decode(self.encode({**batch, "image": view})) for view in views]
+    def forward_views(self, batch: dict, tta: ViewTTA) -> dict[str, Tensor]:
+        """Outputs averaged over the TTA views (flips, scales, tiles) of batch["image"]."""
+        outs = [self.decode(self.encode({**batch, "image": view}))
+                for view in tta.views(batch["image"], self.backbone.patch_size)]
         return {key: torch.stack([o[key] for o in outs]).mean(dim=0) for key in outs[0]}
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         if not self.training and self.tta is not None:
-            return self.forward_tta(batch)
+            return self.forward_views(batch, self.tta)
         feats = self.encode(batch)
         plan = None
         if self.training and self.mixup["prob"] > 0 and "targets_g" in batch:

@@ -12,14 +12,13 @@ import pandas as pd
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from biomass.augment import build_augment
 from biomass.constants import TARGETS
 from biomass.data import BiomassDataset, fit_stats, group_keys
-from biomass.ensemble import BiomassEnsemble
 from biomass.plots import scatter_image
-from biomass.submission import collect_predictions, score_submission, write_submission
+from biomass.outputs import collect_predictions, score_submission, write_submission
 from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import read_solution_table, read_test_table, read_train_table, report_missing
+from common.augment import build_augment
 from common.build import build_encoder
 from common.data import unwrap_subset
 from common.cache import maybe_cached
@@ -41,8 +40,6 @@ def _table_of(dataset: Dataset) -> pd.DataFrame:
 class BiomassTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.test_rows: pd.DataFrame | None = None   # long test.csv rows, set by datasets(stage="predict")
-        self.solution_path: Path | None = None       # test_solution.csv beside test.csv (synthetic demo)
         self.baseline_g: list[float] | None = None   # mean grams per target of the full labelled table
 
     # ---- data -------------------------------------------------------------------------------
@@ -56,7 +53,7 @@ class BiomassTask(Task):
         h, w = int(d.image_size[0]), int(d.image_size[1])
         draft = (w * int(d.decode_scale), h * int(d.decode_scale)) if d.decode_scale else None
         cached = bool(d.cache_features)  # cached tokens are of the clean image: no pixel augmentation
-        augment = build_augment(d.aug, d.image_size) if train and not cached else None
+        augment = build_augment(d.augment) if train and not cached else None
         return BiomassDataset(table, root, augment, draft_size=draft, image_size=(h, w),
                               cache_view=self._cache_view() if cached else None,
                               image_cache=ImageCache.from_config(d.get("image_cache")))
@@ -83,7 +80,7 @@ class BiomassTask(Task):
                              f"lacks {missing} (it has {sorted(columns)}); set model.metadata.mode=none, or "
                              f"model.metadata.field_dropout > 0 to train the model to predict without them")
 
-    def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
+    def datasets(self, root: Path, stage: str, model=None) -> dict[str, Dataset]:
         d, root = self.cfg.data, Path(root)
         self.check_metadata_columns(root)
         if stage in ("fit", "cv"):
@@ -98,8 +95,7 @@ class BiomassTask(Task):
         if stage == "eval":
             return {"eval": self._dataset(read_solution_table(root, d.test_csv, d.solution_csv), root, False)}
         if stage == "predict":
-            self.test_rows, wide = read_test_table(root, d.test_csv)
-            self.solution_path = root / d.solution_csv
+            _, wide = read_test_table(root, d.test_csv)
             return {"predict": self._dataset(wide, root, False)}
         raise ValueError(f"stage={stage!r}: expected fit, cv, eval or predict")
 
@@ -127,26 +123,16 @@ class BiomassTask(Task):
 
     # ---- model, loss, metric ----------------------------------------------------------------
     def build_model(self, stats: dict):
+        """The model; in mode=train / cv it averages the views of inference.tta in eval mode (validation, out-of-fold
+        predictions), while eval / predict wrap the restored model or ensemble instead (common.inference)."""
         encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=tuple(self.cfg.data.image_size))
-        model = hydra.utils.instantiate(self.cfg.model, backbone=encoder, stats=stats)
-        tta = self.cfg.data.get("tta")
-        if tta is not None and (tta.hflip or tta.vflip or len(tta.scales) or tta.tiles):
-            if self.cfg.data.cache_features:
-                raise ValueError("data.tta changes the pixels the cached tokens were computed from: "
-                                 "set data.cache_features=false for test-time augmentation")
-            model.tta = OmegaConf.to_container(tta, resolve=True)
-        return model
-
-    def ensemble(self, models: list, weights: list[float] | None = None) -> BiomassEnsemble:
-        """Several trained models (e.g. the fold checkpoints of mode=cv) as one predictor, with the
-        TTA of data.tta and the member weighting of data.ensemble (per image), times fixed member `weights`
-        (ensemble.weighting=metric) when given."""
-        tta, ens = self.cfg.data.tta, self.cfg.data.ensemble
-        for model in models:
-            model.tta = None
-        return BiomassEnsemble(models, hflip=tta.hflip, vflip=tta.vflip, scales=list(tta.scales),
-                               mc_passes=int(ens.mc_passes), mc_eps=float(ens.mc_eps), prior=weights,
-                               cache_dir=ens.cache_dir, tiles=float(tta.tiles))
+        tta = hydra.utils.instantiate(self.cfg.inference.tta)
+        if tta is not None and tta.active and self.cfg.data.cache_features:
+            raise ValueError("inference.tta changes the pixels the cached tokens were computed from: "
+                             "set data.cache_features=false for test-time augmentation")
+        training = self.cfg.mode in ("train", "cv")
+        return hydra.utils.instantiate(self.cfg.model, backbone=encoder, stats=stats,
+                                       tta=tta if training and tta is not None and tta.active else None)
 
     def build_criterion(self, stats: dict):
         return hydra.utils.instantiate(self.cfg.loss, stats=stats)
@@ -156,14 +142,17 @@ class BiomassTask(Task):
         return hydra.utils.instantiate(self.cfg.metric, baseline_g=stats.get("baseline_g"))
 
     # ---- outputs ----------------------------------------------------------------------------
-    def write_predictions(self, results: Iterable, out_dir: Path, stats: dict) -> dict[str, Path]:
-        if self.test_rows is None:
-            raise RuntimeError("write_predictions needs datasets(root, 'predict') first (it reads test.csv)")
+    def write_predictions(self, results: Iterable, dataset: Dataset, out_dir: Path, stats: dict) -> dict[str, Path]:
+        """submission.csv: one row per row of the test.csv beside the predicted images (dataset.root), scored
+        against test_solution.csv when the folder has one (the synthetic demo)."""
+        root, d = unwrap_subset(dataset)[0].root, self.cfg.data
+        test_rows, _ = read_test_table(root, d.test_csv)
         preds = collect_predictions(results)
-        path = write_submission(self.test_rows, preds, Path(out_dir) / "submission.csv")
+        path = write_submission(test_rows, preds, Path(out_dir) / "submission.csv")
         written = {"submission": path}
-        if self.solution_path is not None and self.solution_path.is_file():
-            scores = score_submission(path, self.solution_path, Path(out_dir) / "submission_scores.json")
+        solution = root / d.solution_csv
+        if solution.is_file():
+            scores = score_submission(path, solution, Path(out_dir) / "submission_scores.json")
             log.info("[predict] submission.csv vs test_solution.csv: " + json.dumps(scores))
             written["scores"] = Path(out_dir) / "submission_scores.json"
         return written

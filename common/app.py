@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def synthetic_root(cfg: DictConfig) -> Path:
     """The folder of the synthetic dataset that `cfg` trains on when data.root is unset (keyed by its settings)."""
-    seed = int(OmegaConf.select(cfg, "data.synth_seed", default=0))
+    seed = int(cfg.data.synth_seed)
     synth_cfg = OmegaConf.to_container(cfg.data.synth, resolve=True) if "synth" in cfg.data else {}
     digest = hashlib.sha1(json.dumps([seed, synth_cfg], sort_keys=True).encode()).hexdigest()[:8]
     return Path(cfg.paths.synth_dir) / f"{cfg.task.name}-{digest}"
@@ -54,7 +54,7 @@ def ensure_synthetic(task: Task, root: Path, seed: int) -> Path:
 
 def data_root(cfg: DictConfig, task: Task) -> Path:
     if cfg.data.root is None:
-        seed = int(OmegaConf.select(cfg, "data.synth_seed", default=0))
+        seed = int(cfg.data.synth_seed)
         return ensure_synthetic(task, synthetic_root(cfg), seed)
     root = Path(str(cfg.data.root)).expanduser()
     if not root.exists():
@@ -97,7 +97,7 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     tracker.set_config(predictor.config)
     trainer = Trainer(predictor.config, run_dir, tracker, ctx)
     task = predictor.task
-    metric, dataset = task.build_metric(predictor.stats), task.datasets(root, "eval")["eval"]
+    metric, dataset = task.build_metric(predictor.stats), task.datasets(root, "eval", predictor.model)["eval"]
     values = trainer.evaluate(predictor.model, None, metric, dataset, task.collate)
     metrics = {f"eval/{k}": v for k, v in values.items()}
     if ctx.is_main:
@@ -118,8 +118,9 @@ def _predict_group(cfg, ckpt_path, label, root, run_dir, tracker, ctx) -> dict:
     tracker.set_config(predictor.config)
     trainer = Trainer(predictor.config, run_dir, tracker, ctx)
     task = predictor.task
-    results = trainer.infer(predictor.model, task.datasets(root, "predict")["predict"], task.collate)
-    written = task.write_predictions(results, run_dir, predictor.stats) if ctx.is_main else {}
+    dataset = task.datasets(root, "predict", predictor.model)["predict"]
+    results = trainer.infer(predictor.model, dataset, task.collate)
+    written = task.write_predictions(results, dataset, run_dir, predictor.stats) if ctx.is_main else {}
     return {"ckpt_path": [str(p) for p in predictor.paths], "ensemble": predictor.ensemble,
             "outputs": {k: str(v) for k, v in written.items()}}
 
@@ -147,7 +148,7 @@ def synth(cfg, task) -> None:
     if cfg.data.root is None:
         raise ValueError("mode=synth writes the synthetic dataset to data.root: pass data.root=<folder>")
     root = Path(str(cfg.data.root)).expanduser()
-    task.synthesize(root, int(OmegaConf.select(cfg, "data.synth_seed", default=0)))
+    task.synthesize(root, int(cfg.data.synth_seed))
     log.info(f"[synth] wrote the synthetic {task.name} dataset to {root}")
 
 

@@ -325,9 +325,9 @@ def maybe_cached(backbone: Backbone, cfg, input_size: Sequence[int],
                  preprocess: Optional[dict] = None) -> nn.Module:
     """The task's encoder: `backbone` itself, or it behind the feature cache when `data.cache_features`.
 
-    Reads `data.cache_features` (absent = off), `data.cache_dtype`, `backbone`, `paths.cache_dir`;
+    Reads `data.cache_features`, `data.cache_dtype`, `backbone`, `paths.cache_dir`;
     the cache lives in `<paths.cache_dir>/features`."""
-    if not cfg.data.get("cache_features", False):
+    if not cfg.data.cache_features:
         return backbone
     from omegaconf import OmegaConf
     return build_cached_encoder(backbone, OmegaConf.to_container(cfg.backbone, resolve=True), input_size,

@@ -25,7 +25,7 @@ def normalise_weights(weights: Sequence[float] | None, count: int) -> list[float
 
 class WeightedEnsemble(nn.Module):
     """forward(batch) -> the weighted mean of every floating-point output over the members (other outputs
-    from the first member). weights=None gives every member the same weight."""
+    from the first member). weights=None gives every member the same weight. The default inference.ensemble."""
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float] | None = None):
         super().__init__()
@@ -54,18 +54,18 @@ def metric_weights(ckpts: Sequence[tuple[str, dict]]) -> list[float]:
         monitor, direction = trainer["monitor"], trainer["monitor_direction"]
         monitors.add(monitor)
         if direction != "maximize":
-            raise ValueError(f"ensemble.weighting=metric: checkpoint {source} monitors {monitor} with direction "
-                             f"{direction}; weights need a maximised metric (use ensemble.weighting=mean)")
+            raise ValueError(f"inference.weighting=metric: checkpoint {source} monitors {monitor} with direction "
+                             f"{direction}; weights need a maximised metric (use inference.weighting=mean)")
         value = (ckpt.get("fit_state") or {}).get("best_value")
         if value is None or not math.isfinite(float(value)):
-            raise ValueError(f"ensemble.weighting=metric: checkpoint {source} has no finite best validation "
+            raise ValueError(f"inference.weighting=metric: checkpoint {source} has no finite best validation "
                              f"{monitor} (fit_state.best_value={value}); was it validated during training?")
         values.append(max(float(value), 0.0))
     if len(monitors) > 1:
-        raise ValueError(f"ensemble.weighting=metric: the checkpoints monitor different metrics {sorted(monitors)}")
+        raise ValueError(f"inference.weighting=metric: the checkpoints monitor different metrics {sorted(monitors)}")
     if sum(values) <= 0:
-        raise ValueError(f"ensemble.weighting=metric: every checkpoint's best {monitors.pop()} is <= 0 "
-                         f"({', '.join(source for source, _ in ckpts)}); use ensemble.weighting=mean")
+        raise ValueError(f"inference.weighting=metric: every checkpoint's best {monitors.pop()} is <= 0 "
+                         f"({', '.join(source for source, _ in ckpts)}); use inference.weighting=mean")
     return [v / sum(values) for v in values]
 
 
@@ -73,12 +73,12 @@ def top_k_indices(ckpts: Sequence[tuple[str, dict]], k: int) -> list[int]:
     """Positions (in input order) of the k checkpoints with the best validation value of their monitor
     (fit_state.best_value, by trainer.monitor_direction), e.g. the plan's best 3 of 5 cv folds."""
     if not 1 <= k <= len(ckpts):
-        raise ValueError(f"ensemble.top_k={k}: expected 1..{len(ckpts)} (the number of checkpoints)")
+        raise ValueError(f"inference.top_k={k}: expected 1..{len(ckpts)} (the number of checkpoints)")
     scores = []
     for source, ckpt in ckpts:
         value = (ckpt.get("fit_state") or {}).get("best_value")
         if value is None or not math.isfinite(float(value)):
-            raise ValueError(f"ensemble.top_k: checkpoint {source} has no finite best validation value "
+            raise ValueError(f"inference.top_k: checkpoint {source} has no finite best validation value "
                              f"(fit_state.best_value={value})")
         sign = 1.0 if ckpt["config"]["trainer"]["monitor_direction"] == "maximize" else -1.0
         scores.append(sign * float(value))

@@ -2,10 +2,14 @@
 
 A `ckpt_path` entry is one checkpoint file, a mode=cv run directory (its fold_*/checkpoints/<cv.checkpoint>.pt)
 or a list of these. Each checkpoint is read once; its config sections rebuild the network (config precedence:
-`config_from_checkpoint`), its trainable (or EMA) weights are restored, adapters are merged when
-trainer.merge_adapters, several checkpoints become the task's ensemble (`ensemble.weighting` mean | metric) or a
-stacked meta-model over cv runs (stack), and the task wraps the result for inference (test-time augmentation,
-calibration: Task.for_inference).
+`config_from_checkpoint`), its trainable (or EMA) weights are restored and adapters are merged when
+trainer.merge_adapters. This run's `inference` section (conf/inference/<task>.yaml, never a checkpoint's) says how
+they become one predictor; its components are built with hydra.utils.instantiate and called here with their
+runtime arguments:
+- several checkpoints: `inference.ensemble(members=, weights=)`, the weights by `inference.weighting` (mean |
+  metric), after `inference.top_k`; for cv run directories with weighting=stack, `inference.stack(members=,
+  oof_frames=)` over one ensemble per run (a module whose `summary()` goes to metrics.json; null: no stacking);
+- `inference.tta(model)` wraps the result (test-time augmentation; null: none).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -30,6 +35,10 @@ log = logging.getLogger(__name__)
 # command line's data.* overrides on top), so a checkpoint alone (plus backbone weights) predicts.
 CHECKPOINT_SECTIONS = ("backbone", "peft", "model", "task", "adapt")
 WEIGHTINGS = ("mean", "metric", "stack")
+# Keys that checkpoints of earlier versions carry and this version moved elsewhere -> where they live now: left out
+# of the checkpoint's config (never read, nor refused as unknown keys), since this run's value applies.
+RETIRED_KEYS = {"task.tta": "inference.tta", "data.tta": "inference.tta", "data.ensemble": "inference.ensemble",
+                "task.max_epochs": "trainer.max_epochs"}
 _DELETED = object()
 
 
@@ -55,22 +64,51 @@ def _command_line_data_keys() -> list[str]:
     return [key[len("data."):] for key in keys if key.startswith("data.")]
 
 
+def _without_retired_keys(config: dict, source: str) -> dict:
+    """The checkpoint's config without RETIRED_KEYS (a shallow copy; the checkpoint is left as it is)."""
+    config = dict(config)
+    for path in RETIRED_KEYS:
+        section, key = path.split(".")
+        if isinstance(config.get(section), dict) and key in config[section]:
+            config[section] = {k: v for k, v in config[section].items() if k != key}
+            log.info(f"[inference] {source}: its {path} (an earlier version's key) is ignored; this run's "
+                     f"{RETIRED_KEYS[path]} applies")
+    return config
+
+
+def _with_list_augmentation(config: dict, run_data: dict, source: str) -> dict:
+    """The checkpoint's config with this run's data.augment where it holds the training augmentation in an earlier
+    version's shape (biomass's data.aug, sclera's mapping data.augment; now a list of transforms): training-only
+    settings that eval and predict never build, so they are neither refused as unknown keys nor read."""
+    data = config.get("data")
+    if not isinstance(data, dict) or ("aug" not in data and not isinstance(data.get("augment"), dict)):
+        return config
+    data = {k: v for k, v in data.items() if k != "aug"}
+    data["augment"] = run_data.get("augment")
+    log.info(f"[inference] {source}: its training augmentation (an earlier version's data.aug or data.augment "
+             f"mapping) is ignored; this run's data.augment stands in")
+    return {**config, "data": data}
+
+
 def config_from_checkpoint(cfg: DictConfig, ckpt: dict, source: str = "checkpoint") -> DictConfig:
     """This run's config with the checkpoint's sections, once they are checked (common.checkpoint_config):
     - backbone, peft, model, task, adapt: the checkpoint's (the network it trained), except the task section's
-      inference settings (Task.INFERENCE_KEYS, e.g. roadwork's tta, sclera's submission): this run's;
+      Task.INFERENCE_KEYS (e.g. sclera's submission): this run's;
     - data: the checkpoint's, with this run's data.root, and each data.* value given on the command line
       replacing the checkpoint's whole;
-    - everything else (trainer, paths, ensemble, logger...): this run's."""
+    - everything else: this run's (trainer, paths, logger...), the `inference` section always: how checkpoints
+      become a predictor (weighting, top_k, ensemble, stack, tta) is never taken from a checkpoint, which stores
+      the inference section of the run that trained it."""
     merged = OmegaConf.to_container(cfg, resolve=True)
-    check_checkpoint_config(ckpt["config"], merged, CHECKPOINT_SECTIONS + ("data",), source)
+    config = _with_list_augmentation(_without_retired_keys(ckpt["config"], source), merged["data"], source)
+    check_checkpoint_config(config, merged, CHECKPOINT_SECTIONS + ("data",), source)
     run_keys = task_class(cfg).INFERENCE_KEYS
     run_task = {key: merged["task"][key] for key in run_keys if merged["task"].get(key) is not None}
     for section in CHECKPOINT_SECTIONS:
-        if section in ckpt["config"]:
-            merged[section] = ckpt["config"][section]
+        if section in config:
+            merged[section] = config[section]
     merged["task"].update(run_task)
-    data = OmegaConf.create(ckpt["config"]["data"])
+    data = OmegaConf.create(config["data"])
     data.root = cfg.data.root
     for key in _command_line_data_keys():           # the value Hydra composed from the command line, whole
         value = OmegaConf.select(cfg.data, key, default=_DELETED)
@@ -146,7 +184,7 @@ def _read_oof(run_dir: Path):
     import pandas as pd
     path = run_dir / "oof.csv"
     if not run_dir.is_dir() or not path.is_file():
-        raise FileNotFoundError(f"ensemble.weighting=stack: {path} not found; ckpt_path must list mode=cv run "
+        raise FileNotFoundError(f"inference.weighting=stack: {path} not found; ckpt_path must list mode=cv run "
                                 f"directories (each with oof.csv), e.g. ckpt_path=[<cv run>,<cv run>]")
     try:
         return pd.read_csv(path)
@@ -156,64 +194,71 @@ def _read_oof(run_dir: Path):
 
 # ---- combinations ------------------------------------------------------------------------------
 def _stacked(cfg: DictConfig, ckpt_path) -> Predictor:
-    """ensemble.weighting=stack: one member per cv run directory (the mean of its folds), combined by the task's
-    meta-model fit on the directories' oof.csv."""
+    """inference.weighting=stack: one member per cv run directory (inference.ensemble of its folds), combined by
+    inference.stack, a meta-model fit on the directories' oof.csv."""
+    stack = instantiate(cfg.inference.stack)
+    if stack is None:
+        raise ValueError(f"task {cfg.task.name} has no stacking (inference.stack is null); use "
+                         f"inference.weighting=mean or metric")
+    ensemble = instantiate(cfg.inference.ensemble)
     members, frames, first, paths = [], {}, None, []
     for run_dir in _ckpt_entries(ckpt_path):
         if str(run_dir / "oof.csv") in frames:
-            raise ValueError(f"ensemble.weighting=stack: ckpt_path lists {run_dir} twice")
+            raise ValueError(f"inference.weighting=stack: ckpt_path lists {run_dir} twice")
         frames[str(run_dir / "oof.csv")] = _read_oof(run_dir)
         folds = _fold_checkpoints(run_dir, str(cfg.cv.checkpoint))
         loaded = [load_for_inference(cfg, path) for path in folds]
         first, paths = first or loaded[0], paths + folds
-        members.append(loaded[0].task.ensemble([one.model for one in loaded]))
-    stacked = first.task.stack(members, frames, cfg.ensemble)
+        members.append(ensemble(members=[one.model for one in loaded], weights=None))
+    stacked = stack(members=members, oof_frames=frames)
     return Predictor(first.task, stacked, first.stats, first.config, paths,
                      {"weighting": "stack", "oof": list(frames), **stacked.summary()})
 
 
 def _averaged(cfg: DictConfig, ckpts: list[tuple[Path, dict]]) -> Predictor:
-    """mean / metric: the task's ensemble of every checkpoint, with validation-metric weights for `metric`."""
+    """mean / metric: inference.ensemble of every checkpoint, with validation-metric weights for `metric`."""
     loaded = [load_for_inference(cfg, path, ckpt) for path, ckpt in ckpts]
     if len(loaded) == 1:
         return Predictor(**{**vars(loaded[0]), "ensemble": {"weighting": "single", "weights": [1.0]}})
     weights = None
-    if cfg.ensemble.weighting == "metric":
+    if cfg.inference.weighting == "metric":
         weights = metric_weights([(str(path), ckpt) for path, ckpt in ckpts])
     first = loaded[0]
-    model = first.task.ensemble([one.model for one in loaded], weights)
+    model = instantiate(cfg.inference.ensemble)(members=[one.model for one in loaded], weights=weights)
     weights = normalise_weights(weights, len(loaded))
     paths = [path for path, _ in ckpts]
-    log.info(f"[predict] {cfg.ensemble.weighting} ensemble of {len(loaded)} checkpoints: "
+    log.info(f"[predict] {cfg.inference.weighting} ensemble of {len(loaded)} checkpoints: "
              + ", ".join(f"{p} (weight {w:.4f})" for p, w in zip(paths, weights)))
     return Predictor(first.task, model, first.stats, first.config, paths,
-                     {"weighting": str(cfg.ensemble.weighting), "weights": weights})
+                     {"weighting": str(cfg.inference.weighting), "weights": weights})
 
 
 def _top_k(cfg: DictConfig, ckpts: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
-    """ensemble.top_k: the k checkpoints with the best validation monitor (mean / metric weighting)."""
-    keep = top_k_indices([(str(path), ckpt) for path, ckpt in ckpts], int(cfg.ensemble.top_k))
-    log.info(f"[predict] ensemble.top_k={cfg.ensemble.top_k}: " + ", ".join(str(ckpts[i][0]) for i in keep))
+    """inference.top_k: the k checkpoints with the best validation monitor (mean / metric weighting)."""
+    keep = top_k_indices([(str(path), ckpt) for path, ckpt in ckpts], int(cfg.inference.top_k))
+    log.info(f"[predict] inference.top_k={cfg.inference.top_k}: " + ", ".join(str(ckpts[i][0]) for i in keep))
     return [ckpts[i] for i in keep]
 
 
 def load_predictor(cfg: DictConfig, ckpt_path) -> Predictor:
-    """The predictor of one ckpt_path entry (a file, a cv run, or a list: an ensemble), wrapped by the task for
-    inference."""
-    if cfg.ensemble.weighting not in WEIGHTINGS:
-        raise ValueError(f"ensemble.weighting={cfg.ensemble.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    """The predictor of one ckpt_path entry (a file, a cv run, or a list: an ensemble), wrapped by inference.tta."""
+    weighting, top_k = cfg.inference.weighting, cfg.inference.top_k
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"inference.weighting={weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
     if ckpt_path is None:
         raise ValueError(f"mode={cfg.mode} needs ckpt_path=<file>, [<file>,<file>,...] or a mode=cv run directory")
-    if cfg.ensemble.weighting == "stack":
-        if cfg.ensemble.top_k is not None:
-            raise ValueError("ensemble.top_k with ensemble.weighting=stack: the meta-model needs every cv run; "
+    if weighting == "stack":
+        if top_k is not None:
+            raise ValueError("inference.top_k with inference.weighting=stack: the meta-model needs every cv run; "
                              "use weighting mean or metric")
         predictor = _stacked(cfg, ckpt_path)
     else:
         ckpts = [(path, load_checkpoint(path, str(cfg.task.name)))
                  for path in checkpoint_paths(ckpt_path, str(cfg.cv.checkpoint))]
-        if cfg.ensemble.top_k is not None:
+        if top_k is not None:
             ckpts = _top_k(cfg, ckpts)
         predictor = _averaged(cfg, ckpts)
-    predictor.model = predictor.task.for_inference(predictor.model)
+    tta = instantiate(cfg.inference.tta)
+    if tta is not None:
+        predictor.model = tta(predictor.model)
     return predictor

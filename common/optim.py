@@ -1,4 +1,8 @@
-"""Parameter groups tagged by role, AdamW over them, and the learning-rate schedules.
+"""Parameter groups tagged by role, the optimiser over them, and the learning-rate schedules.
+
+`trainer.optim` and `trainer.schedule` are `_target_` nodes with `_partial_: true` (conf/trainer/default.yaml):
+`build_optimizer` instantiates the optimiser (torch.optim.AdamW by default) and calls it with the parameter
+groups; `build_schedule` is the default schedule target, called with the epoch's optimiser steps and max_epochs.
 
 Tags (by parameter name, so optimisers, PCGrad and logging route the same way):
 - `uw`:       parameters of the criterion (uncertainty-weighting log-variances)
@@ -12,6 +16,7 @@ import math
 from typing import Callable, Iterable, Optional
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 TAGS = ("head", "adapter", "backbone", "uw")
@@ -74,10 +79,44 @@ def _block(name: str, block_of: Optional[Callable[[str], Optional[int]]]) -> Opt
     return block_of(name[len(BACKBONE_PREFIX):])
 
 
-def build_optimizer(groups: list[dict], betas: Iterable[float], fused: str | bool,
-                    device: torch.device) -> torch.optim.AdamW:
-    use_fused = (device.type == "cuda") if fused == "auto" else bool(fused)
-    return torch.optim.AdamW(groups, betas=tuple(betas), fused=use_fused)
+# keys of trainer.optim that shape the parameter groups (build_param_groups), not arguments of its `_target_`
+GROUP_KEYS = ("lr", "uw_lr", "weight_decay", "uw_weight_decay", "decay_1d")
+
+
+def call_target(node: DictConfig, where: str, *args, **kwargs):
+    """Instantiate a `_target_` node with `_partial_: true` (lists as python lists) and call it with the arguments
+    that only the trainer knows (the parameter groups, the epoch's length); `where` names the node in errors."""
+    from hydra.utils import instantiate
+    if "_target_" not in node or node.get("_partial_") is not True:
+        raise ValueError(f"{where} needs `_target_` and `_partial_: true`: the trainer calls the target with "
+                         f"{', '.join([*(['the parameter groups'] if args else []), *kwargs])}; got keys {sorted(node)}")
+    factory = instantiate(node, _convert_="all")
+    tuples = {k: tuple(v) for k, v in factory.keywords.items() if isinstance(v, list)}   # e.g. betas
+    try:
+        return factory(*args, **kwargs, **tuples)
+    except TypeError as err:
+        raise TypeError(f"{where}._target_={node._target_}: {err}. The node's keys are its arguments: remove one "
+                        f"with ~{where}.<key>, add one with +{where}.<key>=<value>") from err
+
+
+def build_optimizer(settings: DictConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """trainer.optim's `_target_` (torch.optim.AdamW by default) called with `groups`: every key but GROUP_KEYS is
+    an argument of the target; `fused: auto` is fused on CUDA; lists (betas) are passed as the tuples
+    torch.optim declares."""
+    node = OmegaConf.create({k: v for k, v in settings.items() if k not in GROUP_KEYS})
+    if node.get("fused") == "auto":
+        node.fused = device.type == "cuda"
+    return call_target(node, "trainer.optim", groups)
+
+
+def build_schedule(*, name: str, steps_per_epoch: int, max_epochs: int, warmup_epochs: float,
+                   warmup_steps: int | None, min_lr_ratio: float, min_lr: float | None, restart_epochs: float,
+                   restart_mult: int) -> "Schedule":
+    """The default trainer.schedule target: lengths in epochs (or warmup_steps) turned into optimiser steps."""
+    return Schedule(name, total_steps=steps_per_epoch * int(max_epochs),
+                    warmup_steps=round(warmup_epochs * steps_per_epoch) if warmup_steps is None else int(warmup_steps),
+                    min_lr_ratio=min_lr_ratio, restart_steps=round(restart_epochs * steps_per_epoch),
+                    restart_mult=restart_mult, min_lr=min_lr)
 
 
 class Schedule:

@@ -121,6 +121,6 @@ def check_run_folders(cfg, run_dir: Path) -> None:
     """The run directory and the caches this run writes, before any work is done."""
     check_writable(run_dir, run_dir_key())
     check_writable(cfg.paths.cache_dir, "paths.cache_dir")
-    image_cache = cfg.data.get("image_cache")
-    if image_cache is not None and image_cache.enabled and image_cache.dir:
+    image_cache = cfg.data.image_cache
+    if image_cache.enabled and image_cache.dir:
         check_writable(image_cache.dir, "data.image_cache.dir")

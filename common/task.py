@@ -2,8 +2,9 @@
 
 A task is data + model + loss + metrics + an output writer + a synthetic-data generator.
 `common.app` drives every mode (train / eval / predict / cv / synth) through these methods only
-(eval and predict through `common.inference`, which turns checkpoints into a predictor), so training,
-evaluation, prediction and export have one code path each.
+(eval and predict through `common.inference`, which turns checkpoints into a predictor with the components of
+the run's `inference` section: ensemble, stack, tta), so training, evaluation, prediction and export have one
+code path each.
 
 Conventions
 - A batch is a dict. Tensor values are moved to the device by the trainer; anything else
@@ -37,8 +38,9 @@ Outputs = dict[str, Tensor]
 class Task(ABC):
     """Subclass once per task; the class path is `task._target_` in `conf/task/<name>.yaml`."""
 
-    # Keys of the task config section that eval / predict take from this run, not from the checkpoint
-    # (inference settings such as test-time augmentation or the submission's team name).
+    # Keys of the task config section that eval / predict take from this run, not from the checkpoint (e.g. the
+    # submission's team name). How checkpoints become a predictor (ensembles, stacking, test-time augmentation) is
+    # the `inference` section (conf/inference/<task>.yaml), always this run's: common.inference.
     INFERENCE_KEYS: tuple[str, ...] = ()
 
     def __init__(self, cfg: DictConfig):
@@ -54,8 +56,9 @@ class Task(ABC):
         """Write a small synthetic dataset with a learnable signal in the real on-disk format."""
 
     @abstractmethod
-    def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
-        """Datasets for a stage.
+    def datasets(self, root: Path, stage: str, model: nn.Module | None = None) -> dict[str, Dataset]:
+        """Datasets for a stage. model (eval / predict): the predictor's model the datasets feed, e.g. an ensemble
+        whose members each need their own inputs (roadwork); None in training.
 
         stage "fit"     -> {"train": ..., "val": ...}
         stage "cv"      -> {"train": all labelled items with train transforms,
@@ -113,40 +116,23 @@ class Task(ABC):
         """Called after each validation, before checkpoints are written (e.g. to calibrate a threshold)."""
         return None
 
-    def ensemble(self, models: list[nn.Module], weights: list[float] | None = None) -> nn.Module:
-        """Several trained models (e.g. the fold checkpoints of mode=cv) as one; default: the weighted mean of
-        every floating output. weights: one non-negative weight per model (ensemble.weighting=metric), or
-        None for equal weights."""
-        from common.ensemble import WeightedEnsemble
-        return WeightedEnsemble(models, weights)
-
-    def stack(self, members: list[nn.Module], oof_frames: dict[str, Any],
-              cfg_ensemble: DictConfig) -> nn.Module:
-        """ensemble.weighting=stack: fit a meta-model on the members' out-of-fold predictions (oof_frames:
-        oof.csv path -> pandas DataFrame, in member order, as written by mode=cv) and return a module that
-        combines the members' outputs. Its `summary()` returns the fitted coefficients as plain containers
-        (written to metrics.json)."""
-        raise ValueError(f"task {self.name} has no stacking; use ensemble.weighting=mean or metric")
-
     def check_prediction_group(self, label: str) -> None:
         """mode=predict with ckpt_path={label: checkpoints, ...}: called on the task restored from the label's
         checkpoints before they predict; raise if they do not belong under that label (default: any label)."""
         return None
 
-    def for_inference(self, model: nn.Module) -> nn.Module:
-        """Optional: wrap the restored model (or ensemble) for eval and predict, e.g. test-time augmentation."""
-        return model
-
     # ---- outputs ----------------------------------------------------------------------------
     @abstractmethod
-    def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,
+    def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], dataset: Dataset, out_dir: Path,
                           stats: dict) -> dict[str, Path]:
-        """Write the official output files (docs/FORMATS.md) from (outputs, batch) pairs on the CPU.
+        """Write the official output files (docs/FORMATS.md) from (outputs, batch) pairs on the CPU; dataset: the
+        "predict" dataset they came from (what the files list beyond the predictions, e.g. every test row).
         Returns {description: path} of what was written."""
 
+    @abstractmethod
     def oof_rows(self, outputs: Outputs, batch: Batch, stats: dict) -> list[dict]:
-        """Rows of oof.csv for one validation batch in cross-validation (id, true, predicted)."""
-        return []
+        """Rows of oof.csv for one validation batch in cross-validation (id, true, predicted): one per item, the
+        same keys in every row; mode=cv refuses a run without any."""
 
     def write_eval_outputs(self, metric: Metric, dataset: Dataset, out_dir: Path, tracker) -> dict[str, Path]:
         """Optional: mode=eval's files beyond metrics.json (e.g. error analysis) from the metric after compute();

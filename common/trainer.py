@@ -1,10 +1,16 @@
 """The one training loop every task uses: fit, evaluate, infer.
 
-Exact resume: every epoch starts by reseeding all generators with (seed, epoch, rank); each training item is
-loaded with a seed of its place in the epoch (common.data.SeededItems), whichever worker loads it. A run stopped
-in the middle of an epoch saves the generators' states, the batches done and the epoch's loss sums in last.pt;
-resumed, it restores them instead of reseeding and skips the batches done, so it ends with the same weights
-and metrics as an uninterrupted run. Preemption signals: common.preemption.
+A Trainer holds its settings (`__init__`) and, once `prepare` has built them, the parts it trains (`Training`:
+model, criterion, optimiser, schedule, EMA); nothing else is added later. `fit` is prepare + the epoch loop;
+`prepare` and `train_epoch` are public for code that steps the loop itself (bench/run.py).
+
+Exact resume: every epoch starts by reseeding all generators with (seed, epoch, rank), so an epoch's draws
+depend on nothing that ran before it (evaluation, a resume in a new process); each training item is loaded with a
+seed of its place in the epoch (common.data.SeededItems), whichever worker loads it. A run stopped in the middle
+of an epoch saves the generators' states, the batches done and the epoch's loss sums in last.pt; resumed, it
+restores those states instead of reseeding and skips the batches done, so it ends with the same weights and
+metrics as an uninterrupted run. A checkpoint written at the end of an epoch is resumed by the next epoch's
+reseed: its saved generator states are not restored. Preemption signals: common.preemption.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +39,7 @@ from common.device import batch_size_of, move_to, resolve_channels_last, to_chan
 from common.distributed import DistContext, ShardSampler
 from common.ema import EMA
 from common.metric import Metric
-from common.optim import Schedule, build_optimizer, build_param_groups, named_trainable
+from common.optim import build_optimizer, build_param_groups, call_target, named_trainable
 from common.preemption import Preempted
 from common.sampling import SeededOrder, WeightedEpochSampler
 from common.seed import seed_everything
@@ -75,6 +81,18 @@ class FitState:
     epoch_sums: dict = field(default_factory=dict)   # their loss sums, so the epoch's mean covers every batch
 
 
+@dataclass
+class Training:
+    """What a Trainer trains, built once by Trainer.prepare."""
+    model: nn.Module                     # on the device; what is checkpointed, evaluated and EMA-averaged
+    criterion: nn.Module
+    train_model: nn.Module               # what the training steps call: the model, DDP-wrapped with several processes
+    optimizer: torch.optim.Optimizer     # trainer.optim's _target_ over common.optim's parameter groups
+    schedule: object                     # trainer.schedule's _target_: .apply(optimizer, step) sets each group's lr
+    ema: EMA | None
+    steps_per_epoch: int                 # optimiser steps per epoch (batches // accumulate_grad_batches)
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker, ctx: DistContext):
         self.cfg, self.t = cfg, cfg.trainer
@@ -83,6 +101,7 @@ class Trainer:
         self.files = RunFiles(run_dir) if ctx.is_main else None
         self.bf16 = self._resolve_precision(self.t.precision)
         self.bars = use_progress_bars(self.t.progress) and ctx.is_main
+        self.training: Training | None = None      # set once, by prepare (fit calls it)
 
     def _resolve_precision(self, setting: str) -> bool:
         if setting == "auto":
@@ -135,15 +154,19 @@ class Trainer:
                 "adapter": OmegaConf.select(self.cfg, "peft.lr"),
                 "backbone": OmegaConf.select(self.cfg, "backbone.lr")}
 
-    def _place(self, model: nn.Module) -> nn.Module:
+    def place(self, model: nn.Module) -> nn.Module:
         """The model on the device, its convolution weights channels_last when trainer.channels_last says so."""
         model.to(self.device)
         if resolve_channels_last(self.t.channels_last, self.device):
             to_channels_last(model)
         return model
 
-    def _setup(self, model: nn.Module, criterion: nn.Module, steps_per_epoch: int):
-        self._place(model)           # before EMA copies, the optimizer and torch.compile see the weights
+    def prepare(self, model: nn.Module, criterion: nn.Module, steps_per_epoch: int) -> Training:
+        """Place the model and criterion, build the parameter groups, optimiser, schedule and EMA, compile and wrap
+        for DDP as the trainer config says; once per Trainer (fit calls it)."""
+        if self.training is not None:
+            raise RuntimeError("Trainer.prepare was already called: a Trainer trains one model; make a new one")
+        self.place(model)            # before EMA copies, the optimizer and torch.compile see the weights
         criterion.to(self.device)
         backbone = getattr(model, "backbone", None)
         groups = build_param_groups(named_trainable(model, criterion), self._learning_rates(),
@@ -153,26 +176,21 @@ class Trainer:
                                     block_of=getattr(backbone, "block_of", None),
                                     uw_weight_decay=self.t.optim.uw_weight_decay,
                                     decay_1d=bool(self.t.optim.decay_1d))
-        self.optimizer = build_optimizer(groups, self.t.optim.betas, self.t.optim.fused, self.device)
-        sched = self.t.schedule
-        self.schedule = Schedule(sched.name, total_steps=steps_per_epoch * int(self.t.max_epochs),
-                                 warmup_steps=round(sched.warmup_epochs * steps_per_epoch)
-                                 if sched.warmup_steps is None else int(sched.warmup_steps),
-                                 min_lr_ratio=sched.min_lr_ratio,
-                                 restart_steps=round(sched.restart_epochs * steps_per_epoch),
-                                 restart_mult=sched.restart_mult, min_lr=sched.min_lr)
-        self.steps_per_epoch = steps_per_epoch
-        self.ema = EMA(model, self.t.ema.decay) if self.t.ema.enabled else None
-        self.model, self.criterion = model, criterion
-        self.train_model = model
+        optimizer = build_optimizer(self.t.optim, groups, self.device)
+        schedule = call_target(self.t.schedule, "trainer.schedule", steps_per_epoch=steps_per_epoch,
+                               max_epochs=int(self.t.max_epochs))
+        ema = EMA(model, self.t.ema.decay) if self.t.ema.enabled else None
+        train_model = model
         if self.t.compile:
-            self.train_model.compile()
+            train_model.compile()
         if self.ctx.enabled:
             if self.t.pcgrad.enabled:
                 raise ValueError("trainer.pcgrad with DDP is not supported: per-term gradients bypass DDP's "
                                  "all-reduce; run PCGrad on one process")
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(model, device_ids=ids)
+            train_model = DistributedDataParallel(model, device_ids=ids)
+        self.training = Training(model, criterion, train_model, optimizer, schedule, ema, steps_per_epoch)
+        return self.training
 
     def _steps_per_epoch(self, loader: DataLoader) -> int:
         batches = len(loader)
@@ -187,9 +205,11 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _payload(self, state: FitState, task_name: str, stats: dict) -> dict:
+        """rng: read back only by a resume in the middle of an epoch (_resume)."""
+        tr = self.training
         return {"format": FORMAT_VERSION, "task": task_name, "epoch": state.epoch, "step": state.step,
-                "model": trainable_state(self.model), "criterion": trainable_state(self.criterion),
-                "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "model": trainable_state(tr.model), "criterion": trainable_state(tr.criterion),
+                "optimizer": tr.optimizer.state_dict(), "ema": tr.ema.state_dict() if tr.ema else None,
                 "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "stats": stats, "fit_state": {k: v for k, v in vars(state).items()}}
 
@@ -201,11 +221,12 @@ class Trainer:
     def _export_peft_adapter(self, name: str, payload: dict) -> None:
         """Backbone adapters injected by peft also go beside the checkpoint, in peft's own format
         (`<checkpoint stem>_adapter/`, EMA weights when EMA is on); the checkpoint names that folder."""
-        backbone = getattr(self.model, "backbone", None)
+        model, ema = self.training.model, self.training.ema
+        backbone = getattr(model, "backbone", None)
         if "default" not in getattr(getattr(backbone, "model", None), "peft_config", {}):
             return
         from common.adapters import save_peft_adapter
-        with self.ema.applied(self.model) if self.ema is not None else nullcontext():
+        with ema.applied(model) if ema is not None else nullcontext():
             payload["peft_adapter"] = save_peft_adapter(backbone, self.ckpt_dir / f"{Path(name).stem}_adapter").name
 
     def _initial_state(self, task_name: str) -> FitState:
@@ -222,52 +243,53 @@ class Trainer:
 
     def _resume(self, path: Path, task_name: str) -> FitState:
         from common.checkpoint import load_checkpoint
-        ckpt = load_checkpoint(path, task_name)
-        load_trainable_state(self.model, ckpt["model"], str(path))
-        load_trainable_state(self.criterion, ckpt["criterion"], str(path))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.ema is not None and ckpt["ema"] is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])       # used when resuming mid-epoch; a new epoch reseeds (_epochs)
+        ckpt, tr = load_checkpoint(path, task_name), self.training
+        load_trainable_state(tr.model, ckpt["model"], str(path))
+        load_trainable_state(tr.criterion, ckpt["criterion"], str(path))
+        tr.optimizer.load_state_dict(ckpt["optimizer"])
+        if tr.ema is not None and ckpt["ema"] is not None:
+            tr.ema.load_state_dict(ckpt["ema"])
         state = FitState(**ckpt["fit_state"])
+        if state.batches_done:           # stopped mid-epoch: its draws go on; a new epoch reseeds instead (_epochs)
+            set_rng_state(ckpt["rng"])
         log.info(f"[trainer] resumed from {path} at epoch {state.epoch} batch {state.batches_done}")
         return state
 
     # ---- one optimisation step -------------------------------------------------------------
-    def _backward(self, terms: dict[str, torch.Tensor], scale: float) -> None:
+    def _backward(self, terms: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+        """Gradients of the summed terms; with PCGrad, its counts (conflicts, pairs) for this micro-batch."""
         if not self.t.pcgrad.enabled:
             (sum(terms.values()) * scale).backward()
-            return
+            return {}
         from common.mtl import pcgrad_backward
-        wanted = set(self.t.pcgrad.groups)
-        projected = [p for g in self.optimizer.param_groups if g["tag"] in wanted for p in g["params"]]
-        others = [p for g in self.optimizer.param_groups if g["tag"] not in wanted for p in g["params"]]
-        counts = pcgrad_backward({k: v * scale for k, v in terms.items()}, projected, mode=self.t.pcgrad.mode,
-                                 primary=list(self.t.pcgrad.primary) or None, other_params=others)
-        for key, value in counts.items():     # summed over the epoch's micro-batches, logged with it
-            self.pcgrad_counts[key] = self.pcgrad_counts.get(key, 0.0) + value
+        wanted, param_groups = set(self.t.pcgrad.groups), self.training.optimizer.param_groups
+        projected = [p for g in param_groups if g["tag"] in wanted for p in g["params"]]
+        others = [p for g in param_groups if g["tag"] not in wanted for p in g["params"]]
+        return pcgrad_backward({k: v * scale for k, v in terms.items()}, projected, mode=self.t.pcgrad.mode,
+                               primary=list(self.t.pcgrad.primary) or None, other_params=others)
 
     def _optimizer_step(self, state: FitState) -> bool:
         """Clip, step, update EMA. Returns False (step skipped) when the gradients are not finite."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        tr = self.training
+        params = [p for g in tr.optimizer.param_groups for p in g["params"] if p.grad is not None]
         clip = self.t.grad_clip if self.t.grad_clip else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
         if not torch.isfinite(norm):
             self._count_nonfinite(state, "gradient norm")
-            self.optimizer.zero_grad(set_to_none=True)
+            tr.optimizer.zero_grad(set_to_none=True)
             return False
-        self.schedule.apply(self.optimizer, state.step)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
+        tr.schedule.apply(tr.optimizer, state.step)
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+        if tr.ema is not None:
+            tr.ema.update(tr.model)
         state.step += 1
         return True
 
     def _count_nonfinite(self, state: FitState, what: str) -> None:
         state.nonfinite_steps += 1
         log.warning(f"[trainer] non-finite {what} at step {state.step}: step skipped "
-              f"({state.nonfinite_steps}/{self.t.max_nonfinite_steps})")
+                    f"({state.nonfinite_steps}/{self.t.max_nonfinite_steps})")
         if state.nonfinite_steps > int(self.t.max_nonfinite_steps):
             raise NonFiniteLossError(
                 f"non-finite {what} at step {state.step}, {state.nonfinite_steps} such optimiser steps (limit "
@@ -275,27 +297,33 @@ class Trainer:
                 f"learning rate, enable trainer.grad_clip, or check the data for NaN inputs")
 
     # ---- epochs ----------------------------------------------------------------------------
-    def _train_epoch(self, loader: DataLoader, state: FitState) -> dict:
-        """Train the epoch's remaining batches; raises Preempted at the first optimiser step after a signal,
-        with state.batches_done and state.epoch_sums saying how far the epoch got."""
-        self.train_model.train()
-        self.criterion.train()
+    def train_epoch(self, batches: Iterable, state: FitState) -> dict:
+        """Train the epoch's remaining batches (of `batches`, the epoch's loader: steps_per_epoch optimiser steps
+        of accumulate_grad_batches micro-batches, less state.batches_done), after prepare; returns the epoch's
+        train/ record. Raises Preempted at the first optimiser step after a signal, with state.batches_done and
+        state.epoch_sums saying how far the epoch got."""
+        tr = self.training
+        if tr is None:
+            raise RuntimeError("Trainer.train_epoch before Trainer.prepare: nothing to train yet")
+        tr.train_model.train()
+        tr.criterion.train()
         accum = int(self.t.accumulate_grad_batches)
-        total = self.steps_per_epoch * accum
+        total = tr.steps_per_epoch * accum
         sums = state.epoch_sums
-        self.pcgrad_counts: dict[str, float] = {}
+        pcgrad_counts: dict[str, float] = {}        # summed over the epoch's micro-batches, logged with it
         seen, skip_step, start = 0, False, time.perf_counter()
         bar = tqdm(total=total - state.batches_done, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
-        for batch in itertools.islice(loader, max(total - state.batches_done, 0)):
+        for batch in itertools.islice(batches, max(total - state.batches_done, 0)):
             batch = move_to(batch, self.device)
             with self.autocast():
-                outputs = self.train_model(batch)
-                terms = self.criterion(outputs, batch)
+                outputs = tr.train_model(batch)
+                terms = tr.criterion(outputs, batch)
             loss = sum(terms.values())
             if not torch.isfinite(loss.detach()):
                 skip_step = True
             else:
-                self._backward(terms, 1.0 / accum)
+                for key, value in self._backward(terms, 1.0 / accum).items():
+                    pcgrad_counts[key] = pcgrad_counts.get(key, 0.0) + value
             for key, value in {"loss": loss, **terms}.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             seen += batch_size_of(batch)
@@ -311,19 +339,19 @@ class Trainer:
         seconds = time.perf_counter() - start
         record = {f"train/{k}": v / max(1, state.batches_done) for k, v in sums.items()}
         record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
-        record.update({f"train/{k}": v for k, v in self.pcgrad_counts.items()})
-        epoch_log = getattr(self.criterion, "epoch_log", None)   # e.g. uncertainty-weighting log-variances
+        record.update({f"train/{k}": v for k, v in pcgrad_counts.items()})
+        epoch_log = getattr(tr.criterion, "epoch_log", None)   # e.g. uncertainty-weighting log-variances
         if epoch_log is not None:
             record.update({f"train/{k}": v for k, v in epoch_log().items()})
         return record
 
     def _finish_accumulation(self, state: FitState, skip: bool, terms: dict[str, float]) -> None:
         if skip:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.training.optimizer.zero_grad(set_to_none=True)
             self._count_nonfinite(state, "loss")
             return
         if self._optimizer_step(state) and state.step % int(self.t.log_every_n_steps) == 0:
-            lrs = {f"lr/{g['tag']}": g["lr"] for g in self.optimizer.param_groups}
+            lrs = {f"lr/{g['tag']}": g["lr"] for g in self.training.optimizer.param_groups}
             self.tracker.log_metrics({"train/loss_step": sum(terms.values()),   # epoch means: train/loss
                                       **{f"train/{k}_step": v for k, v in terms.items()}, **lrs}, state.step)
 
@@ -334,11 +362,11 @@ class Trainer:
         model.eval()
         metric.reset()
         loss_sum, items = 0.0, 0                           # val/loss: the mean over items, on every rank count
-        if model is not getattr(self, "model", None):      # the training model was placed by _setup
-            self._place(model)
-        context = self.ema.applied(model) if getattr(self, "ema", None) is not None and model is self.model \
-            else nullcontext()
-        with context:
+        trained = self.training is not None and model is self.training.model
+        if not trained:                                    # the training model was placed by prepare
+            self.place(model)
+        ema = self.training.ema if trained else None
+        with ema.applied(model) if ema is not None else nullcontext():
             for i, batch in enumerate(self.loader(dataset, collate, train=False)):
                 if limit and i >= limit:
                     break
@@ -365,7 +393,7 @@ class Trainer:
     @torch.no_grad()
     def infer(self, model: nn.Module, dataset: Dataset, collate: Callable) -> Iterator[tuple[dict, dict]]:
         """(outputs on the CPU, batch) pairs in dataset order, for writing predictions."""
-        self._place(model).eval()
+        self.place(model).eval()
         for batch in tqdm(self.loader(dataset, collate, train=False), desc="predict", disable=not self.bars):
             self._check_preemption()
             device_batch = move_to(batch, self.device)
@@ -392,9 +420,8 @@ class Trainer:
     def fit(self, task, model: nn.Module, criterion: nn.Module, metric: Metric, train_set: Dataset,
             val_set: Dataset, stats: dict, sample_weights=None) -> FitState:
         """sample_weights: one per training item (Task.sample_weights), or None to shuffle."""
-        self.sample_weights = sample_weights
-        steps = self._steps_per_epoch(self.loader(train_set, task.collate, train=True, weights=self.sample_weights))
-        self._setup(model, criterion, steps)
+        steps = self._steps_per_epoch(self.loader(train_set, task.collate, train=True, weights=sample_weights))
+        self.prepare(model, criterion, steps)
         state = self._initial_state(task.name)
         monitor_key = str(self.t.monitor).split("/", 1)[-1]
         end = int(self.t.max_epochs)
@@ -402,7 +429,7 @@ class Trainer:
             end = min(end, state.epoch + int(self.t.epochs_per_run))
         try:
             with lines_above_bars(self.bars):
-                self._epochs(task, metric, train_set, val_set, stats, state, end, monitor_key)
+                self._epochs(task, metric, train_set, val_set, stats, sample_weights, state, end, monitor_key)
         except Preempted as stop:
             self._save_preempted(stop, state, task.name, stats)
             raise
@@ -414,24 +441,26 @@ class Trainer:
         log.warning(f"[trainer] {stop}: wrote {self.ckpt_dir / 'last.pt'} at epoch {state.epoch} batch "
                     f"{state.batches_done}; the same command (same run directory) continues from there")
 
-    def _epochs(self, task, metric, train_set, val_set, stats, state: FitState, end: int, monitor_key: str) -> None:
+    def _epochs(self, task, metric, train_set, val_set, stats, sample_weights, state: FitState, end: int,
+                monitor_key: str) -> None:
         if self._should_stop(state):       # resumed after early stopping: nothing left to train
             return
+        tr = self.training
         epochs = tqdm(range(state.epoch, end), desc="epochs", disable=not self.bars)
         for epoch in epochs:
             started = time.perf_counter()
-            if state.batches_done == 0:     # a new epoch; resumed mid-epoch, the restored generators go on
+            if state.batches_done == 0:     # a new epoch; resumed mid-epoch, the generators _resume restored go on
                 seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank)
             loader = self.loader(train_set, task.collate, True, epoch, skip_batches=state.batches_done,
-                                 weights=self.sample_weights)
-            record = {"epoch": epoch, **self._train_epoch(loader, state)}
+                                 weights=sample_weights)
+            record = {"epoch": epoch, **self.train_epoch(loader, state)}
             media = (lambda out, b: task.log_media(self.tracker, out, b, stats, state.step)) \
                 if self.ctx.is_main else None
-            val = self.evaluate(self.model, self.criterion, metric, val_set, task.collate,
+            val = self.evaluate(tr.model, tr.criterion, metric, val_set, task.collate,
                                 limit=self.t.limit_val_batches, on_first_batch=media)
-            task.on_validation_end(self.model, val)
+            task.on_validation_end(tr.model, val)
             record.update({f"val/{k}": v for k, v in val.items()})
-            record.update({"step": state.step, **{f"lr/{g['tag']}": g["lr"] for g in self.optimizer.param_groups}})
+            record.update({"step": state.step, **{f"lr/{g['tag']}": g["lr"] for g in tr.optimizer.param_groups}})
             record["epoch_seconds"] = time.perf_counter() - started
             state.epoch, state.last_metrics = epoch + 1, record
             state.batches_done, state.epoch_sums = 0, {}

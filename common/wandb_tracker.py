@@ -1,7 +1,8 @@
 """The wandb tracker (logger=wandb): runs named, grouped and tagged for comparison, metrics on step and epoch
 axes with best-value summaries, the config a run actually ran with, images, tables and optional artifacts.
 
-Imported only when logger=wandb is selected (common.tracking.make_tracker).
+Imported only when logger=wandb is selected: conf/logger/wandb.yaml names WandbTracker as its `_target_`, which
+common.tracking.make_tracker instantiates.
 """
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import wandb
-from omegaconf import DictConfig
 
 from common.run_info import RunInfo
-from common.tracking import Tracker, config_for_logging, redact
+from common.tracking import Tracker, logged_config
 
 STEP_AXIS, EPOCH_AXIS = "step", "epoch"
 
@@ -40,22 +40,21 @@ def confusion_pairs(matrix, n_classes: int) -> tuple[list[int], list[int]]:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, cfg: DictConfig, run_dir: Path, info: RunInfo):
-        log = cfg.logger
-        self.info, self.artifacts = info, bool(log.artifacts)
-        self.monitor, self.direction = str(cfg.trainer.monitor), str(cfg.trainer.monitor_direction)
-        settings = wandb.Settings(silent=not bool(log.verbose), console=str(log.console))
-        self.run = wandb.init(project=log.project, entity=log.entity, mode=log.mode, group=info.group,
-                              job_type=log.job_type, tags=info.tags, name=info.name, dir=str(run_dir),
-                              config=self._config(cfg), settings=settings, reinit="finish_previous")
+    """One wandb run. The keyword arguments after `*` are the keys of conf/logger/wandb.yaml; run_dir, info,
+    config, monitor and direction are given by the run (common.tracking.RUNTIME_ARGS)."""
+
+    def __init__(self, *, run_dir: Path, info: RunInfo, config: dict, monitor: str, direction: str,
+                 project: str | None, entity: str | None, mode: str | None, job_type: str | None, artifacts: bool,
+                 verbose: bool, console: str):
+        self.info, self.artifacts = info, bool(artifacts)
+        self.monitor, self.direction = str(monitor), str(direction)
+        settings = wandb.Settings(silent=not bool(verbose), console=str(console))
+        self.run = wandb.init(project=project, entity=entity, mode=mode, group=info.group, job_type=job_type,
+                              tags=info.tags, name=info.name, dir=str(run_dir), config=config, settings=settings,
+                              reinit="finish_previous")
         self._defined: set[str] = {STEP_AXIS, EPOCH_AXIS}
         for axis in (STEP_AXIS, EPOCH_AXIS):
             self.run.define_metric(axis)
-
-    def _config(self, cfg: DictConfig) -> dict:
-        hydra = {"choices": self.info.choices, "overrides": self.info.overrides}
-        extra = {"checkpoint": self.info.checkpoint} if self.info.checkpoint else {}
-        return {**config_for_logging(cfg), "hydra": redact(hydra), **extra}
 
     def _define(self, key: str) -> None:
         """Each series once, on its axis; the monitored metric (also per fold) keeps its best and last value."""
@@ -96,7 +95,7 @@ class WandbTracker(Tracker):
 
     def set_config(self, cfg):
         """eval / predict: the config the checkpoint's network was rebuilt with replaces the command line's."""
-        self.run.config.update(self._config(cfg), allow_val_change=True)
+        self.run.config.update(logged_config(cfg, self.info), allow_val_change=True)
 
     def set_summary(self, metrics):
         for key, value in metrics.items():

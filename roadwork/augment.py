@@ -1,24 +1,11 @@
-"""Image pipelines built from config: per-view training augmentation (the validator's challenge: roadwork.challenge).
-
-Pipelines are lists of albumentations transforms written in yaml as `{_target_: albumentations.X, ...}`,
-so every probability and strength lives in config.
+"""Per-view training augmentation: `data.augment`, a list of `{_target_: albumentations.X, ...}` nodes built into
+one pipeline by common.augment.build_augment (so every probability and strength lives in config), applied to each
+view on its own. The validator's challenge is roadwork.challenge.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import albumentations as A
 import numpy as np
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-
-
-def build_pipeline(specs: Sequence) -> A.Compose | None:
-    """A list of `_target_` dicts -> A.Compose (None for an empty list)."""
-    specs = OmegaConf.to_container(specs, resolve=True) if OmegaConf.is_config(specs) else list(specs or [])
-    if not specs:
-        return None
-    return A.Compose([instantiate(spec, _convert_="all") for spec in specs])
 
 
 def augment_views(views: list[np.ndarray], pipeline: A.Compose | None) -> list[np.ndarray]:

@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.augment import build_augment
 from common.cache import file_digest, image_key
 from common.image_cache import ImageCache, through
 from common.image_check import raise_if_broken
-from roadwork.augment import augment_views, augment_views_and_masks, build_pipeline
+from roadwork.augment import augment_views, augment_views_and_masks
 from roadwork.challenge import BenchmarkTransform
 from roadwork.samples import Sample, index_samples
 from roadwork.views import cut_views, resolve_views
@@ -103,7 +104,7 @@ class RoadworkDataset(Dataset):
         self.cache_features = cache_features  # items carry one feature-cache key per view
         self.view_names = resolve_views(views)
         self.view_size = int(view_size)
-        self.pipeline = build_pipeline(augment) if augment else None
+        self.pipeline = build_augment(augment)     # None without augmentation
         self.benchmark = benchmark
         self.seed = seed
         self.benchmark_random = benchmark_random   # train: a fresh level per draw; eval: one fixed level per item

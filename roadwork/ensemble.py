@@ -48,12 +48,13 @@ def common_spec(members: Sequence[nn.Module]) -> dict | None:
 class RoadworkEnsemble(nn.Module):
     """forward(batch) -> prob = weighted mean of the members' probabilities (combine=prob), or
     sigmoid(weighted mean of their logits log p / (1 - p)) (combine=logit); logits (B, 2) = [0, logit prob];
-    features: the first member's (test-time augmentation filtering)."""
+    features: the first member's (test-time augmentation filtering). roadwork's inference.ensemble; its
+    `member_specs` tell the task which inputs to feed each member (RoadworkTask._inference_set)."""
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float] | None, combine: str, eps: float):
         super().__init__()
         if combine not in COMBINES:
-            raise ValueError(f"ensemble.combine={combine!r}: expected one of {COMBINES}")
+            raise ValueError(f"inference.ensemble.combine={combine!r}: expected one of {COMBINES}")
         self.members = nn.ModuleList(members)
         self.combine, self.eps = combine, float(eps)
         self.register_buffer("weights", torch.tensor(normalise_weights(weights, len(members)), dtype=torch.float32))

@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn.cluster import KMeans
 
 from common.sampling import WeightedEpochSampler
-from roadwork.metadata import parse_gps
+from roadwork.sidecar import parse_gps
 from roadwork.regions import haversine_km
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.losses import focal_loss, view_consistency_kl
-from roadwork.fusion import gather_views
+from roadwork.view_fusion import gather_views
 
 
 def seg_loss(outputs: dict[str, Tensor], batch: dict) -> Tensor:

@@ -9,6 +9,7 @@ with `seg_head`, per-patch roadwork-object logits of the views the backbone saw 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -16,9 +17,10 @@ from torch import Tensor, nn
 
 from common.backbone import Backbone
 from common.cache import encode as backbone_tokens
+from common.option_groups import group_options
 from roadwork.blocks import ChannelPyramid, GatedBlock
 from roadwork.feature_stats import FeatureStats
-from roadwork.fusion import GatedViewFusion, ViewScorer, gather_views
+from roadwork.view_fusion import GatedViewFusion, ViewScorer, gather_views
 from roadwork.meta_encoder import MetadataEncoder
 from roadwork.seg_head import SegHead
 
@@ -70,38 +72,109 @@ def mlp_head(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -
     return nn.Sequential(*layers, nn.Linear(in_dim, out_dim))
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the data gives the model (RoadworkTask.build_model derives it from data.*)."""
+    view_names: Sequence[str]
+    vocab_sizes: dict                    # categorical metadata field -> vocabulary size (NULL entry excluded)
+    text_fields: Sequence[str]           # free-text metadata fields
+    use_gps: bool
+    num_weather: int                     # classes of the auxiliary weather head
+    view_size: Optional[int] = None      # the input side of each view (ensembles of different inputs)
+
+
+@dataclass(frozen=True)
+class ViewFeatureOptions:
+    """Per view: pooled tokens (`pool`) -> projection to `width` -> [pruning to the prune_k best views, scored
+    `prune_where` the backbone] -> [channel pyramid]."""
+    pool: str
+    width: int
+    pyramid: bool
+    prune_k: Optional[int]
+    prune_where: str
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """Gated-attention blocks over the views; num_heads, mlp_ratio and dropout also serve the fusion (dropout
+    the pyramid and the classifier too)."""
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    dropout: float
+    block_norm: str = "pre"
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """Gated view fusion: cross-view attention layers and an optional refinement attention."""
+    fusion_cross_layers: int
+    fusion_refine: bool
+
+
+@dataclass(frozen=True)
+class MetaOptions:
+    """The metadata encoder (roadwork.meta_encoder), used when the data has metadata inputs."""
+    meta_embed_dim: int
+    meta_dim: int
+    gps_frequencies: int
+    meta_dropout: float
+    text_encoder: Optional[dict] = None
+    gps_encoding: str = "octaves"
+    gps_frequency_range: Sequence[float] = (1.0, 1.0e4)
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """The classifier on concat(vision, metadata), the training feature statistics and the auxiliary seg head."""
+    classifier_hidden: Sequence[int]
+    feature_stats_momentum: Optional[float]
+    seg_head: bool = False
+
+
+# constructor argument -> its option group. The field defaults (view_size, block_norm, text_encoder, gps_encoding,
+# gps_frequency_range, seg_head) are what checkpoints written before those options existed were built with.
+OPTION_GROUPS = {"inputs": ModelInputs, "views": ViewFeatureOptions, "blocks": BlockOptions, "fusion": FusionOptions,
+                 "meta": MetaOptions, "head": HeadOptions}
+
+
 class RoadworkModel(nn.Module):
-    def __init__(self, backbone: Backbone, view_names: Sequence[str], pool: str, width: int, depth: int,
-                 num_heads: int, mlp_ratio: float, dropout: float, pyramid: bool, fusion_cross_layers: int,
-                 fusion_refine: bool, prune_k: Optional[int], prune_where: str, vocab_sizes: dict,
-                 text_fields: Sequence[str], use_gps: bool, meta_embed_dim: int, meta_dim: int,
-                 gps_frequencies: int, meta_dropout: float, classifier_hidden: Sequence[int], num_weather: int,
-                 feature_stats_momentum: Optional[float], seg_head: bool = False,
-                 text_encoder: Optional[dict] = None, block_norm: str = "pre", gps_encoding: str = "octaves",
-                 gps_frequency_range: Sequence[float] = (1.0, 1.0e4), view_size: Optional[int] = None):
-        # Defaults of the last four: what checkpoints written before these options were built with.
+    """Built from the flat keys of conf/model/roadwork/*.yaml by `from_options` (RoadworkTask.build_model)."""
+
+    def __init__(self, backbone: Backbone, inputs: ModelInputs, views: ViewFeatureOptions, blocks: BlockOptions,
+                 fusion: FusionOptions, meta: MetaOptions, head: HeadOptions):
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"model.pool={pool!r}: expected one of {POOLS}")
-        self.backbone, self.pool, self.view_names = backbone, pool, list(view_names)
-        self.project = self._make_projection(backbone, pool, width)
-        self.pruner = self._make_pruner(prune_k, prune_where, width)
-        self.pyramid = ChannelPyramid(width, dropout) if pyramid else nn.Identity()
-        self.blocks = nn.ModuleList([GatedBlock(width, num_heads, mlp_ratio, dropout, norm=block_norm)
-                                     for _ in range(depth)])
-        self.view_size = view_size      # the input side of each view (ensembles of different inputs)
-        self.fusion = GatedViewFusion(width, num_heads, fusion_cross_layers, fusion_refine, mlp_ratio, dropout)
+        if views.pool not in POOLS:
+            raise ValueError(f"model.pool={views.pool!r}: expected one of {POOLS}")
+        width, dropout = views.width, blocks.dropout
+        self.backbone, self.pool, self.view_names = backbone, views.pool, list(inputs.view_names)
+        self.project = self._make_projection(backbone, views.pool, width)
+        self.pruner = self._make_pruner(views.prune_k, views.prune_where, width)
+        self.pyramid = ChannelPyramid(width, dropout) if views.pyramid else nn.Identity()
+        self.blocks = nn.ModuleList([GatedBlock(width, blocks.num_heads, blocks.mlp_ratio, dropout,
+                                                norm=blocks.block_norm) for _ in range(blocks.depth)])
+        self.view_size = inputs.view_size      # the input side of each view (ensembles of different inputs)
+        self.fusion = GatedViewFusion(width, blocks.num_heads, fusion.fusion_cross_layers, fusion.fusion_refine,
+                                      blocks.mlp_ratio, dropout)
         self.view_head = nn.Linear(width, 2)
-        self.weather_head = nn.Linear(width, num_weather)
-        has_meta = bool(vocab_sizes) or bool(text_fields) or use_gps or text_encoder is not None
-        self.meta = MetadataEncoder(vocab_sizes, text_fields, use_gps, meta_embed_dim, meta_dim, gps_frequencies,
-                                    meta_dropout, text_encoder=text_encoder, gps_encoding=gps_encoding,
-                                    gps_frequency_range=gps_frequency_range) if has_meta else None
-        self.classifier = mlp_head(width + (meta_dim if has_meta else 0), classifier_hidden, 2, dropout)
+        self.weather_head = nn.Linear(width, inputs.num_weather)
+        has_meta = (bool(inputs.vocab_sizes) or bool(inputs.text_fields) or inputs.use_gps
+                    or meta.text_encoder is not None)
+        self.meta = MetadataEncoder(inputs.vocab_sizes, inputs.text_fields, inputs.use_gps, meta.meta_embed_dim,
+                                    meta.meta_dim, meta.gps_frequencies, meta.meta_dropout,
+                                    text_encoder=meta.text_encoder, gps_encoding=meta.gps_encoding,
+                                    gps_frequency_range=meta.gps_frequency_range) if has_meta else None
+        self.classifier = mlp_head(width + (meta.meta_dim if has_meta else 0), head.classifier_hidden, 2, dropout)
         # Added to the roadwork logit at inference; set by calibration (task.calibrate), saved in checkpoints.
         self.register_buffer("logit_shift", torch.zeros(()))
-        self.feature_stats = FeatureStats(width, feature_stats_momentum)   # for feature-distance-filtered TTA
-        self.seg_head = SegHead(backbone.embed_dim) if seg_head else None
+        self.feature_stats = FeatureStats(width, head.feature_stats_momentum)   # for feature-distance-filtered TTA
+        self.seg_head = SegHead(backbone.embed_dim) if head.seg_head else None
+
+    @classmethod
+    def from_options(cls, backbone: Backbone, **options) -> "RoadworkModel":
+        """From the flat keys of conf/model/roadwork/*.yaml (as every checkpoint's config stores them) and the
+        fields of ModelInputs, each handed to the group with a field of its name (OPTION_GROUPS)."""
+        return cls(backbone, **group_options(options, OPTION_GROUPS, "model (roadwork.model.RoadworkModel)"))
 
     @staticmethod
     def _make_projection(backbone: Backbone, pool: str, width: int) -> nn.Module:

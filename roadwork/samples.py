@@ -14,7 +14,7 @@ from typing import Sequence
 import pandas as pd
 
 from common.image_check import broken_images
-from roadwork.metadata import is_missing, parse_label, parse_metadata, parse_point
+from roadwork.sidecar import is_missing, parse_label, parse_metadata, parse_point
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 

@@ -45,6 +45,7 @@ class StackedEnsemble(nn.Module):
         if len(coef) != len(members):
             raise ValueError(f"{len(coef)} meta-model coefficients for {len(members)} members")
         self.members = nn.ModuleList(members)
+        self.member_specs = [getattr(m, "input_spec", None) for m in members]   # each member's own inputs
         self.eps = float(eps)
         self.register_buffer("coef", torch.tensor([float(w) for w in coef], dtype=torch.float32))
         self.register_buffer("intercept", torch.tensor(float(intercept), dtype=torch.float32))
@@ -64,7 +65,8 @@ class StackedEnsemble(nn.Module):
 
 def stack_members(members: Sequence[nn.Module], oof_frames: dict[str, pd.DataFrame], c: float,
                   eps: float) -> StackedEnsemble:
-    """Fit the meta-model on the members' oof.csv (image, label, probability) and wrap the members."""
+    """Fit the meta-model on the members' oof.csv (image, label, probability) and wrap the members
+    (roadwork's inference.stack: c, eps from the config; members, oof_frames from common.inference)."""
     if len(oof_frames) != len(members):
         raise ValueError(f"{len(oof_frames)} out-of-fold files for {len(members)} members")
     _, probs, labels = align_oof(oof_frames, "image", "probability", "label")

@@ -16,20 +16,19 @@ from common.cache import maybe_cached
 from common.data import unwrap_subset
 from common.image_cache import ImageCache
 from common.metric import Metric
+from common.option_groups import instantiate_grouped
 from common.task import Outputs, Batch, Task
 from roadwork import gps_sampling, synth
 from roadwork.challenge import BenchmarkTransform
 from roadwork.data import CATEGORY_FIELDS, RoadworkDataset, load_index, mask_files, metadata_spec, split_indices
-from roadwork.ensemble import MemberInputs, RoadworkEnsemble, input_spec
+from roadwork.ensemble import MemberInputs, input_spec
 from roadwork.metric import breakdown_rows
-from roadwork.predict import write_predictions_csv
-from roadwork.tta import build_tta, feature_stats_of
+from roadwork.model import RoadworkModel
+from roadwork.outputs import write_predictions_csv
 from roadwork.views import resolve_views
 
 
 class RoadworkTask(Task):
-    INFERENCE_KEYS = ("tta",)          # eval / predict use this run's task.tta
-
     @property
     def data(self):
         return self.cfg.data
@@ -57,10 +56,14 @@ class RoadworkTask(Task):
                                seed=int(self.cfg.seed), benchmark_random=train, cache_features=cached,
                                masks=masks, image_cache=image_cache)
 
-    def _inference_set(self, root: Path, split: str, require_label: bool, benchmark: bool):
+    def _inference_set(self, root: Path, split: str, require_label: bool, benchmark: bool, model: nn.Module | None):
         """(dataset, the first member's sample index) of an eval / predict split: one dataset per distinct
-        ensemble member input spec (roadwork.ensemble.MemberInputs), or this task's own."""
-        specs = getattr(self, "member_specs", None) or [input_spec(self.data)]
+        input spec of the members of the model it feeds (`model.member_specs`: an ensemble, a stacked
+        ensemble, either wrapped by test-time augmentation; roadwork.ensemble.MemberInputs), or this task's own."""
+        specs = getattr(model, "member_specs", None) or [input_spec(self.data)]
+        if any(spec is None for spec in specs):
+            raise ValueError("an ensemble member has no single input spec (an ensemble of members with different "
+                             "inputs inside another ensemble): list its checkpoints directly in ckpt_path")
         sets, indexes = [], []
         for k, spec in enumerate(specs):      # member 0 is this task's own model (app: the first checkpoint)
             if k and spec == specs[0]:
@@ -87,7 +90,7 @@ class RoadworkTask(Task):
         tr, va = split_indices(labels, float(self.data.val_fraction), int(self.cfg.seed))
         return [train[i] for i in tr], [train[i] for i in va]
 
-    def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
+    def datasets(self, root: Path, stage: str, model: nn.Module | None = None) -> dict[str, Dataset]:
         if stage == "fit":
             train, val = self._fit_samples(root)
             return {"train": self._dataset(train, True, masks=self._masks(root, train)),
@@ -98,10 +101,11 @@ class RoadworkTask(Task):
             return {"train": self._dataset(train + val, True, masks=masks),
                     "val": self._dataset(train + val, False, masks=masks)}
         if stage == "eval":
-            dataset, _ = self._inference_set(root, self.data.eval, True, self.benchmark)
+            dataset, _ = self._inference_set(root, self.data.eval, True, self.benchmark, model)
             return {"eval": dataset}
         if stage == "predict":
-            dataset, self.predict_index = self._inference_set(root, self.data.predict, False, False)
+            dataset, index = self._inference_set(root, self.data.predict, False, False, model)
+            dataset.split_index = index     # every input of the split and the skipped ones: predictions.csv lists them
             return {"predict": dataset}
         raise ValueError(f"stage {stage!r}: expected fit, cv, eval or predict")
 
@@ -111,12 +115,6 @@ class RoadworkTask(Task):
             return
         t = min(max(metrics["threshold_best"], 1e-6), 1 - 1e-6)
         model.logit_shift -= math.log(t / (1 - t))
-
-    def for_inference(self, model: nn.Module) -> nn.Module:
-        """task.tta: test-time augmentation filtered by distance to the training feature distribution."""
-        if not self.cfg.task.tta.enabled:
-            return model
-        return build_tta(model, feature_stats_of(model), self.cfg.task.tta)
 
     def log_tables(self, logger, metrics: dict[str, float]) -> None:
         """The breakdown by weather / daytime / scene / region (metric keys val/<field>/<value>/<stat>)."""
@@ -145,11 +143,12 @@ class RoadworkTask(Task):
         vocabularies, text_fields = metadata_spec(self.data)
         fields = list(self.data.metadata)
         size = int(self.data.view_size)
-        model = instantiate(self.cfg.model, backbone=maybe_cached(build_encoder(self.cfg), self.cfg, (size, size)),
-                           view_names=resolve_views(self.data.views),
-                           vocab_sizes={f: len(vocabularies[f]) for f in CATEGORY_FIELDS if f in fields},
-                           text_fields=text_fields, use_gps="gps" in fields,
-                           num_weather=len(vocabularies["weather"]), view_size=size, _convert_="all")
+        model = instantiate_grouped(OmegaConf.to_container(self.cfg.model, resolve=True), RoadworkModel,
+                                    backbone=maybe_cached(build_encoder(self.cfg), self.cfg, (size, size)),
+                                    view_names=resolve_views(self.data.views),
+                                    vocab_sizes={f: len(vocabularies[f]) for f in CATEGORY_FIELDS if f in fields},
+                                    text_fields=text_fields, use_gps="gps" in fields,
+                                    num_weather=len(vocabularies["weather"]), view_size=size)
         model.input_spec = input_spec(self.data)      # what an ensemble needs to feed it its own inputs
         return model
 
@@ -160,9 +159,9 @@ class RoadworkTask(Task):
         vocabularies, _ = metadata_spec(self.data)
         return instantiate(self.cfg.metric, vocabularies=vocabularies, benchmark=self.benchmark, _convert_="all")
 
-    def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,
+    def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], dataset: Dataset, out_dir: Path,
                           stats: dict) -> dict[str, Path]:
-        index = getattr(self, "predict_index", None)     # set by datasets(root, "predict")
+        index = getattr(dataset, "split_index", None)    # set by datasets(root, "predict")
         path = write_predictions_csv(results, Path(out_dir) / "predictions.csv",
                                      None if index is None else index.inputs, () if index is None else index.skipped)
         return {"predictions": path}
@@ -187,28 +186,6 @@ class RoadworkTask(Task):
         prob = outputs["prob"].float().cpu().numpy()
         return [{"image": name, "label": int(label), "probability": float(p)}
                 for name, label, p in zip(batch["image"], batch["label"].tolist(), prob)]
-
-    def ensemble(self, models: list[nn.Module], weights: list[float] | None = None) -> nn.Module:
-        """Members with their own inputs, combined on probabilities or logits (ensemble.combine); eval and
-        predict datasets then feed every member its own views and metadata (roadwork/ensemble.py)."""
-        ensemble = RoadworkEnsemble(models, weights, str(self.cfg.ensemble.combine), float(self.cfg.ensemble.stack_eps))
-        self._check_member_specs(ensemble.member_specs)
-        return ensemble
-
-    def _check_member_specs(self, specs: list) -> None:
-        if any(spec is None for spec in specs):
-            raise ValueError("an ensemble member has no single input spec (an ensemble of members with different "
-                             "inputs inside another ensemble): list its checkpoints directly in ckpt_path")
-        if any(spec != specs[0] for spec in specs) and self.cfg.task.tta.enabled:
-            raise ValueError("task.tta with ensemble members of different inputs: the test-time variants augment "
-                             "only the first member's views; set task.tta.enabled=false")
-        self.member_specs = specs
-
-    def stack(self, members: list[nn.Module], oof_frames: dict, cfg_ensemble) -> nn.Module:
-        """Logistic regression on the logits of the members' out-of-fold probabilities (roadwork/stacking.py)."""
-        from roadwork.stacking import stack_members
-        self._check_member_specs([getattr(m, "input_spec", None) for m in members])
-        return stack_members(members, oof_frames, c=float(cfg_ensemble.stack_c), eps=float(cfg_ensemble.stack_eps))
 
 
 def _without_metadata(sample):

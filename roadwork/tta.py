@@ -1,4 +1,4 @@
-"""Test-time augmentation filtered by feature distance (task.tta, for eval and predict).
+"""Test-time augmentation filtered by feature distance (inference/tta=roadwork, for eval and predict).
 
 Every variant (a mirror / centre zoom / brightness change of all the views of a batch, done on tensors so it
 runs on the model's device) goes through the wrapped model. Per sample, the variants whose fused feature lies
@@ -59,7 +59,7 @@ def _number(value, where: str, low: float, low_inclusive: bool) -> float:
 
 
 def parse_variant(raw, index: int) -> Variant:
-    where = f"task.tta.variants[{index}]"
+    where = f"inference.tta.variants[{index}]"
     if not isinstance(raw, Mapping) or set(raw) != set(FIELDS):
         keys = sorted(raw) if isinstance(raw, Mapping) else raw
         raise ValueError(f"{where}: got {keys!r}, expected a mapping with exactly the keys {list(FIELDS)}")
@@ -71,7 +71,7 @@ def parse_variant(raw, index: int) -> Variant:
 
 def parse_variants(raw) -> list[Variant]:
     if isinstance(raw, (str, Mapping)) or not isinstance(raw, Sequence) or not raw:
-        raise ValueError(f"task.tta.variants={raw!r}: expected a non-empty list of {{hflip, zoom, brightness}}")
+        raise ValueError(f"inference.tta.variants={raw!r}: expected a non-empty list of {{hflip, zoom, brightness}}")
     return [parse_variant(item, i) for i, item in enumerate(raw)]
 
 
@@ -91,24 +91,32 @@ class FilteredTTA(nn.Module):
     on, so that is exact; WeightedEnsemble's `features` are the members' weighted mean, so the distance is
     only an approximation when the members' feature spaces differ (separately trained fold models).
     The wrapped model applies its own `logit_shift` calibration in eval mode, so its `prob` is used as is.
+    stats=None: feature_stats_of(model) (conf/inference/tta/roadwork.yaml builds FilteredTTA(model) so).
+    An ensemble whose members read different inputs is refused: the variants augment only the first member's views.
     """
 
-    def __init__(self, model: nn.Module, stats: FeatureStats, variants: Sequence[Mapping], keep_fraction: float,
-                 temperature: float):
+    def __init__(self, model: nn.Module, variants: Sequence[Mapping], keep_fraction: float, temperature: float,
+                 stats: FeatureStats | None = None):
         super().__init__()
+        specs = getattr(model, "member_specs", None)
+        if specs and any(spec != specs[0] for spec in specs):
+            raise ValueError("inference.tta with ensemble members of different inputs: the test-time variants "
+                             "augment only the first member's views; set inference.tta=null")
+        stats = feature_stats_of(model) if stats is None else stats
         if not isinstance(stats, FeatureStats):
             raise TypeError(f"FilteredTTA stats: expected a roadwork.feature_stats.FeatureStats, got {type(stats)}")
         if not (isinstance(keep_fraction, (int, float)) and 0.0 < keep_fraction <= 1.0):
-            raise ValueError(f"task.tta.keep_fraction={keep_fraction!r}: expected a number in (0, 1]")
-        self.temperature = _number(temperature, "task.tta.temperature", 0.0, False)
+            raise ValueError(f"inference.tta.keep_fraction={keep_fraction!r}: expected a number in (0, 1]")
+        self.temperature = _number(temperature, "inference.tta.temperature", 0.0, False)
         self.model, self.stats = model, stats
+        self.member_specs = specs           # the eval / predict datasets feed the wrapped ensemble's members
         self.variants = parse_variants(variants)
         # round() first: 0.1 * 30 is 3.0000000000000004 in floating point
         self.keep = math.ceil(round(keep_fraction * len(self.variants), 9))
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         if "cache_key" in batch:
-            raise ValueError("task.tta: the batch carries cached backbone features (cache_key), which cannot be "
+            raise ValueError("inference.tta: the batch carries cached backbone features (cache_key), which cannot be "
                              "augmented; set data.cache_features=false for eval / predict with tta")
         if self.training:
             raise RuntimeError("FilteredTTA is for inference (it would feed augmented features to the training "
@@ -132,14 +140,6 @@ def feature_stats_of(model: nn.Module) -> FeatureStats:
         first = first.members[0]
     stats = getattr(first, "feature_stats", None)
     if not isinstance(stats, FeatureStats):
-        raise ValueError(f"task.tta needs the model's training feature statistics (feature_stats); "
+        raise ValueError(f"inference.tta needs the model's training feature statistics (feature_stats); "
                          f"{type(first).__name__} has none")
     return stats
-
-
-def build_tta(model: nn.Module, stats: FeatureStats, cfg_tta) -> nn.Module:
-    """cfg_tta: the task.tta config section. The model unchanged when tta is disabled, else FilteredTTA."""
-    if not cfg_tta.enabled:
-        return model
-    return FilteredTTA(model, stats, list(cfg_tta.variants), keep_fraction=cfg_tta.keep_fraction,
-                       temperature=cfg_tta.temperature)

@@ -1,48 +1,13 @@
-"""Training augmentation for sclera segmentation (albumentations).
+"""Sclera's own transforms for `data.augment` (built by common.augment.build_augment): the reference deck's table in
+the deck's units, on the resized image and mask.
 
-Geometry moves image and mask alike; photometric changes, occluding rectangles and specular
-highlight blobs touch the image only (the sclera behind a highlight or an occluder is still sclera).
+Geometry moves image and mask alike; photometric changes, occluding rectangles and specular highlight blobs
+(common.augment.GaussianHighlights) touch the image only (the sclera behind a highlight or an occluder is still
+sclera). The classes here take the deck's units and hand albumentations its own.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import albumentations as A
-import numpy as np
-from omegaconf import DictConfig
-
-
-class SpecularBlobs(A.ImageOnlyTransform):
-    """Adds count_range soft white Gaussian blobs (corneal reflections) at random positions, each blended
-    towards white with a strength drawn from strength_range."""
-
-    def __init__(self, count_range: tuple[int, int] = (1, 3), sigma_range: tuple[float, float] = (0.01, 0.04),
-                 strength_range: tuple[float, float] = (0.3, 0.8), p: float = 0.5):
-        super().__init__(p=p)
-        self.count_range = tuple(count_range)
-        self.sigma_range = tuple(sigma_range)
-        self.strength_range = tuple(strength_range)
-
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        h, w = params["shape"][:2]
-        n = int(self.py_random.randint(*self.count_range))
-        blobs = [(self.py_random.uniform(0, w), self.py_random.uniform(0, h),
-                  self.py_random.uniform(*self.sigma_range) * max(h, w),
-                  self.py_random.uniform(*self.strength_range)) for _ in range(n)]
-        return {"blobs": blobs}
-
-    def apply(self, img: np.ndarray, blobs: list = (), **params) -> np.ndarray:
-        yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(np.float32)
-        light = np.zeros(img.shape[:2], np.float32)
-        for bx, by, sigma, strength in blobs:
-            blob = strength * np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * sigma ** 2))
-            light = np.maximum(light, blob)
-        out = img.astype(np.float32)
-        out += (255.0 - out) * light[..., None]
-        return np.clip(out, 0, 255).astype(img.dtype)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("count_range", "sigma_range", "strength_range")
 
 
 class Rotate90(A.RandomRotate90):
@@ -59,32 +24,56 @@ class Rotate90(A.RandomRotate90):
         return ("ks",)
 
 
-def occluders(aug: DictConfig) -> A.CoarseDropout:
-    """Random rectangles: a count drawn uniformly from occluder_count = [lo, hi] with probability occluder_p.
-    A count of 0 is a no-op, so lo = 0 is drawn as counts 1..hi with probability p * hi / (hi + 1)."""
-    lo, hi = int(aug.occluder_count[0]), int(aug.occluder_count[1])
-    p = aug.occluder_p * (hi / (hi + 1) if lo == 0 else 1.0)
-    return A.CoarseDropout(num_holes_range=(max(lo, 1), hi), hole_height_range=tuple(aug.occluder_size),
-                           hole_width_range=tuple(aug.occluder_size), fill="random_uniform", fill_mask=None, p=p)
+class BrightnessContrast(A.RandomBrightnessContrast):
+    """pixel * alpha + beta, alpha drawn from `contrast_alpha`, beta from `brightness_beta` in pixel units (0..255)."""
+
+    def __init__(self, contrast_alpha: tuple[float, float] = (0.8, 1.2),
+                 brightness_beta: tuple[float, float] = (-30, 30), p: float = 0.5):
+        alpha, beta = contrast_alpha, brightness_beta
+        super().__init__(brightness_limit=(beta[0] / 255, beta[1] / 255), brightness_by_max=True,
+                         contrast_limit=(alpha[0] - 1, alpha[1] - 1), p=p)
+        self.contrast_alpha, self.brightness_beta = tuple(alpha), tuple(beta)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("contrast_alpha", "brightness_beta")
 
 
-def build_train_transform(aug: DictConfig) -> A.Compose:
-    """All probabilities and ranges come from `data.augment` (pixel units for brightness offsets, noise sigma)."""
-    alpha, beta = aug.contrast_alpha, aug.brightness_beta
-    return A.Compose([
-        A.HorizontalFlip(p=aug.hflip),
-        A.VerticalFlip(p=aug.vflip),
-        A.Affine(rotate=(-aug.rotate_deg, aug.rotate_deg), p=aug.rotate_p),
-        Rotate90(ks=tuple(aug.rot90_k), p=aug.rot90),
-        A.RandomBrightnessContrast(brightness_limit=(beta[0] / 255, beta[1] / 255), brightness_by_max=True,
-                                   contrast_limit=(alpha[0] - 1, alpha[1] - 1), p=aug.brightness_contrast_p),
-        A.ColorJitter(brightness=(1, 1), contrast=(1, 1), saturation=tuple(aug.saturation_scale),
-                      hue=(aug.hue_shift[0] / 180, aug.hue_shift[1] / 180), p=aug.hsv_p),
-        A.GaussNoise(std_range=(aug.noise_sigma[0] / 255, aug.noise_sigma[1] / 255), p=aug.noise_p),
-        A.OneOf([A.GaussianBlur(blur_limit=0, sigma_limit=tuple(aug.blur_sigma)),
-                 A.MotionBlur(blur_limit=tuple(aug.motion_blur_kernel))], p=aug.blur_p),
-        A.ImageCompression(quality_range=tuple(aug.jpeg_quality), p=aug.jpeg_p),
-        occluders(aug),
-        SpecularBlobs(count_range=tuple(aug.highlight_count), sigma_range=tuple(aug.highlight_sigma),
-                      strength_range=tuple(aug.highlight_strength), p=aug.highlight_p),
-    ])
+class HueSaturation(A.ColorJitter):
+    """Hue shifted by `hue_shift` in OpenCV's uint8 units (180 = a full turn), saturation multiplied by a factor
+    from `saturation_scale`; brightness and contrast left as they are."""
+
+    def __init__(self, hue_shift: tuple[float, float] = (-18, 18),
+                 saturation_scale: tuple[float, float] = (0.7, 1.3), p: float = 0.5):
+        super().__init__(brightness=(1, 1), contrast=(1, 1), saturation=tuple(saturation_scale),
+                         hue=(hue_shift[0] / 180, hue_shift[1] / 180), p=p)
+        self.hue_shift, self.saturation_scale = tuple(hue_shift), tuple(saturation_scale)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("hue_shift", "saturation_scale")
+
+
+class PixelGaussNoise(A.GaussNoise):
+    """Gaussian noise, its standard deviation drawn from `sigma` in pixel units (0..255)."""
+
+    def __init__(self, sigma: tuple[float, float] = (5, 20), p: float = 0.5):
+        super().__init__(std_range=(sigma[0] / 255, sigma[1] / 255), p=p)
+        self.sigma = tuple(sigma)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("sigma",)
+
+
+class Occluders(A.CoarseDropout):
+    """Random rectangles of random colour (image only): with probability p, a count drawn uniformly from
+    `count` = [lo, hi], each side a fraction of the image's drawn from `size`. A count of 0 is a no-op, so lo = 0
+    is drawn as counts 1..hi with probability p * hi / (hi + 1)."""
+
+    def __init__(self, count: tuple[int, int] = (0, 3), size: tuple[float, float] = (0.05, 0.15), p: float = 0.5):
+        lo, hi = int(count[0]), int(count[1])
+        super().__init__(num_holes_range=(max(lo, 1), hi), hole_height_range=tuple(size),
+                         hole_width_range=tuple(size), fill="random_uniform", fill_mask=None,
+                         p=p * (hi / (hi + 1) if lo == 0 else 1.0))
+        self.count, self.size = (lo, hi), tuple(size)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("count", "size")

@@ -4,6 +4,7 @@ logits at input resolution."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from common.backbone import Backbone, tokens_to_map
 from common.cache import encode
+from common.option_groups import group_options
 from common.timm_import import timm
 from sclera.grounding import build_grounding
 
@@ -109,38 +111,80 @@ def _check_decoder(fpn_channels: Sequence[int], decoder_input: int, decoder_chan
             raise ValueError(f"model.{key}: FPN level {value} does not exist (levels 0..{len(fpn_channels) - 1})")
 
 
+@dataclass(frozen=True)
+class EncoderOptions:
+    """Which configured backbone layers' tokens are concatenated, the text grounding applied to them (a mapping
+    for sclera.grounding.build_grounding; none or null: no grounding), and `fit_to_patch`."""
+    token_layers: Sequence[int]
+    grounding: Optional[Mapping]
+    fit_to_patch: bool
+
+
+@dataclass(frozen=True)
+class FPNOptions:
+    fpn_channels: Sequence[int]
+    fpn_strides: Sequence[float]
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """Dense-CSSE decoder stages: where they start, each stage's width, size and skip, and the dense blocks."""
+    decoder_input: int
+    decoder_channels: Sequence[int]
+    decoder_strides: Sequence[float]
+    decoder_skips: Sequence[Optional[int]]
+    dense_layers: int
+    growth: int
+    bn_size: int
+    se_reduction: int
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    head_channels: int
+    num_classes: int
+
+
+OPTION_GROUPS = {"encoder": EncoderOptions, "fpn": FPNOptions, "decoder": DecoderOptions, "head": HeadOptions}
+
+
 class CGDSeg(nn.Module):
     """forward(batch with "image" (B,3,H,W) in [0,1]) -> {"logits": (B, num_classes, H, W)}.
 
     The decoder starts from FPN level `decoder_input`; stage i upsamples to input / decoder_strides[i] and
     concatenates FPN level decoder_skips[i] (none when null). With `fit_to_patch`, an input whose sides are
     not multiples of the patch size is resized down to the nearest multiple for the backbone only; FPN,
-    decoder and logits keep the input size.
+    decoder and logits keep the input size. Built from the flat keys of conf/model/sclera/*.yaml by
+    `from_options`.
     """
 
-    def __init__(self, backbone: Backbone, token_layers: Sequence[int], grounding: Optional[Mapping],
-                 fpn_channels: Sequence[int], fpn_strides: Sequence[float], decoder_input: int,
-                 decoder_channels: Sequence[int], decoder_strides: Sequence[float],
-                 decoder_skips: Sequence[Optional[int]], dense_layers: int, growth: int, bn_size: int,
-                 se_reduction: int, head_channels: int, num_classes: int, fit_to_patch: bool):
+    def __init__(self, backbone: Backbone, encoder: EncoderOptions, fpn: FPNOptions, decoder: DecoderOptions,
+                 head: HeadOptions):
         super().__init__()
-        _check_decoder(fpn_channels, decoder_input, decoder_channels, decoder_strides, decoder_skips)
+        d = decoder
+        _check_decoder(fpn.fpn_channels, d.decoder_input, d.decoder_channels, d.decoder_strides, d.decoder_skips)
         self.backbone = backbone
-        self.token_layers = [int(i) for i in token_layers]
-        self.fit_to_patch = bool(fit_to_patch)
+        self.token_layers = [int(i) for i in encoder.token_layers]
+        self.fit_to_patch = bool(encoder.fit_to_patch)
         dim = backbone.embed_dim * len(self.token_layers)
-        self.grounding = build_grounding(grounding, dim)
-        self.fpn = FPN(dim, fpn_channels, fpn_strides)
-        self.decoder_input = int(decoder_input)
-        self.decoder_strides = [float(s) for s in decoder_strides]
-        self.decoder_skips = [None if s is None else int(s) for s in decoder_skips]
-        stages, cin = [], fpn_channels[self.decoder_input]
-        for cout, skip in zip(decoder_channels, self.decoder_skips):
-            skip_ch = 0 if skip is None else fpn_channels[skip]
-            stages.append(DecoderStage(cin, skip_ch, cout, dense_layers, growth, bn_size, se_reduction))
+        self.grounding = build_grounding(encoder.grounding, dim)
+        self.fpn = FPN(dim, fpn.fpn_channels, fpn.fpn_strides)
+        self.decoder_input = int(d.decoder_input)
+        self.decoder_strides = [float(s) for s in d.decoder_strides]
+        self.decoder_skips = [None if s is None else int(s) for s in d.decoder_skips]
+        stages, cin = [], fpn.fpn_channels[self.decoder_input]
+        for cout, skip in zip(d.decoder_channels, self.decoder_skips):
+            skip_ch = 0 if skip is None else fpn.fpn_channels[skip]
+            stages.append(DecoderStage(cin, skip_ch, cout, d.dense_layers, d.growth, d.bn_size, d.se_reduction))
             cin = cout
         self.decoder = nn.ModuleList(stages)
-        self.head = Head(cin, head_channels, num_classes)
+        self.head = Head(cin, head.head_channels, head.num_classes)
+
+    @classmethod
+    def from_options(cls, backbone: Backbone, **options) -> "CGDSeg":
+        """From the flat keys of conf/model/sclera/*.yaml (as every checkpoint's config stores them), each handed
+        to the group with a field of its name (OPTION_GROUPS)."""
+        return cls(backbone, **group_options(options, OPTION_GROUPS, "model (sclera.model.CGDSeg)"))
 
     def parameter_report(self) -> dict[str, int]:
         """Trainable parameters per component (backbone: its adapters), plus the frozen and total counts."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -12,38 +11,29 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
 from common.atomic import atomic_write_text
+from common.augment import build_augment
 from common.build import build_encoder
 from common.cache import maybe_cached
 from common.image_cache import ImageCache
 from common.metric import Metric
+from common.option_groups import instantiate_grouped
 from common.task import Batch, Outputs, Task
-from sclera.augment import build_train_transform
 from sclera.data import ScleraDataset
 from sclera.grounding import resolve_sources
-from sclera.metric import batch_scores, benchmark_maps
+from sclera.metric import batch_scores
+from sclera.model import CGDSeg
+from sclera.outputs import write_submission
+from sclera.plots import overlay
 from sclera.sets import SPLITS, evaluation_items, training_items
-from sclera.synth import save_atomic, write_dataset
+from sclera.synth import write_dataset
 
 log = logging.getLogger(__name__)
 
 TRACKS = ("Synthetic", "Mixed")
-
-
-def overlay(image: torch.Tensor, pred: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
-    """HxWx3 uint8: prediction tinted red, truth tinted green (both: yellow)."""
-    rgb = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.float32)
-    tint = np.zeros_like(rgb)
-    tint[..., 0] = pred * 255
-    if truth is not None:
-        tint[..., 1] = truth * 255
-    shown = (pred > 0) | (truth > 0 if truth is not None else False)
-    rgb[shown] = 0.55 * rgb[shown] + 0.45 * tint[shown]
-    return rgb.astype(np.uint8)
 
 
 class ScleraTask(Task):
@@ -64,11 +54,11 @@ class ScleraTask(Task):
         write_dataset(Path(root), seed, int(s.train_per_set), int(s.val_per_set), int(s.eval_per_set),
                       text_model=s.text_model)
 
-    def datasets(self, root: Path, stage: str) -> dict[str, Dataset]:
+    def datasets(self, root: Path, stage: str, model=None) -> dict[str, Dataset]:
         data, size = self.cfg.data, self.size
         self.root = Path(root)
-        # cached backbone tokens are of the clean, resized image: no pixel augmentation then
-        augment = None if data.cache_features else build_train_transform(data.augment)
+        # training only; cached backbone tokens are of the clean, resized image: no pixel augmentation then
+        augment = None if data.cache_features or stage not in ("fit", "cv") else build_augment(data.augment)
         view = f"resized-{size[0]}x{size[1]}" if data.cache_features else None
         decoded = ImageCache.from_config(data.get("image_cache"))
 
@@ -103,7 +93,7 @@ class ScleraTask(Task):
         model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
         model_cfg["grounding"] = resolve_sources(model_cfg["grounding"], self._dataset_root)
         encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=self.size)
-        model = instantiate(model_cfg, backbone=encoder, _convert_="all")
+        model = instantiate_grouped(model_cfg, CGDSeg, backbone=encoder)
         report = model.parameter_report()
         log.info("[model] CGDSeg trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in report.items()))
         if HydraConfig.initialized():
@@ -122,24 +112,13 @@ class ScleraTask(Task):
             raise ValueError(f"ckpt_path.{label}: the checkpoint was trained for track {self.cfg.task.track!r} "
                              f"(its task.track); list it under ckpt_path.{self.cfg.task.track}")
 
-    def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], out_dir: Path,
+    def write_predictions(self, results: Iterable[tuple[Outputs, Batch]], dataset: Dataset, out_dir: Path,
                           stats: dict) -> dict[str, Path]:
-        """<out>/<team>/<track>/<set>/{Predictions,Binarised}/<stem>.png, greyscale at task.submission.size:
-        the probability resized bilinearly, then thresholded (metric.threshold)."""
+        """The SSBC submission (sclera.outputs) under <out>/<team>/<track>."""
         sub = self.cfg.task.submission
         base = Path(out_dir) / str(sub.team) / str(self.cfg.task.track)
-        size, threshold = (int(sub.size[0]), int(sub.size[1])), float(self.cfg.metric.threshold)
-        written: Counter = Counter()
-        for outputs, batch in results:
-            probs = torch.sigmoid(outputs["logits"].float())[:, 0]
-            for i in range(probs.shape[0]):
-                pred, binary = benchmark_maps(probs[i], size, threshold)
-                folder = base / batch["set"][i]
-                save_atomic(Image.fromarray(pred), folder / "Predictions" / f"{batch['stem'][i]}.png")   # 2-D uint8: L
-                save_atomic(Image.fromarray(binary), folder / "Binarised" / f"{batch['stem'][i]}.png")
-                written[batch["set"][i]] += 1
-        if not written:
-            raise ValueError("no images to predict: the evaluation sets are empty")
+        written = write_submission(results, base, (int(sub.size[0]), int(sub.size[1])),
+                                   float(self.cfg.metric.threshold))
         sets = ", ".join(f"{name} {count}" for name, count in sorted(written.items()))
         return {f"SSBC submission, track {self.cfg.task.track} ({sets} images)": base}
 

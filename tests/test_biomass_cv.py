@@ -44,7 +44,7 @@ def test_train_validates_on_the_named_cv_fold(tmp_path):
                             "model": {"metadata": {"mode": "none"}},
                             "data": {"train_csv": "train.csv", "test_csv": "test.csv", "skip_bad": False,
                                      "n_folds": "${cv.folds}", "val_fold": 2, "image_size": [56, 112],
-                                     "decode_scale": 0, "cache_features": False, "aug": None,
+                                     "decode_scale": 0, "cache_features": False, "augment": None,
                                      "image_cache": None}})
     task = BiomassTask(cfg)
     fit = task.datasets(tmp_path, "fit")

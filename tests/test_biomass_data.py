@@ -152,11 +152,22 @@ def test_group_keys_pair_date_and_state(synth_root):
     assert keys[0] == f"{wide['Sampling_Date'].iloc[0]}|{wide['State'].iloc[0]}"
 
 
-AUG = OmegaConf.create({"p_clean": 0.0, "hflip": 0.5, "vflip": 0.5, "crop": {"p": 1.0, "min_scale": 0.5},
-                        "affine": {"p": 0.5, "scale": [0.95, 1.05], "translate": 0.03, "rotate": 5, "shear": 0.0},
-                        "color": {"p": 0.5, "brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.02},
-                        "blur": {"p": 0.5, "kernel": [0, 0], "sigma": [0.3, 1.0]}, "noise": {"p": 0.5, "std": [0.01, 0.04]},
-                        "dropout": {"p": 0.5, "holes": [1, 2], "size": [0.05, 0.1]}})
+def _block(p_clean: float, *transforms: dict) -> list[dict]:
+    """A data.augment list: the transforms in order, bypassed with probability p_clean."""
+    return [{"_target_": "common.augment.SequentialOrClean", "p_clean": p_clean, "transforms": list(transforms)}]
+
+
+AUG = _block(0.0, {"_target_": "albumentations.HorizontalFlip", "p": 0.5},
+             {"_target_": "albumentations.VerticalFlip", "p": 0.5},
+             {"_target_": "biomass.augment.AspectCrop", "min_scale": 0.5, "p": 1.0},
+             {"_target_": "albumentations.Affine", "scale": [0.95, 1.05], "translate_percent": [-0.03, 0.03],
+              "rotate": [-5, 5], "shear": [0.0, 0.0], "border_mode": 4, "p": 0.5},
+             {"_target_": "albumentations.ColorJitter", "brightness": 0.1, "contrast": 0.1, "saturation": 0.1,
+              "hue": 0.02, "p": 0.5},
+             {"_target_": "albumentations.GaussianBlur", "blur_limit": [0, 0], "sigma_limit": [0.3, 1.0], "p": 0.5},
+             {"_target_": "albumentations.GaussNoise", "std_range": [0.01, 0.04], "p": 0.5},
+             {"_target_": "albumentations.CoarseDropout", "num_holes_range": [1, 2], "hole_height_range": [0.05, 0.1],
+              "hole_width_range": [0.05, 0.1], "fill": 0, "p": 0.5})
 
 
 def test_train_pipeline_keeps_size_and_crop_keeps_aspect():
@@ -168,23 +179,29 @@ def test_train_pipeline_keeps_size_and_crop_keeps_aspect():
     params = crop.get_params_dependent_on_data({"shape": (28, 56, 3)}, {"image": image[:28, :56]})
     x0, y0, x1, y1 = params["crop_coords"]
     assert (x1 - x0) == 2 * (y1 - y0) and 14 <= (y1 - y0) <= 28
+    assert crop(image=image[:30, :90])["image"].shape == (30, 90, 3)      # back to the size of the image it gets
 
 
 def test_p_clean_one_is_plain_resize():
     image = np.random.default_rng(1).integers(0, 255, (60, 120, 3), dtype=np.uint8)
-    clean = OmegaConf.merge(AUG, {"p_clean": 1.0})
+    clean = _block(1.0, *AUG[0]["transforms"])
     a = build_transform(clean, [28, 56], train=True)(image=image)["image"]
     b = build_transform(None, [28, 56], train=False)(image=image)["image"]
     np.testing.assert_array_equal(a, b)
 
 
-def test_unknown_augmentation_is_an_error():
-    with pytest.raises(ValueError, match="unknown augmentation.*sharpen"):
-        build_transform(OmegaConf.merge(AUG, {"sharpen": {"p": 1.0}}), [28, 56], train=True)
+def test_augment_entries_must_be_transforms():
+    for bad, words in (({"p_clean": 0.3, "hflip": 0.5}, "expected a list.*older|configs written before"),
+                       ([{"name": "GridDistortion"}], r"expected \{_target_"),
+                       ([{"_target_": "albumentations.NoSuchTransform"}], "does not name a class"),
+                       (_block(0.0, {"_target_": "torch.nn.Identity"}),
+                        r"data\.augment\[0\]\.transforms\[0\]\._target_=.*not an albumentations transform")):
+        with pytest.raises(ValueError, match=words):
+            build_transform(bad, [28, 56], train=True)
 
 
 def test_timestamp_overlay_draws_only_in_one_corner():
-    from biomass.overlays import TimestampOverlay
+    from biomass.augment import TimestampOverlay
     image = np.full((56, 112, 3), 90, np.uint8)
     out = TimestampOverlay(font_scale=(0.3, 0.3), p=1.0)(image=image)["image"]
     changed = np.argwhere((out != image).any(-1))
@@ -195,17 +212,21 @@ def test_timestamp_overlay_draws_only_in_one_corner():
 
 
 def test_light_spots_only_brighten():
-    from biomass.overlays import LightSpots
+    from common.augment import GaussianHighlights
     image = np.random.default_rng(0).integers(0, 200, (56, 112, 3), dtype=np.uint8)
-    out = LightSpots(num_spots=(2, 2), radius=(0.2, 0.2), strength=(0.5, 0.5), p=1.0)(image=image)["image"]
+    spots = GaussianHighlights(count=(2, 2), size=(0.2, 0.2), strength=(0.5, 0.5), relative_to="height",
+                               size_is="radius", min_size=1.0, p=1.0)     # biomass's light spots
+    out = spots(image=image)["image"]
     assert (out.astype(int) >= image.astype(int)).all() and (out.astype(int) - image).max() > 40
 
 
 def test_default_config_builds_every_augmentation():
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "biomass" / "csiro.yaml")
-    pipeline = build_transform(OmegaConf.merge(cfg.aug, {"p_clean": 0.0}), cfg.image_size, train=True)
+    augment = OmegaConf.to_container(cfg.augment)
+    assert augment[0]["_target_"] == "common.augment.SequentialOrClean" and augment[0]["p_clean"] == 0.3
+    pipeline = build_transform(_block(0.0, *augment[0]["transforms"]), cfg.image_size, train=True)
     names = {type(t).__name__ for t in pipeline.transforms[1].transforms}
-    assert {"TimestampOverlay", "LightSpots", "RandomSizedCrop", "CoarseDropout"} <= names
+    assert {"TimestampOverlay", "GaussianHighlights", "AspectCrop", "CoarseDropout"} <= names
     image = np.random.default_rng(0).integers(0, 255, (300, 600, 3), dtype=np.uint8)
     assert pipeline(image=image)["image"].shape == (224, 448, 3)
 
@@ -220,31 +241,51 @@ def test_skip_bad_drops_undecodable_images(tmp_path, synth_root, caplog):
     assert "skipping 1 image(s) that cannot be decoded" in caplog.text and broken in caplog.text
 
 
-def test_extra_accepts_any_albumentations_transform_by_name_or_target():
+def test_any_albumentations_transform_joins_the_list():
     import albumentations as A
-    from biomass.augment import build_augment
-    extra = [{"name": "GridDistortion", "num_steps": 3, "p": 1.0},
-             {"_target_": "albumentations.ElasticTransform", "alpha": 2.0, "p": 1.0},
-             {"name": "HueSaturationValue", "p": 0.5}, {"name": "Transpose", "p": 0.0}]
-    pipeline = build_augment(OmegaConf.merge(AUG, {"extra": extra}), [28, 56])
+    from common.augment import build_augment
+    more = [{"_target_": "albumentations.GridDistortion", "num_steps": 3, "p": 1.0},
+            {"_target_": "albumentations.ElasticTransform", "alpha": 2.0, "p": 1.0},
+            {"_target_": "albumentations.HueSaturationValue", "p": 0.5},
+            {"_target_": "albumentations.Transpose", "p": 0.0}]
+    pipeline = build_augment(_block(0.0, *AUG[0]["transforms"], *more))
     steps = pipeline.transforms[0].transforms
     assert [type(t) for t in steps[-4:]] == [A.GridDistortion, A.ElasticTransform, A.HueSaturationValue, A.Transpose]
     assert steps[-4].num_steps == 3 and steps[-3].alpha == 2.0
     image = np.random.default_rng(0).integers(0, 255, (28, 56, 3), dtype=np.uint8)
     assert pipeline(image=image)["image"].shape == (28, 56, 3)
-    for bad, words in (({"name": "NoSuchTransform"}, "no transform named"),
-                       ({"_target_": "torch.nn.Identity"}, "not an albumentations transform"),
-                       ({"p": 0.5}, r"expected \{_target_")):
-        with pytest.raises(ValueError, match=words):
-            build_augment(OmegaConf.merge(AUG, {"extra": [bad]}), [28, 56])
 
 
-def test_extra_from_the_command_line_composes():
+def test_augment_overrides_from_the_command_line_compose():
+    """README's overrides: a value by its place in the list, the block's list replaced whole (Hydra cannot append)."""
     from hydra import compose, initialize_config_dir
-    from biomass.augment import build_augment
+    from common.augment import build_augment
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["task=biomass",
-                                           "data.aug.extra=[{name: GridDistortion, p: 0.2},"
-                                           "{_target_: albumentations.HueSaturationValue, p: 0.5}]"])
-    steps = build_augment(cfg.data.aug, cfg.data.image_size).transforms[0].transforms
-    assert [type(t).__name__ for t in steps[-2:]] == ["GridDistortion", "HueSaturationValue"]
+        cfg = compose("config", overrides=["task=biomass", "data.augment.0.p_clean=0.5",
+                                           "data.augment.0.transforms.2.min_scale=0.7"])
+        listed = compose("config", overrides=["task=biomass", "data.augment.0.transforms=[{_target_: "
+                                              "albumentations.HorizontalFlip, p: 0.5}, {_target_: "
+                                              "albumentations.GridDistortion, p: 0.2}]"])
+    block = build_augment(cfg.data.augment).transforms[0]
+    assert block.p == pytest.approx(0.5) and block.transforms[2].min_scale == 0.7
+    steps = build_augment(listed.data.augment).transforms[0].transforms
+    assert [type(t).__name__ for t in steps] == ["HorizontalFlip", "GridDistortion"]
+
+
+@pytest.mark.parametrize("size", [(28, 56), (30, 95)])
+def test_aspect_crops_are_albumentations_crops_sized_by_the_image_draw_for_draw(size):
+    """AspectCrop / AspectResizedCrop == RandomSizedCrop / RandomResizedCrop given the image's size and aspect."""
+    import albumentations as A
+    from biomass.augment import AspectCrop, AspectResizedCrop
+    h, w = size
+    image = np.random.default_rng(2).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    pairs = [(AspectCrop(min_scale=0.6, p=0.7),
+              A.RandomSizedCrop(min_max_height=(max(1, int(round(0.6 * h))), h), size=(h, w), w2h_ratio=w / h, p=0.7)),
+             (AspectResizedCrop(area=(0.5, 1.0), p=0.7),
+              A.RandomResizedCrop(size=(h, w), scale=(0.5, 1.0), ratio=(w / h, w / h), p=0.7))]
+    for ours, theirs in pairs:
+        ours, theirs = A.Compose([ours]), A.Compose([theirs])
+        for seed in range(20):
+            ours.set_random_seed(seed)
+            theirs.set_random_seed(seed)
+            np.testing.assert_array_equal(ours(image=image)["image"], theirs(image=image)["image"])

@@ -1,4 +1,5 @@
-"""biomass: test-time augmentation views, in-model TTA and the MC-dropout-weighted ensemble."""
+"""biomass: test-time augmentation views, in-model (validation) and wrapped (eval / predict) TTA, and the
+MC-dropout-weighted ensemble."""
 from __future__ import annotations
 
 import functools
@@ -6,8 +7,9 @@ import functools
 import pytest
 import torch
 
-from biomass.ensemble import BiomassEnsemble, mc_dropout_variance, tta_views
+from biomass.ensemble import BiomassEnsemble, mc_dropout_variance
 from biomass.heads import DensityMLP
+from biomass.tta import ViewAveraged, ViewTTA, tta_views
 from tests.test_biomass_model import _model
 
 
@@ -19,17 +21,32 @@ def test_tta_views_flip_and_round_scales_to_the_patch():
     torch.testing.assert_close(views[2], images.flip(-2))
 
 
-def test_in_model_tta_is_the_mean_over_views_and_keeps_identities():
+def test_wrapped_and_in_model_tta_are_the_mean_over_views_and_keep_identities():
     torch.manual_seed(0)
     model = _model().eval()
     batch = {"image": torch.rand(2, 3, 28, 56)}
     plain = [model(batch)["pred_g"], model({"image": batch["image"].flip(-1)})["pred_g"]]
-    model.tta = {"hflip": True, "vflip": False, "scales": [], "tiles": 0.0}
-    out = model(batch)["pred_g"]
+    hflip = ViewTTA(hflip=True)
+    wrapped = hflip(model)                                  # eval / predict: inference.tta wraps the model
+    assert isinstance(wrapped, ViewAveraged) and ViewTTA()(model) is model   # no view selected: unchanged
+    out = wrapped(batch)["pred_g"]
     torch.testing.assert_close(out, 0.5 * (plain[0] + plain[1]))
     torch.testing.assert_close(out[:, 4], out[:, :3].sum(-1))
-    model.train()
-    assert model(batch)["pred_g"].shape == (2, 5)          # training ignores TTA
+    torch.manual_seed(0)
+    validating = _model(tta=hflip).eval()                   # validation in training: the model's own views
+    torch.testing.assert_close(validating(batch)["pred_g"], out)
+    validating.train()
+    assert validating(batch)["pred_g"].shape == (2, 5)      # training ignores TTA
+    with pytest.raises(RuntimeError, match="eval"):
+        wrapped.train()(batch)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"hflip": "yes"}, "inference.tta.hflip"), ({"scales": [0.75, -1.0]}, "inference.tta.scales"),
+    ({"scales": "0.75"}, "inference.tta.scales"), ({"tiles": 1.5}, "inference.tta.tiles")])
+def test_bad_view_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ViewTTA(**settings)
 
 
 def _member(seed, dropout):
@@ -41,16 +58,19 @@ def test_equal_weight_ensemble_is_the_member_mean():
     members = [_member(0, 0.0), _member(1, 0.0)]
     batch = {"image": torch.rand(3, 3, 28, 56)}
     expected = 0.5 * sum(m.eval()(batch)["pred_g"] for m in members)
-    out = BiomassEnsemble(members, hflip=False, vflip=False, scales=[], mc_passes=0, mc_eps=1e-6)(batch)
+    ensemble = BiomassEnsemble(members, mc_passes=0, mc_eps=1e-6).eval()
+    out = ensemble(batch)
     torch.testing.assert_close(out["pred_g"], expected)
     torch.testing.assert_close(out["member_weights"], torch.full((3, 2), 0.5))
+    views = ViewTTA(hflip=True, scales=[1.5])                # the ensemble's TTA: each member's mean over views
+    torch.testing.assert_close(views(ensemble)(batch)["pred_g"], 0.5 * sum(views(m)(batch)["pred_g"] for m in members))
 
 
 def test_metric_prior_weights_the_members():
     members = [_member(0, 0.0), _member(1, 0.0)]
     batch = {"image": torch.rand(3, 3, 28, 56)}
     p0, p1 = (m.eval()(batch)["pred_g"] for m in members)
-    ens = BiomassEnsemble(members, hflip=False, vflip=False, scales=[], mc_passes=0, mc_eps=1e-6, prior=[0.75, 0.25])
+    ens = BiomassEnsemble(members, [0.75, 0.25], mc_passes=0, mc_eps=1e-6)
     out = ens(batch)
     torch.testing.assert_close(out["pred_g"], 0.75 * p0 + 0.25 * p1)
     torch.testing.assert_close(out["member_weights"], torch.tensor([[0.75, 0.25]] * 3))
@@ -59,7 +79,7 @@ def test_metric_prior_weights_the_members():
 def test_mc_dropout_weights_are_normalised_inverse_variances():
     members = [_member(0, 0.5), _member(1, 0.2)]
     batch = {"image": torch.rand(2, 3, 28, 56)}
-    ens = BiomassEnsemble(members, hflip=False, vflip=False, scales=[], mc_passes=4, mc_eps=1e-6)
+    ens = BiomassEnsemble(members, mc_passes=4, mc_eps=1e-6)
     torch.manual_seed(5)
     out = ens(batch)
     torch.manual_seed(5)
@@ -71,4 +91,4 @@ def test_mc_dropout_weights_are_normalised_inverse_variances():
     torch.testing.assert_close(out["member_weights"], w)
     assert all(not d.training for m in members for d in m.head.modules() if isinstance(d, torch.nn.Dropout))
     with pytest.raises(ValueError, match="needs dropout"):
-        BiomassEnsemble([_member(0, 0.0)], hflip=False, vflip=False, scales=[], mc_passes=3, mc_eps=1e-6)(batch)
+        BiomassEnsemble([_member(0, 0.0)], mc_passes=3, mc_eps=1e-6)(batch)

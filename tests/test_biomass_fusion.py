@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from biomass.metadata import MetadataFusion
+from biomass.meta_encoder import MetadataFusion
 from biomass.mixing import mix_grams, mix_labels
 from biomass.task import BiomassTask
-from biomass.views import side_by_side
+from biomass.view_fusion import side_by_side
 from common.backbone import BackboneOutput
 from common.mixup import MixPlan
 from tests.test_biomass_model import NO_META, STATS, VIEWS, _batch, _criterion, _model

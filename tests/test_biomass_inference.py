@@ -10,7 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from biomass.ensemble import BiomassEnsemble, predict_tta, tiles_of, tta_views
+from biomass.ensemble import BiomassEnsemble, predict_tta
+from biomass.tta import ViewTTA, tiles_of, tta_views
 from biomass.heads import DensityMLP
 from biomass.task import BiomassTask
 from tests.test_biomass_fusion import _meta_batch
@@ -37,9 +38,10 @@ def _member(seed, dropout=0.3):
     return model
 
 
-def _ensemble(members, **kw):
-    args = dict(hflip=True, vflip=False, scales=[], mc_passes=8, mc_eps=1e-6)
-    return BiomassEnsemble(members, **{**args, **kw})
+def _ensemble(members, hflip=True, **kw):
+    """inference.tta's views (hflip) around inference.ensemble, as common.inference builds them."""
+    ensemble = BiomassEnsemble(members, **{"mc_passes": 8, "mc_eps": 1e-6, **kw})
+    return ViewTTA(hflip=hflip)(ensemble.eval())
 
 
 def test_mc_dropout_runs_the_backbone_once_per_image_and_view():
@@ -69,7 +71,7 @@ def test_head_only_mc_equals_rerunning_the_model_with_head_dropout():
     torch.testing.assert_close(out["pred_g"], plain)
     ens = _ensemble([member, member], hflip=False, mc_passes=5)
     torch.manual_seed(3)
-    var0 = ens._member(0, batch)[1]
+    var0 = ens._member(0, batch, ViewTTA())[1]
     torch.testing.assert_close(var0, totals.var(dim=0, unbiased=True))
 
 

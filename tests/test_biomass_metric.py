@@ -9,7 +9,7 @@ from sklearn.metrics import r2_score
 
 from biomass.constants import TARGETS, official_weight_vector
 from biomass.metric import BiomassMetric, biomass_scores, weighted_r2
-from biomass.submission import collect_predictions, score_submission, write_submission
+from biomass.outputs import collect_predictions, score_submission, write_submission
 
 
 def test_weighted_r2_by_hand():

@@ -108,11 +108,11 @@ NO_MIX = {"prob": 0.0, "alpha": 1.0}
 
 
 def _model(param="total_ratio", aux=("height", "ndvi", "state"), views=VIEWS, metadata=NO_META, mixup=NO_MIX,
-           head=None):
+           head=None, tta=None):
     backbone = create_backbone("timm", "vit_small_patch14_dinov2", None, [1, 3],
                                model_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 2, "img_size": 56})
     head = head or functools.partial(DensityMLP, hidden=16, dropout=0.0)
-    return BiomassModel(backbone, head, param, list(aux), STATS, views, metadata, mixup)
+    return BiomassModel(backbone, head, param, list(aux), STATS, views, metadata, mixup, tta=tta)
 
 
 def test_model_outputs_grams_with_identities():

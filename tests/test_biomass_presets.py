@@ -39,17 +39,23 @@ WRITE_UP = {
     "trainer.optim.uw_weight_decay": 0.0,
     "trainer.pcgrad.enabled": True, "trainer.pcgrad.mode": "anchored",
     "trainer.pcgrad.primary": ["total", "ratio", "weighted"], "trainer.pcgrad.groups": ["head"],
-    # 2.2.2 augmentation
-    "data.aug.p_clean": 0.1, "data.aug.hflip": 0.5, "data.aug.vflip": 0.5, "data.aug.crop.p": 0.0,
-    "data.aug.resized_crop": {"p": 1.0, "area": [0.8, 1.0]},
-    "data.aug.affine": {"p": 1.0, "scale": [0.95, 1.05], "translate": 0.02, "rotate": 5, "shear": 0.02},
-    "data.aug.color": {"p": 0.8, "brightness": 0.2, "contrast": 0.2, "saturation": 0.1, "hue": 0.0},
-    "data.aug.blur": {"p": 0.5, "kernel": [3, 7], "sigma": [0.1, 1.0]},
-    "data.aug.noise": {"p": 0.5, "std": [0.01, 0.01]},
-    "data.aug.erasing": {"p": 0.25, "area": [0.02, 0.1], "ratio": [0.3, 3.3], "fill": "random"},
-    "data.aug.overlay.p": 0.3, "data.aug.spots.p": 0.3, "data.aug.dropout.p": 0.0,
     # 4.3 / 5.2 final-epoch heads
     "cv.checkpoint": "last", "cv.folds": 5,
+}
+# 2.2.2 augmentation, in data.augment's order: transform -> its arguments (the crop and the affine always, inside
+# the 0.9 augmented branch; shear 0.02 deg, as the write-up's repository config)
+WRITE_UP_AUGMENT = {
+    "common.augment.SequentialOrClean": {"p_clean": 0.1},
+    "albumentations.HorizontalFlip": {"p": 0.5}, "albumentations.VerticalFlip": {"p": 0.5},
+    "biomass.augment.AspectResizedCrop": {"p": 1.0, "area": [0.8, 1.0]},
+    "albumentations.Affine": {"p": 1.0, "scale": [0.95, 1.05], "translate_percent": [-0.02, 0.02], "rotate": [-5, 5],
+                              "shear": [-0.02, 0.02]},
+    "albumentations.ColorJitter": {"p": 0.8, "brightness": 0.2, "contrast": 0.2, "saturation": 0.1, "hue": 0.0},
+    "albumentations.GaussianBlur": {"p": 0.5, "blur_limit": [3, 7], "sigma_limit": [0.1, 1.0]},
+    "albumentations.GaussNoise": {"p": 0.5, "std_range": [0.01, 0.01]},
+    "albumentations.Erasing": {"p": 0.25, "scale": [0.02, 0.1], "ratio": [0.3, 3.3], "fill": "random"},
+    "biomass.augment.TimestampOverlay": {"p": 0.3},                    # watermark / timestamp
+    "common.augment.GaussianHighlights": {"p": 0.3},                   # light spots
 }
 
 
@@ -61,16 +67,27 @@ def test_csiro_vitdet_preset_equals_the_write_up():
         assert value == expected, f"{key}: preset {value!r} != write-up {expected!r}"
 
 
+def test_csiro_vitdet_preset_augmentation_is_the_write_ups():
+    from common.augment import find_transform, iter_transforms
+    augment = _compose(["experiment=biomass_csiro_vitdet"]).data.augment
+    assert [node["_target_"] for node in iter_transforms(augment)] == list(WRITE_UP_AUGMENT)   # these, in this order
+    for target, expected in WRITE_UP_AUGMENT.items():
+        node = find_transform(augment, target)
+        assert {key: node[key] for key in expected} == expected, target
+
+
 def test_csiro_vitdet_preset_augmentation_builds_the_write_up_transforms():
-    from biomass.augment import build_augment
-    cfg = _compose(["experiment=biomass_csiro_vitdet"])
-    pipeline = build_augment(cfg.data.aug, [48, 96])
+    from common.augment import build_augment
+    pipeline = build_augment(_compose(["experiment=biomass_csiro_vitdet"]).data.augment)
     steps = {type(t).__name__: t for t in pipeline.transforms[0].transforms}
     assert pipeline.transforms[0].p == pytest.approx(0.9)
-    assert {"RandomResizedCrop", "Affine", "ColorJitter", "GaussianBlur", "GaussNoise", "Erasing",
-            "TimestampOverlay", "LightSpots"} <= set(steps) and "RandomSizedCrop" not in steps
-    assert steps["RandomResizedCrop"].scale == (0.8, 1.0) and steps["Erasing"].scale == (0.02, 0.1)
+    assert {"AspectResizedCrop", "Affine", "ColorJitter", "GaussianBlur", "GaussNoise", "Erasing",
+            "TimestampOverlay", "GaussianHighlights"} <= set(steps) and "AspectCrop" not in steps
+    assert steps["AspectResizedCrop"].scale == (0.8, 1.0) and steps["Erasing"].scale == (0.02, 0.1)
     assert steps["GaussianBlur"].blur_limit == (3, 7) and steps["ColorJitter"].p == 0.8
+    spots = steps["GaussianHighlights"]         # biomass's light spots: radius a fraction of the height, >= 1 px
+    assert (spots.count, spots.size, spots.strength) == ((1, 3), (0.05, 0.15), (0.2, 0.5))
+    assert (spots.relative_to, spots.size_is, spots.min_size) == ("height", "radius", 1.0)
 
 
 @pytest.mark.parametrize("preset", ["biomass_csiro_vitdet", "biomass_halves_dinov3_l"])

@@ -10,15 +10,13 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from common import app, inference
 from common.ensemble import WeightedEnsemble, align_oof, metric_weights
 from roadwork.stacking import stack_members
-from tests.cli import REPO, run_cli
-from tests.toy.task import ToyTask
+from tests.cli import REPO, TOY, run_cli
 
 
 class Fixed(nn.Module):
@@ -111,10 +109,15 @@ def test_misaligned_oof_files_are_refused():
         align_oof({"a/oof.csv": pd.concat([a, a])}, "image", "probability", "label")
 
 
-def test_task_without_stacking_says_so():
-    task = ToyTask(OmegaConf.create({"task": {"name": "toy"}}))
-    with pytest.raises(ValueError, match="task toy has no stacking; use ensemble.weighting=mean or metric"):
-        task.stack([], {}, OmegaConf.create({"stack_c": 1.0}))
+def test_task_without_stacking_says_so(tmp_path):
+    """inference.stack null (the toy task, biomass, sclera): weighting=stack is refused before any checkpoint is read."""
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*TOY, "mode=predict", "inference.weighting=stack",
+                                           f"ckpt_path=[{tmp_path / 'cv_a'}]"])
+    assert cfg.inference.stack is None
+    with pytest.raises(ValueError, match=r"task toy has no stacking \(inference.stack is null\); use "
+                                         r"inference.weighting=mean or metric"):
+        inference.load_predictor(cfg, cfg.ckpt_path)
 
 
 def test_checkpoint_paths_expand_cv_directories(tmp_path):
@@ -167,7 +170,7 @@ def test_predict_stack_and_metric_end_to_end(cv_runs):
     base, (cv_a, cv_b) = cv_runs
     p_a, _ = _predict(base, "pred_a", [f"ckpt_path={cv_a}"])                # the mean of cv_a's folds
     p_b, _ = _predict(base, "pred_b", [f"ckpt_path={cv_b}"])
-    stacked, summary = _predict(base, "pred_stack", ["ensemble.weighting=stack", f"ckpt_path=[{cv_a},{cv_b}]"],
+    stacked, summary = _predict(base, "pred_stack", ["inference.weighting=stack", f"ckpt_path=[{cv_a},{cv_b}]"],
                                 in_process=False)
     assert len(stacked) == 6 and summary["ensemble"]["weighting"] == "stack"
     w, b = np.array(summary["ensemble"]["coefficients"]), summary["ensemble"]["intercept"]
@@ -183,7 +186,7 @@ def test_predict_stack_and_metric_end_to_end(cv_runs):
             ckpt = torch.load(path, weights_only=True)
             ckpt["fit_state"]["best_value"] = value
             torch.save(ckpt, path)
-    weighted, summary = _predict(base, "pred_metric", ["ensemble.weighting=metric",
+    weighted, summary = _predict(base, "pred_metric", ["inference.weighting=metric",
                                                        f"ckpt_path=[{base / 'cv_a_metric'},{base / 'cv_b_metric'}]"])
     assert summary["ensemble"]["weights"] == pytest.approx([0.375, 0.375, 0.125, 0.125])
     expected = 0.75 * p_a["probability"] + 0.25 * p_b["probability"]

@@ -11,12 +11,12 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageFile
 
 import common.image_cache as image_cache_module
-from biomass.augment import build_augment, build_transform
+from biomass.augment import build_transform
 from biomass.data import BiomassDataset, load_rgb
 from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import read_train_table
+from common.augment import build_augment
 from common.image_cache import ImageCache
-from sclera.augment import build_train_transform
 from sclera.data import ScleraDataset
 from sclera.sets import evaluation_items, training_items
 from sclera.synth import write_dataset
@@ -141,7 +141,7 @@ def test_sclera_cached_items_equal_uncached_and_warm_pass_decodes_nothing(ssbc_r
     size = (40, 56)
 
     def dataset(cache):
-        return ScleraDataset(items, size, build_train_transform(cfg.augment) if augment else None, image_cache=cache)
+        return ScleraDataset(items, size, build_augment(cfg.augment) if augment else None, image_cache=cache)
     want = _items(dataset(None))
     if augment:                                                                 # the seed does matter
         assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(_items(dataset(None), 1), want))
@@ -176,14 +176,15 @@ def biomass_root(tmp_path_factory) -> Path:
     return root
 
 
-AUG = OmegaConf.merge(OmegaConf.load(CONF / "biomass" / "csiro.yaml").aug, {"p_clean": 0.0})
+AUG = OmegaConf.load(CONF / "biomass" / "csiro.yaml").augment
+AUG[0].p_clean = 0.0                    # always augmented
 SIZE, DRAFT = (14, 28), (56, 28)        # decode_scale=2: JPEG draft decoding at half the file's size
 
 
 def test_biomass_split_pipeline_equals_the_whole_one(biomass_root):
     """Resize in the dataset then augment == the one albumentations pipeline of before, draw for draw."""
     table = read_train_table(biomass_root)
-    ds = BiomassDataset(table, biomass_root, build_augment(AUG, SIZE), draft_size=DRAFT, image_size=SIZE)
+    ds = BiomassDataset(table, biomass_root, build_augment(AUG), draft_size=DRAFT, image_size=SIZE)
     whole = build_transform(AUG, SIZE, train=True)
     draws = []
     for seed in range(3):
@@ -203,7 +204,7 @@ def test_biomass_cached_items_equal_uncached_and_warm_pass_decodes_nothing(bioma
     table = read_train_table(biomass_root)
 
     def dataset(cache, draft=DRAFT):
-        return BiomassDataset(table, biomass_root, build_augment(AUG, SIZE) if augment else None,
+        return BiomassDataset(table, biomass_root, build_augment(AUG) if augment else None,
                               draft_size=draft, image_size=SIZE, image_cache=cache)
     want = _items(dataset(None))
     if augment:                                                                 # the seed does matter

@@ -136,11 +136,11 @@ def test_sclera_setup_converts_in_channels_last_and_keeps_outputs(tmp_path):
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=["task=sclera", "trainer.device=cpu", "trainer.progress=off"])
     fresh = sclera_model(kind="none")
-    Trainer(cfg, tmp_path, Tracker(), DistContext())._setup(fresh, nn.Identity(), steps_per_epoch=1)
+    Trainer(cfg, tmp_path, Tracker(), DistContext()).prepare(fresh, nn.Identity(), steps_per_epoch=1)
     assert not any(m.weight.is_contiguous(memory_format=torch.channels_last) for m in _convs(fresh)
                    if m.kernel_size != (1, 1))                       # auto on the CPU: left as it is
     cfg.trainer.channels_last = True
-    Trainer(cfg, tmp_path, Tracker(), DistContext())._setup(fresh, nn.Identity(), steps_per_epoch=1)
+    Trainer(cfg, tmp_path, Tracker(), DistContext()).prepare(fresh, nn.Identity(), steps_per_epoch=1)
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in _convs(fresh))
 
 

@@ -89,6 +89,17 @@ def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 
+def test_synthetic_datasets_default_to_the_cache_folder(monkeypatch, tmp_path):
+    from hydra import compose, initialize_config_dir
+    monkeypatch.delenv("VFM_SYNTH_DIR")
+    monkeypatch.delenv("VFM_ROOT", raising=False)
+    monkeypatch.delenv("VFM_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", ["task=sclera"])
+    assert cfg.paths.synth_dir == str(tmp_path / ".cache" / "synthetic")
+
+
 def test_smoke_sizing_only_appends():
     line = ".venv/bin/python run.py -m task=sclera sweeps=sclera_adapters peft.r=8 &"
     sized = smoke_sized(line)
@@ -100,7 +111,11 @@ def test_smoke_sizing_only_appends():
 
 @pytest.mark.parametrize("first_line, script", readme_scripts(), ids=[s[0] for s in readme_scripts()])
 def test_readme_block_runs_as_written(fresh_copy, first_line, script):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VFM_", "OPTUNA_", "SWEEP_"))}
+    # A fresh environment, except the session's synthetic datasets (VFM_SYNTH_DIR): generating them again in the
+    # copy's .cache/synthetic/ took a minute of each block (the default location is tested in
+    # test_synthetic_datasets_default_to_the_cache_folder).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VFM_", "OPTUNA_", "SWEEP_")) or k == "VFM_SYNTH_DIR"}
     env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", "-c", script], cwd=fresh_copy, env=env, capture_output=True, text=True,
                           timeout=1200)

@@ -1,9 +1,11 @@
 """Exact resume: a run preempted in the middle of an epoch and resumed ends bitwise equal (CPU) to an
 uninterrupted run, with dropout in the model and python / numpy / torch / albumentations draws in the data,
-for num_workers 0 and 2 (in-process, toy task)."""
+for num_workers 0 and 2 (in-process, toy task); which generator states a resume uses (the saved ones in the middle
+of an epoch, the epoch's reseed at an epoch boundary)."""
 import json
 import os
 import random
+import shutil
 import signal
 
 import albumentations as A
@@ -14,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from common import preemption
-from common.seed import seed_everything
+from common.checkpoint import rng_state
+from common.seed import isolated_rng, seed_everything
 from common.tracking import Tracker
 from common.trainer import Preempted, Trainer
 from tests.cli import REPO
@@ -62,7 +65,21 @@ def _config(tmp_path, num_workers: int):
     return cfg
 
 
-def _fit(cfg, run_dir, signal_at: int | None):
+class Draws(SignalAt):
+    """Records, per training batch, its items and one draw of each of the main process's generators (torch,
+    numpy, python: what dropout or mixup in the training step would draw from)."""
+
+    def __init__(self, at: int | None = None):
+        super().__init__(at)
+        self.draws = []
+
+    def forward(self, outputs, batch):
+        if self.training and torch.is_grad_enabled():      # Trainer.evaluate calls it under no_grad
+            self.draws.append((list(batch["id"]), float(torch.rand(())), float(np.random.rand()), random.random()))
+        return super().forward(outputs, batch)
+
+
+def _fit(cfg, run_dir, signal_at: int | None, criterion: SignalAt | None = None):
     """One process's share of a run: build as app.run does, fit; returns the Preempted it raised, if any."""
     from common.app import data_root
     from common.distributed import DistContext
@@ -74,7 +91,7 @@ def _fit(cfg, run_dir, signal_at: int | None):
     trainer = Trainer(cfg, run_dir, Tracker(), DistContext())
     with preemption.handlers():
         try:
-            trainer.fit(task, model, SignalAt(signal_at), metric, train, val, {})
+            trainer.fit(task, model, criterion or SignalAt(signal_at), metric, train, val, {})
         except Preempted as stop:
             return stop
     return None
@@ -132,3 +149,50 @@ def test_resume_false_starts_afresh(tmp_path):
     assert _fit(cfg, tmp_path / "run", None) is None
     _fit(_config(tmp_path, 0), tmp_path / "straight", None)
     _assert_same(tmp_path / "straight", tmp_path / "run")
+
+
+def _replace_saved_generators(run_dir) -> None:
+    """last.pt with the generator states of an unrelated seed in place of the ones the run saved."""
+    path = run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    with isolated_rng():
+        seed_everything(12345)
+        ckpt["rng"] = rng_state()
+    torch.save(ckpt, path)
+
+
+def test_epoch_boundary_resume_reseeds_the_next_epoch(tmp_path):
+    """A run stopped at an epoch boundary (trainer.epochs_per_run=1) resumes with epoch 1's generators seeded by
+    (seed, epoch, rank), as the uninterrupted run's are, not with the states saved in last.pt (here another
+    seed's): the same items in the same order, the same draws of every main-process generator, the same weights."""
+    cfg = _config(tmp_path, 0)
+    straight, first, second = Draws(), Draws(), Draws()
+    _fit(cfg, tmp_path / "straight", None, straight)
+    cfg.trainer.epochs_per_run = 1
+    assert _fit(cfg, tmp_path / "resumed", None, first) is None
+    _replace_saved_generators(tmp_path / "resumed")
+    assert _fit(cfg, tmp_path / "resumed", None, second) is None
+    assert len(straight.draws) == 12 and len(first.draws) == len(second.draws) == 6
+    assert straight.draws == first.draws + second.draws
+    assert [d[1:] for d in straight.draws[:6]] != [d[1:] for d in straight.draws[6:]]   # epochs draw apart
+    _assert_same(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_mid_epoch_resume_restores_the_saved_generators(tmp_path):
+    """Stopped in the middle of epoch 1, a resume continues the main process's generators from the states saved
+    in last.pt (no reseed): the uninterrupted run's draws exactly. With other states put in last.pt the items are
+    still the same (seeded by their place in the epoch) but the generators' draws are not: the restore is used."""
+    cfg = _config(tmp_path, 0)
+    straight, first = Draws(), Draws(at=11)          # epoch 1 batch 3 (6 train + 2 val calls per epoch)
+    _fit(cfg, tmp_path / "straight", None, straight)
+    assert _fit(cfg, tmp_path / "resumed", None, first) is not None
+    assert len(first.draws) == 9
+    shutil.copytree(tmp_path / "resumed", tmp_path / "replaced")
+    second, replaced = Draws(), Draws()
+    assert _fit(cfg, tmp_path / "resumed", None, second) is None
+    assert straight.draws == first.draws + second.draws
+    _assert_same(tmp_path / "straight", tmp_path / "resumed")
+    _replace_saved_generators(tmp_path / "replaced")
+    assert _fit(cfg, tmp_path / "replaced", None, replaced) is None
+    assert [d[0] for d in replaced.draws] == [d[0] for d in second.draws]
+    assert all(a[1:] != b[1:] for a, b in zip(replaced.draws, second.draws))

@@ -46,7 +46,7 @@ def test_train_eval_benchmark_predict(tmp_path):
     assert frame["probability"].between(0, 1).all()
     assert (frame["prediction"] == (frame["probability"] > 0.5).astype(int)).all()     # 0.5 -> 0, as scored
     assert (frame["predicted"] == 1).all()
-    run_cli(["task=roadwork", "mode=predict", f"ckpt_path={ckpt}", "task.tta.enabled=true", *SMALL],
+    run_cli(["task=roadwork", "mode=predict", f"ckpt_path={ckpt}", "inference/tta=roadwork", *SMALL],
             tmp_path / "tta", cache)
     tta = pd.read_csv(tmp_path / "tta" / "predictions.csv")
     assert (tta["image"] == frame["image"]).all() and tta["probability"].between(0, 1).all()

@@ -82,6 +82,6 @@ def test_predict_with_heterogeneous_members_end_to_end(tmp_path):
     assert len(both) == 5 and (both["image"] == singles[0]["image"]).all()
     expected = (singles[0]["probability"] + singles[1]["probability"]) / 2
     np.testing.assert_allclose(both["probability"], expected, atol=1e-5)
-    top = pd.read_csv(run("pred_top", ["mode=predict", "ensemble.top_k=1", f"ckpt_path=[{ckpts[0]},{ckpts[1]}]"])
+    top = pd.read_csv(run("pred_top", ["mode=predict", "inference.top_k=1", f"ckpt_path=[{ckpts[0]},{ckpts[1]}]"])
                       / "predictions.csv")
     assert len(top) == 5

@@ -97,9 +97,9 @@ def test_predict_keeps_a_row_for_every_skipped_image(tmp_path):
     task = RoadworkTask(_cfg([f"data.root={tmp_path}", "data.predict=test", "data.skip_bad=true",
                               "data.view_size=28"]))
     dataset = task.datasets(tmp_path, "predict")["predict"]
-    assert len(dataset) == 2 and task.predict_index.orphans == ["orphan.json"]
+    assert len(dataset) == 2 and dataset.split_index.orphans == ["orphan.json"]
     results = [({"prob": torch.tensor([0.8, 0.5])}, {"image": [s.name for s in dataset.samples]})]
-    frame = pd.read_csv(task.write_predictions(results, tmp_path, {})["predictions"], keep_default_na=False)
+    frame = pd.read_csv(task.write_predictions(results, dataset, tmp_path, {})["predictions"], keep_default_na=False)
     assert frame["image"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
     assert frame["predicted"].tolist() == [1, 0, 1] and frame["prediction"].tolist() == ["1", "", "0"]
     assert "cannot decode" in frame["skip_reason"][1]

@@ -7,7 +7,7 @@ import torch
 
 from common.backbone import create_backbone
 from roadwork.blocks import GatedAttention
-from roadwork.fusion import GatedViewFusion
+from roadwork.view_fusion import GatedViewFusion
 from roadwork.meta_encoder import MetadataEncoder, gps_features
 from roadwork.model import RoadworkModel
 from roadwork.views import resolve_views
@@ -68,11 +68,12 @@ def test_metadata_encoder_null_and_dropout():
 def _model(views, prune_k=None, prune_where="after", pool="meanmax"):
     backbone = create_backbone("timm", "vit_small_patch14_dinov2", None, [0, 1], True, 0,
                                {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28})
-    return RoadworkModel(backbone, resolve_views(views), pool=pool, width=16, depth=1, num_heads=2, mlp_ratio=2.0,
-                         dropout=0.0, pyramid=True, fusion_cross_layers=1, fusion_refine=True, prune_k=prune_k,
-                         prune_where=prune_where, vocab_sizes={"weather": 4, "daytime": 3}, text_fields=[],
-                         use_gps=True, meta_embed_dim=4, meta_dim=8, gps_frequencies=3, meta_dropout=0.3,
-                         classifier_hidden=[16], num_weather=4, feature_stats_momentum=None)
+    return RoadworkModel.from_options(
+        backbone, view_names=resolve_views(views), pool=pool, width=16, depth=1, num_heads=2, mlp_ratio=2.0,
+        dropout=0.0, pyramid=True, fusion_cross_layers=1, fusion_refine=True, prune_k=prune_k,
+        prune_where=prune_where, vocab_sizes={"weather": 4, "daytime": 3}, text_fields=[], use_gps=True,
+        meta_embed_dim=4, meta_dim=8, gps_frequencies=3, meta_dropout=0.3, classifier_hidden=[16], num_weather=4,
+        feature_stats_momentum=None)
 
 
 def _batch(b, v):

@@ -35,11 +35,11 @@ def test_benchmark224_preset_has_no_metadata_and_trains_on_benchmark_levels():
 
 
 # The plan (seed 003): base_config, fine-tuning, metadata encoder and augmentation list, as the source states them.
-PLAN_TRAINING = {"task.max_epochs": 30, "trainer.optim.lr": 3e-4, "trainer.optim.weight_decay": 0.01,
+PLAN_TRAINING = {"trainer.max_epochs": 30, "trainer.optim.lr": 3e-4, "trainer.optim.weight_decay": 0.01,
                  "trainer.schedule.warmup_steps": 500, "trainer.accumulate_grad_batches": 2, "data.batch_size": 32,
                  "trainer.early_stopping_patience": 5, "trainer.grad_clip": 1.0}
 PLAN_FINE_TUNE = {"peft.lr": 1e-6, "adapt.r": 16, "adapt.alpha": 32, "adapt.dropout": 0.1, "adapt.method": "dora",
-                  "adapt.layers": ["qkv", "proj"], "task.max_epochs": 5, "trainer.early_stopping_patience": 2,
+                  "adapt.layers": ["qkv", "proj"], "trainer.max_epochs": 5, "trainer.early_stopping_patience": 2,
                   "trainer.optim.weight_decay": 0.02, "model.dropout": 0.2, "trainer.schedule.warmup_steps": 0,
                   "data.gps_sampling.enabled": False, "cv.folds": 5}
 PLAN_VOCABULARIES = {"weather": ["sunny", "rainy", "foggy", "cloudy", "clear", "overcast", "snowy"],

@@ -132,11 +132,11 @@ def test_seg_loss_matches_hand_computation_with_masked_items():
 
 def _model(views, backbone=None, prune_k=None, where="after"):
     backbone = backbone or create_backbone("timm", "vit_small_patch14_dinov2", None, [0, 1], True, 0, TINY)
-    return RoadworkModel(backbone, resolve_views(views), pool="mlpmax", width=16, depth=1, num_heads=2,
-                         mlp_ratio=2.0, dropout=0.0, pyramid=False, fusion_cross_layers=1, fusion_refine=False,
-                         prune_k=prune_k, prune_where=where, vocab_sizes={}, text_fields=[], use_gps=False,
-                         meta_embed_dim=4, meta_dim=8, gps_frequencies=2, meta_dropout=0.0, classifier_hidden=[8],
-                         num_weather=4, feature_stats_momentum=None, seg_head=True).eval()
+    return RoadworkModel.from_options(
+        backbone, view_names=resolve_views(views), pool="mlpmax", width=16, depth=1, num_heads=2, mlp_ratio=2.0,
+        dropout=0.0, pyramid=False, fusion_cross_layers=1, fusion_refine=False, prune_k=prune_k, prune_where=where,
+        vocab_sizes={}, text_fields=[], use_gps=False, meta_embed_dim=4, meta_dim=8, gps_frequencies=2,
+        meta_dropout=0.0, classifier_hidden=[8], num_weather=4, feature_stats_momentum=None, seg_head=True).eval()
 
 
 def test_seg_head_shape_and_logits_of_the_encoded_views():

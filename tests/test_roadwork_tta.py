@@ -5,16 +5,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch import nn
 
 from common.ensemble import WeightedEnsemble
 from roadwork.feature_stats import FeatureStats
-from roadwork.tta import FilteredTTA, Variant, build_tta, feature_stats_of
+from roadwork.tta import FilteredTTA, Variant
 from tests.test_roadwork_model import _batch, _model
 
 IDENTITY = {"hflip": False, "zoom": 1.0, "brightness": 1.0}
-CONFIG = Path(__file__).resolve().parents[1] / "conf" / "task" / "roadwork.yaml"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _variant(**changes):
@@ -83,7 +84,7 @@ def test_kept_set_and_weights_match_numpy():
     views = torch.rand(4, 2, 3, 8, 8) * torch.rand(4, 1, 1, 1, 1)               # varied brightness per sample
     batch = {"views": views, "label": torch.tensor([0, 1, 1, 0]), "image": ["a", "b", "c", "d"]}
     stats, model = _stats([0.3, 0.35], [0.01, 0.04]), FakeModel()
-    tta = FilteredTTA(model, stats, VARIANTS, keep_fraction=0.5, temperature=0.2).eval()
+    tta = FilteredTTA(model, VARIANTS, keep_fraction=0.5, temperature=0.2, stats=stats).eval()
     out = tta(batch)
     dist, weights, prob, feats = _expected(views, stats, keep=3, temperature=0.2)   # ceil(0.5 * 5) = 3
     np.testing.assert_allclose(out["tta_distance"].numpy(), dist, rtol=1e-5)
@@ -101,7 +102,7 @@ def test_kept_set_and_weights_match_numpy():
 def test_keep_all_at_high_temperature_is_the_plain_mean():
     torch.manual_seed(1)
     views = torch.rand(3, 2, 3, 8, 8)
-    tta = FilteredTTA(FakeModel(), _stats([0.5, 0.5], [0.01, 0.01]), VARIANTS, 1.0, 1e6).eval()
+    tta = FilteredTTA(FakeModel(), VARIANTS, 1.0, 1e6, stats=_stats([0.5, 0.5], [0.01, 0.01])).eval()
     out = tta({"views": views})
     plain = np.mean([Variant(**v).apply(views).mean(dim=(1, 2, 3, 4)).numpy() for v in VARIANTS], 0)
     np.testing.assert_allclose(out["prob"].numpy(), plain, rtol=1e-5)
@@ -115,16 +116,18 @@ def test_real_model_with_the_shipped_config_and_ensemble():
     model.train()(batch)                                                           # fills feature_stats
     model.eval()
     model.logit_shift.fill_(0.7)
-    cfg = OmegaConf.load(CONFIG).task.tta
-    assert build_tta(model, feature_stats_of(model), cfg) is model                # disabled by default
-    cfg.enabled = True
-    tta = build_tta(model, feature_stats_of(model), cfg).eval()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        assert compose("config", overrides=["task=roadwork"]).inference.tta is None        # off by default
+        cfg = compose("config", overrides=["task=roadwork", "inference/tta=roadwork"]).inference.tta
+    tta = instantiate(cfg)(model).eval()                                           # as common.inference builds it
+    assert isinstance(tta, FilteredTTA) and tta.stats is model.feature_stats and tta.keep == 3
     with torch.no_grad():
         out = tta(batch)
         probs = torch.stack([model({**batch, "views": Variant(**v).apply(batch["views"])})["prob"]
                              for v in cfg.variants], 1)
-        alone = FilteredTTA(model, model.feature_stats, [IDENTITY], 1.0, 1.0).eval()(batch)["prob"]
-        ensemble = build_tta(WeightedEnsemble([model, _model("single")]), feature_stats_of(model), cfg).eval()
+        alone = FilteredTTA(model, [IDENTITY], 1.0, 1.0).eval()(batch)["prob"]
+        ensemble = instantiate(cfg)(WeightedEnsemble([model, _model("single")])).eval()
+        assert ensemble.stats is model.feature_stats                               # the first member's
         ens_out = ensemble(batch)
     assert torch.all((out["prob"] >= 0) & (out["prob"] <= 1))
     torch.testing.assert_close(out["tta_weights"].sum(1), torch.ones(3))
@@ -135,26 +138,38 @@ def test_real_model_with_the_shipped_config_and_ensemble():
 
 
 @pytest.mark.parametrize("variant,message", [
-    (_variant(zoom=0.5), r"task\.tta\.variants\[1\]\.zoom=0\.5"),
-    (_variant(brightness=0), r"task\.tta\.variants\[1\]\.brightness"),
-    (_variant(hflip="yes"), r"task\.tta\.variants\[1\]\.hflip"),
-    ({**IDENTITY, "zoomm": 1.2}, r"task\.tta\.variants\[1\].*exactly the keys"),
+    (_variant(zoom=0.5), r"inference\.tta\.variants\[1\]\.zoom=0\.5"),
+    (_variant(brightness=0), r"inference\.tta\.variants\[1\]\.brightness"),
+    (_variant(hflip="yes"), r"inference\.tta\.variants\[1\]\.hflip"),
+    ({**IDENTITY, "zoomm": 1.2}, r"inference\.tta\.variants\[1\].*exactly the keys"),
 ])
 def test_bad_variants_are_named(variant, message):
     with pytest.raises(ValueError, match=message):
-        FilteredTTA(FakeModel(), _stats([0, 0], [1, 1]), [IDENTITY, variant], 0.5, 1.0)
+        FilteredTTA(FakeModel(), [IDENTITY, variant], 0.5, 1.0, stats=_stats([0, 0], [1, 1]))
 
 
 def test_bad_settings_and_cached_batches_are_refused():
     stats = _stats([0, 0], [1, 1])
     with pytest.raises(ValueError, match="keep_fraction=0"):
-        FilteredTTA(FakeModel(), stats, VARIANTS, 0, 1.0)
+        FilteredTTA(FakeModel(), VARIANTS, 0, 1.0, stats=stats)
     with pytest.raises(ValueError, match="temperature"):
-        FilteredTTA(FakeModel(), stats, VARIANTS, 0.5, 0.0)
-    tta = FilteredTTA(FakeModel(), stats, VARIANTS, 0.5, 1.0)
+        FilteredTTA(FakeModel(), VARIANTS, 0.5, 0.0, stats=stats)
+    tta = FilteredTTA(FakeModel(), VARIANTS, 0.5, 1.0, stats=stats)
     with pytest.raises(RuntimeError, match="eval"):
         tta({"views": torch.rand(1, 1, 3, 8, 8)})
     with pytest.raises(ValueError, match="cache_features=false"):
         tta.eval()({"views": torch.rand(1, 1, 3, 8, 8), "cache_key": [["k"]]})
     with pytest.raises(ValueError, match="feature statistics are empty"):
-        FilteredTTA(FakeModel(), FeatureStats(2, None), VARIANTS, 0.5, 1.0).eval()({"views": torch.rand(1, 1, 3, 8, 8)})
+        empty = FilteredTTA(FakeModel(), VARIANTS, 0.5, 1.0, stats=FeatureStats(2, None))
+        empty.eval()({"views": torch.rand(1, 1, 3, 8, 8)})
+    with pytest.raises(ValueError, match="training feature statistics"):
+        FilteredTTA(FakeModel(), VARIANTS, 0.5, 1.0)                               # no stats given, none in the model
+
+
+def test_ensembles_of_members_with_different_inputs_are_refused():
+    ensemble = FakeModel()
+    ensemble.member_specs = [{"views": ["single"]}, {"views": ["global", "center"]}]
+    with pytest.raises(ValueError, match="members of different inputs.*set inference.tta=null"):
+        FilteredTTA(ensemble, VARIANTS, 0.5, 1.0, stats=_stats([0, 0], [1, 1]))
+    ensemble.member_specs = [{"views": ["single"]}] * 2                           # the same inputs: fine
+    assert FilteredTTA(ensemble, VARIANTS, 0.5, 1.0, stats=_stats([0, 0], [1, 1])).member_specs == ensemble.member_specs

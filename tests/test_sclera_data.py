@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sclera.augment import SpecularBlobs, build_train_transform
+from common.augment import GaussianHighlights, build_augment
 from sclera.data import BadSample, ScleraDataset, read_mask, scan_sbvpi, scan_ssbc, validated
 from sclera.sets import evaluation_items, training_items
 from sclera.synth import SIP_COLOURS, SetSpec, encode_mask, render_eye, write_dataset, write_sample
@@ -202,18 +202,17 @@ def test_dataset_resizes_image_and_mask_together(ssbc_root):
 
 
 def test_geometry_moves_mask_with_image_and_blobs_touch_the_image_only(ssbc_root):
-    aug = OmegaConf.load(CONF).augment
-    only_flip = OmegaConf.merge(aug, {k: 0.0 for k in ("vflip", "rotate_p", "rot90", "brightness_contrast_p",
-                                                        "hsv_p", "noise_p", "blur_p", "jpeg_p", "occluder_p",
-                                                        "highlight_p")}, {"hflip": 1.0})
+    aug = OmegaConf.to_container(OmegaConf.load(CONF).augment)
+    only_flip = [{"_target_": "albumentations.HorizontalFlip", "p": 1.0}]
     items = training_items(data_cfg(), ssbc_root, ("Training",), oversample=False)
     plain = ScleraDataset(items, (56, 56))[0]
-    flipped = ScleraDataset(items, (56, 56), build_train_transform(only_flip))[0]
+    flipped = ScleraDataset(items, (56, 56), build_augment(only_flip))[0]
     torch.testing.assert_close(flipped["image"], plain["image"].flip(-1), atol=1 / 255, rtol=0)
     torch.testing.assert_close(flipped["mask"], plain["mask"].flip(-1))
-    full = build_train_transform(aug)      # the whole pipeline keeps a 0/1 mask of the same shape
+    full = build_augment(aug)      # the whole pipeline keeps a 0/1 mask of the same shape
     out = full(image=np.zeros((56, 56, 3), np.uint8), mask=np.ones((56, 56), np.uint8))
     assert out["mask"].shape == (56, 56) and set(np.unique(out["mask"])) <= {0, 1}
-    blob = SpecularBlobs(count_range=(1, 2), sigma_range=(0.1, 0.2), strength_range=(1.0, 1.0), p=1.0)
+    blob = GaussianHighlights(count=(1, 2), size=(0.1, 0.2), strength=(1.0, 1.0), relative_to="longer",
+                              size_is="sigma", p=1.0)                # sclera's specular highlights
     res = blob(image=np.zeros((40, 40, 3), np.uint8), mask=np.zeros((40, 40), np.uint8))
     assert res["image"].max() > 200 and res["mask"].max() == 0

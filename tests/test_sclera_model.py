@@ -28,7 +28,7 @@ def model_args(**grounding):
 
 def build(**grounding):
     torch.manual_seed(0)
-    return CGDSeg(backbone=tiny_backbone(), **model_args(**grounding))
+    return CGDSeg.from_options(tiny_backbone(), **model_args(**grounding))
 
 
 @pytest.mark.parametrize("size", [(112, 112), (126, 168)])
@@ -67,7 +67,7 @@ def test_grounding_none_removes_the_stage():
     args = model_args()
     for value in ("none", None):
         args["grounding"] = value
-        assert CGDSeg(backbone=tiny_backbone(), **args).grounding is None
+        assert CGDSeg.from_options(tiny_backbone(), **args).grounding is None
 
 
 def test_parameter_report_adds_up():

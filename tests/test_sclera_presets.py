@@ -29,13 +29,18 @@ DECK = {
 }
 TRACKS = {"sclera_cgdseg_synthetic": ("Synthetic", {"SynCROI": 1, "MASD": 0, "SBVPI": 0}),
           "sclera_cgdseg_mixed": ("Mixed", {"SynCROI": 1, "MASD": 3, "SBVPI": 3})}
-# the deck's "Data Augmentation Pipeline" tables
+# the deck's "Data Augmentation Pipeline" tables, in data.augment's order: transform -> its arguments (deck units)
 DECK_AUGMENT = {
-    "hflip": 0.5, "vflip": 0.3, "rotate_p": 0.4, "rotate_deg": 15, "rot90": 0.15, "rot90_k": [1, 2, 3],
-    "brightness_contrast_p": 0.6, "contrast_alpha": [0.8, 1.2], "brightness_beta": [-30, 30], "hsv_p": 0.4,
-    "hue_shift": [-18, 18], "saturation_scale": [0.7, 1.3], "noise_p": 0.3, "noise_sigma": [5, 20],
-    "blur_p": 0.25, "blur_sigma": [0.5, 3.0], "jpeg_p": 0.25, "jpeg_quality": [30, 95], "occluder_p": 0.4,
-    "occluder_count": [0, 3], "highlight_p": 0.25, "highlight_count": [1, 3], "highlight_strength": [0.3, 0.8],
+    "albumentations.HorizontalFlip": {"p": 0.5}, "albumentations.VerticalFlip": {"p": 0.3},
+    "albumentations.Affine": {"p": 0.4, "rotate": [-15, 15]}, "sclera.augment.Rotate90": {"p": 0.15, "ks": [1, 2, 3]},
+    "sclera.augment.BrightnessContrast": {"p": 0.6, "contrast_alpha": [0.8, 1.2], "brightness_beta": [-30, 30]},
+    "sclera.augment.HueSaturation": {"p": 0.4, "hue_shift": [-18, 18], "saturation_scale": [0.7, 1.3]},
+    "sclera.augment.PixelGaussNoise": {"p": 0.3, "sigma": [5, 20]},
+    "albumentations.OneOf": {"p": 0.25}, "albumentations.GaussianBlur": {"sigma_limit": [0.5, 3.0]},
+    "albumentations.MotionBlur": {},
+    "albumentations.ImageCompression": {"p": 0.25, "quality_range": [30, 95]},
+    "sclera.augment.Occluders": {"p": 0.4, "count": [0, 3]},
+    "common.augment.GaussianHighlights": {"p": 0.25, "count": [1, 3], "strength": [0.3, 0.8]},
 }
 
 
@@ -55,8 +60,11 @@ def test_presets_carry_the_decks_tables(preset):
     cfg = compose_cfg([f"experiment={preset}"])
     for key, value in DECK.items():
         assert plain(OmegaConf.select(cfg, key)) == value, key
-    for key, value in DECK_AUGMENT.items():
-        assert plain(cfg.data.augment[key]) == value, key
+    from common.augment import find_transform, iter_transforms
+    assert [node["_target_"] for node in iter_transforms(cfg.data.augment)] == list(DECK_AUGMENT)
+    for target, expected in DECK_AUGMENT.items():
+        node = find_transform(cfg.data.augment, target)
+        assert {key: node[key] for key in expected} == expected, target
     track, factors = TRACKS[preset]
     assert cfg.task.track == track
     assert {name: spec.factor for name, spec in cfg.data.train_sets.items()} == factors
@@ -125,36 +133,43 @@ def test_decay_1d_switch_puts_weight_decay_on_every_parameter():
 
 
 def test_augmentation_is_the_decks_table():
-    from sclera.augment import Rotate90, SpecularBlobs, build_train_transform
-    transform = build_train_transform(compose_cfg(["experiment=sclera_cgdseg_mixed"]).data.augment)
+    """The built transforms hand albumentations the deck's values in its own units."""
+    from common.augment import GaussianHighlights, build_augment
+    from sclera.augment import Rotate90
+    transform = build_augment(compose_cfg(["experiment=sclera_cgdseg_mixed"]).data.augment)
     by_type = {type(t).__name__: t for t in transform.transforms}
     assert by_type["HorizontalFlip"].p == 0.5 and by_type["VerticalFlip"].p == 0.3
     assert by_type["Affine"].p == 0.4 and tuple(by_type["Affine"].rotate) == (-15, 15)
     assert by_type["Rotate90"].p == 0.15
     assert {by_type["Rotate90"].get_params()["factor"] for _ in range(200)} == {1, 2, 3}
-    bc = by_type["RandomBrightnessContrast"]
+    bc = by_type["BrightnessContrast"]
+    assert isinstance(bc, A.RandomBrightnessContrast)
     assert bc.p == 0.6 and tuple(bc.contrast_limit) == pytest.approx((-0.2, 0.2))
     assert tuple(np.array(bc.brightness_limit) * 255) == pytest.approx((-30, 30)) and bc.brightness_by_max
-    jitter = by_type["ColorJitter"]
+    jitter = by_type["HueSaturation"]
+    assert isinstance(jitter, A.ColorJitter) and tuple(jitter.brightness) == tuple(jitter.contrast) == (1, 1)
     assert jitter.p == 0.4 and tuple(jitter.saturation) == (0.7, 1.3) and tuple(jitter.hue) == pytest.approx((-0.1, 0.1))
-    noise = by_type["GaussNoise"]
+    noise = by_type["PixelGaussNoise"]
+    assert isinstance(noise, A.GaussNoise)
     assert noise.p == 0.3 and tuple(np.array(noise.std_range) * 255) == pytest.approx((5, 20))
     blur = by_type["OneOf"]
     assert blur.p == 0.25 and [type(t).__name__ for t in blur.transforms] == ["GaussianBlur", "MotionBlur"]
     assert tuple(blur.transforms[0].sigma_limit) == (0.5, 3.0)
     assert by_type["ImageCompression"].p == 0.25 and tuple(by_type["ImageCompression"].quality_range) == (30, 95)
-    holes = by_type["CoarseDropout"]        # counts 0..3 uniform with p 0.4 == counts 1..3 with p 0.4 * 3 / 4
+    holes = by_type["Occluders"]            # counts 0..3 uniform with p 0.4 == counts 1..3 with p 0.4 * 3 / 4
+    assert isinstance(holes, A.CoarseDropout)
     assert tuple(holes.num_holes_range) == (1, 3) and holes.p == pytest.approx(0.3)
-    blobs = by_type["SpecularBlobs"]
-    assert isinstance(blobs, SpecularBlobs) and isinstance(by_type["Rotate90"], Rotate90)
-    assert blobs.p == 0.25 and blobs.count_range == (1, 3) and blobs.strength_range == (0.3, 0.8)
+    blobs = by_type["GaussianHighlights"]
+    assert isinstance(blobs, GaussianHighlights) and isinstance(by_type["Rotate90"], Rotate90)
+    assert blobs.p == 0.25 and blobs.count == (1, 3) and blobs.strength == (0.3, 0.8)
+    assert (blobs.relative_to, blobs.size_is, blobs.min_size) == ("longer", "sigma", 0.0)
     assert isinstance(transform, A.Compose)
 
 
 def test_specular_blob_strength_scales_the_blend_towards_white():
-    from sclera.augment import SpecularBlobs
+    from common.augment import GaussianHighlights
     image = np.full((21, 21, 3), 100, np.uint8)
-    out = SpecularBlobs(p=1.0).apply(image, blobs=[(10.0, 10.0, 3.0, 0.5)])
+    out = GaussianHighlights(p=1.0).apply(image, blobs=[(10.0, 10.0, 3.0, 0.5)])
     assert out[10, 10, 0] == int(100 + (255 - 100) * 0.5) and out[0, 0, 0] == 100   # blend, then truncated to uint8
 
 

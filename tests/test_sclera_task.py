@@ -46,7 +46,7 @@ def test_submission_tree_and_eval_scores_match_ssbc_on_the_files(task_and_root, 
     for outputs, batch in run_model(task, eval_set, model):
         metric.update(outputs, batch)
     reported = metric.compute()
-    written = task.write_predictions(run_model(task, predict_set, model), tmp_path, {})
+    written = task.write_predictions(run_model(task, predict_set, model), predict_set, tmp_path, {})
     base = tmp_path / "CGDSeg" / "Mixed"
     assert list(written.values()) == [base]
     scores = {}
@@ -71,7 +71,7 @@ def test_threshold_size_team_and_track_come_from_config(task_and_root, tmp_path)
     task = ScleraTask(compose_cfg(["task.track=Synthetic", "metric.threshold=0.9", "task.submission.team=Us"]))
     batch = {"set": ["S"], "stem": ["x"], "height": torch.tensor([3]), "width": torch.tensor([4])}
     logits = torch.logit(torch.full((1, 1, 3, 4), 0.8))
-    task.write_predictions([({"logits": logits}, batch)], tmp_path, {})
+    task.write_predictions([({"logits": logits}, batch)], None, tmp_path, {})
     binarised, predicted = Image.open(tmp_path / "Us/Synthetic/S/Binarised/x.png"), Image.open(
         tmp_path / "Us/Synthetic/S/Predictions/x.png")
     assert binarised.size == predicted.size == (400, 300)             # the benchmark's size, not the image's

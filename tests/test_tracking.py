@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from common.run_info import RunInfo, run_info, short_name
+from common.tracking import Tracker, logged_config, make_tracker
 from tests import fake_wandb
 from tests.cli import REPO, TOY, run_cli
 
@@ -67,10 +68,69 @@ def test_sweep_job_is_named_after_its_optuna_trial(tmp_path):
 
 
 def _tracker(monkeypatch, tmp_path, overrides=()):
+    """The tracker of the composed logger=wandb option, wandb replaced by the recorder."""
     fake_wandb.install(monkeypatch)
     from common.wandb_tracker import WandbTracker
+    cfg = _compose([*TOY, "logger=wandb", *overrides], tmp_path)
+    tracker = make_tracker(cfg, tmp_path / "run", is_main=True)
+    assert type(tracker) is WandbTracker
+    return tracker, cfg
+
+
+def test_wandb_option_instantiates_wandb_tracker_with_exactly_its_keys(monkeypatch, tmp_path):
+    """Every key of conf/logger/wandb.yaml but the run's description is an argument of WandbTracker, and every
+    argument is a key or a run-time value; the run gets exactly the option's values."""
+    import inspect
+    from common.tracking import RUN_KEYS, RUNTIME_ARGS
+    tracker, cfg = _tracker(monkeypatch, tmp_path)
+    option = OmegaConf.to_container(cfg.logger, resolve=True)
+    arguments = set(inspect.signature(type(tracker)).parameters)
+    assert arguments == set(option) - {"_target_", "_partial_", *RUN_KEYS} | set(RUNTIME_ARGS)
+    assert option["_target_"] == "common.wandb_tracker.WandbTracker"
+    init = fake_wandb.calls("init")[0]
+    assert {k: init[k] for k in ("project", "entity", "mode", "job_type")} == {
+        "project": "vfm-suite", "entity": None, "mode": "offline", "job_type": "train"}
+    assert {k: option[k] for k in ("project", "entity", "mode", "job_type")} == {
+        k: init[k] for k in ("project", "entity", "mode", "job_type")}
+    assert init["settings"] == {"silent": not option["verbose"], "console": option["console"]} \
+        == {"silent": True, "console": "off"}
+    assert tracker.artifacts is option["artifacts"] is False
+    info = run_info(cfg)
+    assert init["name"] == info.name and init["group"] == info.group == "toy" and init["tags"] == info.tags
+    assert init["dir"] == str(tmp_path / "run") and init["config"] == fake_wandb._plain(logged_config(cfg, info))
+    assert (tracker.monitor, tracker.direction) == ("val/neg_mse", "maximize")
+
+
+class Recorder(Tracker):
+    """A tracker of a test: takes one key of its own and two run-time values."""
+
+    def __init__(self, *, label: str, run_dir: Path, monitor: str):
+        self.label, self.run_dir, self.monitor = label, run_dir, monitor
+
+
+def test_a_custom_target_from_the_command_line_is_used(tmp_path):
+    cfg = _compose([*TOY, "logger=none", f"logger._target_={__name__}.Recorder", "+logger.label=mine",
+                    "+logger.group=preset"], tmp_path)        # group (set by presets) describes the run only
+    tracker = make_tracker(cfg, tmp_path / "run", is_main=True)
+    assert isinstance(tracker, Recorder)
+    assert (tracker.label, tracker.run_dir, tracker.monitor) == ("mine", tmp_path / "run", "val/neg_mse")
+    assert type(make_tracker(cfg, tmp_path / "run", is_main=False)) is Tracker      # other DDP ranks: no-op
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["logger=wandb", "+logger.projekt=p"], r"logger\.projekt: not an argument of common\.wandb_tracker\.WandbTracker"),
+    (["logger=wandb", "~logger.console"], r"missing logger\.console"),
+    (["logger=wandb", "+logger.run_dir=/tmp/x"], r"logger\.run_dir: .* is given by the run"),
+    (["logger=none", "+logger.project=p"], r"logger\.project: not an argument of common\.tracking\.Tracker"),
+    (["logger=none", "logger._target_=common.tracking.RunFiles"], r"expected a subclass of common\.tracking\.Tracker"),
+    (["logger=none", "~logger._partial_"], r"needs `_target_` .* and `_partial_: true`"),
+])
+def test_a_key_the_tracker_does_not_take_fails_naming_it(monkeypatch, tmp_path, overrides, message):
+    fake_wandb.install(monkeypatch)
     cfg = _compose([*TOY, *overrides], tmp_path)
-    return WandbTracker(cfg, tmp_path / "run", run_info(cfg)), cfg
+    with pytest.raises((ValueError, TypeError), match=message):
+        make_tracker(cfg, tmp_path / "run", is_main=True)
+    assert not fake_wandb.calls("init")
 
 
 def test_wandb_init_names_groups_tags_and_silences(monkeypatch, tmp_path):
@@ -167,7 +227,8 @@ def test_eval_logs_the_checkpoints_config_not_the_command_lines(tmp_path):
 
 def test_logger_none_imports_no_wandb():
     code = ("import sys; from omegaconf import OmegaConf; from common.tracking import make_tracker; "
-            "t = make_tracker(OmegaConf.create({'logger': {'name': 'none'}}), '.', True); "
+            "t = make_tracker(OmegaConf.create({'logger': {'_target_': 'common.tracking.Tracker', "
+            "'_partial_': True, 'group': 'g'}}), '.', True); assert type(t).__name__ == 'Tracker'; "
             "import common.reports, common.run_info; "
             "assert 'wandb' not in sys.modules and 'common.wandb_tracker' not in sys.modules, 'wandb imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -180,14 +241,13 @@ def test_real_wandb_offline_accepts_every_call(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delitem(sys.modules, "common.wandb_tracker", raising=False)
     from common.wandb_tracker import WandbTracker
-    cfg = OmegaConf.create({"task": {"name": "toy"}, "mode": "train", "optimized_metric": "val/f1",
-                            "trainer": {"monitor": "val/f1", "monitor_direction": "maximize"},
-                            "logger": {"project": "vfm-test", "entity": None, "mode": "offline", "group": "g-test",
-                                       "job_type": "train", "tags": [], "default_tags": ["task", "mode"],
-                                       "artifacts": True, "verbose": False, "console": "off"}})
+    cfg = OmegaConf.create({"task": {"name": "toy"}, "mode": "train", "optimized_metric": "val/f1"})
     run = tmp_path / "run"
     run.mkdir()
-    tracker = WandbTracker(cfg, run, RunInfo("name-test", "g-test", ["task:toy"], {"experiment": None}))
+    info = RunInfo("name-test", "g-test", ["task:toy"], {"experiment": None})
+    tracker = WandbTracker(run_dir=run, info=info, config=logged_config(cfg, info), monitor="val/f1",
+                           direction="maximize", project="vfm-test", entity=None, mode="offline", job_type="train",
+                           artifacts=True, verbose=False, console="off")
     tracker.log_metrics({"train/loss_step": 1.0, "lr/head": 1e-3}, 1)
     tracker.log_metrics({"epoch": 0, "train/loss": 0.9, "val/f1": 0.5}, 1)
     tracker.log_images("val/overlay", [np.zeros((8, 8, 3), np.uint8)], 1, captions=["c"])

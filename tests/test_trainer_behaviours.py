@@ -150,7 +150,7 @@ def test_accumulated_micro_batches_step_like_one_batch_of_their_union(tmp_path):
                               "trainer.limit_train_batches": 8 // batch_size, "trainer.max_epochs": 1})
         model, criterion = copy.deepcopy(initial), MSE()
         trainer, state, grads = _fit(cfg, tmp_path / name, model, criterion, NegMSE(), train, val)
-        assert trainer.steps_per_epoch == 1 and state.step == 1 and len(grads) == 1
+        assert trainer.training.steps_per_epoch == 1 and state.step == 1 and len(grads) == 1
         assert len(criterion.ids) == accum
         runs[name] = model, criterion, grads[0]
     ids = sum(runs["micro"][1].ids, [])
@@ -184,7 +184,7 @@ def test_steps_per_epoch_and_lr_schedule_count_optimiser_steps(tmp_path, schedul
     criterion, tracker = MSE(), Recorder()
     trainer, state, grads = _fit(cfg, tmp_path / "run", LinearModel(3), criterion, NegMSE(), Items(x=x, y=y),
                                  Items(x=x[:4], y=y[:4]), tracker)
-    assert trainer.steps_per_epoch == 7 // 3 == 2
+    assert trainer.training.steps_per_epoch == 7 // 3 == 2
     assert state.step == len(grads) == 4 and len(criterion.losses) == 2 * 6
     step_logs = [(m, s) for m, s in tracker.logged if "train/loss_step" in m]
     assert [s for _, s in step_logs] == [1, 2, 3, 4]
@@ -351,14 +351,14 @@ def test_eval_config_takes_the_network_from_the_checkpoint_and_data_from_the_com
     command line says otherwise (a model width, dropout); data is the checkpoint's, with data.root always this
     run's and every data.* given on the command line replacing the checkpoint's; trainer stays this run's."""
     ckpt, cfg = _checkpoint_and_run(
-        tmp_path, ["model.dropout=0.3", "task.max_epochs=7", "data.batch_size=2", "data.num_workers=3",
+        tmp_path, ["model.dropout=0.3", "trainer.max_epochs=7", "data.batch_size=2", "data.num_workers=3",
                    "data.root=/ckpt/data", "trainer.optim.lr=0.25"],
-        ["model.dropout=0.0", "backbone.model_kwargs.embed_dim=32", "task.max_epochs=9", "data.batch_size=16",
+        ["model.dropout=0.0", "backbone.model_kwargs.embed_dim=32", "trainer.max_epochs=9", "data.batch_size=16",
          "trainer.optim.lr=0.5"])
     assert inference._command_line_data_keys() == ["batch_size"]
     merged = inference.config_from_checkpoint(cfg, ckpt)
     assert cfg.backbone.model_kwargs.embed_dim == 32 and merged.backbone.model_kwargs.embed_dim == 64
-    assert merged.model.dropout == 0.3 and merged.task.max_epochs == 7
+    assert merged.model.dropout == 0.3 and merged.trainer.max_epochs == 9   # trainer: this run's
     assert merged.data.batch_size == 16                    # given on the command line
     assert merged.data.num_workers == 3                    # the checkpoint's: 0 is this run's default, not given
     assert merged.data.root is None                        # this run's (unset: synthetic), not /ckpt/data

@@ -74,6 +74,8 @@ VARIANTS = [  # (task, key set to the exploit or to a value, expected message)
     ("biomass", "model.head._target_", None, r"model\.head\._target_=None: a checkpoint may only name"),
     ("roadwork", "data.augment.0", EXPLOIT, r"data\.augment\[0\]\._target_='pathlib\.Path\.write_text'"),
     ("roadwork", "data.augment.5.transforms.1", EXPLOIT, r"data\.augment\[5\]\.transforms\[1\]\._target_="),
+    ("biomass", "data.augment.0.transforms.3", EXPLOIT, r"data\.augment\[0\]\.transforms\[3\]\._target_="),
+    ("sclera", "data.augment.7.transforms.0", EXPLOIT, r"data\.augment\[7\]\.transforms\[0\]\._target_="),
     ("sclera", "model.payload", EXPLOIT, r"unknown key model\.payload"),
     ("sclera", "model.grounding", EXPLOIT, r"nested _target_ is not expected at model\.grounding"),
     ("roadwork", "model._target_", "roadwork.model.Tensor", r"torch._C.TensorBase|torch.Tensor, defined outside"),

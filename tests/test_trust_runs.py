@@ -123,7 +123,7 @@ def test_never_finite_monitor_fails_the_run_and_metrics_json_is_strict(tmp_path,
     from common.app import run
     from tests.toy import task as toy
     monkeypatch.setattr(toy.ToyMetric, "compute", lambda self: {"neg_mse": float("-inf")})
-    cfg = _toy_cfg(tmp_path, ["task.max_epochs=2"])
+    cfg = _toy_cfg(tmp_path, ["trainer.max_epochs=2"])
     with pytest.raises(Diverged, match=r"val/neg_mse was not finite in any of 2 epochs .*Lower trainer\.optim\.lr"):
         run(cfg)
     summary = _strict_json(tmp_path / "run" / "metrics.json")

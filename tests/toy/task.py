@@ -72,7 +72,7 @@ class ToyTask(Task):
             np.savez(root / f"{split}.npz", images=images, targets=(2 * brightness - 1).astype(np.float32))
         (root / "info.json").write_text(json.dumps({"seed": seed}))
 
-    def datasets(self, root: Path, stage: str):
+    def datasets(self, root: Path, stage: str, model=None):
         if stage in ("fit", "cv"):
             train = ToyDataset(root, "train")
             return {"train": train, "val": ToyDataset(root, "val") if stage == "fit" else train}
@@ -90,7 +90,7 @@ class ToyTask(Task):
     def build_metric(self, stats):
         return ToyMetric()
 
-    def write_predictions(self, results, out_dir, stats):
+    def write_predictions(self, results, dataset, out_dir, stats):
         rows = [f"{i},{p:.6f}" for outputs, batch in results for i, p in zip(batch["id"], outputs["pred"].tolist())]
         path = Path(out_dir) / "predictions.csv"
         path.write_text("id,pred\n" + "\n".join(rows) + "\n")

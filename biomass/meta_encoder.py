@@ -1,4 +1,5 @@
-"""Metadata fusion for datasets whose test table carries metadata (the CSIRO test table does not).
+"""Metadata encoder and its fusion into the backbone tokens, for datasets whose test table carries metadata
+(the CSIRO test table does not).
 
 MetadataEncoder: State / Species embeddings (vocabularies of the training split, index 0 = unknown)
 and standardised NDVI / height with a missing indicator -> one vector (B, dim).
