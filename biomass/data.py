@@ -61,6 +61,7 @@ class BiomassDataset(Dataset):
         self.resize = build_resize(self.image_size) if self.image_size is not None else None
         self.image_cache = image_cache
         self.has_targets = all(t in self.table.columns for t in TARGETS)
+        self.baseline_g: list[float] | None = None   # training sets: mean grams per target of the full labelled table
 
     @property
     def preparation(self) -> str:

@@ -38,10 +38,6 @@ def _table_of(dataset: Dataset) -> pd.DataFrame:
 
 
 class BiomassTask(Task):
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.baseline_g: list[float] | None = None   # mean grams per target of the full labelled table
-
     # ---- data -------------------------------------------------------------------------------
     def synthesize(self, root: Path, seed: int) -> None:
         synth = OmegaConf.to_container(self.cfg.data.synth, resolve=True) if "synth" in self.cfg.data else {}
@@ -85,13 +81,15 @@ class BiomassTask(Task):
         self.check_metadata_columns(root)
         if stage in ("fit", "cv"):
             table = read_train_table(root, d.train_csv, skip_bad=bool(d.skip_bad))
-            self.baseline_g = [float(v) for v in table[list(TARGETS)].mean(skipna=True)]
             report_missing(table, root / d.train_csv)
             if stage == "cv":
-                return {"train": self._dataset(table, root, True), "val": self._dataset(table, root, False)}
-            folds = self.cv_folds(group_keys(table), int(d.n_folds), int(self.cfg.seed))
-            train, val = table[folds != int(d.val_fold)], table[folds == int(d.val_fold)]
-            return {"train": self._dataset(train, root, True), "val": self._dataset(val, root, False)}
+                train, val = table, table
+            else:
+                folds = self.cv_folds(group_keys(table), int(d.n_folds), int(self.cfg.seed))
+                train, val = table[folds != int(d.val_fold)], table[folds == int(d.val_fold)]
+            train_set = self._dataset(train, root, True)
+            train_set.baseline_g = [float(v) for v in table[list(TARGETS)].mean(skipna=True)]   # the full table's
+            return {"train": train_set, "val": self._dataset(val, root, False)}
         if stage == "eval":
             return {"eval": self._dataset(read_solution_table(root, d.test_csv, d.solution_csv), root, False)}
         if stage == "predict":
@@ -116,10 +114,12 @@ class BiomassTask(Task):
 
     def fit_stats(self, train_set: Dataset) -> dict:
         """Training-split statistics, plus baseline_g: the full labelled table's mean grams per target
-        (the global-baseline R2's SS_tot centre; read by datasets(root, "fit" or "cv"))."""
-        if self.baseline_g is None:
-            raise RuntimeError("fit_stats needs datasets(root, 'fit' or 'cv') first (it reads the full table)")
-        return {**fit_stats(_table_of(train_set), float(self.cfg.data.quadrat_area)), "baseline_g": self.baseline_g}
+        (the global-baseline R2's SS_tot centre), which the training set of datasets(root, "fit" or "cv") carries."""
+        baseline_g = unwrap_subset(train_set)[0].baseline_g
+        if baseline_g is None:
+            raise ValueError("fit_stats needs the training set of datasets(root, 'fit' or 'cv'): it carries the full "
+                             "labelled table's mean grams (baseline_g)")
+        return {**fit_stats(_table_of(train_set), float(self.cfg.data.quadrat_area)), "baseline_g": baseline_g}
 
     # ---- model, loss, metric ----------------------------------------------------------------
     def build_model(self, stats: dict):

@@ -16,6 +16,7 @@ from common.checkpoint import written_checkpoints
 from common.choices import MODES
 from common.console import inference_commands, summary_block
 from common.cv import cross_validate
+from common.data import sample_weights_of
 from common.inference import load_predictor
 from common.parts import build_parts, load_task
 from common.reports import finish_run
@@ -69,7 +70,7 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     stats = task.fit_stats(sets["train"])
     model, criterion, metric = build_parts(task, stats)
     state = Trainer(cfg, run_dir, tracker, ctx).fit(task, model, criterion, metric, sets["train"], sets["val"],
-                                                     stats, task.sample_weights(root, sets["train"]))
+                                                     stats, sample_weights_of(sets["train"]))
     summary = {"monitor": str(cfg.trainer.monitor), "best_value": state.best_value,
                "best_epoch": state.best_epoch, "best": state.best_metrics, "last": state.last_metrics,
                "checkpoints": written_checkpoints(run_dir / "checkpoints")}
@@ -78,7 +79,8 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     raise_if_diverged(state, str(cfg.trainer.monitor))
     tracker.set_summary({f"best/{k}": v for k, v in state.best_metrics.items() if isinstance(v, (int, float))})
     if ctx.is_main:
-        task.log_tables(tracker, state.best_metrics)
+        for name, (columns, rows) in metric.tables(state.best_metrics).items():
+            tracker.log_table(name, columns, rows)
     return state.best_value
 
 

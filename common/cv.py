@@ -13,6 +13,7 @@ from torch.utils.data import Subset
 
 from common.atomic import atomic_write_text
 from common.checkpoint import load_checkpoint, restore_for_inference
+from common.data import sample_weights_of
 from common.parts import build_parts
 from common.tracking import RunFiles, Tracker
 from common.trainer import Trainer, raise_if_diverged
@@ -96,7 +97,7 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
         fold_dir = run_dir / f"fold_{fold}"
         trainer = Trainer(cfg, fold_dir, FoldTracker(tracker, fold, step_offset), ctx)
         state = trainer.fit(task, model, criterion, metric, train_set, val_set, stats,
-                            task.sample_weights(root, train_set))
+                            sample_weights_of(train_set))
         step_offset += state.step
         raise_if_diverged(state, str(cfg.trainer.monitor))
         chosen = fold_checkpoint(fold_dir, str(cfg.cv.checkpoint))

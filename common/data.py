@@ -39,6 +39,14 @@ def unwrap_subset(dataset) -> tuple[object, list[int]]:
     return dataset, list(range(len(dataset)))
 
 
+def sample_weights_of(dataset) -> np.ndarray | None:
+    """The sampling weight of each item of a training dataset (or Subset of one): its `sample_weights` (one per item
+    of the dataset behind the subsets), in the subset's order; None when it has none (every item once per epoch)."""
+    base, indices = unwrap_subset(dataset)
+    weights = getattr(base, "sample_weights", None)
+    return None if weights is None else np.asarray(weights, dtype=np.float64)[indices]
+
+
 def reseed_augmentations(dataset, seed: int) -> None:
     """Seed the random pipelines a dataset holds (attributes with `set_random_seed`, e.g. albumentations).
 

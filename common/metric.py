@@ -49,3 +49,8 @@ class Metric(ABC):
     @abstractmethod
     def compute(self) -> dict[str, float]:
         """Metrics over everything recorded (use `self.gathered()`)."""
+
+    def tables(self, values: dict[str, float]) -> dict[str, tuple[list[str], list[list]]]:
+        """Optional: tables of computed values ({name: (columns, rows)}), logged once per run for the best epoch's
+        values (e.g. a breakdown by subgroup); default none."""
+        return {}

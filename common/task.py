@@ -60,7 +60,8 @@ class Task(ABC):
         """Datasets for a stage. model (eval / predict): the predictor's model the datasets feed, e.g. an ensemble
         whose members each need their own inputs (roadwork); None in training.
 
-        stage "fit"     -> {"train": ..., "val": ...}
+        stage "fit"     -> {"train": ..., "val": ...}; a training dataset may carry `sample_weights`, one per item
+                           (each epoch then draws with replacement in proportion; common.data.sample_weights_of)
         stage "cv"      -> {"train": all labelled items with train transforms,
                             "val":   the same items, in the same order, with eval transforms}
         stage "eval"    -> {"eval": labelled items to score}
@@ -89,11 +90,6 @@ class Task(ABC):
     def fit_stats(self, train_set: Dataset) -> dict:
         """Normalisation statistics from the training split only (plain containers)."""
         return {}
-
-    def sample_weights(self, root: Path, train_set: Dataset) -> np.ndarray | None:
-        """Optional: one sampling weight per training item (each epoch draws with replacement in proportion);
-        None shuffles every item once per epoch."""
-        return None
 
     def collate(self, items: list[dict]) -> Batch:
         from common.data import default_collate
@@ -138,10 +134,6 @@ class Task(ABC):
         """Optional: mode=eval's files beyond metrics.json (e.g. error analysis) from the metric after compute();
         returns {what: path}."""
         return {}
-
-    def log_tables(self, logger, metrics: dict[str, float]) -> None:
-        """Optional: tables of the best epoch's metrics (logger.log_table(name, columns, rows)), once per run."""
-        return None
 
     def log_media(self, logger, outputs: Outputs, batch: Batch, stats: dict, step: int) -> None:
         """Optional: images or plots a person would look at (first validation batch per epoch)."""

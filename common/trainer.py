@@ -118,7 +118,7 @@ class Trainer:
     # ---- loaders ---------------------------------------------------------------------------
     def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0,
                skip_batches: int = 0, weights=None) -> DataLoader:
-        """weights (train only): one sampling weight per item (Task.sample_weights); None shuffles."""
+        """weights (train only): one sampling weight per item (common.data.sample_weights_of); None shuffles."""
         data, seed = self.cfg.data, int(self.cfg.seed)
         drop_last = train and len(dataset) > int(data.batch_size)
         if train:
@@ -419,7 +419,7 @@ class Trainer:
 
     def fit(self, task, model: nn.Module, criterion: nn.Module, metric: Metric, train_set: Dataset,
             val_set: Dataset, stats: dict, sample_weights=None) -> FitState:
-        """sample_weights: one per training item (Task.sample_weights), or None to shuffle."""
+        """sample_weights: one per training item (common.data.sample_weights_of), or None to shuffle."""
         steps = self._steps_per_epoch(self.loader(train_set, task.collate, train=True, weights=sample_weights))
         self.prepare(model, criterion, steps)
         state = self._initial_state(task.name)

@@ -100,6 +100,7 @@ class RoadworkDataset(Dataset):
         if masks is not None and len(masks) != len(samples):
             raise ValueError(f"{len(masks)} mask paths for {len(samples)} samples")
         self.samples = samples
+        self.sample_weights = None  # training sets: one sampling weight per sample (data.gps_sampling), else None
         self.masks = masks          # per sample: its mask file or None; None = no masks configured
         self.cache_features = cache_features  # items carry one feature-cache key per view
         self.view_names = resolve_views(views)

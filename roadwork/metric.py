@@ -90,6 +90,11 @@ class RoadworkMetric(Metric):
         self.benchmark = benchmark
         self.curve: dict[str, np.ndarray] | None = None   # the last compute()'s per-step validator curve
 
+    def tables(self, values: dict[str, float]) -> dict[str, tuple[list[str], list[list]]]:
+        """The breakdown by weather / daytime / scene / region (keys <split>/<field>/<value>/<stat>)."""
+        rows = breakdown_rows(values)
+        return {"breakdown": (["field", "value", "n", "mcc", "accuracy"], rows)} if rows else {}
+
     def update(self, outputs: dict, batch: dict) -> None:
         arrays = {"prob": outputs["prob"], "label": batch["label"], "image": batch["image"]}
         arrays.update({k: batch[k] for k in self.vocabularies if k in batch})

@@ -22,7 +22,6 @@ from roadwork import gps_sampling, synth
 from roadwork.challenge import BenchmarkTransform
 from roadwork.data import CATEGORY_FIELDS, RoadworkDataset, load_index, mask_files, metadata_spec, split_indices
 from roadwork.ensemble import MemberInputs, input_spec
-from roadwork.metric import breakdown_rows
 from roadwork.model import RoadworkModel
 from roadwork.outputs import write_predictions_csv
 from roadwork.views import resolve_views
@@ -93,12 +92,12 @@ class RoadworkTask(Task):
     def datasets(self, root: Path, stage: str, model: nn.Module | None = None) -> dict[str, Dataset]:
         if stage == "fit":
             train, val = self._fit_samples(root)
-            return {"train": self._dataset(train, True, masks=self._masks(root, train)),
+            return {"train": self._weighted(root, self._dataset(train, True, masks=self._masks(root, train))),
                     "val": self._dataset(val, False, masks=self._masks(root, val))}
         if stage == "cv":
             train, val = self._fit_samples(root)
             masks = self._masks(root, train + val)
-            return {"train": self._dataset(train + val, True, masks=masks),
+            return {"train": self._weighted(root, self._dataset(train + val, True, masks=masks)),
                     "val": self._dataset(train + val, False, masks=masks)}
         if stage == "eval":
             dataset, _ = self._inference_set(root, self.data.eval, True, self.benchmark, model)
@@ -116,12 +115,6 @@ class RoadworkTask(Task):
         t = min(max(metrics["threshold_best"], 1e-6), 1 - 1e-6)
         model.logit_shift -= math.log(t / (1 - t))
 
-    def log_tables(self, logger, metrics: dict[str, float]) -> None:
-        """The breakdown by weather / daytime / scene / region (metric keys val/<field>/<value>/<stat>)."""
-        rows = breakdown_rows(metrics)
-        if rows:
-            logger.log_table("breakdown", ["field", "value", "n", "mcc", "accuracy"], rows)
-
     @property
     def benchmark(self) -> bool:
         return bool(OmegaConf.select(self.cfg, "benchmark", default=False))
@@ -131,13 +124,13 @@ class RoadworkTask(Task):
         labels = [base.samples[i].label for i in indices]
         return {"view_names": list(base.view_names), "positive_fraction": float(np.mean(labels))}
 
-    def sample_weights(self, root: Path, train_set: Dataset) -> np.ndarray | None:
-        """data.gps_sampling: weight each training image by its distance to the deployment region's centres."""
-        if not self.data.gps_sampling.enabled:
-            return None
-        base, indices = unwrap_subset(train_set)
-        return gps_sampling.sample_weights([base.samples[i] for i in indices], Path(root), self.data.gps_sampling,
-                                           int(self.cfg.seed))
+    def _weighted(self, root: Path, train_set: RoadworkDataset) -> RoadworkDataset:
+        """data.gps_sampling: the training set's `sample_weights`, each image's weight by its distance to the
+        deployment region's centres (each epoch draws in proportion; mode=cv: the fold's share of them)."""
+        if self.data.gps_sampling.enabled:
+            train_set.sample_weights = gps_sampling.sample_weights(train_set.samples, Path(root),
+                                                                   self.data.gps_sampling, int(self.cfg.seed))
+        return train_set
 
     def build_model(self, stats: dict) -> nn.Module:
         vocabularies, text_fields = metadata_spec(self.data)

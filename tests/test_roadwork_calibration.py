@@ -49,14 +49,7 @@ def test_breakdown_table_rows_from_metrics():
                "val/region/Sydney/n": 4.0, "epoch": 3}
     assert breakdown_rows(metrics) == [["region", "Sydney", 4, 1.0, 1.0], ["weather", "rain", 12, 0.5, 0.75]]
 
-    class Recorder:
-        def __init__(self):
-            self.tables = []
-
-        def log_table(self, name, columns, rows):
-            self.tables.append((name, columns, rows))
-
-    recorder = Recorder()
-    _task([]).log_tables(recorder, metrics)
-    assert recorder.tables == [("breakdown", ["field", "value", "n", "mcc", "accuracy"],
-                                breakdown_rows(metrics))]
+    metric = _task([]).build_metric({})
+    assert metric.tables(metrics) == {"breakdown": (["field", "value", "n", "mcc", "accuracy"],
+                                                    breakdown_rows(metrics))}
+    assert metric.tables({"val/mcc": 0.9}) == {}

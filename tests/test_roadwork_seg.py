@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from common.backbone import create_backbone
 from common.cache import build_cached_encoder, image_key
+from common.data import reseed_augmentations
 from roadwork import synth
 from roadwork.data import RoadworkDataset, mask_files
 from roadwork.loss import RoadworkLoss, seg_loss
@@ -69,6 +70,7 @@ def test_mask_files_and_views_stay_aligned_through_flip(synthetic, tmp_path):
         flip = [{"_target_": "albumentations.HorizontalFlip", "p": 1.0},
                 {"_target_": "albumentations.RandomBrightnessContrast", "p": 1.0}]   # moves the image only
         data = RoadworkDataset(samples, "highres12", 28, augment=flip, masks=masks)
+        reseed_augmentations(data, 0)          # the pipeline's generator is seeded from OS entropy when built
         items = [data[0], data[1]]
     finally:
         (tmp_path / "moved.png").rename(missing)
@@ -77,9 +79,12 @@ def test_mask_files_and_views_stay_aligned_through_flip(synthetic, tmp_path):
     expected = torch.from_numpy(np.stack(mask_views)[..., ::-1] == 255)[:, None].float()
     assert items[0]["mask_known"] == 1.0 and expected.sum() > 0
     torch.testing.assert_close(items[0]["seg_target"], expected, rtol=0, atol=0)
-    image_views = np.stack(cut_views(Image.open(samples[0].image), resolve_views("highres12"), 28))[:, :, ::-1]
-    brightness = (items[0]["views"] * 255 - torch.from_numpy(image_views.copy()).permute(0, 3, 1, 2)).abs()
-    assert brightness.mean() < 40                           # the image flipped the same way (then recoloured)
+    image_views = np.stack(cut_views(Image.open(samples[0].image), resolve_views("highres12"), 28))
+    flipped, unflipped = (torch.from_numpy(v.copy()).permute(0, 3, 1, 2).float() for v in (image_views[:, :, ::-1],
+                                                                                          image_views))
+    distance = {name: (items[0]["views"] * 255 - ref).abs().mean() for name, ref in
+                (("flipped", flipped), ("unflipped", unflipped))}
+    assert distance["flipped"] < 0.75 * distance["unflipped"]    # the image flipped the same way (then recoloured)
     assert items[1]["mask_known"] == 0.0 and items[1]["seg_target"].abs().sum() == 0
     assert "seg_target" not in RoadworkDataset(samples, "single", 28)[0]     # no masks configured: nothing new
     with pytest.raises(FileNotFoundError, match="data.masks='nope'"):

@@ -126,3 +126,17 @@ def test_augmentation_draws_differ_per_epoch_and_worker_and_repeat_per_seed(tmp_
     assert first == epoch(0)                       # reproducible from the seed
     if workers:
         assert first[:4] != first[4:]              # the two workers (a batch each) do not replay one sequence
+
+
+def test_training_weights_travel_with_the_dataset_and_follow_subsets():
+    """A training dataset's `sample_weights` (one per item) reach the trainer through sample_weights_of, in the
+    order of the (nested) Subsets mode=cv cuts from it; a dataset without them shuffles (None)."""
+    from torch.utils.data import Subset, TensorDataset
+
+    from common.data import sample_weights_of
+    base = TensorDataset(torch.arange(6))
+    assert sample_weights_of(base) is None
+    base.sample_weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    fold = Subset(Subset(base, [5, 3, 1, 0]), [2, 0])
+    assert sample_weights_of(fold).tolist() == [2.0, 6.0]
+    assert sample_weights_of(base).tolist() == base.sample_weights
