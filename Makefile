@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m common.demo $(DEMO_ARGS)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m common.runs.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests

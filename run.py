@@ -5,16 +5,16 @@ Returns the value of `optimized_metric`, so any run can be swept with Optuna (`-
 import os
 import sys
 
-from common import preemption
+from common.cluster import preemption
 
 preemption.install()  # first: a Slurm signal during start-up is kept for the trainer, not fatal
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from common.choices import ChoiceError, check_choices  # noqa: E402
-from common.config_schema import SchemaError, check_schema  # noqa: E402
-from common.resolvers import register_resolvers as register_path_resolvers  # noqa: E402
+from common.runs.choices import ChoiceError, check_choices  # noqa: E402
+from common.runs.config_schema import SchemaError, check_schema  # noqa: E402
+from common.runs.resolvers import register_resolvers as register_path_resolvers  # noqa: E402
 from sweeps.workers import register_resolvers  # noqa: E402
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float | None:
         check_schema(cfg)
     except (ChoiceError, SchemaError) as err:
         sys.exit(f"error: {err}")
-    from common.app import run
+    from common.runs.app import run
     return run(cfg)
 
 

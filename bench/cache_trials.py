@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.atomic import atomic_write_text
+from common.utils.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 

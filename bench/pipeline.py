@@ -24,8 +24,8 @@ def _train_set(task_name: str, overrides: list[str], cache_dir: Path | None, ite
     from hydra import compose, initialize_config_dir
     from torch.utils.data import Subset
 
-    from common.app import data_root
-    from common.parts import load_task
+    from common.training.dataset_root import data_root
+    from common.training.parts import load_task
     over = [f"task={task_name}", "logger=none", f"paths.root_dir={REPO}", *overrides]
     if cache_dir is not None:
         over += ["data.image_cache.enabled=true", f"data.image_cache.dir={cache_dir}"]
@@ -59,8 +59,8 @@ def pipeline_rates(task_name: str, overrides: list[str], items: int) -> dict:
 
 def input_pipeline_rate(ref, cfg, items: int = 64) -> dict:
     """bench.run: one uncached pass over a reference configuration's training set."""
-    from common.app import data_root
-    from common.parts import load_task
+    from common.training.dataset_root import data_root
+    from common.training.parts import load_task
     task = load_task(cfg)
     dataset = task.datasets(data_root(cfg, task), "fit")["train"]
     n = min(items, len(dataset))

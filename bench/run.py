@@ -4,7 +4,7 @@
     python -m bench.run --device cpu --tiny --repeats 1     # the CPU check of tests/test_bench.py
 
 Every configuration is composed from the suite's own Hydra configs (bench/references.py) and built the way
-`run.py` trains: `load_task`, `data_root`, `task.datasets`, `task.fit_stats`, `common.parts.build_parts` (seeded
+`run.py` trains: `load_task`, `data_root`, `task.datasets`, `task.fit_stats`, `common.training.parts.build_parts` (seeded
 model with head adapters, criterion). A training step is `Trainer.train_epoch` over one optimiser step's batches
 after `Trainer.prepare` (parameter groups, optimiser, schedule, gradient clipping, EMA, channels_last, compile as
 the trainer config says); an inference call is `Trainer.infer`'s body (adapters merged as `mode=predict` merges
@@ -40,7 +40,7 @@ import torch
 from bench.measure import count_flops, matmul_peak_tflops, peak_memory_gib, strict_fp32, time_per_call
 from bench.pipeline import input_pipeline_rate
 from bench.references import REFERENCES, TEXT_EMBEDDINGS, Reference, batch_size_of, overrides_of
-from common.atomic import atomic_path, atomic_write_json
+from common.utils.atomic import atomic_path, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,8 +65,8 @@ def compose(ref: Reference, cache_dir: Path, variant: str, device: str, tiny: bo
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
-    from common.choices import check_choices
-    from common.resolvers import register_resolvers as register_path_resolvers
+    from common.runs.choices import check_choices
+    from common.runs.resolvers import register_resolvers as register_path_resolvers
     from sweeps.workers import register_resolvers
     register_path_resolvers()
     register_resolvers()
@@ -93,14 +93,14 @@ class Built:
 
 def build(ref: Reference, cfg, batch_size: int, train: bool) -> Built:
     """The reference's task, data, model and criterion through the suite's own code; a trainer for the step."""
-    from common import image_check
-    from common.app import data_root
-    from common.distributed import DistContext, resolve_device
-    from common.parts import build_parts, load_task
-    from common.seed import seed_everything
-    from common.tracking import Tracker
-    from common.device import move_to
-    from common.trainer import Trainer
+    from common.cluster.distributed import DistContext, resolve_device
+    from common.data import image_check
+    from common.tracking.tracker import Tracker
+    from common.training.dataset_root import data_root
+    from common.training.device import move_to
+    from common.training.parts import build_parts, load_task
+    from common.training.trainer import Trainer
+    from common.utils.seed import seed_everything
     seed_everything(int(cfg.seed))
     task = load_task(cfg)
     image_check.configure(cfg)
@@ -119,7 +119,7 @@ def build(ref: Reference, cfg, batch_size: int, train: bool) -> Built:
 def freeze_features(built: Built) -> None:
     """Head-only training on cached features: the backbone returns tokens computed once (held on the device,
     float32 as the feature cache returns them). Not the suite's data.cache_features path, which reads the tokens
-    from disk inside the model's forward (common.cache.CachedEncoder): this times the head alone."""
+    from disk inside the model's forward (common.data.feature_cache.CachedEncoder): this times the head alone."""
     backbone = built.model.backbone.to(built.trainer.device)
     with torch.no_grad(), built.trainer.autocast():
         out = backbone(built.batch["image"])
@@ -131,7 +131,7 @@ def train_step(built: Built):
     """One optimiser step of the suite's training loop: Trainer.train_epoch of a one-step epoch over the held
     batch (accumulate_grad_batches micro-batches: forward and loss under the trainer's autocast, non-finite check,
     backward, gradient clipping, schedule, optimiser step, EMA)."""
-    from common.trainer import FitState
+    from common.training.trainer import FitState
     trainer = built.trainer
     trainer.prepare(built.model, built.criterion, steps_per_epoch=1)
     state = FitState()
@@ -145,8 +145,8 @@ def train_step(built: Built):
 def infer_step(built: Built):
     """One prediction call as mode=predict makes it: adapters merged (trainer.merge_adapters), the model placed
     by Trainer.place, eval mode, no gradients, the trainer's autocast, outputs to the CPU (Trainer.infer)."""
-    from common.inference import merge_for_inference
-    from common.device import to_cpu
+    from common.inference.predictor import merge_for_inference
+    from common.training.device import to_cpu
     trainer, batch = built.trainer, built.batch
     model = merge_for_inference(built.model, trainer.t.merge_adapters, "bench")
     trainer.place(model).eval()

@@ -1,13 +1,13 @@
-"""Biomass's own transforms for `data.augment` (built by common.augment.build_augment), and the resize before it.
+"""Biomass's own transforms for `data.augment` (built by common.data.augment.build_augment), and the resize before it.
 
-The default list (conf/data/biomass/csiro.yaml) is one common.augment.SequentialOrClean: with probability p_clean
+The default list (conf/data/biomass/csiro.yaml) is one common.data.augment.SequentialOrClean: with probability p_clean
 the resized image trains as it is, otherwise flips, crop, affine, colour, blur, noise, dropout, timestamp overlay and
 light spots run in that order, each with its own probability. The resize is its own step (build_resize), done by the
 dataset before the augmentation, so it can cache the resized image (data.image_cache): the transforms get images at
 data.image_size, and the crops here take their geometry from the image they get. Both crops keep the image's
 aspect ratio by construction (AspectCrop: side in [min_scale, 1]; AspectResizedCrop: area in `area`), so they never
 fall back to a fixed centre crop. Artefacts of field photos: burnt-in camera timestamps (TimestampOverlay, here)
-and light spots (common.augment.GaussianHighlights with relative_to: height, size_is: radius, min_size: 1).
+and light spots (common.data.augment.GaussianHighlights with relative_to: height, size_is: radius, min_size: 1).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from common.augment import build_augment
+from common.data.augment import build_augment
 
 
 class TimestampOverlay(A.ImageOnlyTransform):

@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 
 from biomass.augment import build_resize
 from biomass.constants import TARGETS
-from common.cache import image_key
-from common.image_cache import ImageCache, through
+from common.data.feature_cache import image_key
+from common.data.image_cache import ImageCache, through
 
 
 def load_rgb(path: Path, draft_size: Optional[tuple[int, int]] = None) -> np.ndarray:

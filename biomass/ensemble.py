@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from biomass.tta import NO_VIEWS, ViewTTA
-from common.checkpoint import atomic_torch_save
+from common.training.checkpoint import atomic_torch_save
 
 
 def _view_features(model: nn.Module, batch: dict, tta: ViewTTA) -> list:
@@ -75,7 +75,7 @@ def _digest(*parts) -> str:
 
 
 def member_key(model: nn.Module) -> str:
-    """The checkpoint a member came from (`checkpoint_id`, set by common.inference.load_for_inference), else a digest
+    """The checkpoint a member came from (`checkpoint_id`, set by common.inference.predictor.load_for_inference), else a digest
     of its whole state (models built in code)."""
     checkpoint = getattr(model, "checkpoint_id", None)
     if checkpoint is not None:

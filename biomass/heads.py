@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from common.backbone import BackboneOutput, tokens_to_map
+from common.models.backbone import BackboneOutput, tokens_to_map
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:

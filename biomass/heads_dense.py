@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from biomass.heads import _norm, uniform_weights
-from common.backbone import BackboneOutput, tokens_to_map
+from common.models.backbone import BackboneOutput, tokens_to_map
 
 
 def reassemble(embed_dim: int, width: int, scale: float) -> nn.Module:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from biomass.heads import mlp
-from common.backbone import BackboneOutput, tokens_to_map
+from common.models.backbone import BackboneOutput, tokens_to_map
 
 
 class GatedAttentionMIL(nn.Module):

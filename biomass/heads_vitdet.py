@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from biomass.heads import vitdet_pyramid
-from common.backbone import BackboneOutput, tokens_to_map
+from common.models.backbone import BackboneOutput, tokens_to_map
 
 
 class ViTDetScalarHead(nn.Module):

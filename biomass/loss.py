@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from biomass.constants import TARGETS, official_weight_vector
 from biomass.labels import labels_of, state_targets
 from biomass.zig import masked_zig_loss
-from common.losses import masked_regression_loss
-from common.mtl import UncertaintyWeighting
+from common.training.losses import masked_regression_loss
+from common.training.mtl import UncertaintyWeighting
 
 SPACES = ("norm_gm2", "log1p", "grams")
 GRAM_KINDS = ("tweedie", "zig")     # likelihoods of the grams themselves

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from common.backbone import BackboneOutput
+from common.models.backbone import BackboneOutput
 
 # column in the tables -> (batch key, kind)
 FIELDS = {"State": ("state", "cat"), "Species": ("species", "cat"),

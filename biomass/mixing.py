@@ -1,4 +1,4 @@
-"""Constraint-aware manifold mixup of a biomass batch (tokens via common.mixup).
+"""Constraint-aware manifold mixup of a biomass batch (tokens via common.training.mixup).
 
 Component grams are mixed linearly and GDM / Total are recomputed from the mixed components where all
 three are measured in both samples (so the label identities hold after mixing; the ratio term then
@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from biomass.labels import MIXED_PREFIX as PREFIX, state_targets
-from common.backbone import BackboneOutput
-from common.mixup import MixPlan, mix_masks, mix_targets, mix_tokens
+from common.models.backbone import BackboneOutput
+from common.training.mixup import MixPlan, mix_masks, mix_targets, mix_tokens
 
 
 def mix_grams(a: Tensor, b: Tensor, lam: float) -> Tensor:

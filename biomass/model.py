@@ -12,9 +12,9 @@ from biomass.mixing import mix_features, mix_labels
 from biomass.param import get_param
 from biomass.tta import ViewTTA
 from biomass.view_fusion import LAYOUTS, HalvesEncoder
-from common.backbone import Backbone, BackboneOutput
-from common.cache import CachedEncoder, encode
-from common.mixup import sample_mixup
+from common.data.feature_cache import CachedEncoder, encode
+from common.models.backbone import Backbone, BackboneOutput
+from common.training.mixup import sample_mixup
 
 AUX_DIMS = {"height": 1, "ndvi": 1}
 
@@ -64,7 +64,7 @@ class BiomassModel(nn.Module):
         # Test-time augmentation in eval mode (inference.tta), passed by the task for validation during training
         # (mode=train / cv). It is the model's own, not a wrapper's, because the trainer validates and checkpoints
         # the very module it trains: a wrapper would prefix every checkpoint key and hide model.backbone / .head.
-        # eval / predict wrap the restored model instead (ViewTTA(model), common.inference), with tta=None here.
+        # eval / predict wrap the restored model instead (ViewTTA(model), common.inference.predictor), with tta=None here.
         self.tta = tta
         self.register_buffer("gm2_scale", torch.tensor(float(stats["total_gm2_mean"])), persistent=False)
         self.quadrat_area = float(stats["quadrat_area"])

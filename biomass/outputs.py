@@ -12,7 +12,7 @@ import pandas as pd
 from biomass.constants import ID_SEP, TARGETS
 from biomass.metric import biomass_scores
 from biomass.table import read_csv_checked
-from common.atomic import atomic_path, atomic_write_text
+from common.utils.atomic import atomic_path, atomic_write_text
 
 
 def collect_predictions(results: Iterable[tuple[dict, dict]]) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from biomass.constants import COMPONENTS, ID_SEP, TARGETS
-from common.atomic import atomic_path
+from common.utils.atomic import atomic_path
 
 CLASS_COLOURS = np.array([[112, 86, 58],     # soil
                           [62, 150, 48],     # green grass

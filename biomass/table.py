@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from biomass.constants import ID_SEP, SOLUTION_COLUMNS, TARGETS, TEST_COLUMNS, TRAIN_COLUMNS
-from common.image_check import broken_images
+from common.data.image_check import broken_images
 
 log = logging.getLogger(__name__)
 META_COLUMNS = ("Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm")

@@ -10,20 +10,20 @@ import hydra
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
+from sklearn.model_selection import GroupKFold
 from torch.utils.data import Dataset
 
 from biomass.constants import TARGETS
 from biomass.data import BiomassDataset, fit_stats, group_keys
-from biomass.plots import scatter_image
 from biomass.outputs import collect_predictions, score_submission, write_submission
+from biomass.plots import scatter_image
 from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import read_solution_table, read_test_table, read_train_table, report_missing
-from common.augment import build_augment
-from common.build import build_encoder
-from common.data import unwrap_subset
-from common.cache import maybe_cached
-from common.image_cache import ImageCache
-from sklearn.model_selection import GroupKFold
+from common.data.augment import build_augment
+from common.data.datasets import unwrap_subset
+from common.data.feature_cache import maybe_cached
+from common.data.image_cache import ImageCache
+from common.models.encoder import build_encoder
 from common.task import Task
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class BiomassTask(Task):
     # ---- model, loss, metric ----------------------------------------------------------------
     def build_model(self, stats: dict):
         """The model; in mode=train / cv it averages the views of inference.tta in eval mode (validation, out-of-fold
-        predictions), while eval / predict wrap the restored model or ensemble instead (common.inference)."""
+        predictions), while eval / predict wrap the restored model or ensemble instead (common.inference.predictor)."""
         encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=tuple(self.cfg.data.image_size))
         tta = hydra.utils.instantiate(self.cfg.inference.tta)
         if tta is not None and tta.active and self.cfg.data.cache_features:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from common.backbone import Backbone, BackboneOutput
+from common.models.backbone import Backbone, BackboneOutput
 
 LAYOUTS = ("whole", "halves")
 

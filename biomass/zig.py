@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.losses import _as_bool_mask, _masked_mean
+from common.training.losses import as_bool_mask, masked_mean
 
 EPS = 1e-6
 
@@ -51,6 +51,6 @@ def zig_nll(pi: Tensor, mu: Tensor, shape: Tensor, target: Tensor) -> Tensor:
 
 def masked_zig_loss(pi: Tensor, mu: Tensor, shape: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Mean ZIG NLL over the observed (mask 1) elements; NaN targets allowed where masked."""
-    observed = _as_bool_mask(mask, target.shape)
+    observed = as_bool_mask(mask, target.shape)
     target = torch.where(observed, target.float(), torch.zeros_like(target, dtype=torch.float32))
-    return _masked_mean(zig_nll(pi, mu, shape, target), observed)
+    return masked_mean(zig_nll(pi, mu, shape, target), observed)

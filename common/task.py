@@ -1,8 +1,8 @@
 """The one interface every task speaks.
 
 A task is data + model + loss + metrics + an output writer + a synthetic-data generator.
-`common.app` drives every mode (train / eval / predict / cv / synth) through these methods only
-(eval and predict through `common.inference`, which turns checkpoints into a predictor with the components of
+`common.runs.app` drives every mode (train / eval / predict / cv / synth) through these methods only
+(eval and predict through `common.inference.predictor`, which turns checkpoints into a predictor with the components of
 the run's `inference` section: ensemble, stack, tta), so training, evaluation, prediction and export have one
 code path each.
 
@@ -10,7 +10,7 @@ Conventions
 - A batch is a dict. Tensor values are moved to the device by the trainer; anything else
   (ids, file names, set names) stays on the CPU as a list.
 - A model is an `nn.Module` whose `forward(batch) -> dict[str, Tensor]` returns named outputs.
-  Its frozen backbone lives at `model.backbone` (a `common.backbone.Backbone`), so parameter
+  Its frozen backbone lives at `model.backbone` (a `common.models.backbone.Backbone`), so parameter
   tagging (`head` / `adapter` / `backbone`) works by name.
 - A criterion is an `nn.Module` whose `forward(outputs, batch) -> dict[str, Tensor]` returns the
   exact weighted terms that sum to the loss (so PCGrad and logging see each term). Its own
@@ -40,7 +40,7 @@ class Task(ABC):
 
     # Keys of the task config section that eval / predict take from this run, not from the checkpoint (e.g. the
     # submission's team name). How checkpoints become a predictor (ensembles, stacking, test-time augmentation) is
-    # the `inference` section (conf/inference/<task>.yaml), always this run's: common.inference.
+    # the `inference` section (conf/inference/<task>.yaml), always this run's: common.inference.predictor.
     INFERENCE_KEYS: tuple[str, ...] = ()
 
     def __init__(self, cfg: DictConfig):
@@ -61,7 +61,7 @@ class Task(ABC):
         whose members each need their own inputs (roadwork); None in training.
 
         stage "fit"     -> {"train": ..., "val": ...}; a training dataset may carry `sample_weights`, one per item
-                           (each epoch then draws with replacement in proportion; common.data.sample_weights_of)
+                           (each epoch then draws with replacement in proportion; common.data.datasets.sample_weights_of)
         stage "cv"      -> {"train": all labelled items with train transforms,
                             "val":   the same items, in the same order, with eval transforms}
         stage "eval"    -> {"eval": labelled items to score}
@@ -75,7 +75,7 @@ class Task(ABC):
     def cv_folds(self, groups: np.ndarray, n_folds: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
         """Fold id per item of the "cv" datasets (mode=cv); default: the task's splitter over the groups (and the
         items' labels for a stratified splitter)."""
-        from common.cv import assign_folds
+        from common.data.folds import assign_folds
         return assign_folds(groups, n_folds, seed, self.cv_splitter(n_folds, seed), labels)
 
     def cv_splitter(self, n_folds: int, seed: int):
@@ -92,7 +92,7 @@ class Task(ABC):
         return {}
 
     def collate(self, items: list[dict]) -> Batch:
-        from common.data import default_collate
+        from common.data.datasets import default_collate
         return default_collate(items)
 
     # ---- model, loss, metric ----------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Per-view training augmentation: `data.augment`, a list of `{_target_: albumentations.X, ...}` nodes built into
-one pipeline by common.augment.build_augment (so every probability and strength lives in config), applied to each
+one pipeline by common.data.augment.build_augment (so every probability and strength lives in config), applied to each
 view on its own. The validator's challenge is roadwork.challenge.
 """
 from __future__ import annotations

@@ -136,7 +136,7 @@ class BenchmarkTransform:
         self.rng = np.random.default_rng()
 
     def set_random_seed(self, seed: int) -> None:
-        """Fresh draws per worker and epoch (common.data.reseed_augmentations)."""
+        """Fresh draws per worker and epoch (common.data.datasets.reseed_augmentations)."""
         self.rng = np.random.default_rng(seed)
 
     def draw_level(self, rng) -> int:

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.augment import build_augment
-from common.cache import file_digest, image_key
-from common.image_cache import ImageCache, through
-from common.image_check import raise_if_broken
+from common.data.augment import build_augment
+from common.data.feature_cache import file_digest, image_key
+from common.data.image_cache import ImageCache, through
+from common.data.image_check import raise_if_broken
 from roadwork.augment import augment_views, augment_views_and_masks
 from roadwork.challenge import BenchmarkTransform
 from roadwork.samples import Sample, index_samples
@@ -76,7 +76,7 @@ def mask_files(samples: list[Sample], root: Path, masks: str) -> list[Optional[P
             f"<paths.cache_dir>/synthetic)")
     paths = [folder / _relative_to_root(sample.image, Path(root)).with_suffix(".png") for sample in samples]
     found = [path if path.is_file() else None for path in paths]
-    raise_if_broken((p for p in found if p is not None), "masks")    # decoded in full once (common.image_check)
+    raise_if_broken((p for p in found if p is not None), "masks")    # decoded in full once (common.data.image_check)
     return found
 
 

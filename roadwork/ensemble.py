@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from common.ensemble import normalise_weights
+from common.inference.ensemble import normalise_weights
 from roadwork.views import resolve_views
 
 COMBINES = ("prob", "logit")

@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
-from common.atomic import atomic_path
+from common.utils.atomic import atomic_path
 from roadwork.metric import breakdown_rows
 from roadwork.validator import validator_round
 

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
 
-from common.sampling import WeightedEpochSampler
-from roadwork.sidecar import parse_gps
+from common.data.sampling import WeightedEpochSampler
 from roadwork.regions import haversine_km
+from roadwork.sidecar import parse_gps
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.losses import focal_loss, view_consistency_kl
+from common.training.losses import focal_loss, view_consistency_kl
 from roadwork.view_fusion import gather_views
 
 

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from roadwork.text_encoder import build_sentence_encoder
 
-
 GPS_ENCODINGS = ("octaves", "logspace")
 
 

@@ -15,14 +15,14 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from common.backbone import Backbone
-from common.cache import encode as backbone_tokens
-from common.option_groups import group_options
+from common.data.feature_cache import encode as backbone_tokens
+from common.models.backbone import Backbone
+from common.models.option_groups import group_options
 from roadwork.blocks import ChannelPyramid, GatedBlock
 from roadwork.feature_stats import FeatureStats
-from roadwork.view_fusion import GatedViewFusion, ViewScorer, gather_views
 from roadwork.meta_encoder import MetadataEncoder
 from roadwork.seg_head import SegHead
+from roadwork.view_fusion import GatedViewFusion, ViewScorer, gather_views
 
 POOLS = ("cls", "mean", "max", "meanmax", "mlpmax", "mlpmeanmax")
 

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from common.atomic import atomic_path
+from common.utils.atomic import atomic_path
 from roadwork.validator import validator_round
 
 COLUMNS = ["image", "probability", "prediction", "predicted", "skip_reason"]

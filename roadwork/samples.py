@@ -13,7 +13,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from common.image_check import broken_images
+from common.data.image_check import broken_images
 from roadwork.sidecar import is_missing, parse_label, parse_metadata, parse_point
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -46,7 +46,7 @@ class SampleIndex:
 
 
 def check_image(path: Path, broken: dict[Path, str]) -> None:
-    """Broken files (common.image_check: decoded in full once, at indexing) fail here, named."""
+    """Broken files (common.data.image_check: decoded in full once, at indexing) fail here, named."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     if path in broken:

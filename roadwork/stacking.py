@@ -15,7 +15,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from common.ensemble import align_oof
+from common.inference.ensemble import align_oof
 from roadwork.ensemble import member_batch
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class StackedEnsemble(nn.Module):
 def stack_members(members: Sequence[nn.Module], oof_frames: dict[str, pd.DataFrame], c: float,
                   eps: float) -> StackedEnsemble:
     """Fit the meta-model on the members' oof.csv (image, label, probability) and wrap the members
-    (roadwork's inference.stack: c, eps from the config; members, oof_frames from common.inference)."""
+    (roadwork's inference.stack: c, eps from the config; members, oof_frames from common.inference.predictor)."""
     if len(oof_frames) != len(members):
         raise ValueError(f"{len(oof_frames)} out-of-fold files for {len(members)} members")
     _, probs, labels = align_oof(oof_frames, "image", "probability", "label")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from common.atomic import atomic_path, atomic_write_text
+from common.utils.atomic import atomic_path, atomic_write_text
 
 CITIES = {"berlin": (52.52, 13.40), "paris": (48.86, 2.35), "austin": (30.27, -97.74),
           "tokyo": (35.68, 139.69), "sao_paulo": (-23.55, -46.63)}

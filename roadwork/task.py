@@ -11,13 +11,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from common.build import build_encoder
-from common.cache import maybe_cached
-from common.data import unwrap_subset
-from common.image_cache import ImageCache
+from common.data.datasets import unwrap_subset
+from common.data.feature_cache import maybe_cached
+from common.data.image_cache import ImageCache
 from common.metric import Metric
-from common.option_groups import instantiate_grouped
-from common.task import Outputs, Batch, Task
+from common.models.encoder import build_encoder
+from common.models.option_groups import instantiate_grouped
+from common.task import Batch, Outputs, Task
 from roadwork import gps_sampling, synth
 from roadwork.challenge import BenchmarkTransform
 from roadwork.data import CATEGORY_FIELDS, RoadworkDataset, load_index, mask_files, metadata_spec, split_indices

@@ -3,7 +3,7 @@
 A transformers tokenizer + encoder (a hub name such as sentence-transformers/all-MiniLM-L6-v2, or a local
 folder), mean-pooled over the attention mask as sentence-transformers does, optionally L2-normalised.
 Frozen: no gradients, always in eval mode, and since its parameters do not require grad the optimiser,
-EMA and checkpoints (common.checkpoint.trainable_state) leave them out; they are reloaded from
+EMA and checkpoints (common.training.checkpoint.trainable_state) leave them out; they are reloaded from
 `name_or_path` whenever the model is built. Unknown texts are not its business: MetadataEncoder gives
 them a learnable NULL vector. Embeddings of repeated strings are cached (LRU, `cache_size` entries).
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.backbone import WeightsUnavailableError
+from common.models.backbone import WeightsUnavailableError
 
 CONFIG_KEYS = ("name_or_path", "max_length", "normalize", "cache_size")
 

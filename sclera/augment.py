@@ -1,8 +1,8 @@
-"""Sclera's own transforms for `data.augment` (built by common.augment.build_augment): the reference deck's table in
+"""Sclera's own transforms for `data.augment` (built by common.data.augment.build_augment): the reference deck's table in
 the deck's units, on the resized image and mask.
 
 Geometry moves image and mask alike; photometric changes, occluding rectangles and specular highlight blobs
-(common.augment.GaussianHighlights) touch the image only (the sclera behind a highlight or an occluder is still
+(common.data.augment.GaussianHighlights) touch the image only (the sclera behind a highlight or an occluder is still
 sclera). The classes here take the deck's units and hand albumentations its own.
 """
 from __future__ import annotations

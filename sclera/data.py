@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.cache import image_key
-from common.image_cache import ImageCache, through
-from common.image_check import broken_images
+from common.data.feature_cache import image_key
+from common.data.image_cache import ImageCache, through
+from common.data.image_check import broken_images
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.backbone import Backbone, tokens_to_map
-from common.cache import encode
-from common.option_groups import group_options
-from common.timm_import import timm
+from common.data.feature_cache import encode
+from common.models.backbone import Backbone, tokens_to_map
+from common.models.option_groups import group_options
+from common.utils.timm_import import timm
 from sclera.grounding import build_grounding
 
 DenseBlock = timm.models.densenet.DenseBlock

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from common.atomic import atomic_path
+from common.utils.atomic import atomic_path
 from sclera.tiny_clip import write_tiny_clip
 
 WIDTH, HEIGHT = 400, 300

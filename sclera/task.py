@@ -14,14 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from common.atomic import atomic_write_text
-from common.augment import build_augment
-from common.build import build_encoder
-from common.cache import maybe_cached
-from common.image_cache import ImageCache
+from common.data.augment import build_augment
+from common.data.feature_cache import maybe_cached
+from common.data.image_cache import ImageCache
 from common.metric import Metric
-from common.option_groups import instantiate_grouped
+from common.models.encoder import build_encoder
+from common.models.option_groups import instantiate_grouped
 from common.task import Batch, Outputs, Task
+from common.utils.atomic import atomic_write_text
 from sclera.data import ScleraDataset
 from sclera.grounding import resolve_sources
 from sclera.metric import batch_scores
@@ -83,7 +83,7 @@ class ScleraTask(Task):
 
     def _dataset_root(self) -> Path:
         if self.root is None:                   # eval / predict build the model before reading data
-            from common.app import data_root
+            from common.training.dataset_root import data_root
             self.root = data_root(self.cfg, self)
         return self.root
 

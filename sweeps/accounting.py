@@ -19,7 +19,7 @@ from typing import Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from common.secrets import redact
+from common.utils.secrets import redact
 
 log = logging.getLogger(__name__)
 HEARTBEAT = "heartbeat"

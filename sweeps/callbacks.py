@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from common.secrets import protect_process, redact_file
+from common.utils.secrets import protect_process, redact_file
 
 
 class RedactSecrets(Callback):

@@ -12,7 +12,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from common.secrets import protect_process, redact
+from common.utils.secrets import protect_process, redact
 from sweeps.storage import open_study
 from sweeps.workers import register_resolvers
 

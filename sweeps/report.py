@@ -19,8 +19,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from common.atomic import atomic_path
-from common.secrets import protect_process
+from common.utils.atomic import atomic_path
+from common.utils.secrets import protect_process
 from sweeps.storage import load_study
 
 STATE = {TrialState.COMPLETE: "done", TrialState.FAIL: "FAIL", TrialState.RUNNING: "run",

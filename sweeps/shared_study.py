@@ -34,8 +34,8 @@ from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_override
 from omegaconf import DictConfig, OmegaConf, read_write
 from optuna.trial import TrialState
 
-from common.atomic import atomic_write_text
-from common.secrets import protect_process, redact
+from common.utils.atomic import atomic_write_text
+from common.utils.secrets import protect_process, redact
 from sweeps import accounting
 from sweeps.storage import load_study, open_study
 from sweeps.workers import worker_id

@@ -2,7 +2,7 @@
 
 Passwords: give them by environment (OPTUNA_STORAGE=postgresql://user:pw@host/db) or leave them out of the URL
 (postgresql://user@host/db) and let libpq read PGPASSWORD or ~/.pgpass (PGPASSFILE). Every line that names a
-storage goes through common.secrets.redact.
+storage goes through common.utils.secrets.redact.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import optuna
 import sqlalchemy.exc
 
-from common.atomic import file_lock
-from common.secrets import redact
+from common.utils.atomic import file_lock
+from common.utils.secrets import redact
 
 log = logging.getLogger(__name__)
 SCHEMA_RETRIES = 5  # another process creating the schema at the same instant makes ours fail once

@@ -84,7 +84,7 @@ def _preemption_handlers():
     """run.py installs the preemption handlers first thing in its process; here they last for the run only."""
     import signal
 
-    from common import preemption
+    from common.cluster import preemption
     saved = {signum: signal.getsignal(signum) for signum in preemption.SIGNALS}
     preemption.install()
     try:
@@ -142,5 +142,5 @@ def synthetic_root(run_dir: Path) -> Path:
     """The synthetic dataset the run in `run_dir` used (from its saved config)."""
     from omegaconf import OmegaConf
 
-    from common.app import synthetic_root as root_of
+    from common.training.dataset_root import synthetic_root as root_of
     return root_of(OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml"))

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(THREADS)
 
-from common.resolvers import register_resolvers  # noqa: E402  (configs composed in-process use ${cwd:})
+from common.runs.resolvers import register_resolvers  # noqa: E402  (configs composed in-process use ${cwd:})
 
 register_resolvers()
 

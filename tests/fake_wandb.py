@@ -1,4 +1,4 @@
-"""A stand-in for the wandb module that records every call (tests of common.wandb_tracker).
+"""A stand-in for the wandb module that records every call (tests of common.tracking.wandb_tracker).
 
 In-process: `install(monkeypatch)` puts it in sys.modules. In a subprocess: `write_package(folder)` writes a `wandb`
 package that imports this module; put the folder first on PYTHONPATH and set FAKE_WANDB_RECORD to a JSON file,
@@ -103,7 +103,7 @@ def install(monkeypatch) -> types.ModuleType:
     module = sys.modules[__name__]
     CALLS.clear()
     monkeypatch.setitem(sys.modules, "wandb", module)
-    monkeypatch.delitem(sys.modules, "common.wandb_tracker", raising=False)
+    monkeypatch.delitem(sys.modules, "common.tracking.wandb_tracker", raising=False)
     return module
 
 

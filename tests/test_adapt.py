@@ -1,4 +1,4 @@
-"""Adaptation (common.adapt): head adapters start as the identity, only they train, frozen head weights travel
+"""Adaptation (common.training.adapt): head adapters start as the identity, only they train, frozen head weights travel
 in checkpoints, the split guard, and train -> k-fold adaptation -> predict through run.py."""
 from pathlib import Path
 
@@ -7,8 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from common import adapt
-from common.checkpoint import load_checkpoint, trainable_state
+from common.training import adapt
+from common.training.checkpoint import load_checkpoint, trainable_state
 from roadwork.task import RoadworkTask
 from tests.cli import run_cli
 from tests.test_roadwork_e2e import SMALL

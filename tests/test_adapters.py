@@ -5,12 +5,12 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from common import adapters
-from common.adapters import (adapter_state_dict, check_adapters_active, inject_adapters, load_peft_adapter,
-                             load_adapter_state_dict, merge_adapters, save_peft_adapter)
-from common.backbone import create_backbone
-from common.backbone_families import FAMILIES as REGISTERED_FAMILIES
-from common.optim import build_param_groups, tag_of
+from common.models import adapters
+from common.models.adapters import (adapter_state_dict, check_adapters_active, inject_adapters, load_adapter_state_dict,
+                                    load_peft_adapter, merge_adapters, save_peft_adapter)
+from common.models.backbone import create_backbone
+from common.models.backbone_families import FAMILIES as REGISTERED_FAMILIES
+from common.training.optim import build_param_groups, tag_of
 from tests.tolerance import assert_close_reordered
 
 VIT = dict(embed_dim=32, depth=3, num_heads=2)

@@ -7,8 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from common.cv import assign_folds
-from common.tracking import redact
+from common.data.folds import assign_folds
+from common.tracking.tracker import redact
 from tests.cli import REPO, TOY, run_cli
 
 TASKS = sorted(p.stem for p in (REPO / "conf" / "task").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""common.augment: GaussianHighlights (biomass light spots, sclera specular highlights) against the formula
+"""common.data.augment: GaussianHighlights (biomass light spots, sclera specular highlights) against the formula
 written out by hand; build_augment (every task's data.augment list), SequentialOrClean and find_transform."""
 import math
 
@@ -6,7 +6,7 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from common.augment import GaussianHighlights, SequentialOrClean, build_augment, find_transform
+from common.data.augment import GaussianHighlights, SequentialOrClean, build_augment, find_transform
 
 
 def _reference(image: np.ndarray, x: float, y: float, sigma: float, strength: float) -> np.ndarray:
@@ -66,7 +66,7 @@ FLIP_AND_NOISE = [{"_target_": "albumentations.HorizontalFlip", "p": 0.5},
 
 def test_sequential_or_clean_is_a_sequential_bypassed_with_p_clean_draw_for_draw():
     image = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
-    ours = build_augment([{"_target_": "common.augment.SequentialOrClean", "p_clean": 0.3,
+    ours = build_augment([{"_target_": "common.data.augment.SequentialOrClean", "p_clean": 0.3,
                            "transforms": FLIP_AND_NOISE}])
     theirs = A.Compose([A.Sequential([A.HorizontalFlip(p=0.5), A.GaussNoise(std_range=(0.05, 0.1), p=0.5)], p=0.7)])
     assert isinstance(ours.transforms[0], SequentialOrClean) and ours.transforms[0].p == 1.0 - 0.3
@@ -83,7 +83,7 @@ def test_sequential_or_clean_is_a_sequential_bypassed_with_p_clean_draw_for_draw
 def test_build_augment_nests_containers_and_refuses_what_is_not_a_transform():
     assert build_augment([]) is None and build_augment(None) is None
     pipeline = build_augment([{"_target_": "albumentations.OneOf", "p": 0.5, "transforms": FLIP_AND_NOISE},
-                              {"_target_": "common.augment.GaussianHighlights", "count": [1, 2], "p": 0.2}])
+                              {"_target_": "common.data.augment.GaussianHighlights", "count": [1, 2], "p": 0.2}])
     one_of, blobs = pipeline.transforms
     assert [type(t) for t in one_of.transforms] == [A.HorizontalFlip, A.GaussNoise] and blobs.count == (1, 2)
     for bad, words in (({"hflip": 0.5}, "expected a list"),
@@ -96,8 +96,8 @@ def test_build_augment_nests_containers_and_refuses_what_is_not_a_transform():
 
 
 def test_find_transform_looks_inside_containers():
-    specs = [{"_target_": "common.augment.SequentialOrClean", "p_clean": 0.1, "transforms": FLIP_AND_NOISE}]
+    specs = [{"_target_": "common.data.augment.SequentialOrClean", "p_clean": 0.1, "transforms": FLIP_AND_NOISE}]
     assert find_transform(specs, "albumentations.GaussNoise")["std_range"] == [0.05, 0.1]
-    assert find_transform(specs, "common.augment.SequentialOrClean")["p_clean"] == 0.1
+    assert find_transform(specs, "common.data.augment.SequentialOrClean")["p_clean"] == 0.1
     with pytest.raises(LookupError, match="0 transforms albumentations.Affine"):
         find_transform(specs, "albumentations.Affine")

@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 
-from common.backbone import Backbone, WeightsUnavailableError, create_backbone
+from common.models.backbone import Backbone, WeightsUnavailableError, create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = dict(embed_dim=32, depth=3, num_heads=2)

@@ -3,11 +3,11 @@ registration (no edit of backbone.py, adapters.py or optim.py)."""
 import pytest
 import torch
 
-from common.adapters import inject_adapters
-from common.backbone import create_backbone
-from common.backbone_families import FAMILIES, FamilySpec, register_family
-from common.backbone_families import TIMM_BLOCKS, _timm_vit_geometry, _timm_vit_tokens
-from common.optim import build_param_groups
+from common.models.adapters import inject_adapters
+from common.models.backbone import create_backbone
+from common.models.backbone_families import (FAMILIES, TIMM_BLOCKS, FamilySpec, _timm_vit_geometry, _timm_vit_tokens,
+                                             register_family)
+from common.training.optim import build_param_groups
 from tests.test_backbone import SPECS, build, images
 
 BEIT = dict(depth=3, embed_dim=32, num_heads=2, img_size=32)

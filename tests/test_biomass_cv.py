@@ -17,8 +17,8 @@ from biomass.metric import biomass_scores
 from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import missing_counts, read_train_table, report_missing
 from biomass.task import BiomassTask
-from common.inference import checkpoint_paths
-from common.cv import assign_folds
+from common.data.folds import assign_folds
+from common.inference.predictor import checkpoint_paths
 from tests.cli import run_cli
 
 SMALL = SynthConfig(n_train=30, n_test=4, width=112, height=56, missing_share=0.4)

@@ -154,7 +154,7 @@ def test_group_keys_pair_date_and_state(synth_root):
 
 def _block(p_clean: float, *transforms: dict) -> list[dict]:
     """A data.augment list: the transforms in order, bypassed with probability p_clean."""
-    return [{"_target_": "common.augment.SequentialOrClean", "p_clean": p_clean, "transforms": list(transforms)}]
+    return [{"_target_": "common.data.augment.SequentialOrClean", "p_clean": p_clean, "transforms": list(transforms)}]
 
 
 AUG = _block(0.0, {"_target_": "albumentations.HorizontalFlip", "p": 0.5},
@@ -212,7 +212,7 @@ def test_timestamp_overlay_draws_only_in_one_corner():
 
 
 def test_light_spots_only_brighten():
-    from common.augment import GaussianHighlights
+    from common.data.augment import GaussianHighlights
     image = np.random.default_rng(0).integers(0, 200, (56, 112, 3), dtype=np.uint8)
     spots = GaussianHighlights(count=(2, 2), size=(0.2, 0.2), strength=(0.5, 0.5), relative_to="height",
                                size_is="radius", min_size=1.0, p=1.0)     # biomass's light spots
@@ -223,7 +223,7 @@ def test_light_spots_only_brighten():
 def test_default_config_builds_every_augmentation():
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "biomass" / "csiro.yaml")
     augment = OmegaConf.to_container(cfg.augment)
-    assert augment[0]["_target_"] == "common.augment.SequentialOrClean" and augment[0]["p_clean"] == 0.3
+    assert augment[0]["_target_"] == "common.data.augment.SequentialOrClean" and augment[0]["p_clean"] == 0.3
     pipeline = build_transform(_block(0.0, *augment[0]["transforms"]), cfg.image_size, train=True)
     names = {type(t).__name__ for t in pipeline.transforms[1].transforms}
     assert {"TimestampOverlay", "GaussianHighlights", "AspectCrop", "CoarseDropout"} <= names
@@ -243,7 +243,8 @@ def test_skip_bad_drops_undecodable_images(tmp_path, synth_root, caplog):
 
 def test_any_albumentations_transform_joins_the_list():
     import albumentations as A
-    from common.augment import build_augment
+
+    from common.data.augment import build_augment
     more = [{"_target_": "albumentations.GridDistortion", "num_steps": 3, "p": 1.0},
             {"_target_": "albumentations.ElasticTransform", "alpha": 2.0, "p": 1.0},
             {"_target_": "albumentations.HueSaturationValue", "p": 0.5},
@@ -259,7 +260,8 @@ def test_any_albumentations_transform_joins_the_list():
 def test_augment_overrides_from_the_command_line_compose():
     """README's overrides: a value by its place in the list, the block's list replaced whole (Hydra cannot append)."""
     from hydra import compose, initialize_config_dir
-    from common.augment import build_augment
+
+    from common.data.augment import build_augment
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["task=biomass", "data.augment.0.p_clean=0.5",
                                            "data.augment.0.transforms.2.min_scale=0.7"])
@@ -276,6 +278,7 @@ def test_augment_overrides_from_the_command_line_compose():
 def test_aspect_crops_are_albumentations_crops_sized_by_the_image_draw_for_draw(size):
     """AspectCrop / AspectResizedCrop == RandomSizedCrop / RandomResizedCrop given the image's size and aspect."""
     import albumentations as A
+
     from biomass.augment import AspectCrop, AspectResizedCrop
     h, w = size
     image = np.random.default_rng(2).integers(0, 255, (h, w, 3), dtype=np.uint8)

@@ -13,8 +13,8 @@ from biomass.meta_encoder import MetadataFusion
 from biomass.mixing import mix_grams, mix_labels
 from biomass.task import BiomassTask
 from biomass.view_fusion import side_by_side
-from common.backbone import BackboneOutput
-from common.mixup import MixPlan
+from common.models.backbone import BackboneOutput
+from common.training.mixup import MixPlan
 from tests.test_biomass_model import NO_META, STATS, VIEWS, _batch, _criterion, _model
 
 HALVES = {**VIEWS, "layout": "halves"}
@@ -127,7 +127,7 @@ def test_every_model_option_builds_and_runs():
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from common.build import build_encoder
+    from common.models.encoder import build_encoder
     conf = Path(__file__).resolve().parents[1] / "conf"
     for option in ("density", "pooled", "vitdet", "fpn", "dpt", "mil", "fusion"):
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

@@ -11,9 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from biomass.ensemble import BiomassEnsemble, predict_tta
-from biomass.tta import ViewTTA, tiles_of, tta_views
 from biomass.heads import DensityMLP
 from biomass.task import BiomassTask
+from biomass.tta import ViewTTA, tiles_of, tta_views
 from tests.test_biomass_fusion import _meta_batch
 from tests.test_biomass_model import NO_META, STATS, _model
 
@@ -39,7 +39,7 @@ def _member(seed, dropout=0.3):
 
 
 def _ensemble(members, hflip=True, **kw):
-    """inference.tta's views (hflip) around inference.ensemble, as common.inference builds them."""
+    """inference.tta's views (hflip) around inference.ensemble, as common.inference.predictor builds them."""
     ensemble = BiomassEnsemble(members, **{"mc_passes": 8, "mc_eps": 1e-6, **kw})
     return ViewTTA(hflip=hflip)(ensemble.eval())
 

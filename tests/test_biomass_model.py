@@ -13,7 +13,7 @@ from biomass.heads_pool import GatedAttentionMIL, LayerFusion
 from biomass.loss import BiomassCriterion
 from biomass.model import BiomassModel
 from biomass.param import Direct, TotalRatio, get_param
-from common.backbone import BackboneOutput, create_backbone
+from common.models.backbone import BackboneOutput, create_backbone
 
 STATS = {"quadrat_area": 0.21, "targets": [], "gm2_mean": [150.0, 50.0, 25.0, 175.0, 225.0],
          "gm2_std": [100.0, 40.0, 30.0, 110.0, 120.0], "log1p_mean": [3.0] * 5, "log1p_std": [1.0] * 5,

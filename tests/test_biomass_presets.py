@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from common.build import build_encoder
+from common.models.encoder import build_encoder
 from tests.test_biomass_model import STATS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -45,7 +45,7 @@ WRITE_UP = {
 # 2.2.2 augmentation, in data.augment's order: transform -> its arguments (the crop and the affine always, inside
 # the 0.9 augmented branch; shear 0.02 deg, as the write-up's repository config)
 WRITE_UP_AUGMENT = {
-    "common.augment.SequentialOrClean": {"p_clean": 0.1},
+    "common.data.augment.SequentialOrClean": {"p_clean": 0.1},
     "albumentations.HorizontalFlip": {"p": 0.5}, "albumentations.VerticalFlip": {"p": 0.5},
     "biomass.augment.AspectResizedCrop": {"p": 1.0, "area": [0.8, 1.0]},
     "albumentations.Affine": {"p": 1.0, "scale": [0.95, 1.05], "translate_percent": [-0.02, 0.02], "rotate": [-5, 5],
@@ -55,7 +55,7 @@ WRITE_UP_AUGMENT = {
     "albumentations.GaussNoise": {"p": 0.5, "std_range": [0.01, 0.01]},
     "albumentations.Erasing": {"p": 0.25, "scale": [0.02, 0.1], "ratio": [0.3, 3.3], "fill": "random"},
     "biomass.augment.TimestampOverlay": {"p": 0.3},                    # watermark / timestamp
-    "common.augment.GaussianHighlights": {"p": 0.3},                   # light spots
+    "common.data.augment.GaussianHighlights": {"p": 0.3},                   # light spots
 }
 
 
@@ -68,7 +68,7 @@ def test_csiro_vitdet_preset_equals_the_write_up():
 
 
 def test_csiro_vitdet_preset_augmentation_is_the_write_ups():
-    from common.augment import find_transform, iter_transforms
+    from common.data.augment import find_transform, iter_transforms
     augment = _compose(["experiment=biomass_csiro_vitdet"]).data.augment
     assert [node["_target_"] for node in iter_transforms(augment)] == list(WRITE_UP_AUGMENT)   # these, in this order
     for target, expected in WRITE_UP_AUGMENT.items():
@@ -77,7 +77,7 @@ def test_csiro_vitdet_preset_augmentation_is_the_write_ups():
 
 
 def test_csiro_vitdet_preset_augmentation_builds_the_write_up_transforms():
-    from common.augment import build_augment
+    from common.data.augment import build_augment
     pipeline = build_augment(_compose(["experiment=biomass_csiro_vitdet"]).data.augment)
     steps = {type(t).__name__: t for t in pipeline.transforms[0].transforms}
     assert pipeline.transforms[0].p == pytest.approx(0.9)

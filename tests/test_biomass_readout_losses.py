@@ -15,10 +15,10 @@ from biomass.heads_pool import LayerFusion
 from biomass.heads_vitdet import ViTDetScalarHead
 from biomass.model import BiomassModel
 from biomass.zig import ZeroInflatedGamma, masked_zig_loss, zig_nll
-from common.backbone import BackboneOutput, create_backbone
-from common.losses import masked_regression_loss
-from common.mtl import UncertaintyWeighting
-from common.optim import build_param_groups
+from common.models.backbone import BackboneOutput, create_backbone
+from common.training.losses import masked_regression_loss
+from common.training.mtl import UncertaintyWeighting
+from common.training.optim import build_param_groups
 from tests.test_biomass_model import STATS, _batch, _criterion
 from tests.test_biomass_presets import CONF
 

@@ -7,13 +7,12 @@ import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from common.backbone import BackboneOutput, create_backbone
-from omegaconf import OmegaConf
-
-from common.cache import (CachedEncoder, FeatureCache, backbone_identity, build_cached_encoder, encode,
-                          file_digest, image_key, item_key, maybe_cached)
+from common.data.feature_cache import (CachedEncoder, FeatureCache, backbone_identity, build_cached_encoder, encode,
+                                       file_digest, image_key, item_key, maybe_cached)
+from common.models.backbone import BackboneOutput, create_backbone
 
 TINY = dict(source="timm", name="vit_small_patch14_dinov2", weights=None, layers=[1, 3], freeze=True,
             init_seed=0, lr=1.0e-5, model_kwargs=dict(embed_dim=64, depth=4, num_heads=4, img_size=224))

@@ -1,4 +1,4 @@
-"""The shared config sections against their schemas (common/config_schema.py), checked right after composition."""
+"""The shared config sections against their schemas (common/runs/config_schema.py), checked right after composition."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from common.config_schema import SchemaError, check_schema
+from common.runs.config_schema import SchemaError, check_schema
 from tests.cli import REPO
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -55,7 +55,7 @@ def test_run_py_refuses_a_bad_section_before_anything_runs(tmp_path):
 
 
 def test_a_logger_option_names_its_tracker_class_and_may_add_its_arguments():
-    """The logger section is open (a tracker class's own arguments; common.tracking.make_tracker checks them
+    """The logger section is open (a tracker class's own arguments; common.tracking.tracker.make_tracker checks them
     against its constructor) but `_target_` and `_partial_` are required, and the shared keys typed."""
     check_schema(_compose(["task=sclera", "logger=none", "+logger.label=mine"]))
     with pytest.raises(SchemaError, match=r"missing logger\._target_"):

@@ -7,8 +7,8 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from common.choices import ChoiceError, check_choices, task_options
-from common.console import epoch_line, summary_block
+from common.runs.choices import ChoiceError, check_choices, task_options
+from common.tracking.console import epoch_line, summary_block
 from tests.cli import REPO, TOY, run_cli
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

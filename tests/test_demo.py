@@ -1,7 +1,7 @@
 """The demo's pieces that do not train: task discovery, scores files, the summary table."""
 import json
 
-from common.demo import print_table, registered_tasks, scored_value
+from common.runs.demo import print_table, registered_tasks, scored_value
 from tests.cli import REPO
 
 

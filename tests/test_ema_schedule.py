@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.ema import EMA
-from common.backbone_families import FAMILIES
-from common.optim import Schedule, build_param_groups, layer_scale, tag_of
+from common.models.backbone_families import FAMILIES
+from common.training.ema import EMA
+from common.training.optim import Schedule, build_param_groups, layer_scale, tag_of
 
 
 def test_ema_matches_hand_computation():

@@ -13,8 +13,9 @@ from hydra import compose, initialize_config_dir
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from common import app, inference
-from common.ensemble import WeightedEnsemble, align_oof, metric_weights
+from common.inference import predictor as inference
+from common.inference.ensemble import WeightedEnsemble, align_oof, metric_weights
+from common.runs import app
 from roadwork.stacking import stack_members
 from tests.cli import REPO, TOY, run_cli
 
@@ -151,7 +152,7 @@ def cv_runs(tmp_path_factory):
 
 
 def _predict(base, name, args, in_process=True):
-    """mode=predict through run.py (in_process=False) or through common.app.run in this process (faster)."""
+    """mode=predict through run.py (in_process=False) or through common.runs.app.run in this process (faster)."""
     if in_process:
         with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=[*SMALL, "mode=predict", "logger=none", *args, f"paths.root_dir={REPO}",

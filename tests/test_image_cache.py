@@ -1,4 +1,4 @@
-"""common.image_cache and its use by the sclera and biomass datasets: hits return the stored array, writes
+"""common.data.image_cache and its use by the sclera and biomass datasets: hits return the stored array, writes
 are atomic, corrupt files are named, preparations and contents get their own files; cached items equal
 uncached ones (augmentation off and on, same seed), and a warm pass neither decodes nor resizes."""
 from pathlib import Path
@@ -10,13 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageFile
 
-import common.image_cache as image_cache_module
+import common.data.image_cache as image_cache_module
 from biomass.augment import build_transform
 from biomass.data import BiomassDataset, load_rgb
 from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import read_train_table
-from common.augment import build_augment
-from common.image_cache import ImageCache
+from common.data.augment import build_augment
+from common.data.image_cache import ImageCache
 from sclera.data import ScleraDataset
 from sclera.sets import evaluation_items, training_items
 from sclera.synth import write_dataset
@@ -52,7 +52,7 @@ def _items(dataset, seed: int = 0) -> list[dict]:
     return [dataset[i] for i in range(len(dataset))]
 
 
-# ---- common.image_cache ---------------------------------------------------------------------------
+# ---- common.data.image_cache ---------------------------------------------------------------------------
 @pytest.fixture
 def image_file(tmp_path) -> Path:
     path = tmp_path / "a.png"

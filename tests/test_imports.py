@@ -1,5 +1,5 @@
 """A run imports only what it uses: peft (and with it transformers, 3.4 s of start-up on every run and sweep
-trial) only with adapters or a text encoder, wandb (1.1 s) only with logger=wandb (common.timm_import keeps timm's
+trial) only with adapters or a text encoder, wandb (1.1 s) only with logger=wandb (common.utils.timm_import keeps timm's
 optional `import wandb` out)."""
 import json
 import os

@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from biomass.ensemble import BiomassEnsemble
 from biomass.model import BiomassModel
 from biomass.tta import ViewAveraged, ViewTTA
-from common import inference
-from common.checkpoint import FORMAT_VERSION, trainable_state
-from common.ensemble import WeightedEnsemble
-from common.parts import load_task
+from common.inference import predictor as inference
+from common.inference.ensemble import WeightedEnsemble
+from common.training.checkpoint import FORMAT_VERSION, trainable_state
+from common.training.parts import load_task
 from roadwork.ensemble import RoadworkEnsemble
 from roadwork.stacking import stack_members
 from roadwork.tta import FilteredTTA
@@ -125,7 +125,7 @@ def test_checkpoint_inference_section_never_overrides_this_runs(tmp_path):
 
 def test_training_validates_with_the_views_eval_wraps_them(tmp_path):
     """mode=train / cv: the model averages inference.tta's views in eval mode (validation, out-of-fold);
-    eval / predict build it without and common.inference wraps it."""
+    eval / predict build it without and common.inference.predictor wraps it."""
     stats = STATS
     for mode, expected in (("train", ViewTTA(hflip=True)), ("cv", ViewTTA(hflip=True)), ("eval", None)):
         task = load_task(_cfg(["task=biomass", f"mode={mode}", "inference.tta.hflip=true"], tmp_path))
@@ -179,7 +179,7 @@ OLD_AUGMENTATION = {
 @pytest.mark.parametrize("task", sorted(OLD_AUGMENTATION))
 def test_checkpoints_with_the_earlier_augmentation_settings_still_load(tmp_path, task):
     """Training-only: left out (not refused as unknown keys, never built); this run's data.augment stands in."""
-    from common.augment import build_augment
+    from common.data.augment import build_augment
     cfg = _cfg([f"task={task}", "mode=predict"], tmp_path)
     config = OmegaConf.to_container(cfg, resolve=True)
     key, old = OLD_AUGMENTATION[task]

@@ -15,17 +15,17 @@ from torch import nn
 
 from biomass.heads import ViTDetHead
 from biomass.heads_dense import DPTHead, FPNHead
-from common import adapt
-from common.adapters import inject_adapters, merge_adapters
-from common.backbone import create_backbone
-from common.distributed import DistContext
-from common.tracking import Tracker
-from common.device import resolve_channels_last, to_channels_last
-from common.trainer import Trainer
+from common.cluster.distributed import DistContext
+from common.models.adapters import inject_adapters, merge_adapters
+from common.models.backbone import create_backbone
+from common.tracking.tracker import Tracker
+from common.training import adapt
+from common.training.device import resolve_channels_last, to_channels_last
+from common.training.trainer import Trainer
 from tests.cli import TOY, run_cli
-from tests.tolerance import assert_close_reordered
 from tests.test_biomass_model import _model as biomass_model
 from tests.test_sclera_model import build as sclera_model
+from tests.tolerance import assert_close_reordered
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_ADAPT = dict(modules=["head"], layers=None, train_modules=[], r=4, alpha=8, dropout=0.0)

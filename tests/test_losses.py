@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from common.losses import dice_bce_loss, focal_loss, masked_regression_loss, view_consistency_kl
+from common.training.losses import dice_bce_loss, focal_loss, masked_regression_loss, view_consistency_kl
 
 
 def _np_regression(pred, target, kind, delta=1.0, p=1.5):

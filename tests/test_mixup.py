@@ -4,8 +4,8 @@ import pytest
 import torch
 from scipy import stats
 
-from common.mixup import (MixPlan, cutmix, mix_masks, mix_soft_labels, mix_targets, mix_tokens, paste_box,
-                          sample_box, sample_mixup)
+from common.training.mixup import (MixPlan, cutmix, mix_masks, mix_soft_labels, mix_targets, mix_tokens, paste_box,
+                                   sample_box, sample_mixup)
 
 
 def test_pairing_is_always_a_derangement():

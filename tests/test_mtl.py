@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.mtl import UncertaintyWeighting, pcgrad_backward
+from common.training.mtl import UncertaintyWeighting, pcgrad_backward
 
 
 def test_uncertainty_weighting_values_and_passthrough():

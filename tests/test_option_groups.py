@@ -1,4 +1,4 @@
-"""common.option_groups: the flat keys of a model's yaml (as checkpoints store them) -> the small option groups its
+"""common.models.option_groups: the flat keys of a model's yaml (as checkpoints store them) -> the small option groups its
 constructor takes (RoadworkModel, CGDSeg)."""
 import dataclasses
 import inspect
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from common.option_groups import group_options, instantiate_grouped
+from common.models.option_groups import group_options, instantiate_grouped
 from roadwork import model as roadwork_model
 from sclera import model as sclera_model
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from common.reports import curve_panels, grid_rows, read_epochs, write_curves, write_grid_summary
+from common.tracking.reports import curve_panels, grid_rows, read_epochs, write_curves, write_grid_summary
 from tests.cli import REPO, TOY
 
 RECORDS = [{"epoch": e, "step": 10 * (e + 1), "train/loss": 1.0 / (e + 1), "train/mse": 0.6 / (e + 1),
@@ -94,16 +94,16 @@ def test_multirun_grid_prints_and_writes_its_summary(tmp_path):
 
 
 def test_curves_are_redrawn_while_drawing_stays_a_small_share_of_the_time(tmp_path, monkeypatch):
-    import common.reports
-    from common.tracking import RunFiles
+    import common.tracking.reports
+    from common.tracking.tracker import RunFiles
     clock, drawn = [100.0], []
 
     def slow_draw(run_dir):                  # each drawing takes 1 s of the fake clock
         drawn.append(len((run_dir / "metrics.jsonl").read_text().splitlines()))
         clock[0] += 1.0
 
-    monkeypatch.setattr(common.reports, "write_curves", slow_draw)
-    monkeypatch.setattr("common.tracking.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr(common.tracking.reports, "write_curves", slow_draw)
+    monkeypatch.setattr("common.tracking.tracker.time.monotonic", lambda: clock[0])
     files = RunFiles(tmp_path)
     for epoch in range(6):
         files.append_epoch({"epoch": epoch})

@@ -15,11 +15,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from common import preemption
-from common.checkpoint import rng_state
-from common.seed import isolated_rng, seed_everything
-from common.tracking import Tracker
-from common.trainer import Preempted, Trainer
+from common.cluster import preemption
+from common.tracking.tracker import Tracker
+from common.training.checkpoint import rng_state
+from common.training.trainer import Preempted, Trainer
+from common.utils.seed import isolated_rng, seed_everything
 from tests.cli import REPO
 from tests.toy.task import ToyCriterion, ToyDataset, ToyTask
 
@@ -81,8 +81,8 @@ class Draws(SignalAt):
 
 def _fit(cfg, run_dir, signal_at: int | None, criterion: SignalAt | None = None):
     """One process's share of a run: build as app.run does, fit; returns the Preempted it raised, if any."""
-    from common.app import data_root
-    from common.distributed import DistContext
+    from common.cluster.distributed import DistContext
+    from common.training.dataset_root import data_root
     seed_everything(int(cfg.seed))
     task = ToyTask(cfg)
     root = data_root(cfg, task)

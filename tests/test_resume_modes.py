@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common import preemption, slurm
-from common.data import seed_worker
+from common.cluster import preemption, slurm
+from common.data.datasets import seed_worker
 from tests.cli import REPO, TOY, run_cli
 
 
@@ -61,8 +61,8 @@ def test_dataloader_workers_ignore_preemption_signals():
 def test_prediction_stops_at_a_signal():
     from omegaconf import OmegaConf
 
-    from common.distributed import DistContext
-    from common.trainer import Preempted, Trainer
+    from common.cluster.distributed import DistContext
+    from common.training.trainer import Preempted, Trainer
     cfg = OmegaConf.create({"trainer": {"precision": "fp32", "progress": "off", "pin_memory": False,
                                         "channels_last": False},
                             "data": {"batch_size": 1, "num_workers": 0}, "seed": 0})
@@ -108,7 +108,7 @@ def test_ddp_environment_from_srun():
 def test_sigterm_outside_a_run_ends_the_process():
     """run.py installs the handlers first thing; before any run (or between sweep trials) SIGTERM still ends the
     process at once, while SIGUSR1 is kept for the run to come."""
-    code = ("import os, signal, time\nfrom common import preemption\npreemption.install()\n"
+    code = ("import os, signal, time\nfrom common.cluster import preemption\npreemption.install()\n"
             "os.kill(os.getpid(), signal.SIGUSR1)\nassert preemption.requested() == signal.SIGUSR1\n"
             "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -10,7 +10,7 @@ from tests.cli import REPO, run_cli
 
 
 def _task(overrides):
-    from common.parts import load_task
+    from common.training.parts import load_task
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return load_task(compose(config_name="config", overrides=["task=roadwork", *overrides]))
 

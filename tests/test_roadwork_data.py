@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from roadwork.data import RoadworkDataset, check_leakage, metadata_spec
-from roadwork.sidecar import category_index, is_missing, parse_gps, parse_label, parse_metadata
 from roadwork.samples import index_samples
+from roadwork.sidecar import category_index, is_missing, parse_gps, parse_label, parse_metadata
 from roadwork.views import PRESETS, cut_views, resolve_views, tile_boxes, view_box
 
 VOCAB = {"weather": ["clear", "rain"], "daytime": ["day", "night"], "scene": ["urban"]}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from common import app
-from common.ensemble import top_k_indices
+from common.inference.ensemble import top_k_indices
+from common.runs import app
 from roadwork.ensemble import RoadworkEnsemble, member_batch
 from roadwork.task import RoadworkTask
 

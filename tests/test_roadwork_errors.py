@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
-from common.cv import assign_folds
+from common.data.folds import assign_folds
 from roadwork.errors import write_error_analysis
 from roadwork.metric import RoadworkMetric
 from roadwork.task import RoadworkTask

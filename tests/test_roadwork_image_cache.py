@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from common.image_cache import ImageCache
+from common.data.image_cache import ImageCache
 from roadwork.challenge import BenchmarkTransform
 from roadwork.data import RoadworkDataset, mask_files
 from roadwork.samples import index_samples

@@ -5,11 +5,10 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 
-from common.losses import focal_loss, view_consistency_kl
+from common.training.losses import focal_loss, view_consistency_kl
 from roadwork.loss import RoadworkLoss
 from roadwork.metric import RoadworkMetric, benchmark_reward, best_threshold
 from roadwork.outputs import write_predictions_csv
-
 
 VALIDATOR = {"mcc_window": 100, "accuracy_window": 10, "mcc_weight": 0.5, "accuracy_weight": 0.5, "exponent": 3.0,
              "order": "input", "length": None, "seed": 0}

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.backbone import create_backbone
+from common.models.backbone import create_backbone
 from roadwork.blocks import GatedAttention
-from roadwork.view_fusion import GatedViewFusion
 from roadwork.meta_encoder import MetadataEncoder, gps_features
 from roadwork.model import RoadworkModel
+from roadwork.view_fusion import GatedViewFusion
 from roadwork.views import resolve_views
 
 
@@ -149,6 +149,7 @@ def test_pruning_before_the_backbone_needs_two_kept_views():
 
 def test_plan_gps_encoding_is_128d_log_spaced():
     import numpy as np
+
     from roadwork.meta_encoder import gps_features
     gps = torch.tensor([[45.0, -90.0], [-12.5, 170.25]])
     out = gps_features(gps, 32, "logspace", (1.0, 10000.0)).double().numpy()

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from common.backbone import create_backbone
-from common.cache import build_cached_encoder, image_key
-from common.data import reseed_augmentations
+from common.data.datasets import reseed_augmentations
+from common.data.feature_cache import build_cached_encoder, image_key
+from common.models.backbone import create_backbone
 from roadwork import synth
 from roadwork.data import RoadworkDataset, mask_files
 from roadwork.loss import RoadworkLoss, seg_loss

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from common import app
+from common.runs import app
 
 REPO = Path(__file__).resolve().parents[1]
 # The README's smoke overrides (section "roadwork presets on CPU"), plus a small synthetic set for speed.

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.backbone import WeightsUnavailableError
-from common.checkpoint import trainable_state
-from common.data import default_collate
-from common.optim import named_trainable
+from common.data.datasets import default_collate
+from common.models.backbone import WeightsUnavailableError
+from common.training.checkpoint import trainable_state
+from common.training.optim import named_trainable
 from roadwork.data import RoadworkDataset
 from roadwork.meta_encoder import MetadataEncoder
 from roadwork.samples import index_samples

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from common.ensemble import WeightedEnsemble
+from common.inference.ensemble import WeightedEnsemble
 from roadwork.feature_stats import FeatureStats
 from roadwork.tta import FilteredTTA, Variant
 from tests.test_roadwork_model import _batch, _model
@@ -119,7 +119,7 @@ def test_real_model_with_the_shipped_config_and_ensemble():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         assert compose("config", overrides=["task=roadwork"]).inference.tta is None        # off by default
         cfg = compose("config", overrides=["task=roadwork", "inference/tta=roadwork"]).inference.tta
-    tta = instantiate(cfg)(model).eval()                                           # as common.inference builds it
+    tta = instantiate(cfg)(model).eval()                                           # as common.inference.predictor builds it
     assert isinstance(tta, FilteredTTA) and tta.stats is model.feature_stats and tta.keep == 3
     with torch.no_grad():
         out = tta(batch)

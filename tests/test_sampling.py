@@ -1,9 +1,9 @@
-"""Weighted epoch sampling (common.sampling) and GPS-weighted roadwork sampling (roadwork.gps_sampling)."""
+"""Weighted epoch sampling (common.data.sampling) and GPS-weighted roadwork sampling (roadwork.gps_sampling)."""
 import numpy as np
 import pytest
 import torch
 
-from common.sampling import WeightedEpochSampler
+from common.data.sampling import WeightedEpochSampler
 from roadwork import gps_sampling
 from roadwork.regions import haversine_km
 
@@ -38,9 +38,10 @@ def test_bad_weights_are_refused(bad):
 
 def test_trainer_loader_uses_the_weights(tmp_path):
     from omegaconf import OmegaConf
-    from common.distributed import DistContext
-    from common.trainer import Trainer
-    from common.tracking import Tracker
+
+    from common.cluster.distributed import DistContext
+    from common.tracking.tracker import Tracker
+    from common.training.trainer import Trainer
     cfg = OmegaConf.create({"seed": 3, "data": {"batch_size": 4, "num_workers": 0},
                             "trainer": {"precision": "fp32", "progress": "off", "pin_memory": False}})
     trainer = Trainer(cfg, tmp_path, Tracker(), DistContext())
@@ -109,10 +110,11 @@ class _Augmented(torch.utils.data.Dataset):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_augmentation_draws_differ_per_epoch_and_worker_and_repeat_per_seed(tmp_path, workers):
     from omegaconf import OmegaConf
-    from common.distributed import DistContext
-    from common.seed import seed_everything
-    from common.trainer import Trainer
-    from common.tracking import Tracker
+
+    from common.cluster.distributed import DistContext
+    from common.tracking.tracker import Tracker
+    from common.training.trainer import Trainer
+    from common.utils.seed import seed_everything
     cfg = OmegaConf.create({"seed": 3, "data": {"batch_size": 4, "num_workers": workers},
                             "trainer": {"precision": "fp32", "progress": "off", "pin_memory": False}})
     trainer = Trainer(cfg, tmp_path, Tracker(), DistContext())
@@ -133,7 +135,7 @@ def test_training_weights_travel_with_the_dataset_and_follow_subsets():
     order of the (nested) Subsets mode=cv cuts from it; a dataset without them shuffles (None)."""
     from torch.utils.data import Subset, TensorDataset
 
-    from common.data import sample_weights_of
+    from common.data.datasets import sample_weights_of
     base = TensorDataset(torch.arange(6))
     assert sample_weights_of(base) is None
     base.sample_weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]

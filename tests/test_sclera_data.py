@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from common.augment import GaussianHighlights, build_augment
+from common.data.augment import GaussianHighlights, build_augment
 from sclera.data import BadSample, ScleraDataset, read_mask, scan_sbvpi, scan_ssbc, validated
 from sclera.sets import evaluation_items, training_items
 from sclera.synth import SIP_COLOURS, SetSpec, encode_mask, render_eye, write_dataset, write_sample

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from common.backbone import create_backbone
+from common.models.backbone import create_backbone
 from sclera.model import CSSE, CGDSeg
 
 ROOT = Path(__file__).resolve().parents[1]

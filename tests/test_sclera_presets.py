@@ -40,7 +40,7 @@ DECK_AUGMENT = {
     "albumentations.MotionBlur": {},
     "albumentations.ImageCompression": {"p": 0.25, "quality_range": [30, 95]},
     "sclera.augment.Occluders": {"p": 0.4, "count": [0, 3]},
-    "common.augment.GaussianHighlights": {"p": 0.25, "count": [1, 3], "strength": [0.3, 0.8]},
+    "common.data.augment.GaussianHighlights": {"p": 0.25, "count": [1, 3], "strength": [0.3, 0.8]},
 }
 
 
@@ -60,7 +60,7 @@ def test_presets_carry_the_decks_tables(preset):
     cfg = compose_cfg([f"experiment={preset}"])
     for key, value in DECK.items():
         assert plain(OmegaConf.select(cfg, key)) == value, key
-    from common.augment import find_transform, iter_transforms
+    from common.data.augment import find_transform, iter_transforms
     assert [node["_target_"] for node in iter_transforms(cfg.data.augment)] == list(DECK_AUGMENT)
     for target, expected in DECK_AUGMENT.items():
         node = find_transform(cfg.data.augment, target)
@@ -120,7 +120,7 @@ def test_loss_is_point_four_bce_plus_point_six_batch_dice():
 
 
 def test_decay_1d_switch_puts_weight_decay_on_every_parameter():
-    from common.optim import build_param_groups
+    from common.training.optim import build_param_groups
     net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
     named = [(f"model.head.{n}", p) for n, p in net.named_parameters()]
     decay_of = lambda groups: {name: g["weight_decay"] for g in groups for name in g["names"]}
@@ -134,7 +134,7 @@ def test_decay_1d_switch_puts_weight_decay_on_every_parameter():
 
 def test_augmentation_is_the_decks_table():
     """The built transforms hand albumentations the deck's values in its own units."""
-    from common.augment import GaussianHighlights, build_augment
+    from common.data.augment import GaussianHighlights, build_augment
     from sclera.augment import Rotate90
     transform = build_augment(compose_cfg(["experiment=sclera_cgdseg_mixed"]).data.augment)
     by_type = {type(t).__name__: t for t in transform.transforms}
@@ -167,7 +167,7 @@ def test_augmentation_is_the_decks_table():
 
 
 def test_specular_blob_strength_scales_the_blend_towards_white():
-    from common.augment import GaussianHighlights
+    from common.data.augment import GaussianHighlights
     image = np.full((21, 21, 3), 100, np.uint8)
     out = GaussianHighlights(p=1.0).apply(image, blobs=[(10.0, 10.0, 3.0, 0.5)])
     assert out[10, 10, 0] == int(100 + (255 - 100) * 0.5) and out[0, 0, 0] == 100   # blend, then truncated to uint8

@@ -138,7 +138,7 @@ def test_default_run_trains_evaluates_and_predicts_both_tracks(tmp_path):
 
 
 def test_eval_takes_whole_data_values_and_the_submission_from_the_command_line(monkeypatch):
-    from common import inference
+    from common.inference import predictor as inference
     cfg = compose_cfg(["task.submission.team=FromRun", "paths.root_dir=/tmp", "paths.output_dir=/tmp/out",
                        "data.encodings={}"])
     ckpt_cfg = OmegaConf.to_container(compose_cfg(["task.track=Synthetic", "task.submission.team=FromCkpt",

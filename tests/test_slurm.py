@@ -108,8 +108,8 @@ def _assert_budget_without_duplicates(study, budget: int):
 
 
 def test_a_sweep_array_reaches_the_budget(slurm, tmp_path):
-    """Two array workers submitted with common.slurm_submit (no GPU) share one study: exactly the budget."""
-    cmd = [sys.executable, "-m", "common.slurm_submit", "--gpus", "0", "--cpus", "1", "--mem", "2G", "--time", "10",
+    """Two array workers submitted with common.cluster.slurm_submit (no GPU) share one study: exactly the budget."""
+    cmd = [sys.executable, "-m", "common.cluster.slurm_submit", "--gpus", "0", "--cpus", "1", "--mem", "2G", "--time", "10",
            "--array", "0-1", str(REPO / "sweeps" / "worker.sbatch"),
            *_toy(tmp_path, "sweeps=toy_lr", "hydra.sweeper.budget=3")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
@@ -212,7 +212,7 @@ def test_e_srun_ddp_matches_one_process(slurm, tmp_path):
 
 def test_unsatisfiable_request_fails_at_submission(slurm, tmp_path):
     """GPUs on a CPU partition, more CPUs / memory than a node has: refused before queueing, naming the flag."""
-    cmd = [sys.executable, "-m", "common.slurm_submit", "--gpus", "1", "--cpus", "64", "--mem", "100000G",
+    cmd = [sys.executable, "-m", "common.cluster.slurm_submit", "--gpus", "1", "--cpus", "64", "--mem", "100000G",
            str(REPO / "sweeps" / "train.sbatch"), "task=toy"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and proc.stdout == ""

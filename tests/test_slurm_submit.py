@@ -1,9 +1,9 @@
-"""common.slurm_submit without a cluster: Slurm's time / memory / gres formats and the partition check."""
+"""common.cluster.slurm_submit without a cluster: Slurm's time / memory / gres formats and the partition check."""
 import argparse
 
 import pytest
 
-from common.slurm_submit import Partition, RequestError, _gpus_of, check_request, megabytes, minutes
+from common.cluster.slurm_submit import Partition, RequestError, _gpus_of, check_request, megabytes, minutes
 
 
 @pytest.mark.parametrize("text, expected", [("90", 90), ("1:30", 1.5), ("2:00:00", 120), ("1-0", 1440),

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from common.run_info import RunInfo, run_info, short_name
-from common.tracking import Tracker, logged_config, make_tracker
+from common.tracking.run_info import RunInfo, run_info, short_name
+from common.tracking.tracker import Tracker, logged_config, make_tracker
 from tests import fake_wandb
 from tests.cli import REPO, TOY, run_cli
 
@@ -70,7 +70,7 @@ def test_sweep_job_is_named_after_its_optuna_trial(tmp_path):
 def _tracker(monkeypatch, tmp_path, overrides=()):
     """The tracker of the composed logger=wandb option, wandb replaced by the recorder."""
     fake_wandb.install(monkeypatch)
-    from common.wandb_tracker import WandbTracker
+    from common.tracking.wandb_tracker import WandbTracker
     cfg = _compose([*TOY, "logger=wandb", *overrides], tmp_path)
     tracker = make_tracker(cfg, tmp_path / "run", is_main=True)
     assert type(tracker) is WandbTracker
@@ -81,12 +81,13 @@ def test_wandb_option_instantiates_wandb_tracker_with_exactly_its_keys(monkeypat
     """Every key of conf/logger/wandb.yaml but the run's description is an argument of WandbTracker, and every
     argument is a key or a run-time value; the run gets exactly the option's values."""
     import inspect
-    from common.tracking import RUN_KEYS, RUNTIME_ARGS
+
+    from common.tracking.tracker import RUN_KEYS, RUNTIME_ARGS
     tracker, cfg = _tracker(monkeypatch, tmp_path)
     option = OmegaConf.to_container(cfg.logger, resolve=True)
     arguments = set(inspect.signature(type(tracker)).parameters)
     assert arguments == set(option) - {"_target_", "_partial_", *RUN_KEYS} | set(RUNTIME_ARGS)
-    assert option["_target_"] == "common.wandb_tracker.WandbTracker"
+    assert option["_target_"] == "common.tracking.wandb_tracker.WandbTracker"
     init = fake_wandb.calls("init")[0]
     assert {k: init[k] for k in ("project", "entity", "mode", "job_type")} == {
         "project": "vfm-suite", "entity": None, "mode": "offline", "job_type": "train"}
@@ -118,11 +119,13 @@ def test_a_custom_target_from_the_command_line_is_used(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["logger=wandb", "+logger.projekt=p"], r"logger\.projekt: not an argument of common\.wandb_tracker\.WandbTracker"),
+    (["logger=wandb", "+logger.projekt=p"],
+     r"logger\.projekt: not an argument of common\.tracking\.wandb_tracker\.WandbTracker"),
     (["logger=wandb", "~logger.console"], r"missing logger\.console"),
     (["logger=wandb", "+logger.run_dir=/tmp/x"], r"logger\.run_dir: .* is given by the run"),
-    (["logger=none", "+logger.project=p"], r"logger\.project: not an argument of common\.tracking\.Tracker"),
-    (["logger=none", "logger._target_=common.tracking.RunFiles"], r"expected a subclass of common\.tracking\.Tracker"),
+    (["logger=none", "+logger.project=p"], r"logger\.project: not an argument of common\.tracking\.tracker\.Tracker"),
+    (["logger=none", "logger._target_=common.tracking.tracker.RunFiles"],
+     r"expected a subclass of common\.tracking\.tracker\.Tracker"),
     (["logger=none", "~logger._partial_"], r"needs `_target_` .* and `_partial_: true`"),
 ])
 def test_a_key_the_tracker_does_not_take_fails_naming_it(monkeypatch, tmp_path, overrides, message):
@@ -144,10 +147,10 @@ def test_wandb_init_names_groups_tags_and_silences(monkeypatch, tmp_path):
 
 
 def test_trainer_logs_step_and_epoch_losses_on_their_axes(monkeypatch, tmp_path):
-    from common import distributed
-    from common.app import data_root
-    from common.parts import build_parts, load_task
-    from common.trainer import Trainer
+    from common.cluster import distributed
+    from common.training.dataset_root import data_root
+    from common.training.parts import build_parts, load_task
+    from common.training.trainer import Trainer
     tracker, cfg = _tracker(monkeypatch, tmp_path, ["trainer=debug", "trainer.log_every_n_steps=1",
                                                    "trainer.device=cpu"])
     task = load_task(cfg)
@@ -170,7 +173,7 @@ def test_trainer_logs_step_and_epoch_losses_on_their_axes(monkeypatch, tmp_path)
 
 
 def test_fold_metrics_keep_their_best_summary(monkeypatch, tmp_path):
-    from common.cv import FoldTracker
+    from common.training.cv import FoldTracker
     tracker, _ = _tracker(monkeypatch, tmp_path, ["optimized_direction=minimize"])
     FoldTracker(tracker, 1, step_offset=100).log_metrics({"epoch": 2, "val/neg_mse": -1.0, "step": 5}, 5)
     defined = {c["name"]: c for c in fake_wandb.calls("define_metric")}
@@ -196,7 +199,7 @@ def test_report_run_logs_scores_pictures_and_artifacts(monkeypatch, tmp_path):
 
 
 def test_confusion_matrix_counts_become_pairs():
-    from common.wandb_tracker import confusion_pairs
+    from common.tracking.wandb_tracker import confusion_pairs
     true, pred = confusion_pairs([[2, 1], [0, 3]], 2)
     assert list(zip(true, pred)) == [(0, 0), (0, 0), (0, 1), (1, 1), (1, 1), (1, 1)]
     with pytest.raises(ValueError, match="expected 3x3"):
@@ -226,11 +229,11 @@ def test_eval_logs_the_checkpoints_config_not_the_command_lines(tmp_path):
 
 
 def test_logger_none_imports_no_wandb():
-    code = ("import sys; from omegaconf import OmegaConf; from common.tracking import make_tracker; "
-            "t = make_tracker(OmegaConf.create({'logger': {'_target_': 'common.tracking.Tracker', "
+    code = ("import sys; from omegaconf import OmegaConf; from common.tracking.tracker import make_tracker; "
+            "t = make_tracker(OmegaConf.create({'logger': {'_target_': 'common.tracking.tracker.Tracker', "
             "'_partial_': True, 'group': 'g'}}), '.', True); assert type(t).__name__ == 'Tracker'; "
-            "import common.reports, common.run_info; "
-            "assert 'wandb' not in sys.modules and 'common.wandb_tracker' not in sys.modules, 'wandb imported'")
+            "import common.tracking.reports, common.tracking.run_info; "
+            "assert 'wandb' not in sys.modules and 'common.tracking.wandb_tracker' not in sys.modules, 'wandb imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
@@ -239,8 +242,8 @@ def test_real_wandb_offline_accepts_every_call(monkeypatch, tmp_path):
     """The real wandb (offline): every tracker call is valid, and the run file holds the names logged."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.delitem(sys.modules, "common.wandb_tracker", raising=False)
-    from common.wandb_tracker import WandbTracker
+    monkeypatch.delitem(sys.modules, "common.tracking.wandb_tracker", raising=False)
+    from common.tracking.wandb_tracker import WandbTracker
     cfg = OmegaConf.create({"task": {"name": "toy"}, "mode": "train", "optimized_metric": "val/f1"})
     run = tmp_path / "run"
     run.mkdir()

@@ -54,7 +54,7 @@ def test_ema_checkpoint_matches_hand_computation(tmp_path):
 
 
 def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
-    from common import checkpoint
+    from common.training import checkpoint
     path = tmp_path / "last.pt"
     checkpoint.atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
 

@@ -1,4 +1,4 @@
-"""Trainer behaviours on tiny in-process models (common/trainer.py), each against a hand computation or an
+"""Trainer behaviours on tiny in-process models (common/training/trainer.py), each against a hand computation or an
 independent run: gradient accumulation, the lr schedule counted in optimiser steps, early stopping and a resume
 after it, PCGrad through the trainer, checkpoint vs command-line config at eval / predict (config_from_checkpoint),
 and evaluation sharded over two gloo processes."""
@@ -14,15 +14,15 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from common import inference
-from common.data import default_collate
-from common.distributed import DistContext
+from common.cluster.distributed import DistContext
+from common.data.datasets import default_collate
+from common.inference import predictor as inference
 from common.metric import Metric
-from common.tracking import Tracker
-from common.trainer import Trainer
+from common.tracking.tracker import Tracker
+from common.training.trainer import Trainer
 from tests.tolerance import assert_close_reordered, reduction_rtol
 
-ADAM_EPS = 1e-8          # torch.optim.AdamW's default, which common.optim.build_optimizer keeps
+ADAM_EPS = 1e-8          # torch.optim.AdamW's default, which common.training.optim.build_optimizer keeps
 
 
 # ---- tiny parts -----------------------------------------------------------------------------------
@@ -416,8 +416,9 @@ def _evaluate(ctx: DistContext, run_dir) -> dict:
 
 
 def _shard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
     from pathlib import Path
+
+    import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

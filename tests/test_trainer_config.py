@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from common.distributed import DistContext
-from common.optim import Schedule, build_optimizer, build_param_groups, named_trainable
-from common.tracking import Tracker
-from common.trainer import FitState, Trainer
+from common.cluster.distributed import DistContext
+from common.tracking.tracker import Tracker
+from common.training.optim import Schedule, build_optimizer, build_param_groups, named_trainable
+from common.training.trainer import FitState, Trainer
 from tests.cli import REPO, TOY
 
 STEPS_PER_EPOCH = 3
@@ -96,7 +96,7 @@ def test_default_schedule_is_the_suites_schedule_in_optimiser_steps(tmp_path):
     """build_schedule turns the epoch lengths into steps as the trainer did: total = steps per epoch x
     max_epochs (2), warmup = warmup_epochs (1.0) x steps per epoch, restarts every restart_epochs (10)."""
     cfg = _compose(tmp_path, ["trainer.schedule.name=cosine_restarts", "trainer.schedule.restart_epochs=0.5"])
-    assert cfg.trainer.schedule._target_ == "common.optim.build_schedule"
+    assert cfg.trainer.schedule._target_ == "common.training.optim.build_schedule"
     schedule = _prepared(cfg, tmp_path)[0].training.schedule
     before = Schedule("cosine_restarts", total_steps=2 * STEPS_PER_EPOCH, warmup_steps=STEPS_PER_EPOCH,
                       min_lr_ratio=0.01, restart_steps=round(0.5 * STEPS_PER_EPOCH), restart_mult=1, min_lr=None)

@@ -6,9 +6,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from common.inference import load_for_inference
-from common.checkpoint import FORMAT_VERSION
-from common.checkpoint_config import UntrustedCheckpoint, check_checkpoint_config
+from common.inference.checkpoint_config import UntrustedCheckpoint, check_checkpoint_config
+from common.inference.predictor import load_for_inference
+from common.training.checkpoint import FORMAT_VERSION
 from tests.cli import REPO, run_cli
 
 SECTIONS = ("backbone", "peft", "model", "task", "adapt", "data")
@@ -67,9 +67,9 @@ VARIANTS = [  # (task, key set to the exploit or to a value, expected message)
     ("biomass", "model.aux.0", EXPLOIT, r"nested _target_ is not expected at model\.aux\[0\]"),
     ("biomass", "backbone.name", EXPLOIT, r"nested _target_ is not expected at backbone\.name"),
     ("biomass", "task._target_", "pathlib.Path.write_text", r"task class comes from task="),
-    ("biomass", "model.head._target_", "common.atomic.atomic_write_text", r"does not name a class"),
-    ("biomass", "model.head._target_", "common.app.Path", r"defined outside the packages"),
-    ("biomass", "model.head._target_", "common.image_cache.ImageCache", r"not a model, task, metric or augm"),
+    ("biomass", "model.head._target_", "common.utils.atomic.atomic_write_text", r"does not name a class"),
+    ("biomass", "model.head._target_", "common.runs.app.Path", r"defined outside the packages"),
+    ("biomass", "model.head._target_", "common.data.image_cache.ImageCache", r"not a model, task, metric or augm"),
     ("biomass", "backbone.name", "${oc.env:HOME}", r"backbone\.name=.*holds an interpolation"),
     ("biomass", "model.head._target_", None, r"model\.head\._target_=None: a checkpoint may only name"),
     ("roadwork", "data.augment.0", EXPLOIT, r"data\.augment\[0\]\._target_='pathlib\.Path\.write_text'"),

@@ -10,8 +10,8 @@ from PIL import Image
 
 from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import read_train_table
-from common import image_check
-from common.image_check import CheckSettings, broken_images, content_key, decode_error
+from common.data import image_check
+from common.data.image_check import CheckSettings, broken_images, content_key, decode_error
 from roadwork.data import mask_files
 from roadwork.samples import index_samples
 from sclera.data import BadSample, scan_ssbc, validated
@@ -173,7 +173,7 @@ def test_roadwork_truncated_mask_named(tmp_path):
 
 
 def test_image_cache_write_failure_names_the_config_key(tmp_path):
-    from common.image_cache import ImageCache
+    from common.data.image_cache import ImageCache
     (tmp_path / "a_file").write_text("")
     cache = ImageCache(tmp_path / "a_file" / "decoded")       # a folder below a file: not writable, even by root
     image = _noise_image(tmp_path / "x.png", (8, 8))

@@ -9,13 +9,13 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from common.atomic import atomic_write_json
-from common.run_dir import (LOCK_NAME, RunDirectoryBusy, check_run_folders, remove_stale_temporaries,
-                            run_directory_lock)
-from common.trainer import Diverged
+from common.runs.run_dir import (LOCK_NAME, RunDirectoryBusy, check_run_folders, remove_stale_temporaries,
+                                 run_directory_lock)
+from common.training.trainer import Diverged
+from common.utils.atomic import atomic_write_json
 from tests.cli import REPO, TOY, run_cli
 
-HOLDER = ("import sys, time; from common.run_dir import run_directory_lock\n"
+HOLDER = ("import sys, time; from common.runs.run_dir import run_directory_lock\n"
           "with run_directory_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))\n")
 
 
@@ -120,7 +120,7 @@ def test_cli_unwritable_cache_fails_before_training(tmp_path):
 
 
 def test_never_finite_monitor_fails_the_run_and_metrics_json_is_strict(tmp_path, monkeypatch):
-    from common.app import run
+    from common.runs.app import run
     from tests.toy import task as toy
     monkeypatch.setattr(toy.ToyMetric, "compute", lambda self: {"neg_mse": float("-inf")})
     cfg = _toy_cfg(tmp_path, ["trainer.max_epochs=2"])

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from common.build import build_encoder
 from common.metric import Metric
+from common.models.encoder import build_encoder
 from common.task import Task
 
 

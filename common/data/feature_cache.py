@@ -1,0 +1,335 @@
+"""On-disk cache of a frozen backbone's patch tokens, so head-only runs and sweeps skip the backbone.
+
+Layout: `<root>/<identity>/<dtype>/<key[:2]>/<key>.pt`, one file per (image, view), plus `identity.json`
+(the fields that made the identity, for people). The identity (`backbone_identity`) hashes the backbone
+config (source, name, model_kwargs, layers, weights identity, init_seed for random weights, every other
+field except `lr` and `freeze`, so a new field misses by default), the input size (H, W), optional task
+preprocessing fields and the timm version; the storage dtype is a subdirectory. The key (`item_key`) hashes
+the image file's content digest and the view id, so any change of backbone, weights, layers, input size,
+view or pixels misses.
+
+Rules for a task that caches (`data.cache_features: true`):
+- the view id must name the whole deterministic preprocessing of the view (crop, tile, flip...);
+  no random pixel augmentation may run, since the cache would freeze one draw of it;
+- each item carries `cache_key = image_key(image_path, view)`; the model calls
+  `encode(self.backbone, batch["image"], batch.get("cache_key"))`.
+
+Storage dtype: float16 (default, half the disk), bfloat16, or float32. With float32 the cached tokens are
+bitwise the backbone's, so metrics equal an uncached run exactly; float16 rounds the tokens (~1e-3 relative).
+Misses are computed in eval mode without gradients, and the returned tokens are always the stored values
+(cast back to float32), so the first epoch sees exactly what later epochs read from disk.
+
+Writes are atomic (temp file in the same directory, then os.replace): concurrent writers of one key both
+succeed and readers never see a partial file. A file that cannot be read back (truncated by a copy, tampered,
+wrong structure) is treated as a miss with a warning naming it, counted in `FeatureCache.corrupt`, and
+rewritten by the next `put`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from common.models.backbone import Backbone, BackboneOutput
+from common.utils.atomic import atomic_path
+from common.utils.timm_import import timm
+
+FORMAT_VERSION = 1
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Backbone config fields that never change the features of a frozen backbone.
+_NON_IDENTITY_FIELDS = ("lr", "freeze")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+_LOAD_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError,
+                AttributeError, IndexError, zipfile.BadZipFile)
+_digest_memo: dict[tuple[str, int, int], str] = {}
+
+
+def _hash_text(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=20).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """blake2b digest of the file's bytes; memoised per process by (path, size, mtime)."""
+    path = os.path.abspath(path)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file_digest: no file at {path}") from None
+    memo_key = (path, stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _digest_memo:
+        digest = hashlib.blake2b(digest_size=20)
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _digest_memo[memo_key] = digest.hexdigest()
+    return _digest_memo[memo_key]
+
+
+def weights_identity(weights: Optional[str], init_seed: Any) -> dict:
+    """null -> random weights of `init_seed`; a local file or folder -> content digests; else a hub id.
+
+    A hub id ("hub", with `name` / `hub_name` in the other fields) does not see a new upload under the
+    same repo name: clear the cache directory if the hub weights change."""
+    if weights is None:
+        return {"kind": "random", "init_seed": init_seed}
+    weights = str(weights)
+    if os.path.isfile(weights):
+        return {"kind": "file", "digest": file_digest(weights)}
+    if os.path.isdir(weights):  # a Hugging Face folder: weights and config.json both shape the tokens
+        files = sorted(p for p in Path(weights).rglob("*") if p.is_file() and not p.name.startswith("."))
+        return {"kind": "folder", "digests": {str(p.relative_to(weights)): file_digest(p) for p in files}}
+    if weights.endswith(_WEIGHT_SUFFIXES):
+        raise FileNotFoundError(f"backbone.weights={weights!r} looks like a weights file but does not exist")
+    return {"kind": "hub", "id": weights}
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers, tuples and dicts -> JSON-stable plain values."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+def identity_fields(backbone_cfg: dict, input_size: Sequence[int], preprocess: Optional[dict] = None) -> dict:
+    """The plain dict that `backbone_identity` hashes (also written to identity.json)."""
+    cfg = _plain(backbone_cfg)
+    for required in ("source", "name", "layers"):
+        if required not in cfg:
+            raise ValueError(f"backbone config has no field {required!r} (got fields {sorted(cfg)})")
+    if len(input_size) != 2:
+        raise ValueError(f"input_size must be (H, W), got {tuple(input_size)}")
+    fields = {k: v for k, v in cfg.items() if k not in _NON_IDENTITY_FIELDS + ("weights", "init_seed")}
+    fields["weights"] = weights_identity(cfg.get("weights"), cfg.get("init_seed", 0))
+    fields.setdefault("model_kwargs", None)
+    fields["input_size"] = [int(s) for s in input_size]
+    fields["preprocess"] = _plain(preprocess) if preprocess else None
+    fields["timm"] = timm.__version__
+    fields["format"] = FORMAT_VERSION
+    return fields
+
+
+def backbone_identity(backbone_cfg: dict, input_size: Sequence[int], preprocess: Optional[dict] = None) -> str:
+    """Stable hash of everything that decides the cached tokens except the image and the view."""
+    return _hash_text(json.dumps(identity_fields(backbone_cfg, input_size, preprocess), sort_keys=True))
+
+
+def item_key(image_digest: str, view: Any = "full") -> str:
+    return _hash_text(f"{image_digest}|{view}")
+
+
+def image_key(image_path: str | os.PathLike, view: Any = "full") -> str:
+    """The `cache_key` a dataset item carries: content digest of the image file + view id."""
+    return item_key(file_digest(image_path), view)
+
+
+def _atomic_write(path: Path, write) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+
+
+class FeatureCache:
+    """One directory of per-item token files for one backbone identity."""
+
+    def __init__(self, root: str | os.PathLike, identity: str, dtype: str = "float16",
+                 fields: Optional[dict] = None):
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"cache dtype {dtype!r}: expected one of {sorted(STORAGE_DTYPES)}")
+        self.dir = Path(root) / identity / dtype  # one dtype never reads another's rounded values
+        self.identity = identity
+        self.dtype = dtype
+        self.corrupt = 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if fields is not None and not (self.dir / "identity.json").exists():
+            text = json.dumps(fields, sort_keys=True, indent=1).encode("utf-8")
+            _atomic_write(self.dir / "identity.json", lambda handle: handle.write(text))
+
+    @classmethod
+    def for_backbone(cls, root: str | os.PathLike, backbone_cfg: dict, input_size: Sequence[int],
+                     dtype: str = "float16", preprocess: Optional[dict] = None) -> "FeatureCache":
+        fields = identity_fields(backbone_cfg, input_size, preprocess)
+        return cls(root, backbone_identity(backbone_cfg, input_size, preprocess), dtype, fields)
+
+    def key(self, image_digest: str, view: Any = "full") -> str:
+        return item_key(image_digest, view)
+
+    def path(self, key: str) -> Path:
+        if not key or "/" in key or os.sep in key or key.startswith("."):
+            raise ValueError(f"feature cache key {key!r}: expected a file-name-safe id such as image_key(...)")
+        return self.dir / key[:2] / f"{key}.pt"
+
+    def contains(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def get(self, key: str) -> Optional[BackboneOutput]:
+        """The item's output (unbatched, float32, CPU), or None on a miss or an unreadable file."""
+        path = self.path(key)
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            return _entry_to_output(entry)
+        except FileNotFoundError:
+            return None
+        except _LOAD_ERRORS as err:
+            self.corrupt += 1
+            warnings.warn(f"feature cache: unreadable file {path} ({type(err).__name__}: {err}); "
+                          f"treating it as a miss, it will be rewritten", stacklevel=2)
+            return None
+
+    def put(self, key: str, item: BackboneOutput) -> BackboneOutput:
+        """Store one item's output (tokens (N, C) per layer, cls (C,), registers (R, C)).
+
+        Returns what a later `get` of this key gives (the stored values, float32)."""
+        entry = _output_to_entry(item, STORAGE_DTYPES[self.dtype], self.path(key))
+        _atomic_write(self.path(key), lambda handle: torch.save(entry, handle))
+        return _entry_to_output(entry)
+
+
+def _store(tensor: Optional[Tensor], dtype: torch.dtype, path: Path) -> Optional[Tensor]:
+    if tensor is None:
+        return None
+    # clone: a view of a batch tensor would save the whole batch storage
+    stored = tensor.detach().to("cpu", dtype).clone()
+    if not torch.isfinite(stored).all() and torch.isfinite(tensor).all():
+        raise ValueError(f"feature cache: tokens overflow {dtype} when writing {path}; "
+                         f"set the cache dtype to bfloat16 or float32")
+    return stored
+
+
+def _output_to_entry(item: BackboneOutput, dtype: torch.dtype, path: Path) -> dict:
+    if not item.tokens or any(t.dim() != 2 for t in item.tokens):
+        raise ValueError(f"feature cache put {path}: expected one item's tokens as a list of (N, C) tensors, "
+                         f"got shapes {[tuple(t.shape) for t in item.tokens]}")
+    return {"tokens": [_store(t, dtype, path) for t in item.tokens],
+            "grid": [int(item.grid[0]), int(item.grid[1])],
+            "cls": _store(item.cls, dtype, path),
+            "registers": _store(item.registers, dtype, path)}
+
+
+def _entry_to_output(entry: dict) -> BackboneOutput:
+    tokens, (h, w) = entry["tokens"], entry["grid"]
+    if not tokens or any(t.shape[0] != h * w or t.shape[1] != tokens[0].shape[1] for t in tokens):
+        raise ValueError(f"token shapes {[tuple(t.shape) for t in tokens]} do not match grid {(h, w)}")
+    cls, registers = entry["cls"], entry["registers"]
+    return BackboneOutput(tokens=[t.float() for t in tokens], grid=(int(h), int(w)),
+                          cls=None if cls is None else cls.float(),
+                          registers=None if registers is None else registers.float())
+
+
+def split_output(out: BackboneOutput) -> list[BackboneOutput]:
+    """Batched output -> one unbatched output per item."""
+    def pick(t, i):
+        return None if t is None else t[i]
+    return [BackboneOutput(tokens=[t[i] for t in out.tokens], grid=tuple(out.grid),
+                           cls=pick(out.cls, i), registers=pick(out.registers, i))
+            for i in range(out.tokens[0].shape[0])]
+
+
+def stack_outputs(items: list[BackboneOutput], device: torch.device | str = "cpu") -> BackboneOutput:
+    grids = {tuple(item.grid) for item in items}
+    if len(grids) != 1:
+        raise ValueError(f"cannot batch cached items with different patch grids {sorted(grids)}")
+
+    def stack(tensors):
+        return None if tensors[0] is None else torch.stack(tensors).to(device)
+    return BackboneOutput(tokens=[stack([it.tokens[j] for it in items]) for j in range(len(items[0].tokens))],
+                          grid=grids.pop(), cls=stack([it.cls for it in items]),
+                          registers=stack([it.registers for it in items]))
+
+
+def check_cacheable(backbone: nn.Module) -> None:
+    trainable = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    adapters = [n for n, m in backbone.named_modules() if type(m).__module__.startswith("peft.")]
+    if trainable or adapters:
+        found = (trainable or adapters)[:3]
+        raise ValueError(f"feature cache needs a frozen backbone without adapters (found {found}); "
+                         f"set data.cache_features=false, or backbone.freeze=true with peft=none")
+
+
+class CachedEncoder(nn.Module):
+    """A frozen backbone behind a FeatureCache: forward(images, keys) runs the backbone on misses only."""
+
+    def __init__(self, backbone: Backbone, cache: FeatureCache):
+        super().__init__()
+        check_cacheable(backbone)
+        if len(set(getattr(backbone, "layer_strides", None) or [0])) > 1:
+            raise ValueError(f"feature cache: backbone {backbone.name} returns layers on different grids "
+                             f"(strides {backbone.layer_strides}); the cache stores one grid per item: "
+                             f"set data.cache_features=false or pick layers of one stage")
+        self.backbone = backbone
+        self.cache = cache
+        self.hits = 0
+        self.misses = 0
+        self.backbone_calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        # Heads read patch_size, embed_dim, layers... from `model.backbone` whether or not it is cached.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "backbone":
+                raise
+            return getattr(self.backbone, name)
+
+    def forward(self, images: Tensor, keys: Sequence[str]) -> BackboneOutput:
+        if len(keys) != images.shape[0]:
+            raise ValueError(f"CachedEncoder: {len(keys)} cache keys for a batch of {images.shape[0]} images")
+        self.backbone.check_input_size(images.shape[-2], images.shape[-1])
+        items: list[Optional[BackboneOutput]] = [self.cache.get(k) for k in keys]
+        missing = [i for i, item in enumerate(items) if item is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for i, item in zip(missing, split_output(self._run_backbone(images[missing]))):
+                # the stored (rounded) values, so every epoch sees the same tokens
+                items[i] = self.cache.put(keys[i], item)
+        return stack_outputs(items, images.device)
+
+    def _run_backbone(self, images: Tensor) -> BackboneOutput:
+        check_cacheable(self.backbone)  # adapters could be injected after construction
+        self.backbone_calls += 1
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                return self.backbone(images)
+        finally:
+            self.backbone.train(was_training)
+
+
+def encode(encoder: nn.Module, images: Tensor, keys: Optional[Sequence[str]] = None) -> BackboneOutput:
+    """What a task model calls: the cached path when the encoder is cached, the plain backbone otherwise."""
+    if isinstance(encoder, CachedEncoder):
+        if keys is None:
+            raise ValueError("the encoder is cached (data.cache_features=true) but the batch has no 'cache_key'; "
+                             "the dataset must add cache_key = common.data.feature_cache.image_key(image_path, view)")
+        return encoder(images, keys)
+    return encoder(images)
+
+
+def build_cached_encoder(backbone: Backbone, backbone_cfg: dict, input_size: Sequence[int],
+                         root: str | os.PathLike, dtype: str = "float16",
+                         preprocess: Optional[dict] = None) -> CachedEncoder:
+    return CachedEncoder(backbone, FeatureCache.for_backbone(root, backbone_cfg, input_size, dtype, preprocess))
+
+
+def maybe_cached(backbone: Backbone, cfg, input_size: Sequence[int],
+                 preprocess: Optional[dict] = None) -> nn.Module:
+    """The task's encoder: `backbone` itself, or it behind the feature cache when `data.cache_features`.
+
+    Reads `data.cache_features`, `data.cache_dtype`, `backbone`, `paths.cache_dir`;
+    the cache lives in `<paths.cache_dir>/features`."""
+    if not cfg.data.cache_features:
+        return backbone
+    from omegaconf import OmegaConf
+    return build_cached_encoder(backbone, OmegaConf.to_container(cfg.backbone, resolve=True), input_size,
+                                Path(cfg.paths.cache_dir) / "features", dtype=str(cfg.data.cache_dtype),
+                                preprocess=preprocess)

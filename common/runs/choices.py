@@ -1,0 +1,31 @@
+"""Checks right after composition, before any heavy import: the mode, and that the task's own config groups
+(data, model, loss, metric) were chosen among that task's options (`task=sclera model=biomass/fpn` is refused)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+MODES = ("train", "eval", "predict", "cv", "synth")
+TASK_GROUPS = ("data", "model", "loss", "metric")
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+class ChoiceError(ValueError):
+    """A config value or group option that is not among the valid ones (the message lists them)."""
+
+
+def task_options(group: str, task: str) -> list[str]:
+    return sorted(f"{task}/{p.stem}" for p in (CONF / group / task).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def check_choices(cfg: DictConfig, choices: dict[str, str | None]) -> None:
+    """choices: Hydra's runtime choices ({group: option}); raises ChoiceError naming the key and the valid values."""
+    if cfg.mode not in MODES:
+        raise ChoiceError(f"mode={cfg.mode}: expected one of {', '.join(MODES)}")
+    task = str(cfg.task.name)
+    for group in TASK_GROUPS:
+        chosen = choices.get(group)
+        if chosen is not None and not str(chosen).startswith(f"{task}/"):
+            raise ChoiceError(f"{group}={chosen} belongs to another task than task={task}: expected one of "
+                              f"{', '.join(task_options(group, task))}")

@@ -1,0 +1,97 @@
+"""Checkpoints: trainable weights + optimiser + EMA + RNG + config + data statistics, written atomically.
+
+A checkpoint holds only what training changed (frozen backbone weights come from `backbone.weights`, or
+from the seeded random init), loads with `torch.load(weights_only=True)`, and names its task so that a
+checkpoint of another task is refused with a clear message.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.utils.atomic import atomic_path
+
+FORMAT_VERSION = 1
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without frozen parameters (buffers such as BatchNorm statistics are kept), except those
+    named in `module.keep_frozen`: weights an adaptation froze, which came from a checkpoint (common.training.adapt)."""
+    keep = getattr(module, "keep_frozen", set())
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad and n not in keep}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items() if k not in frozen}
+
+
+def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = trainable_state(module)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(module.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {source} does not match the model built from the config: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]} "
+                         f"(was it written with another model, backbone or peft config?)")
+    module.load_state_dict(state, strict=False)
+
+
+def restore_for_inference(model: nn.Module, ckpt: dict, source: str) -> nn.Module:
+    """Trainable weights of the checkpoint, with its EMA weights swapped in when it has them."""
+    load_trainable_state(model, ckpt["model"], source)
+    if ckpt.get("ema"):
+        params = dict(model.named_parameters())
+        for name, value in ckpt["ema"]["shadow"].items():
+            params[name].data.copy_(value)
+    return model
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temp file in the same directory, fsync, then rename over `path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def written_checkpoints(folder: Path, names: tuple[str, ...] = ("best", "last")) -> dict[str, str]:
+    """{name: path} of the checkpoints `folder` holds (a diverged run has no best.pt)."""
+    paths = {name: Path(folder) / f"{name}.pt" for name in names}
+    return {name: str(path) for name, path in paths.items() if path.is_file()}
+
+
+def load_checkpoint(path, task_name: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file "
+                                f"(expected <run dir>/checkpoints/best.pt or last.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt files; re-raise one clear error
+        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err}); "
+                         f"expected a file written by this suite's train or cv mode") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} is not a suite checkpoint of format {FORMAT_VERSION}")
+    if ckpt["task"] != task_name:
+        raise ValueError(f"checkpoint {path} was trained for task '{ckpt['task']}', not '{task_name}'; "
+                         f"pass task={ckpt['task']} or a checkpoint of task {task_name}")
+    return ckpt

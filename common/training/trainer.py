@@ -1,0 +1,493 @@
+"""The one training loop every task uses: fit, evaluate, infer.
+
+A Trainer holds its settings (`__init__`) and, once `prepare` has built them, the parts it trains (`Training`:
+model, criterion, optimiser, schedule, EMA); nothing else is added later. `fit` is prepare + the epoch loop;
+`prepare` and `train_epoch` are public for code that steps the loop itself (bench/run.py).
+
+Exact resume: every epoch starts by reseeding all generators with (seed, epoch, rank), so an epoch's draws
+depend on nothing that ran before it (evaluation, a resume in a new process); each training item is loaded with a
+seed of its place in the epoch (common.data.datasets.SeededItems), whichever worker loads it. A run stopped in the middle
+of an epoch saves the generators' states, the batches done and the epoch's loss sums in last.pt; resumed, it
+restores those states instead of reseeding and skips the batches done, so it ends with the same weights and
+metrics as an uninterrupted run. A checkpoint written at the end of an epoch is resumed by the next epoch's
+reseed: its saved generator states are not restored. Preemption signals: common.cluster.preemption.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from tqdm.auto import tqdm
+
+from common.cluster import preemption
+from common.cluster.distributed import DistContext, ShardSampler
+from common.cluster.preemption import Preempted
+from common.data.datasets import SeededItems, reseed_augmentations, seed_worker
+from common.data.sampling import SeededOrder, WeightedEpochSampler
+from common.metric import Metric
+from common.tracking.console import epoch_line, lines_above_bars
+from common.tracking.tracker import RunFiles, Tracker, use_progress_bars
+from common.training.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
+                                        set_rng_state, trainable_state)
+from common.training.device import batch_size_of, move_to, resolve_channels_last, to_channels_last, to_cpu
+from common.training.ema import EMA
+from common.training.optim import build_optimizer, build_param_groups, call_target, named_trainable
+from common.utils.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Diverged(NonFiniteLossError):
+    """Training ended without one finite value of the monitored metric."""
+
+
+def raise_if_diverged(state: "FitState", monitor: str) -> None:
+    """A run whose monitored metric was never finite has no best model: fail it, saying what to change."""
+    if state.best_value is not None or state.epoch == 0:
+        return
+    last = state.last_metrics.get(monitor)
+    raise Diverged(f"the run diverged: {monitor} was not finite in any of {state.epoch} epochs (last value "
+                   f"{last}; {state.nonfinite_steps} optimiser steps had a non-finite loss or gradient), so no "
+                   f"best checkpoint was written. Lower trainer.optim.lr, set trainer.grad_clip, or check the "
+                   f"data for NaN / inf inputs and targets")
+
+
+@dataclass
+class FitState:
+    epoch: int = 0                       # next epoch to run
+    step: int = 0                        # optimiser steps done
+    best_value: float | None = None
+    best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    last_metrics: dict = field(default_factory=dict)
+    epochs_without_improvement: int = 0
+    nonfinite_steps: int = 0
+    batches_done: int = 0                # batches of epoch `epoch` already trained (preempted mid-epoch)
+    epoch_sums: dict = field(default_factory=dict)   # their loss sums, so the epoch's mean covers every batch
+
+
+@dataclass
+class Training:
+    """What a Trainer trains, built once by Trainer.prepare."""
+    model: nn.Module                     # on the device; what is checkpointed, evaluated and EMA-averaged
+    criterion: nn.Module
+    train_model: nn.Module               # what the training steps call: the model, DDP-wrapped with several processes
+    optimizer: torch.optim.Optimizer     # trainer.optim's _target_ over common.training.optim's parameter groups
+    schedule: object                     # trainer.schedule's _target_: .apply(optimizer, step) sets each group's lr
+    ema: EMA | None
+    steps_per_epoch: int                 # optimiser steps per epoch (batches // accumulate_grad_batches)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker, ctx: DistContext):
+        self.cfg, self.t = cfg, cfg.trainer
+        self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+        self.tracker, self.ctx, self.device = tracker, ctx, ctx.device
+        self.files = RunFiles(run_dir) if ctx.is_main else None
+        self.bf16 = self._resolve_precision(self.t.precision)
+        self.bars = use_progress_bars(self.t.progress) and ctx.is_main
+        self.training: Training | None = None      # set once, by prepare (fit calls it)
+
+    def _resolve_precision(self, setting: str) -> bool:
+        if setting == "auto":
+            return self.device.type == "cuda"
+        if setting not in ("bf16", "fp32"):
+            raise ValueError(f"trainer.precision={setting!r}: expected auto, bf16 or fp32")
+        return setting == "bf16"
+
+    def autocast(self):
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0,
+               skip_batches: int = 0, weights=None) -> DataLoader:
+        """weights (train only): one sampling weight per item (common.data.datasets.sample_weights_of); None shuffles."""
+        data, seed = self.cfg.data, int(self.cfg.seed)
+        drop_last = train and len(dataset) > int(data.batch_size)
+        if train:
+            sampler = SeededOrder(self._epoch_order(dataset, epoch, weights), seed, epoch, self.ctx.rank,
+                                  self.ctx.world_size, start=skip_batches * int(data.batch_size))
+            dataset = SeededItems(dataset)
+        elif self.ctx.enabled:
+            sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
+        else:
+            sampler = SequentialSampler(dataset)
+        if int(data.num_workers) == 0 and not train:
+            reseed_augmentations(dataset, torch.initial_seed() % 2**32)   # workers do it in seed_worker
+        pin = self.device.type == "cuda" if self.t.pin_memory == "auto" else bool(self.t.pin_memory)
+        # the loader's own generator draws the workers' base seed: the global generators stay as they were
+        return DataLoader(dataset, batch_size=int(data.batch_size), sampler=sampler, collate_fn=collate,
+                          num_workers=int(data.num_workers), pin_memory=pin, drop_last=drop_last,
+                          worker_init_fn=seed_worker if int(data.num_workers) else None,
+                          generator=torch.Generator().manual_seed(seed + epoch), persistent_workers=False)
+
+    def _epoch_order(self, dataset: Dataset, epoch: int, weights) -> list[int]:
+        """This rank's share of the epoch's seeded global order (weighted draw, or permutation): the global
+        batches of N processes are the batches of one process with N times the batch size."""
+        if weights is not None:
+            return list(WeightedEpochSampler(weights, self.ctx.rank, self.ctx.world_size, int(self.cfg.seed), epoch))
+        sampler = DistributedSampler(dataset, self.ctx.world_size, self.ctx.rank, shuffle=True,
+                                     seed=int(self.cfg.seed), drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _learning_rates(self) -> dict[str, float | None]:
+        return {"head": self.t.optim.lr, "uw": self.t.optim.uw_lr,
+                "adapter": OmegaConf.select(self.cfg, "peft.lr"),
+                "backbone": OmegaConf.select(self.cfg, "backbone.lr")}
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """The model on the device, its convolution weights channels_last when trainer.channels_last says so."""
+        model.to(self.device)
+        if resolve_channels_last(self.t.channels_last, self.device):
+            to_channels_last(model)
+        return model
+
+    def prepare(self, model: nn.Module, criterion: nn.Module, steps_per_epoch: int) -> Training:
+        """Place the model and criterion, build the parameter groups, optimiser, schedule and EMA, compile and wrap
+        for DDP as the trainer config says; once per Trainer (fit calls it)."""
+        if self.training is not None:
+            raise RuntimeError("Trainer.prepare was already called: a Trainer trains one model; make a new one")
+        self.place(model)            # before EMA copies, the optimizer and torch.compile see the weights
+        criterion.to(self.device)
+        backbone = getattr(model, "backbone", None)
+        groups = build_param_groups(named_trainable(model, criterion), self._learning_rates(),
+                                    weight_decay=self.t.optim.weight_decay,
+                                    layer_decay=OmegaConf.select(self.cfg, "peft.layer_decay") or 1.0,
+                                    num_blocks=getattr(backbone, "num_blocks", 1),
+                                    block_of=getattr(backbone, "block_of", None),
+                                    uw_weight_decay=self.t.optim.uw_weight_decay,
+                                    decay_1d=bool(self.t.optim.decay_1d))
+        optimizer = build_optimizer(self.t.optim, groups, self.device)
+        schedule = call_target(self.t.schedule, "trainer.schedule", steps_per_epoch=steps_per_epoch,
+                               max_epochs=int(self.t.max_epochs))
+        ema = EMA(model, self.t.ema.decay) if self.t.ema.enabled else None
+        train_model = model
+        if self.t.compile:
+            train_model.compile()
+        if self.ctx.enabled:
+            if self.t.pcgrad.enabled:
+                raise ValueError("trainer.pcgrad with DDP is not supported: per-term gradients bypass DDP's "
+                                 "all-reduce; run PCGrad on one process")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = DistributedDataParallel(model, device_ids=ids)
+        self.training = Training(model, criterion, train_model, optimizer, schedule, ema, steps_per_epoch)
+        return self.training
+
+    def _steps_per_epoch(self, loader: DataLoader) -> int:
+        batches = len(loader)
+        if self.t.limit_train_batches:
+            batches = min(batches, int(self.t.limit_train_batches))
+        accumulate = int(self.t.accumulate_grad_batches)
+        if batches < accumulate:
+            raise ValueError(f"trainer.accumulate_grad_batches={accumulate} is more than the {batches} training "
+                             f"batches of an epoch (data.batch_size, trainer.limit_train_batches): no optimiser "
+                             f"step would ever run; use at most {batches}")
+        return batches // accumulate
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _payload(self, state: FitState, task_name: str, stats: dict) -> dict:
+        """rng: read back only by a resume in the middle of an epoch (_resume)."""
+        tr = self.training
+        return {"format": FORMAT_VERSION, "task": task_name, "epoch": state.epoch, "step": state.step,
+                "model": trainable_state(tr.model), "criterion": trainable_state(tr.criterion),
+                "optimizer": tr.optimizer.state_dict(), "ema": tr.ema.state_dict() if tr.ema else None,
+                "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "stats": stats, "fit_state": {k: v for k, v in vars(state).items()}}
+
+    def _save(self, name: str, payload: dict) -> None:
+        if self.ctx.is_main:
+            self._export_peft_adapter(name, payload)
+            atomic_torch_save(payload, self.ckpt_dir / name)
+
+    def _export_peft_adapter(self, name: str, payload: dict) -> None:
+        """Backbone adapters injected by peft also go beside the checkpoint, in peft's own format
+        (`<checkpoint stem>_adapter/`, EMA weights when EMA is on); the checkpoint names that folder."""
+        model, ema = self.training.model, self.training.ema
+        backbone = getattr(model, "backbone", None)
+        if "default" not in getattr(getattr(backbone, "model", None), "peft_config", {}):
+            return
+        from common.models.adapters import save_peft_adapter
+        with ema.applied(model) if ema is not None else nullcontext():
+            payload["peft_adapter"] = save_peft_adapter(backbone, self.ckpt_dir / f"{Path(name).stem}_adapter").name
+
+    def _initial_state(self, task_name: str) -> FitState:
+        """trainer.resume: auto continues from <run dir>/checkpoints/last.pt when it exists (a requeued job, a
+        rerun into the same hydra.run.dir); true does too and says when there is none; false starts afresh."""
+        if self.t.resume not in ("auto", True, False):
+            raise ValueError(f"trainer.resume={self.t.resume!r}: expected auto, true or false")
+        path = self.ckpt_dir / "last.pt"
+        if self.t.resume is True and not path.is_file():
+            log.info(f"[trainer] resume requested but {path} does not exist yet: starting from scratch")
+        if self.t.resume is False or not path.is_file():
+            return FitState()
+        return self._resume(path, task_name)
+
+    def _resume(self, path: Path, task_name: str) -> FitState:
+        from common.training.checkpoint import load_checkpoint
+        ckpt, tr = load_checkpoint(path, task_name), self.training
+        load_trainable_state(tr.model, ckpt["model"], str(path))
+        load_trainable_state(tr.criterion, ckpt["criterion"], str(path))
+        tr.optimizer.load_state_dict(ckpt["optimizer"])
+        if tr.ema is not None and ckpt["ema"] is not None:
+            tr.ema.load_state_dict(ckpt["ema"])
+        state = FitState(**ckpt["fit_state"])
+        if state.batches_done:           # stopped mid-epoch: its draws go on; a new epoch reseeds instead (_epochs)
+            set_rng_state(ckpt["rng"])
+        log.info(f"[trainer] resumed from {path} at epoch {state.epoch} batch {state.batches_done}")
+        return state
+
+    # ---- one optimisation step -------------------------------------------------------------
+    def _backward(self, terms: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+        """Gradients of the summed terms; with PCGrad, its counts (conflicts, pairs) for this micro-batch."""
+        if not self.t.pcgrad.enabled:
+            (sum(terms.values()) * scale).backward()
+            return {}
+        from common.training.mtl import pcgrad_backward
+        wanted, param_groups = set(self.t.pcgrad.groups), self.training.optimizer.param_groups
+        projected = [p for g in param_groups if g["tag"] in wanted for p in g["params"]]
+        others = [p for g in param_groups if g["tag"] not in wanted for p in g["params"]]
+        return pcgrad_backward({k: v * scale for k, v in terms.items()}, projected, mode=self.t.pcgrad.mode,
+                               primary=list(self.t.pcgrad.primary) or None, other_params=others)
+
+    def _optimizer_step(self, state: FitState) -> bool:
+        """Clip, step, update EMA. Returns False (step skipped) when the gradients are not finite."""
+        tr = self.training
+        params = [p for g in tr.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        clip = self.t.grad_clip if self.t.grad_clip else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
+        if not torch.isfinite(norm):
+            self._count_nonfinite(state, "gradient norm")
+            tr.optimizer.zero_grad(set_to_none=True)
+            return False
+        tr.schedule.apply(tr.optimizer, state.step)
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+        if tr.ema is not None:
+            tr.ema.update(tr.model)
+        state.step += 1
+        return True
+
+    def _count_nonfinite(self, state: FitState, what: str) -> None:
+        state.nonfinite_steps += 1
+        log.warning(f"[trainer] non-finite {what} at step {state.step}: step skipped "
+                    f"({state.nonfinite_steps}/{self.t.max_nonfinite_steps})")
+        if state.nonfinite_steps > int(self.t.max_nonfinite_steps):
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {state.step}, {state.nonfinite_steps} such optimiser steps (limit "
+                f"trainer.max_nonfinite_steps={self.t.max_nonfinite_steps}); the run diverged: lower the "
+                f"learning rate, enable trainer.grad_clip, or check the data for NaN inputs")
+
+    # ---- epochs ----------------------------------------------------------------------------
+    def train_epoch(self, batches: Iterable, state: FitState) -> dict:
+        """Train the epoch's remaining batches (of `batches`, the epoch's loader: steps_per_epoch optimiser steps
+        of accumulate_grad_batches micro-batches, less state.batches_done), after prepare; returns the epoch's
+        train/ record. Raises Preempted at the first optimiser step after a signal, with state.batches_done and
+        state.epoch_sums saying how far the epoch got."""
+        tr = self.training
+        if tr is None:
+            raise RuntimeError("Trainer.train_epoch before Trainer.prepare: nothing to train yet")
+        tr.train_model.train()
+        tr.criterion.train()
+        accum = int(self.t.accumulate_grad_batches)
+        total = tr.steps_per_epoch * accum
+        sums = state.epoch_sums
+        pcgrad_counts: dict[str, float] = {}        # summed over the epoch's micro-batches, logged with it
+        seen, skip_step, start = 0, False, time.perf_counter()
+        bar = tqdm(total=total - state.batches_done, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
+        for batch in itertools.islice(batches, max(total - state.batches_done, 0)):
+            batch = move_to(batch, self.device)
+            with self.autocast():
+                outputs = tr.train_model(batch)
+                terms = tr.criterion(outputs, batch)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss.detach()):
+                skip_step = True
+            else:
+                for key, value in self._backward(terms, 1.0 / accum).items():
+                    pcgrad_counts[key] = pcgrad_counts.get(key, 0.0) + value
+            for key, value in {"loss": loss, **terms}.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            seen += batch_size_of(batch)
+            bar.update(1)
+            state.batches_done += 1
+            if state.batches_done % accum == 0:
+                self._finish_accumulation(state, skip_step, {k: float(v.detach()) for k, v in terms.items()})
+                skip_step = False
+                signum = preemption.agreed(self.ctx)
+                if signum is not None:
+                    raise Preempted(signum)
+        bar.close()
+        seconds = time.perf_counter() - start
+        record = {f"train/{k}": v / max(1, state.batches_done) for k, v in sums.items()}
+        record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
+        record.update({f"train/{k}": v for k, v in pcgrad_counts.items()})
+        epoch_log = getattr(tr.criterion, "epoch_log", None)   # e.g. uncertainty-weighting log-variances
+        if epoch_log is not None:
+            record.update({f"train/{k}": v for k, v in epoch_log().items()})
+        return record
+
+    def _finish_accumulation(self, state: FitState, skip: bool, terms: dict[str, float]) -> None:
+        if skip:
+            self.training.optimizer.zero_grad(set_to_none=True)
+            self._count_nonfinite(state, "loss")
+            return
+        if self._optimizer_step(state) and state.step % int(self.t.log_every_n_steps) == 0:
+            lrs = {f"lr/{g['tag']}": g["lr"] for g in self.training.optimizer.param_groups}
+            self.tracker.log_metrics({"train/loss_step": sum(terms.values()),   # epoch means: train/loss
+                                      **{f"train/{k}_step": v for k, v in terms.items()}, **lrs}, state.step)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, criterion: nn.Module | None, metric: Metric, dataset: Dataset,
+                 collate: Callable, limit: int | None = None, on_first_batch: Callable | None = None) -> dict:
+        """Metric values (no prefix) plus the mean loss when a criterion is given."""
+        model.eval()
+        metric.reset()
+        loss_sum, items = 0.0, 0                           # val/loss: the mean over items, on every rank count
+        trained = self.training is not None and model is self.training.model
+        if not trained:                                    # the training model was placed by prepare
+            self.place(model)
+        ema = self.training.ema if trained else None
+        with ema.applied(model) if ema is not None else nullcontext():
+            for i, batch in enumerate(self.loader(dataset, collate, train=False)):
+                if limit and i >= limit:
+                    break
+                self._check_preemption()
+                batch = move_to(batch, self.device)
+                with self.autocast():
+                    outputs = model(batch)
+                    if criterion is not None:
+                        loss_sum += float(sum(criterion(outputs, batch).values())) * batch_size_of(batch)
+                items += batch_size_of(batch)
+                outputs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                           for k, v in outputs.items()}
+                metric.update(outputs, batch)
+                if i == 0 and on_first_batch is not None:
+                    on_first_batch(to_cpu(outputs), batch)
+        values = metric.compute()
+        if criterion is not None:
+            totals = torch.tensor([loss_sum, float(items)], dtype=torch.float64, device=self.device)
+            if self.ctx.enabled:
+                torch.distributed.all_reduce(totals)
+            values["loss"] = float(totals[0] / totals[1].clamp(min=1))
+        return values
+
+    @torch.no_grad()
+    def infer(self, model: nn.Module, dataset: Dataset, collate: Callable) -> Iterator[tuple[dict, dict]]:
+        """(outputs on the CPU, batch) pairs in dataset order, for writing predictions."""
+        self.place(model).eval()
+        for batch in tqdm(self.loader(dataset, collate, train=False), desc="predict", disable=not self.bars):
+            self._check_preemption()
+            device_batch = move_to(batch, self.device)
+            with self.autocast():
+                outputs = model(device_batch)
+            yield to_cpu(outputs), batch
+
+    def _check_preemption(self) -> None:
+        """Evaluation and prediction stop at a signal too (one process; DDP ranks hold unequal shards, so they
+        agree only at training steps)."""
+        if not self.ctx.enabled:
+            preemption.check()
+
+    # ---- the fit loop ----------------------------------------------------------------------
+    def _improved(self, value: float, state: FitState) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        if state.best_value is None:
+            return True
+        if self.t.monitor_direction == "maximize":
+            return value > state.best_value
+        return value < state.best_value
+
+    def fit(self, task, model: nn.Module, criterion: nn.Module, metric: Metric, train_set: Dataset,
+            val_set: Dataset, stats: dict, sample_weights=None) -> FitState:
+        """sample_weights: one per training item (common.data.datasets.sample_weights_of), or None to shuffle."""
+        steps = self._steps_per_epoch(self.loader(train_set, task.collate, train=True, weights=sample_weights))
+        self.prepare(model, criterion, steps)
+        state = self._initial_state(task.name)
+        monitor_key = str(self.t.monitor).split("/", 1)[-1]
+        end = int(self.t.max_epochs)
+        if self.t.epochs_per_run:
+            end = min(end, state.epoch + int(self.t.epochs_per_run))
+        try:
+            with lines_above_bars(self.bars):
+                self._epochs(task, metric, train_set, val_set, stats, sample_weights, state, end, monitor_key)
+        except Preempted as stop:
+            self._save_preempted(stop, state, task.name, stats)
+            raise
+        return state
+
+    def _save_preempted(self, stop: Preempted, state: FitState, task_name: str, stats: dict) -> None:
+        """last.pt where the run stopped (the caller ends the process: common.cluster.preemption.stop)."""
+        self._save("last.pt", self._payload(state, task_name, stats))
+        log.warning(f"[trainer] {stop}: wrote {self.ckpt_dir / 'last.pt'} at epoch {state.epoch} batch "
+                    f"{state.batches_done}; the same command (same run directory) continues from there")
+
+    def _epochs(self, task, metric, train_set, val_set, stats, sample_weights, state: FitState, end: int,
+                monitor_key: str) -> None:
+        if self._should_stop(state):       # resumed after early stopping: nothing left to train
+            return
+        tr = self.training
+        epochs = tqdm(range(state.epoch, end), desc="epochs", disable=not self.bars)
+        for epoch in epochs:
+            started = time.perf_counter()
+            if state.batches_done == 0:     # a new epoch; resumed mid-epoch, the generators _resume restored go on
+                seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank)
+            loader = self.loader(train_set, task.collate, True, epoch, skip_batches=state.batches_done,
+                                 weights=sample_weights)
+            record = {"epoch": epoch, **self.train_epoch(loader, state)}
+            media = (lambda out, b: task.log_media(self.tracker, out, b, stats, state.step)) \
+                if self.ctx.is_main else None
+            val = self.evaluate(tr.model, tr.criterion, metric, val_set, task.collate,
+                                limit=self.t.limit_val_batches, on_first_batch=media)
+            task.on_validation_end(tr.model, val)
+            record.update({f"val/{k}": v for k, v in val.items()})
+            record.update({"step": state.step, **{f"lr/{g['tag']}": g["lr"] for g in tr.optimizer.param_groups}})
+            record["epoch_seconds"] = time.perf_counter() - started
+            state.epoch, state.last_metrics = epoch + 1, record
+            state.batches_done, state.epoch_sums = 0, {}
+            if self._improved(val.get(monitor_key), state):
+                state.best_value, state.best_epoch, state.best_metrics = val[monitor_key], epoch, record
+                state.epochs_without_improvement = 0
+                self._save("best.pt", self._payload(state, task.name, stats))
+            else:
+                state.epochs_without_improvement += 1
+            self._save("last.pt", self._payload(state, task.name, stats))
+            self._report_epoch(record, state, monitor_key)
+            if self._should_stop(state):
+                break
+
+    def _report_epoch(self, record: dict, state: FitState, monitor_key: str) -> None:
+        if self.files is not None:
+            self.files.append_epoch(record)
+        self.tracker.log_metrics(record, state.step)
+        if self.ctx.is_main and self.t.progress != "off":
+            log.info(epoch_line(record, int(self.t.max_epochs), monitor_key, state.best_value, state.best_epoch))
+
+    def _should_stop(self, state: FitState) -> bool:
+        patience = self.t.early_stopping_patience
+        if patience is not None and int(patience) < 1:
+            raise ValueError(f"trainer.early_stopping_patience={patience}: expected epochs >= 1 without improvement "
+                             f"before stopping, or null to train every epoch")
+        if patience is not None and state.epochs_without_improvement >= int(patience):
+            log.info(f"[trainer] early stopping: no improvement of {self.t.monitor} for {patience} epochs")
+            return True
+        return False
