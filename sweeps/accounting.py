@@ -103,17 +103,28 @@ def fail_dead_trials(study: optuna.Study, grace_period: int, me: str) -> int:
     return failed
 
 
-def counts(study: optuna.Study) -> tuple[int, int]:
-    """(complete trials, RUNNING trials) of the study."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    complete = sum(t.state == TrialState.COMPLETE for t in trials)
-    return complete, len(trials) - complete
+BUDGET_COUNTS = ("complete", "finished")
 
 
-def is_surplus(study: optuna.Study, number: int, budget: int) -> bool:
+def counts_toward_budget(trial: FrozenTrial, budget_counts: str) -> bool:
+    """budget_counts=complete: COMPLETE trials; finished: COMPLETE and PRUNED ones (never a surplus trial, which is
+    told PRUNED without having run)."""
+    if trial.state == TrialState.COMPLETE:
+        return True
+    return budget_counts == "finished" and trial.state == TrialState.PRUNED and not trial.user_attrs.get("surplus")
+
+
+def counts(study: optuna.Study, budget_counts: str = "complete") -> tuple[int, int]:
+    """(trials that count toward the budget, RUNNING trials) of the study."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED))
+    return (sum(counts_toward_budget(t, budget_counts) for t in trials),
+            sum(t.state == TrialState.RUNNING for t in trials))
+
+
+def is_surplus(study: optuna.Study, number: int, budget: int, budget_counts: str = "complete") -> bool:
     """Two workers asking at the same instant can overshoot: the later trial numbers beyond the budget yield."""
-    active = sorted(t.number for t in study.get_trials(deepcopy=False,
-                                                       states=(TrialState.COMPLETE, TrialState.RUNNING)))
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED))
+    active = sorted(t.number for t in trials if t.state == TrialState.RUNNING or counts_toward_budget(t, budget_counts))
     return active.index(number) >= budget
 
 

@@ -3,8 +3,10 @@
     python -m sweeps.report logs/sweeps/<study>                       # SQLite study of that sweep directory
     python -m sweeps.report <dir> --storage postgresql://user@host/db [--study NAME]
 
-Prints one line per trial (number, state, parameters, metric, seconds, kind of failure) and each failure's
-reason below, as wide as the terminal (--width), and writes optimization_history.png and param_importances.png into the sweep directory (--out).
+Prints one line per trial (number, state, parameters, metric, epochs run, seconds, kind of failure) and each
+failure's reason below, as wide as the terminal (--width), what pruning saved (pruned trials, the epoch each stopped
+at, epochs run vs every trial run to the end), and writes optimization_history.png, intermediate_values.png and
+param_importances.png into the sweep directory (--out).
 """
 from __future__ import annotations
 
@@ -60,11 +62,14 @@ def _duration(trial: FrozenTrial) -> str:
 
 
 def rows(trials: list[FrozenTrial], columns: dict[str, str], metric: str) -> list[list[str]]:
-    """One row per trial; the fail column holds the reason's category (diverged, out of memory, worker ...)."""
-    header = ["#", "state", *columns.values(), metric, "s", "fail"]
+    """One row per trial; the fail column holds the reason's category (diverged, out of memory, worker ...); an
+    epochs-run column when the trials recorded theirs (a pruned trial's metric is its last reported value)."""
+    epochs = any("epochs_run" in t.user_attrs for t in trials)
+    header = ["#", "state", *columns.values(), metric, *(["ep"] if epochs else []), "s", "fail"]
     body = [[str(t.number), STATE.get(t.state, t.state.name), *(_cell(t.params.get(p)) for p in columns),
-             _cell(t.value), _duration(t), t.user_attrs.get("fail_reason", "").split(":", 1)[0][:16]]
-            for t in trials]
+             _cell(t.value if t.state != TrialState.PRUNED else t.user_attrs.get("last_value")),
+             *([_cell(t.user_attrs.get("epochs_run"))] if epochs else []), _duration(t),
+             t.user_attrs.get("fail_reason", "").split(":", 1)[0][:16]] for t in trials]
     return [header, *body]
 
 
@@ -98,6 +103,21 @@ def summary(study: optuna.Study, trials: list[FrozenTrial]) -> str:
     return text
 
 
+def pruning_summary(trials: list[FrozenTrial]) -> str | None:
+    """Pruned trials (never a surplus one, which did not run), the epoch each stopped at, and the epochs the
+    finished trials ran vs what they would have run to the end; None without pruned trials."""
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and not t.user_attrs.get("surplus")]
+    if not pruned:
+        return None
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                and "epochs_run" in t.user_attrs and "max_epochs" in t.user_attrs]
+    ran = sum(t.user_attrs["epochs_run"] for t in finished)
+    full = sum(t.user_attrs["max_epochs"] for t in finished)
+    stops = ", ".join(f"#{t.number}@{t.user_attrs.get('pruned_epoch', '?')}" for t in pruned)
+    saved = f"; epochs run {ran} of {full} ({full - ran} saved, {ran / full:.0%})" if full else ""
+    return f"pruned {len(pruned)} (trial@epoch: {stops}){saved}"
+
+
 def _save(axes, path: Path) -> None:
     figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
     figure.set_size_inches(8, 5)
@@ -121,7 +141,8 @@ def importance_axes(study: optuna.Study):
 
 
 def plot(study: optuna.Study, out: Path) -> list[Path]:
-    """optimization_history.png always; param_importances.png from 2 complete trials on."""
+    """optimization_history.png always; intermediate_values.png when trials reported epochs; param_importances.png
+    from 2 complete trials on."""
     import matplotlib
     matplotlib.use("Agg")
     from optuna.visualization import matplotlib as optuna_plots
@@ -130,6 +151,9 @@ def plot(study: optuna.Study, out: Path) -> list[Path]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         _save(optuna_plots.plot_optimization_history(study), out / "optimization_history.png")
         written.append(out / "optimization_history.png")
+        if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+            _save(optuna_plots.plot_intermediate_values(study), out / "intermediate_values.png")
+            written.append(out / "intermediate_values.png")
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if len(complete) >= 2 and any(t.params for t in complete):
             _save(importance_axes(study), out / "param_importances.png")
@@ -156,6 +180,9 @@ def main(argv: list[str]) -> None:
     metric = str(study.user_attrs.get("metric", "value")).rsplit("/", 1)[-1]
     print(summary(study, trials))
     print(format_table(rows(trials, short_names(trials), metric), args.width))
+    pruning = pruning_summary(trials)
+    if pruning:
+        print(pruning)
     reasons = fail_reasons(trials, args.width)
     if reasons:
         print(reasons)

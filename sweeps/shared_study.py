@@ -12,7 +12,10 @@ Each worker (`python run.py -m sweeps=<space> ...`, one per GPU or Slurm job) ru
   number, never reused (an existing one for a new trial is an error);
 - a trial that raises (an error, out of memory, a diverged loss) or returns a non-finite metric is marked FAIL
   with fail_reason; the worker stops after more than max_failure_rate x budget failures of its own;
-- every finished trial gets its run directory and final metrics (metrics.json) as user attributes.
+- every finished trial gets its run directory and final metrics (metrics.json) as user attributes;
+- pruning (sweeps.pruning): each job reports its validations to its trial; a job its pruner stopped writes
+  `pruned` in metrics.json and its trial is told PRUNED, with user attributes pruned_epoch and last_value;
+  `budget_counts` says whether the budget counts COMPLETE trials (default) or COMPLETE + PRUNED (finished).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from optuna.trial import TrialState
 from common.utils.atomic import atomic_write_text
 from common.utils.secrets import protect_process, redact
 from sweeps import accounting
+from sweeps.pruning import build_pruner
 from sweeps.storage import load_study, open_study
 from sweeps.workers import worker_id
 
@@ -58,6 +62,27 @@ def final_metrics(run_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if isinstance(v, (int, float, str))}
 
 
+def epoch_counts(run_dir: Path, job_return: JobReturn) -> dict[str, int]:
+    """epochs_run (from metrics.json) and max_epochs (the job's trainer.max_epochs): what pruning saved."""
+    counts = {}
+    metrics_file = run_dir / "metrics.json"
+    last = json.loads(metrics_file.read_text()).get("last") if metrics_file.is_file() else None
+    if isinstance(last, dict) and isinstance(last.get("epoch"), int):
+        counts["epochs_run"] = last["epoch"] + 1
+    max_epochs = OmegaConf.select(job_return.cfg, "trainer.max_epochs") if job_return.cfg is not None else None
+    if isinstance(max_epochs, int):
+        counts["max_epochs"] = max_epochs
+    return counts
+
+
+def pruned_at(run_dir: Path) -> Optional[dict]:
+    """{"epoch", "value"} where the trial's pruner stopped its run (metrics.json's `pruned`), else None."""
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    return json.loads(metrics_file.read_text()).get("pruned")
+
+
 def quiet_optuna_logging() -> None:
     """Optuna's lines through Hydra's handlers (one format, no colour codes), not its own coloured handler."""
     optuna.logging.disable_default_handler()
@@ -67,6 +92,7 @@ def quiet_optuna_logging() -> None:
 class SharedStudySweeper(Sweeper):
     def __init__(self, sampler: DictConfig, direction: str, storage: str, study_name: str, budget: int,
                  n_jobs: int, max_failure_rate: float, heartbeat_interval: int, grace_period: int,
+                 budget_counts: str = "complete", pruner: Optional[DictConfig] = None,
                  params: Optional[DictConfig] = None) -> None:
         if n_jobs != 1:
             raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}: shared-study workers run one trial at a time; "
@@ -75,6 +101,11 @@ class SharedStudySweeper(Sweeper):
                 and 0 < heartbeat_interval < grace_period):
             raise ValueError(f"hydra.sweeper.heartbeat_interval={heartbeat_interval}, grace_period={grace_period}: "
                              f"expected positive integers (seconds) with heartbeat_interval < grace_period")
+        if budget_counts not in accounting.BUDGET_COUNTS:
+            raise ValueError(f"hydra.sweeper.budget_counts={budget_counts!r}: expected one of "
+                             f"{', '.join(accounting.BUDGET_COUNTS)}")
+        self.pruner = build_pruner(pruner, [direction] if isinstance(direction, str) else list(direction))
+        self.budget_counts = budget_counts
         self.sampler_cfg, self.direction, self.storage = sampler, direction, storage
         self.study_name, self.budget, self.max_failure_rate = study_name, budget, max_failure_rate
         self.heartbeat_interval, self.grace_period, self.params = heartbeat_interval, grace_period, params
@@ -93,12 +124,13 @@ class SharedStudySweeper(Sweeper):
         study = open_study(self.storage, self.study_name, [self.direction])
         study.set_user_attr("metric", str(self.config.optimized_metric))  # for sweeps.report
         study.set_user_attr("budget", self.budget)
+        study.set_user_attr("budget_counts", self.budget_counts)
         seed = sampler_seed(int(self.sampler_cfg.seed), self.worker, len(study.get_trials(deepcopy=False)))
         self.seed = seed
         sampler = instantiate(self.sampler_cfg, seed=seed)
-        log.info(f"study {self.study_name} in {redact(self.storage)}: budget {self.budget} complete trials; "
+        log.info(f"study {self.study_name} in {redact(self.storage)}: budget {self.budget} {self.budget_counts} trials; "
                  f"worker {self.worker}, sampler seed {seed}")
-        return load_study(self.storage, self.study_name, sampler=sampler)
+        return load_study(self.storage, self.study_name, sampler=sampler, pruner=self.pruner)
 
     def _search_space(self, arguments: list[str]):
         params_conf = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
@@ -129,8 +161,8 @@ class SharedStudySweeper(Sweeper):
                 raise
 
     def _record(self, study: optuna.Study, trial_id: int, number: int, job_return: JobReturn,
-                run_dir: Path) -> bool:
-        """Tell the study how the trial ended; True when it completed."""
+                run_dir: Path) -> str:
+        """Tell the study how the trial ended: "complete", "pruned" or "failed"."""
         try:
             value = job_return.return_value
         except Exception as err:  # the trial's own exception (re-raised by JobReturn): its reason
@@ -138,27 +170,37 @@ class SharedStudySweeper(Sweeper):
         else:
             reason = accounting.value_failure(value, str(self.config.optimized_metric), str(run_dir))
         trial = optuna.trial.Trial(study, trial_id)
-        for key, attr in final_metrics(run_dir).items():
+        for key, attr in {**final_metrics(run_dir), **epoch_counts(run_dir, job_return)}.items():
             trial.set_user_attr(key, attr)
         if reason is not None:
             accounting.mark_failed(study, trial_id, number, reason)
-            return False
+            return "failed"
+        pruned = pruned_at(run_dir)
+        if pruned is not None:
+            trial.set_user_attr("pruned_epoch", pruned["epoch"])
+            trial.set_user_attr("last_value", pruned["value"])
+        outcome = "complete" if pruned is None else "pruned"
         try:
-            study.tell(number, values=[float(value)])
+            if pruned is None:
+                study.tell(number, values=[float(value)])
+            else:
+                study.tell(number, state=TrialState.PRUNED)
         except (RuntimeError, ValueError) as err:
-            log.warning(f"trial {number} completed but had been failed by another worker meanwhile (its heartbeat "
-                        f"expired): {err}; its run is in {run_dir}")
-            return False
-        return True
+            log.warning(f"trial {number} ended ({outcome}) but had been failed by another worker meanwhile (its "
+                        f"heartbeat expired): {err}; its run is in {run_dir}")
+            return "failed"
+        if pruned is not None:
+            log.info(f"trial {number} pruned at epoch {pruned['epoch']} (value {pruned['value']})")
+        return outcome
 
-    def _run(self, study: optuna.Study, trial: optuna.trial.Trial, overrides: list[str]) -> bool:
+    def _run(self, study: optuna.Study, trial: optuna.trial.Trial, overrides: list[str]) -> str:
         run_dir = Path(trial.user_attrs["run_dir"])
         job_return = self._launch(study, trial._trial_id, trial.number, overrides)
         return self._record(study, trial._trial_id, trial.number, job_return, run_dir)
 
     def _new_trial(self, study: optuna.Study, distributions, fixed) -> Optional[optuna.trial.Trial]:
         trial = study.ask(fixed_distributions=distributions)
-        if accounting.is_surplus(study, trial.number, self.budget):
+        if accounting.is_surplus(study, trial.number, self.budget, self.budget_counts):
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.PRUNED)
             return None
@@ -184,7 +226,7 @@ class SharedStudySweeper(Sweeper):
                      f"with its parameters {frozen.params}")
             overrides = self._overrides(frozen.params, fixed) + ["trainer.resume=true"]
             ran += 1
-            failures += not self._run(study, trial, overrides)
+            failures += self._run(study, trial, overrides) == "failed"
         return ran, failures
 
     def _overrides(self, params: dict, fixed: dict) -> list[str]:
@@ -211,7 +253,7 @@ class SharedStudySweeper(Sweeper):
         waited = False
         while True:
             accounting.fail_dead_trials(study, self.grace_period, self.worker)
-            complete, live = accounting.counts(study)
+            complete, live = accounting.counts(study, self.budget_counts)
             if complete >= self.budget:
                 break
             if complete + live >= self.budget:
@@ -222,21 +264,26 @@ class SharedStudySweeper(Sweeper):
             if trial is None:
                 continue
             ran += 1
-            failures += not self._run(study, trial, self._overrides(trial.params, fixed))
+            failures += self._run(study, trial, self._overrides(trial.params, fixed)) == "failed"
             self._check_failures(failures)
         self._finish(study, ran)
 
     def _finish(self, study: optuna.Study, ran: int) -> None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+                  if not t.user_attrs.get("surplus")]
+        counted = f"{len(complete)} complete and {len(pruned)} pruned trials (budget {self.budget} {self.budget_counts})"
+        if not complete:
+            log.info(f"study {self.study_name}: {counted}: no trial completed, so no best value")
+            return
         best = study.best_trial
         if ran == 0:
-            log.info(f"study {self.study_name} is finished: {len(complete)} complete trials (budget {self.budget}); "
-                     f"nothing to run. Best value {best.value} (trial {best.number}); see python -m sweeps.report "
-                     f"{Path(str(self.config.hydra.sweep.dir))}")
+            log.info(f"study {self.study_name} is finished: {counted}; nothing to run. Best value {best.value} "
+                     f"(trial {best.number}); see python -m sweeps.report {Path(str(self.config.hydra.sweep.dir))}")
             return
         results = {"name": "optuna", "study_name": study.study_name, "complete_trials": len(complete),
-                   "best_trial": best.number, "best_params": best.params, "best_value": best.value}
+                   "pruned_trials": len(pruned), "best_trial": best.number, "best_params": best.params,
+                   "best_value": best.value}
         atomic_write_text(Path(str(self.config.hydra.sweep.dir)) / "optimization_results.yaml",
                           OmegaConf.to_yaml(results))
-        log.info(f"study {self.study_name}: {len(complete)} complete trials; best value {best.value} "
-                 f"(trial {best.number})")
+        log.info(f"study {self.study_name}: {counted}; best value {best.value} (trial {best.number})")

@@ -87,11 +87,13 @@ def open_study(url: str, study_name: str, directions: list[str], sampler=None) -
                                    directions=directions, load_if_exists=True)
 
 
-def load_study(url: str, study_name: str, sampler=None) -> optuna.Study:
-    """An existing study (a clear error naming the storage and its studies when there is none)."""
+def load_study(url: str, study_name: str, sampler=None, pruner=None) -> optuna.Study:
+    """An existing study (a clear error naming the storage and its studies when there is none). pruner None: none
+    (optuna's own default would be MedianPruner)."""
     with creation_lock(url):
         storage = make_storage(url)
     names = [s.study_name for s in optuna.study.get_all_study_summaries(storage)]
     if study_name not in names:
         raise SystemExit(f"no study {study_name!r} in {redact(url)}; it holds: {', '.join(names) or 'no study'}")
-    return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+    return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler,
+                             pruner=pruner or optuna.pruners.NopPruner())

@@ -69,8 +69,17 @@ class _Config(dict):
 class Run:
     id = "fakerun"
 
-    def __init__(self, config):
-        self.config, self.summary = _Config(config or {}), {}
+    def __init__(self, config, tags=None):
+        self.config, self.summary, self._tags = _Config(config or {}), {}, tuple(tags or ())
+
+    @property
+    def tags(self):
+        return self._tags
+
+    @tags.setter
+    def tags(self, value):
+        CALLS.append({"call": "tags", "tags": list(value)})
+        self._tags = tuple(value)
 
     def define_metric(self, name, step_metric=None, summary=None, **kwargs):
         CALLS.append({"call": "define_metric", "name": name, "step_metric": step_metric, "summary": summary})
@@ -91,7 +100,7 @@ class Run:
 def init(**kwargs):
     kwargs = {**kwargs, "settings": kwargs["settings"].kwargs if kwargs.get("settings") else None}
     CALLS.append({"call": "init", **_plain(kwargs)})
-    return Run(kwargs.get("config"))
+    return Run(kwargs.get("config"), kwargs.get("tags"))
 
 
 def calls(kind: str) -> list[dict]:

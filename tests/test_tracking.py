@@ -258,6 +258,7 @@ def test_real_wandb_offline_accepts_every_call(monkeypatch, tmp_path):
     tracker.log_table("breakdown", ["field", "n"], [["rain", 3]])
     tracker.log_confusion_matrix("confusion", [[2, 1], [0, 3]], ["no roadwork", "roadwork"])
     tracker.set_config(cfg)
+    tracker.add_tags(["pruned"])
     (run / "best.pt").write_bytes(b"weights")
     (run / "metrics.json").write_text(json.dumps({"checkpoints": {"best": str(run / "best.pt")}}))
     tracker.report_run(run)
@@ -265,5 +266,5 @@ def test_real_wandb_offline_accepts_every_call(monkeypatch, tmp_path):
     import wandb
     wandb.teardown()          # waits until the service has written the run file
     blobs = b"".join(p.read_bytes() for p in run.glob("wandb/offline-run-*/run-*.wandb"))
-    for name in (b"name-test", b"g-test", b"task:toy", b"train/loss_step", b"val/f1", b"confusion", b"best"):
+    for name in (b"name-test", b"g-test", b"task:toy", b"train/loss_step", b"val/f1", b"confusion", b"best", b"pruned"):
         assert name in blobs, name

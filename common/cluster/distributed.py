@@ -61,6 +61,15 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def agree(ctx: DistContext, flag: bool) -> bool:
+    """The main process's flag, on every process."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor([int(flag)], device=ctx.device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()

@@ -6,6 +6,7 @@ import logging
 from contextlib import nullcontext
 from pathlib import Path
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from common.cluster import distributed, preemption
@@ -32,11 +33,15 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     sets = task.datasets(root, "fit")
     stats = task.fit_stats(sets["train"])
     model, criterion, metric = build_parts(task, stats)
-    state = Trainer(cfg, run_dir, tracker, ctx).fit(task, model, criterion, metric, sets["train"], sets["val"],
-                                                     stats, sample_weights_of(sets["train"]))
+    trial = instantiate(cfg.sweep_trial) if cfg.sweep_trial is not None else None
+    state = Trainer(cfg, run_dir, tracker, ctx, trial).fit(task, model, criterion, metric, sets["train"],
+                                                            sets["val"], stats, sample_weights_of(sets["train"]))
     summary = {"monitor": str(cfg.trainer.monitor), "best_value": state.best_value,
                "best_epoch": state.best_epoch, "best": state.best_metrics, "last": state.last_metrics,
                "checkpoints": written_checkpoints(run_dir / "checkpoints")}
+    if state.pruned_epoch is not None:          # read by the sweeper (sweeps.shared_study): the trial is PRUNED
+        summary["pruned"] = {"epoch": state.pruned_epoch, "value": state.pruned_value}
+        tracker.add_tags(["pruned"])
     if ctx.is_main:
         RunFiles(run_dir).write_final(summary)
     raise_if_diverged(state, str(cfg.trainer.monitor))

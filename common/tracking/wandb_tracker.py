@@ -101,6 +101,10 @@ class WandbTracker(Tracker):
         for key, value in metrics.items():
             self.run.summary[key] = value
 
+    def add_tags(self, tags):
+        """Tags known only at the end of a run (`pruned`), after those of its config."""
+        self.run.tags = tuple(self.run.tags or ()) + tuple(t for t in tags if t not in (self.run.tags or ()))
+
     def log_artifact(self, path: Path, kind: str) -> None:
         artifact = wandb.Artifact(f"{self.run.id}-{path.stem}", type=kind)
         if path.is_dir():

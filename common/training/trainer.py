@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sequential
 from tqdm.auto import tqdm
 
 from common.cluster import preemption
-from common.cluster.distributed import DistContext, ShardSampler
+from common.cluster.distributed import DistContext, ShardSampler, agree
 from common.cluster.preemption import Preempted
 from common.data.datasets import SeededItems, reseed_augmentations, seed_worker
 from common.data.sampling import SeededOrder, WeightedEpochSampler
@@ -77,6 +77,8 @@ class FitState:
     last_metrics: dict = field(default_factory=dict)
     epochs_without_improvement: int = 0
     nonfinite_steps: int = 0
+    pruned_epoch: int | None = None      # the epoch at which a sweep's pruner stopped this run (a job of a sweep)
+    pruned_value: float | None = None    # the monitored value it was stopped on
     batches_done: int = 0                # batches of epoch `epoch` already trained (preempted mid-epoch)
     epoch_sums: dict = field(default_factory=dict)   # their loss sums, so the epoch's mean covers every batch
 
@@ -94,8 +96,10 @@ class Training:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker, ctx: DistContext):
-        self.cfg, self.t = cfg, cfg.trainer
+    def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker, ctx: DistContext, trial=None):
+        """trial: the sweep trial this run reports each validation to (`report(value, epoch) -> stop?`, e.g.
+        sweeps.pruning.JobTrial), or None outside a sweep."""
+        self.cfg, self.t, self.trial = cfg, cfg.trainer, trial
         self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
         self.tracker, self.ctx, self.device = tracker, ctx, ctx.device
         self.files = RunFiles(run_dir) if ctx.is_main else None
@@ -470,6 +474,7 @@ class Trainer:
                 self._save("best.pt", self._payload(state, task.name, stats))
             else:
                 state.epochs_without_improvement += 1
+            self._report_to_trial(val.get(monitor_key), epoch, state)
             self._save("last.pt", self._payload(state, task.name, stats))
             self._report_epoch(record, state, monitor_key)
             if self._should_stop(state):
@@ -482,7 +487,19 @@ class Trainer:
         if self.ctx.is_main and self.t.progress != "off":
             log.info(epoch_line(record, int(self.t.max_epochs), monitor_key, state.best_value, state.best_epoch))
 
+    def _report_to_trial(self, value, epoch: int, state: FitState) -> None:
+        """Report the monitored value to the sweep's trial; its pruner may stop the run here (the main process
+        decides, every process follows)."""
+        if self.trial is None:
+            return
+        prune = agree(self.ctx, self.trial.report(value, epoch) if self.ctx.is_main else False)
+        if prune:
+            state.pruned_epoch, state.pruned_value = epoch, value
+
     def _should_stop(self, state: FitState) -> bool:
+        if state.pruned_epoch is not None:
+            log.info(f"[trainer] stopped by the sweep's pruner after epoch {state.pruned_epoch}")
+            return True
         patience = self.t.early_stopping_patience
         if patience is not None and int(patience) < 1:
             raise ValueError(f"trainer.early_stopping_patience={patience}: expected epochs >= 1 without improvement "

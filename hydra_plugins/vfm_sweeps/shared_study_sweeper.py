@@ -6,12 +6,14 @@ from hydra.plugins.sweeper import Sweeper
 
 class SharedStudySweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: str, study_name: str, budget: int, n_jobs: int,
-                 max_failure_rate: float, heartbeat_interval: int, grace_period: int,
-                 params: Optional[Any] = None) -> None:
+                 max_failure_rate: float, heartbeat_interval: int, grace_period: int, budget_counts: str = "complete",
+                 pruner: Optional[Any] = None, params: Optional[Any] = None) -> None:
         from sweeps.shared_study import SharedStudySweeper as Impl
 
-        self.sweeper = Impl(sampler, direction, storage, study_name, budget, n_jobs, max_failure_rate,
-                            heartbeat_interval, grace_period, params)
+        self.sweeper = Impl(sampler=sampler, direction=direction, storage=storage, study_name=study_name,
+                            budget=budget, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
+                            heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                            budget_counts=budget_counts, pruner=pruner, params=params)
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
