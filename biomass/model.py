@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from biomass.meta_encoder import FIELDS, MODES, MetadataFusion, check_fields
 from biomass.mixing import mix_features, mix_labels
 from biomass.param import get_param
+from biomass.stages import StageProjector, is_pyramid
 from biomass.tta import ViewTTA
 from biomass.view_fusion import LAYOUTS, HalvesEncoder
 from common.data.feature_cache import CachedEncoder, encode
@@ -41,7 +42,7 @@ class BiomassModel(nn.Module):
     mixed labels under "mixed/<key>"."""
 
     def __init__(self, backbone: Backbone, head: Callable[..., nn.Module], param: str, aux: Sequence[str],
-                 stats: dict, views: dict, metadata: dict, mixup: dict, tta: ViewTTA | None = None):
+                 stats: dict, views: dict, metadata: dict, mixup: dict, stages: dict, tta: ViewTTA | None = None):
         super().__init__()
         _check_aux(aux, metadata)
         if views["layout"] not in LAYOUTS:
@@ -52,15 +53,20 @@ class BiomassModel(nn.Module):
                              "encodes two crops: use layout=whole or data.cache_features=false")
         self.halves = HalvesEncoder(backbone, int(views["heads"]), float(views["dropout"])) \
             if views["layout"] == "halves" else None
+        dims, strides = list(backbone.embed_dims), list(backbone.layer_strides)
+        # a pyramid backbone (ConvNeXt stages): every stage to one width and grid, as a ViT's layers
+        self.stages = StageProjector(dims, strides, stages["width"], int(stages["stride"])) \
+            if is_pyramid(dims, strides) else None
+        embed_dim = self.stages.width if self.stages is not None else backbone.embed_dim
         self.metadata = None if metadata["mode"] == "none" else MetadataFusion(
             stats, metadata["mode"], list(metadata["fields"]), int(metadata["dim"]), int(metadata["heads"]),
-            backbone.embed_dim, len(backbone.layers), float(metadata["field_dropout"]))
+            embed_dim, len(backbone.layers), float(metadata["field_dropout"]))
         self.mixup = {"prob": float(mixup["prob"]), "alpha": float(mixup["alpha"])}
         self.states = list(stats["states"])
         self.param = get_param(param)
         self.aux_dims = {name: AUX_DIMS.get(name, len(self.states)) for name in aux}
         out_dim = self.param.raw_dim + sum(self.aux_dims.values())
-        self.head = head(embed_dim=backbone.embed_dim, num_layers=len(backbone.layers), out_dim=out_dim)
+        self.head = head(embed_dim=embed_dim, num_layers=len(backbone.layers), out_dim=out_dim)
         # Test-time augmentation in eval mode (inference.tta), passed by the task for validation during training
         # (mode=train / cv). It is the model's own, not a wrapper's, because the trainer validates and checkpoints
         # the very module it trains: a wrapper would prefix every checkpoint key and hide model.backbone / .head.
@@ -75,6 +81,8 @@ class BiomassModel(nn.Module):
             feats = self.halves(self.backbone, images)
         else:
             feats = encode(self.backbone, images, batch.get("cache_key"))
+        if self.stages is not None:
+            feats = self.stages(feats)
         return self.metadata(feats, batch) if self.metadata is not None else feats
 
     def decode(self, feats: BackboneOutput) -> dict[str, Tensor]:

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from sklearn.model_selection import GroupKFold
 from torch.utils.data import Dataset
 
+from biomass.config_check import check_and_reconcile
 from biomass.constants import TARGETS
 from biomass.data import BiomassDataset, fit_stats, group_keys
 from biomass.outputs import collect_predictions, score_submission, write_submission
@@ -38,6 +39,10 @@ def _table_of(dataset: Dataset) -> pd.DataFrame:
 
 
 class BiomassTask(Task):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        check_and_reconcile(cfg)
+
     # ---- data -------------------------------------------------------------------------------
     def synthesize(self, root: Path, seed: int) -> None:
         synth = OmegaConf.to_container(self.cfg.data.synth, resolve=True) if "synth" in self.cfg.data else {}

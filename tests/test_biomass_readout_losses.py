@@ -63,7 +63,7 @@ def test_vitdet_layer_fusion_fuses_per_layer_scalar_heads_in_component_space():
     model = BiomassModel(backbone, head, "total_ratio", ["height", "ndvi", "state"], STATS,
                          {"layout": "whole", "heads": 1, "dropout": 0.0},
                          {"mode": "none", "fields": ["State"], "dim": 4, "heads": 1},
-                         {"prob": 0.0, "alpha": 1.0}).eval()
+                         {"prob": 0.0, "alpha": 1.0}, {"width": None, "stride": 16}).eval()
     with torch.no_grad():
         model.head.logits.copy_(torch.tensor([0.3, -0.2, 1.0]))
         out = model({"image": torch.rand(2, 3, 28, 56)})
