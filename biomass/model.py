@@ -38,7 +38,7 @@ def _check_aux(aux: Sequence[str], metadata: dict) -> None:
 class BiomassModel(nn.Module):
     """forward(batch) -> pred_g (B, 5) grams in TARGETS order, space (B, S) pooled non-negative
     parameterisation space (units of the training mean total g/m2), the auxiliary outputs that were
-    asked for (height, ndvi in normalised units; state_logits), and in training with mixup the
+    asked for (height, ndvi in the units loss.aux_raw sets; state_logits), and in training with mixup the
     mixed labels under "mixed/<key>"."""
 
     def __init__(self, backbone: Backbone, head: Callable[..., nn.Module], param: str, aux: Sequence[str],
@@ -67,6 +67,8 @@ class BiomassModel(nn.Module):
         self.aux_dims = {name: AUX_DIMS.get(name, len(self.states)) for name in aux}
         out_dim = self.param.raw_dim + sum(self.aux_dims.values())
         self.head = head(embed_dim=embed_dim, num_layers=len(backbone.layers), out_dim=out_dim)
+        if hasattr(self.head, "set_columns"):     # a head that reads some outputs from elsewhere (fused z)
+            self.head.set_columns(self.columns())
         # Test-time augmentation in eval mode (inference.tta), passed by the task for validation during training
         # (mode=train / cv). It is the model's own, not a wrapper's, because the trainer validates and checkpoints
         # the very module it trains: a wrapper would prefix every checkpoint key and hide model.backbone / .head.
@@ -74,6 +76,14 @@ class BiomassModel(nn.Module):
         self.tta = tta
         self.register_buffer("gm2_scale", torch.tensor(float(stats["total_gm2_mean"])), persistent=False)
         self.quadrat_area = float(stats["quadrat_area"])
+
+    def columns(self) -> dict[str, tuple[int, int]]:
+        """Raw output name -> [start, stop): the parameterisation's, then the auxiliary outputs in model.aux order."""
+        spans, start = {"param": (0, self.param.raw_dim)}, self.param.raw_dim
+        for name, dim in self.aux_dims.items():
+            spans[name] = (start, start + dim)
+            start += dim
+        return spans
 
     def encode(self, batch: dict) -> BackboneOutput:
         images = batch["image"]
@@ -91,6 +101,8 @@ class BiomassModel(nn.Module):
         space = (self.param.to_space(raw[..., :k].float()) * weights.unsqueeze(-1)).sum(dim=1)
         grams_per_unit = self.gm2_scale * self.quadrat_area
         out = {"space": space, "pred_g": self.param.to_targets(space) * grams_per_unit}
+        if hasattr(self.param, "ratio_logits"):     # instance-weighted (layer-fused) ratio logits (MC weighting)
+            out["ratio_logits"] = (self.param.ratio_logits(raw.float()) * weights.unsqueeze(-1)).sum(dim=1)
         if hasattr(self.param, "extras"):     # distribution parameters a likelihood loss needs (zig)
             out.update(self.param.extras(space, grams_per_unit))
         aux = (raw[..., k:].float() * weights.unsqueeze(-1)).sum(dim=1)
@@ -102,9 +114,9 @@ class BiomassModel(nn.Module):
         return out
 
     def forward_views(self, batch: dict, tta: ViewTTA) -> dict[str, Tensor]:
-        """Outputs averaged over the TTA views (flips, scales, tiles) of batch["image"]."""
+        """Outputs averaged over the TTA views (flips, scales; tiles of batch["image_hires"]) of batch["image"]."""
         outs = [self.decode(self.encode({**batch, "image": view}))
-                for view in tta.views(batch["image"], self.backbone.patch_size)]
+                for view in tta.views(batch, self.backbone.patch_size)]
         return {key: torch.stack([o[key] for o in outs]).mean(dim=0) for key in outs[0]}
 
     def forward(self, batch: dict) -> dict[str, Tensor]:

@@ -55,9 +55,11 @@ class BiomassTask(Task):
         draft = (w * int(d.decode_scale), h * int(d.decode_scale)) if d.decode_scale else None
         cached = bool(d.cache_features)  # cached tokens are of the clean image: no pixel augmentation
         augment = build_augment(d.augment) if train and not cached else None
+        tiles = OmegaConf.select(self.cfg, "inference.tta.tiles")      # tiled inference reads the original image
         return BiomassDataset(table, root, augment, draft_size=draft, image_size=(h, w),
                               cache_view=self._cache_view() if cached else None,
-                              image_cache=ImageCache.from_config(d.get("image_cache")))
+                              image_cache=ImageCache.from_config(d.get("image_cache")),
+                              hires_scale=float(tiles.scale) if tiles and not train else None)
 
     def _cache_view(self) -> str:
         """Everything that decides the pixels the backbone sees, for the feature-cache key."""

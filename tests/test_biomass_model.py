@@ -134,7 +134,7 @@ def test_model_rejects_unknown_aux():
 def _criterion(**kw):
     args = dict(stats=STATS, space="norm_gm2", kind="mse", delta=1.0, tweedie_p=1.5,
                 weights={"total": 1.0, "ratio": 1.0, "weighted": 1.0, "height": 1.0, "ndvi": 1.0, "state": 1.0},
-                balancing="fixed", uw_init_log_var=0.0, uw_divide=False)
+                balancing="fixed", uw_init_log_var=0.0, uw_divide=False, aux_raw=[])
     return BiomassCriterion(**{**args, **kw})
 
 
