@@ -1,7 +1,7 @@
 """Checks and reconciliations of a composed biomass config, run when the task is built (before any data or model):
 - transforms that swap height and width (RandomRotate90, Transpose, D4, SquareSymmetry) are refused on a
   non-square data.image_size (the images of a batch would not stack);
-- an auxiliary target that is also a metadata input (model.metadata.fields) is dropped from model.aux, and its
+- an auxiliary target that is also a model input (model.metadata.fields, model.early_ndvi) is dropped from model.aux, and its
   loss weight with it (a target fed to the model teaches nothing);
 - a loss term of an auxiliary output the model does not produce (height / ndvi / state not in model.aux) gets
   weight 0, so the preset of one option does not leave a term pointing at a missing head.
@@ -35,23 +35,24 @@ def check_axis_swaps(augment, image_size) -> None:
                              f"or use a square data.image_size")
 
 
-def metadata_inputs(metadata) -> set[str]:
-    """Batch keys (state, species, ndvi, height) the metadata fusion feeds to the model."""
+def model_inputs(model) -> set[str]:
+    """Batch keys (state, species, ndvi, height) the model is fed: metadata fusion fields, early-fused NDVI."""
     from biomass.meta_encoder import FIELDS, check_fields
-    if metadata["mode"] == "none":
-        return set()
-    return {FIELDS[field][0] for field in check_fields(list(metadata["fields"]))}
+    metadata = model.metadata
+    inputs = set() if metadata["mode"] == "none" else {FIELDS[f][0] for f in check_fields(list(metadata["fields"]))}
+    return inputs | ({"ndvi"} if model.get("early_ndvi") else set())
 
 
 def reconcile_aux(cfg: DictConfig) -> None:
     """Drop metadata inputs from model.aux and zero the loss weights of auxiliary terms the model lacks (in place)."""
-    inputs = metadata_inputs(cfg.model.metadata)
+    inputs = model_inputs(cfg.model)
     aux = list(cfg.model.aux)
     kept = [name for name in aux if name not in inputs]
     with open_dict(cfg):
         if kept != aux:
-            log.info(f"[config] model.aux: {sorted(set(aux) - set(kept))} dropped: also metadata inputs "
-                     f"(model.metadata.fields={list(cfg.model.metadata.fields)}); their loss weights with them")
+            log.info(f"[config] model.aux: {sorted(set(aux) - set(kept))} dropped: also model inputs "
+                     f"(model.metadata.fields={list(cfg.model.metadata.fields)}, model.early_ndvi="
+                     f"{cfg.model.get('early_ndvi', False)}); their loss weights with them")
             cfg.model.aux = kept
         weights = cfg.loss.weights
         for term in AUX_TERMS:

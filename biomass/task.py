@@ -83,11 +83,18 @@ class BiomassTask(Task):
                              f"lacks {missing} (it has {sorted(columns)}); set model.metadata.mode=none, or "
                              f"model.metadata.field_dropout > 0 to train the model to predict without them")
 
+    def check_early_ndvi(self, table: pd.DataFrame, csv: Path) -> None:
+        """model.early_ndvi feeds the NDVI column to the backbone: every table read needs it."""
+        if self.cfg.model.get("early_ndvi") and "Pre_GSHH_NDVI" not in table.columns:
+            raise ValueError(f"model.early_ndvi=true reads column Pre_GSHH_NDVI as the 4th input channel, but {csv} "
+                             f"has no such column; set model.early_ndvi=false or give the table that column")
+
     def datasets(self, root: Path, stage: str, model=None) -> dict[str, Dataset]:
         d, root = self.cfg.data, Path(root)
         self.check_metadata_columns(root)
         if stage in ("fit", "cv"):
             table = read_train_table(root, d.train_csv, skip_bad=bool(d.skip_bad))
+            self.check_early_ndvi(table, root / d.train_csv)
             report_missing(table, root / d.train_csv)
             if stage == "cv":
                 train, val = table, table
@@ -98,9 +105,12 @@ class BiomassTask(Task):
             train_set.baseline_g = [float(v) for v in table[list(TARGETS)].mean(skipna=True)]   # the full table's
             return {"train": train_set, "val": self._dataset(val, root, False)}
         if stage == "eval":
-            return {"eval": self._dataset(read_solution_table(root, d.test_csv, d.solution_csv), root, False)}
+            table = read_solution_table(root, d.test_csv, d.solution_csv)
+            self.check_early_ndvi(table, root / d.test_csv)
+            return {"eval": self._dataset(table, root, False)}
         if stage == "predict":
             _, wide = read_test_table(root, d.test_csv)
+            self.check_early_ndvi(wide, root / d.test_csv)
             return {"predict": self._dataset(wide, root, False)}
         raise ValueError(f"stage={stage!r}: expected fit, cv, eval or predict")
 

@@ -62,7 +62,7 @@ def test_every_head_takes_a_step_on_vit_and_convnext_stages(head, backbone, enco
     _one_step(cfg, encoders[backbone], size)
 
 
-@pytest.mark.parametrize("mode", ["film", "xattn"])
+@pytest.mark.parametrize("mode", ["film", "xattn", "xattn_pool"])
 def test_metadata_modes_run_with_their_defaults_and_drop_inputs_from_aux(mode, encoders, caplog):
     overrides, size = BACKBONES["vit"]
     cfg = _compose([*overrides, f"model.metadata.mode={mode}", "model.metadata.field_dropout=0.3"])
@@ -70,7 +70,7 @@ def test_metadata_modes_run_with_their_defaults_and_drop_inputs_from_aux(mode, e
         model, losses = _one_step(cfg, encoders["vit"], size)
     assert list(cfg.model.aux) == ["height", "ndvi"] and cfg.loss.weights.state == 0.0   # State is an input
     assert "state" not in losses and "state_logits" not in model.decode(model.encode(_batch(size)))
-    assert "dropped: also metadata inputs" in caplog.text
+    assert "dropped: also model inputs" in caplog.text
 
 
 def test_aux_without_state_zeroes_the_state_loss_weight(encoders):
@@ -106,3 +106,9 @@ def test_stage_projector_gives_one_width_and_the_grid_of_its_stride():
     fine = proj.project[0](tokens[0].transpose(1, 2).reshape(2, 4, 16, 32))
     torch.testing.assert_close(out.tokens[0][:, 0], fine[:, :, :4, :4].mean(dim=(-2, -1)))
     assert isinstance(proj.project[3], torch.nn.Identity)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_halves_layout_takes_a_step_on_vit_and_convnext_stages(backbone, encoders):
+    overrides, size = BACKBONES[backbone]
+    _one_step(_compose([*overrides, "model.views.layout=halves"]), encoders[backbone], size)
