@@ -48,10 +48,13 @@ class BiomassDataset(Dataset):
     Pixels: decode (JPEG draft towards `draft_size`), resize to `image_size` [H, W] when given (INTER_AREA,
     augment.build_resize), then `transform` (None = none). With an `image_cache` the resized image is read
     from disk after the first time, so later epochs decode and resize nothing.
+    hires_scale (tiled inference, inference.tta.tiles.scale): items also carry image_hires, the ORIGINAL image (decoded
+    at full resolution) resized to hires_scale x image_size, for tiles of image_size at that resolution.
     """
 
     def __init__(self, table: pd.DataFrame, root: Path, transform: Optional[Callable], draft_size=None,
-                 cache_view: Optional[str] = None, image_size=None, image_cache: Optional[ImageCache] = None):
+                 cache_view: Optional[str] = None, image_size=None, image_cache: Optional[ImageCache] = None,
+                 hires_scale: Optional[float] = None):
         self.table = table.reset_index(drop=True)
         self.cache_view = cache_view  # set when backbone features are cached: items carry a cache_key
         self.root = Path(root)
@@ -60,6 +63,11 @@ class BiomassDataset(Dataset):
         self.image_size = (int(image_size[0]), int(image_size[1])) if image_size is not None else None
         self.resize = build_resize(self.image_size) if self.image_size is not None else None
         self.image_cache = image_cache
+        self.hires = None
+        if hires_scale is not None:
+            if self.image_size is None:
+                raise ValueError("tiled inference (inference.tta.tiles) needs data.image_size: tiles are of that size")
+            self.hires = build_resize([round(side * float(hires_scale)) for side in self.image_size])
         self.has_targets = all(t in self.table.columns for t in TARGETS)
         self.baseline_g: list[float] | None = None   # training sets: mean grams per target of the full labelled table
 
@@ -104,6 +112,9 @@ class BiomassDataset(Dataset):
             image = self.transform(image=image)["image"]
         item = {"image": torch.tensor(image).permute(2, 0, 1).float() / 255.0,
                 "image_id": str(row["image_id"])}
+        if self.hires is not None:
+            original = load_rgb(self.root / row["image_path"], None)
+            item["image_hires"] = torch.tensor(self.hires(image=original)["image"]).permute(2, 0, 1).float() / 255.0
         if self.cache_view is not None:
             item["cache_key"] = image_key(self.root / row["image_path"], self.cache_view)
         item.update(self._metadata(row))

@@ -35,7 +35,17 @@ def predictor(width: int, hidden: int, out_dim: int, dropout: float) -> nn.Seque
     return nn.Sequential(nn.Conv2d(width, hidden, 1), nn.GELU(), nn.Dropout(dropout), nn.Conv2d(hidden, out_dim, 1))
 
 
-def _check_scales(scales: Sequence[float], num_layers: int) -> list[float]:
+# scales: null -> these, by number of layers (shallow layers to fine maps, as DPT; ConvNeXt's four stages projected
+# to stride 16 come back to their own strides 4, 8, 16, 32)
+DEFAULT_SCALES = {1: [1.0], 2: [2.0, 0.5], 3: [2.0, 1.0, 0.5], 4: [4.0, 2.0, 1.0, 0.5]}
+
+
+def _check_scales(scales: Sequence[float] | None, num_layers: int) -> list[float]:
+    if scales is None:
+        if num_layers not in DEFAULT_SCALES:
+            raise ValueError(f"head.scales=null has defaults for 1 to 4 layers, the backbone gives {num_layers}: "
+                             f"give one scale per layer in backbone.layers")
+        return list(DEFAULT_SCALES[num_layers])
     if len(scales) != num_layers:
         raise ValueError(f"head.scales has {len(scales)} entries but the backbone gives {num_layers} layers; "
                          f"give one scale per layer in backbone.layers")
@@ -43,7 +53,7 @@ def _check_scales(scales: Sequence[float], num_layers: int) -> list[float]:
 
 
 class _MultiScale(nn.Module):
-    def __init__(self, embed_dim: int, num_layers: int, width: int, scales: Sequence[float]):
+    def __init__(self, embed_dim: int, num_layers: int, width: int, scales: Sequence[float] | None):
         super().__init__()
         self.scales = _check_scales(scales, num_layers)
         self.reassemble = nn.ModuleList(reassemble(embed_dim, width, s) for s in self.scales)
@@ -56,7 +66,7 @@ class _MultiScale(nn.Module):
 
 class FPNHead(_MultiScale):
     def __init__(self, embed_dim: int, num_layers: int, out_dim: int, width: int, hidden: int,
-                 dropout: float, scales: Sequence[float], norm: str = "ln"):
+                 dropout: float, scales: Sequence[float] | None, norm: str = "ln"):
         super().__init__(embed_dim, num_layers, width, scales)
         self.smooth = nn.ModuleList(nn.Sequential(nn.Conv2d(width, width, 3, padding=1), _norm(norm, width))
                                     for _ in self.scales)
@@ -84,7 +94,7 @@ class ResidualConvUnit(nn.Module):
 
 class DPTHead(_MultiScale):
     def __init__(self, embed_dim: int, num_layers: int, out_dim: int, width: int, hidden: int,
-                 dropout: float, scales: Sequence[float]):
+                 dropout: float, scales: Sequence[float] | None):
         super().__init__(embed_dim, num_layers, width, scales)
         self.skip = nn.ModuleList(ResidualConvUnit(width) for _ in self.scales)
         self.refine = nn.ModuleList(ResidualConvUnit(width) for _ in self.scales)

@@ -1,7 +1,7 @@
 """Pooling heads (same interface as biomass.heads): gated attention-MIL and multi-layer softmax fusion."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,19 +50,49 @@ class GatedAttentionMIL(nn.Module):
 class LayerFusion(nn.Module):
     """One copy of `head` per backbone layer (each sees only its layer), fused with learned softmax
     weights. The fusion acts on instance weights, so the model averages in the parameterisation's
-    component space: image = sum_l softmax(logits)_l * head_l(layer l)."""
+    component space: image = sum_l softmax(logits)_l * head_l(layer l).
 
-    def __init__(self, embed_dim: int, num_layers: int, out_dim: int, head: Callable[..., nn.Module]):
+    fused_z: outputs (e.g. [height, state]) read by ONE linear map from the fused bottleneck
+    z = sum_l softmax(logits)_l z_l instead of each layer's own rows (the CSIRO repository's auxiliary heads;
+    the head needs a bottleneck: `z(out)`). Each layer's row holds that shared map applied to its own z_l, so the
+    weighted sum the model takes is the map of the fused z (the weights sum to 1). The model names the output
+    columns through set_columns."""
+
+    def __init__(self, embed_dim: int, num_layers: int, out_dim: int, head: Callable[..., nn.Module],
+                 fused_z: Sequence[str] = ()):
         super().__init__()
         self.heads = nn.ModuleList(head(embed_dim=embed_dim, num_layers=1, out_dim=out_dim)
                                    for _ in range(num_layers))
         self.logits = nn.Parameter(torch.zeros(num_layers))
+        self.fused_z = list(fused_z)
+        self.shared = None
+        if self.fused_z:
+            if not hasattr(self.heads[0], "z"):
+                raise ValueError(f"head.fused_z={self.fused_z} needs a head with a bottleneck z "
+                                 f"(e.g. biomass.heads_vitdet.ViTDetScalarHead), not {type(self.heads[0]).__name__}")
+            self.shared = nn.Linear(self.heads[0].out.in_features, out_dim)
+        self.register_buffer("shared_mask", torch.zeros(out_dim, dtype=torch.bool), persistent=False)
+
+    def set_columns(self, columns: dict[str, tuple[int, int]]) -> None:
+        """columns: output name -> [start, stop) in the raw outputs; the fused_z names present become shared."""
+        for name in self.fused_z:
+            if name in columns:
+                self.shared_mask[columns[name][0]:columns[name][1]] = True
+
+    def _layer(self, i: int, out: BackboneOutput) -> tuple[Tensor, Tensor]:
+        head = self.heads[i]
+        one = BackboneOutput(tokens=[out.tokens[i]], grid=out.grid, cls=out.cls, registers=out.registers)
+        if self.shared is None:
+            return head(one)
+        z = head.z(one)
+        raw = torch.where(self.shared_mask, self.shared(z), head.out(z)).unsqueeze(1)
+        return raw, raw.new_ones(raw.shape[:2])
 
     def forward(self, out: BackboneOutput) -> tuple[Tensor, Tensor]:
         mix = torch.softmax(self.logits, dim=0)
         raws, weights = [], []
-        for i, (head, tokens) in enumerate(zip(self.heads, out.tokens)):
-            raw, w = head(BackboneOutput(tokens=[tokens], grid=out.grid, cls=out.cls, registers=out.registers))
+        for i in range(len(self.heads)):
+            raw, w = self._layer(i, out)
             raws.append(raw)
             weights.append(w * mix[i].to(w.dtype))
         return torch.cat(raws, dim=1), torch.cat(weights, dim=1)

@@ -5,7 +5,9 @@ Terms (a term with weight 0 is not computed):
 - ratio:    the (green, dead, clover) fractions of the prediction vs the labels, on images where all
             three components are measured and the total is > 0
 - weighted: the five targets in the target space, weighted by the official weights (normalised to 1)
-- height, ndvi: normalised auxiliary regressions; state: cross-entropy (soft labels when mixed)
+- height, ndvi: auxiliary regressions, standardised with the training split's mean / std unless named in
+            aux_raw (then in the table's own units: height in cm, as the CSIRO write-up 2.2.3); state: cross-entropy
+            (soft labels when mixed)
 Target spaces: "norm_gm2" (per-target standardised g/m2, training-split statistics), "log1p" (log1p
 grams), "grams". Kind "tweedie" needs space "grams" (the mean is the predicted grams); kind "zig" (zero-inflated
 Gamma NLL, biomass.zig) needs space "grams" and model.param=zig; "log_cosh" works in any space.
@@ -34,7 +36,7 @@ def _inverse_softplus(x: Tensor) -> Tensor:
 
 class BiomassCriterion(nn.Module):
     def __init__(self, stats: dict, space: str, kind: str, delta: float, tweedie_p: float,
-                 weights: dict, balancing: str, uw_init_log_var: float, uw_divide: bool):
+                 weights: dict, balancing: str, uw_init_log_var: float, uw_divide: bool, aux_raw: list):
         super().__init__()
         if space not in SPACES:
             raise ValueError(f"loss.space={space!r}: expected one of {SPACES}")
@@ -45,6 +47,9 @@ class BiomassCriterion(nn.Module):
             raise ValueError(f"loss.weights: unknown term(s) {unknown}; expected a subset of {TERMS}")
         if balancing not in ("fixed", "uw"):
             raise ValueError(f"loss.balancing={balancing!r}: expected 'fixed' or 'uw'")
+        if set(aux_raw) - {"height", "ndvi"}:
+            raise ValueError(f"loss.aux_raw={list(aux_raw)}: expected a subset of ['height', 'ndvi']")
+        self.aux_raw = set(aux_raw)
         self.space, self.kind, self.delta, self.tweedie_p = space, kind, float(delta), float(tweedie_p)
         self.weights = {name: float(w) for name, w in weights.items() if float(w) > 0}
         self.stats = stats
@@ -96,7 +101,7 @@ class BiomassCriterion(nn.Module):
                 target, mask = state_targets(batch["state"], self.stats["states"], outputs["state_logits"].device)
             ce = -(target * torch.log_softmax(outputs["state_logits"].float(), -1)).sum(-1)
             return (ce * mask).sum() / mask.sum().clamp_min(1)
-        mean, std = self.stats[f"{name}_mean"], self.stats[f"{name}_std"]
+        mean, std = (0.0, 1.0) if name in self.aux_raw else (self.stats[f"{name}_mean"], self.stats[f"{name}_std"])
         target = (torch.nan_to_num(batch[name].float()) - mean) / std
         return masked_regression_loss(outputs[name], target, batch[f"{name}_mask"])
 

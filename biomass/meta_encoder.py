@@ -5,7 +5,11 @@ MetadataEncoder: State / Species embeddings (vocabularies of the training split,
 and standardised NDVI / height with a missing indicator -> one vector (B, dim).
 MetadataFusion: "film" scales and shifts every layer's tokens, tokens * (1 + gamma) + beta; "xattn"
 lets a metadata query attend to the patch tokens and adds the projected answer to every token.
-Both start as the identity (zero-initialised output projections).
+Both start as the identity (zero-initialised output projections). "xattn_pool" (the failure diagnosis, 5.2):
+the answer REPLACES the tokens: per layer one token, softmax(q K^T / sqrt(d)) V with the metadata query q and the
+layer's (normalised) tokens as keys and values, on a 1 x 1 grid, so a head's global pooling reads the
+metadata-weighted sum of the visual tokens instead of their mean (use it with pooling heads: pooled, density,
+mil, fusion).
 field_dropout: in training, each field of each image is hidden (unknown category / missing number) with this
 probability, so the model also predicts without metadata (e.g. a test table that lacks it, as CSIRO's).
 """
@@ -22,7 +26,7 @@ from common.models.backbone import BackboneOutput
 FIELDS = {"State": ("state", "cat"), "Species": ("species", "cat"),
           "Pre_GSHH_NDVI": ("ndvi", "num"), "Height_Ave_cm": ("height", "num")}
 VOCAB_KEYS = {"state": "states", "species": "species"}
-MODES = ("none", "film", "xattn")
+MODES = ("none", "film", "xattn", "xattn_pool")
 
 
 def check_fields(fields: Sequence[str]) -> list[str]:
@@ -79,23 +83,25 @@ class MetadataFusion(nn.Module):
     def __init__(self, stats: dict, mode: str, fields: Sequence[str], dim: int, heads: int,
                  embed_dim: int, num_layers: int, field_dropout: float):
         super().__init__()
-        if mode not in ("film", "xattn"):
+        if mode not in MODES[1:]:
             raise ValueError(f"model.metadata.mode={mode!r}: expected one of {MODES}")
         self.mode = mode
         self.encoder = MetadataEncoder(stats, fields, dim, field_dropout)
         width = 2 * embed_dim if mode == "film" else embed_dim
         self.project = nn.ModuleList(nn.Linear(dim if mode == "film" else embed_dim, width)
-                                     for _ in range(num_layers))
+                                     for _ in range(num_layers if mode != "xattn_pool" else 0))
         for p in self.project:
             nn.init.zeros_(p.weight)
             nn.init.zeros_(p.bias)
-        if mode == "xattn":
+        if mode.startswith("xattn"):
             self.query = nn.Linear(dim, embed_dim)
             self.attn = nn.MultiheadAttention(embed_dim, heads, batch_first=True)
             self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, feats: BackboneOutput, batch: dict) -> BackboneOutput:
         meta = self.encoder(batch)
+        if self.mode == "xattn_pool":
+            return self.pool(feats, meta)
         tokens = []
         for proj, t in zip(self.project, feats.tokens):
             if self.mode == "film":
@@ -106,3 +112,10 @@ class MetadataFusion(nn.Module):
                 answer = self.attn(self.query(meta).unsqueeze(1), kv, kv, need_weights=False)[0]
                 tokens.append(t + proj(answer))
         return BackboneOutput(tokens=tokens, grid=feats.grid, cls=feats.cls, registers=feats.registers)
+
+    def pool(self, feats: BackboneOutput, meta: Tensor) -> BackboneOutput:
+        """Per layer the metadata query's attention answer over the layer's tokens, as its only token."""
+        query = self.query(meta).unsqueeze(1)
+        tokens = [self.attn(query, self.norm(t), self.norm(t), need_weights=False)[0] for t in feats.tokens]
+        return BackboneOutput(tokens=tokens, grid=(1, 1), cls=None, registers=feats.registers,
+                              grids=[(1, 1)] * len(tokens))

@@ -26,6 +26,10 @@ class TotalRatio:
         return F.softplus(raw[..., :1]) * torch.softmax(raw[..., 1:4], dim=-1)
 
     @staticmethod
+    def ratio_logits(raw: Tensor) -> Tensor:
+        return raw[..., 1:4]
+
+    @staticmethod
     def to_targets(space: Tensor) -> Tensor:
         green, dead, clover = space.unbind(-1)
         return torch.stack([green, dead, clover, green + clover, green + dead + clover], dim=-1)

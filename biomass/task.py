@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from sklearn.model_selection import GroupKFold
 from torch.utils.data import Dataset
 
+from biomass.config_check import check_and_reconcile
 from biomass.constants import TARGETS
 from biomass.data import BiomassDataset, fit_stats, group_keys
 from biomass.outputs import collect_predictions, score_submission, write_submission
@@ -38,6 +39,10 @@ def _table_of(dataset: Dataset) -> pd.DataFrame:
 
 
 class BiomassTask(Task):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        check_and_reconcile(cfg)
+
     # ---- data -------------------------------------------------------------------------------
     def synthesize(self, root: Path, seed: int) -> None:
         synth = OmegaConf.to_container(self.cfg.data.synth, resolve=True) if "synth" in self.cfg.data else {}
@@ -50,9 +55,11 @@ class BiomassTask(Task):
         draft = (w * int(d.decode_scale), h * int(d.decode_scale)) if d.decode_scale else None
         cached = bool(d.cache_features)  # cached tokens are of the clean image: no pixel augmentation
         augment = build_augment(d.augment) if train and not cached else None
+        tiles = OmegaConf.select(self.cfg, "inference.tta.tiles")      # tiled inference reads the original image
         return BiomassDataset(table, root, augment, draft_size=draft, image_size=(h, w),
                               cache_view=self._cache_view() if cached else None,
-                              image_cache=ImageCache.from_config(d.get("image_cache")))
+                              image_cache=ImageCache.from_config(d.get("image_cache")),
+                              hires_scale=float(tiles.scale) if tiles and not train else None)
 
     def _cache_view(self) -> str:
         """Everything that decides the pixels the backbone sees, for the feature-cache key."""
@@ -76,11 +83,18 @@ class BiomassTask(Task):
                              f"lacks {missing} (it has {sorted(columns)}); set model.metadata.mode=none, or "
                              f"model.metadata.field_dropout > 0 to train the model to predict without them")
 
+    def check_early_ndvi(self, table: pd.DataFrame, csv: Path) -> None:
+        """model.early_ndvi feeds the NDVI column to the backbone: every table read needs it."""
+        if self.cfg.model.get("early_ndvi") and "Pre_GSHH_NDVI" not in table.columns:
+            raise ValueError(f"model.early_ndvi=true reads column Pre_GSHH_NDVI as the 4th input channel, but {csv} "
+                             f"has no such column; set model.early_ndvi=false or give the table that column")
+
     def datasets(self, root: Path, stage: str, model=None) -> dict[str, Dataset]:
         d, root = self.cfg.data, Path(root)
         self.check_metadata_columns(root)
         if stage in ("fit", "cv"):
             table = read_train_table(root, d.train_csv, skip_bad=bool(d.skip_bad))
+            self.check_early_ndvi(table, root / d.train_csv)
             report_missing(table, root / d.train_csv)
             if stage == "cv":
                 train, val = table, table
@@ -91,9 +105,12 @@ class BiomassTask(Task):
             train_set.baseline_g = [float(v) for v in table[list(TARGETS)].mean(skipna=True)]   # the full table's
             return {"train": train_set, "val": self._dataset(val, root, False)}
         if stage == "eval":
-            return {"eval": self._dataset(read_solution_table(root, d.test_csv, d.solution_csv), root, False)}
+            table = read_solution_table(root, d.test_csv, d.solution_csv)
+            self.check_early_ndvi(table, root / d.test_csv)
+            return {"eval": self._dataset(table, root, False)}
         if stage == "predict":
             _, wide = read_test_table(root, d.test_csv)
+            self.check_early_ndvi(wide, root / d.test_csv)
             return {"predict": self._dataset(wide, root, False)}
         raise ValueError(f"stage={stage!r}: expected fit, cv, eval or predict")
 

@@ -6,6 +6,8 @@ cross-view attention, so every head works unchanged and pools both views in comp
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -36,18 +38,22 @@ def side_by_side(left: Tensor, right: Tensor, side: int) -> Tensor:
 
 
 class HalvesEncoder(nn.Module):
-    def __init__(self, backbone: Backbone, heads: int, dropout: float):
-        super().__init__()
-        self.cross = nn.ModuleList(CrossViewAttention(backbone.embed_dim, heads, dropout)
-                                   for _ in backbone.layers)
+    """embed_dim, num_layers: of the features the cross-view attention reads (`project`ed ones when given)."""
 
-    def forward(self, backbone: Backbone, images: Tensor) -> BackboneOutput:
+    def __init__(self, embed_dim: int, num_layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.cross = nn.ModuleList(CrossViewAttention(embed_dim, heads, dropout) for _ in range(num_layers))
+
+    def forward(self, backbone: Backbone, images: Tensor,
+                project: Callable[[BackboneOutput], BackboneOutput] | None = None) -> BackboneOutput:
         b, _, h, w = images.shape
         if w != 2 * h:
             raise ValueError(f"view layout 'halves' needs images twice as wide as high, got {h}x{w} (HxW); "
                              f"set data.image_size to [H, 2H]")
         halves = torch.cat([images[..., :h], images[..., h:]], dim=0)       # (2B, 3, h, h)
         feats = backbone(halves)
+        if project is not None:         # a pyramid backbone's stages to one width and grid (biomass.stages)
+            feats = project(feats)
         side = feats.grid[0]
         tokens = []
         for cross, t in zip(self.cross, feats.tokens):

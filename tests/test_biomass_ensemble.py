@@ -43,7 +43,8 @@ def test_wrapped_and_in_model_tta_are_the_mean_over_views_and_keep_identities():
 
 @pytest.mark.parametrize("settings, message", [
     ({"hflip": "yes"}, "inference.tta.hflip"), ({"scales": [0.75, -1.0]}, "inference.tta.scales"),
-    ({"scales": "0.75"}, "inference.tta.scales"), ({"tiles": 1.5}, "inference.tta.tiles")])
+    ({"scales": "0.75"}, "inference.tta.scales"), ({"tiles": 1.5}, "inference.tta.tiles"),
+    ({"tiles": {"grid": [0, 2], "scale": 2.0, "centre": False}}, "inference.tta.tiles.grid")])
 def test_bad_view_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):
         ViewTTA(**settings)
@@ -92,3 +93,43 @@ def test_mc_dropout_weights_are_normalised_inverse_variances():
     assert all(not d.training for m in members for d in m.head.modules() if isinstance(d, torch.nn.Dropout))
     with pytest.raises(ValueError, match="needs dropout"):
         BiomassEnsemble([_member(0, 0.0)], mc_passes=3, mc_eps=1e-6)(batch)
+
+
+def test_relative_mc_weights_follow_the_csiro_repositorys_formula():
+    """u = var(total) / (mean total^2 + eps) + ratio_weight * mean_c var(ratio logit c), clipped, w = 1 / (u + eps):
+    recomputed here pass by pass with numpy (population variances)."""
+    import numpy as np
+    members = [_member(0, 0.5), _member(1, 0.3)]
+    batch = {"image": torch.rand(2, 3, 28, 56)}
+    ens = BiomassEnsemble(members, mc_passes=6, mc_eps=1e-8, mc_var="relative", mc_ratio_weight=1.0,
+                          mc_clip=[0.0, 1000.0])
+    torch.manual_seed(3)
+    out = ens(batch)
+    torch.manual_seed(3)
+    us = []
+    for m in members:
+        m.eval()
+        with torch.no_grad():
+            feats = m.encode(batch)
+            _ = m.decode(feats)                              # the ensemble's plain pass
+            for d in m.head.modules():
+                if isinstance(d, torch.nn.Dropout):
+                    d.train()
+            runs = [m.decode(feats) for _ in range(6)]
+            m.eval()
+        totals = np.stack([r["pred_g"][:, 4].numpy() for r in runs]).astype(np.float64)
+        logits = np.stack([r["ratio_logits"].numpy() for r in runs]).astype(np.float64)
+        u = totals.var(axis=0) / (np.clip(totals.mean(axis=0), 0, None) ** 2 + 1e-8) + logits.var(axis=0).mean(-1)
+        us.append(np.clip(u, 0.0, 1000.0))
+    w = 1.0 / (np.stack(us, axis=1) + 1e-8)
+    np.testing.assert_allclose(out["member_weights"].numpy(), w / w.sum(1, keepdims=True), rtol=1e-4)
+    # a member with a 10x smaller total and the same relative spread gets the same relative uncertainty
+    samples = {"pred_g": torch.tensor([[[0, 0, 0, 0, 10.0]], [[0, 0, 0, 0, 12.0]]]),
+               "ratio_logits": torch.zeros(2, 1, 3)}
+    small = {"pred_g": samples["pred_g"] / 10, "ratio_logits": samples["ratio_logits"]}
+    from biomass.ensemble import relative_mc_uncertainty
+    big_u, small_u = (relative_mc_uncertainty(s, 1.0, 0.0, [0, 1000]) for s in (samples, small))
+    torch.testing.assert_close(big_u, small_u)
+    torch.testing.assert_close(big_u, torch.tensor([1.0 / 121.0]))
+    with pytest.raises(ValueError, match="mc_clip"):
+        BiomassEnsemble(members, mc_passes=4, mc_eps=1e-8, mc_var="relative")

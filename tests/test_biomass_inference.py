@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -92,25 +93,56 @@ def test_member_predictions_are_cached_on_disk_by_checkpoint_and_input(tmp_path)
     assert [m.backbone.calls for m in members] == [2, 4]
 
 
-def test_tiles_are_the_corners_and_centre_and_average_in_component_space():
-    images = torch.arange(2 * 3 * 28 * 56, dtype=torch.float32).view(2, 3, 28, 56)
-    tiles = tiles_of(images, 0.5, patch=14)
-    assert [t.shape[-2:] for t in tiles] == [(14, 28)] * 5
-    torch.testing.assert_close(tiles[0], images[..., :14, :28])
-    torch.testing.assert_close(tiles[3], images[..., 14:, 28:])
-    torch.testing.assert_close(tiles[4], images[..., 7:21, 14:42])
-    assert len(tta_views(images, False, False, [], 14, tiles=0.5)) == 6
+TILES = {"grid": [2, 2], "scale": 2.0, "centre": True}
+
+
+def test_tiles_are_the_corners_and_centre_of_the_high_resolution_image_and_average_in_component_space():
+    hires = torch.arange(2 * 3 * 56 * 112, dtype=torch.float32).view(2, 3, 56, 112)
+    tiles = tiles_of(hires, (28, 56), [2, 2], centre=True)
+    assert [t.shape[-2:] for t in tiles] == [(28, 56)] * 5
+    torch.testing.assert_close(tiles[0], hires[..., :28, :56])
+    torch.testing.assert_close(tiles[3], hires[..., 28:, 56:])
+    torch.testing.assert_close(tiles[4], hires[..., 14:42, 28:84])
+    assert [t.shape[-2:] for t in tiles_of(hires, (28, 56), [1, 3], centre=False)] == [(28, 56)] * 3
     model = _member(0, dropout=0.0)
-    batch = {"image": torch.rand(2, 3, 28, 56)}
+    batch = {"image": torch.rand(2, 3, 28, 56), "image_hires": torch.rand(2, 3, 56, 112)}
     with torch.no_grad():
-        views = tta_views(batch["image"], False, False, [], 14, tiles=0.5)
+        views = tta_views(batch["image"], True, False, [], 14, tiles=TILES, hires=batch["image_hires"])
+        assert len(views) == 10 and all(not torch.equal(v, batch["image"]) for v in views)  # tiles replace the image
         expected = torch.stack([model({"image": v})["pred_g"] for v in views]).mean(0)
-        got = predict_tta(model, batch, False, False, [], tiles=0.5)
+        got = predict_tta(model, batch, True, False, [], tiles=TILES)
     torch.testing.assert_close(got, expected)
     g, d, c, gdm, total = got.unbind(-1)
     torch.testing.assert_close(total, g + d + c)
-    with pytest.raises(ValueError, match="tiles"):
-        tiles_of(images, 1.5, 14)
+    with pytest.raises(ValueError, match="image_hires"):
+        predict_tta(model, {"image": batch["image"]}, False, False, [], tiles=TILES)
+
+
+@pytest.mark.parametrize("tiles, message", [
+    (0.6, "expected null or"), ({"grid": [2], "scale": 2.0, "centre": True}, "tiles.grid"),
+    ({"grid": [2, 2], "scale": 0.5, "centre": True}, "tiles.scale"),
+    ({"grid": [2, 2], "scale": 2.0, "centre": "yes"}, "tiles.centre")])
+def test_bad_tiles_are_named(tiles, message):
+    with pytest.raises(ValueError, match=message):
+        ViewTTA(tiles=tiles)
+    with pytest.raises(ValueError, match="set one of them"):
+        ViewTTA(scales=[1.25], tiles=TILES)
+
+
+def test_a_tile_sees_pixels_the_resized_image_lost(tmp_path):
+    """A one-pixel checkerboard: resized 4x down (area) it is flat grey; a tile of the original at scale 4 keeps it."""
+    from PIL import Image
+    from biomass.data import BiomassDataset
+    board = ((np.indices((128, 256)).sum(0) % 2) * 255).astype(np.uint8)
+    Image.fromarray(np.stack([board] * 3, -1)).save(tmp_path / "board.png")
+    table = pd.DataFrame({"image_path": ["board.png"], "image_id": ["board"]})
+    item = BiomassDataset(table, tmp_path, None, image_size=(32, 64), hires_scale=4.0)[0]
+    assert item["image"].std() < 0.01                                   # the resized image lost the texture
+    batch = {"image": item["image"][None], "image_hires": item["image_hires"][None]}
+    tiles = ViewTTA(tiles={"grid": [2, 2], "scale": 4.0, "centre": True}).views(batch, patch=16)
+    assert all(t.shape[-2:] == (32, 64) for t in tiles)
+    assert all(t.std() > 0.45 for t in tiles)                           # every tile still has it
+    torch.testing.assert_close(tiles[3][0, 0], torch.tensor(board[96:, 192:] / 255.0, dtype=torch.float32))
 
 
 def test_metadata_field_dropout_hides_fields_in_training_only():
@@ -145,3 +177,17 @@ def test_test_table_without_metadata_is_accepted_with_field_dropout(tmp_path, ca
     with torch.no_grad():
         out = model({"image": torch.rand(2, 3, 28, 56), "state": ["", ""], "species": ["", ""]})
     assert torch.isfinite(out["pred_g"]).all()
+
+
+def test_validation_and_predict_sets_carry_the_high_resolution_image_when_tiles_are_set(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from biomass.synth import write_synthetic
+    from tests.test_biomass_data import SMALL
+    from tests.test_biomass_options import CONF
+    write_synthetic(tmp_path, seed=0, cfg=SMALL)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["task=biomass", "data.image_size=[28,56]",
+                                           "inference.tta.tiles={grid: [2, 2], scale: 2.0, centre: true}"])
+    sets = BiomassTask(cfg).datasets(tmp_path, "fit")
+    assert sets["val"][0]["image_hires"].shape == (3, 56, 112) and "image_hires" not in sets["train"][0]
+    assert BiomassTask(cfg).datasets(tmp_path, "predict")["predict"][0]["image_hires"].shape == (3, 56, 112)

@@ -105,6 +105,7 @@ def test_layer_fusion_with_one_hot_logits_is_that_layers_head():
 VIEWS = {"layout": "whole", "heads": 2, "dropout": 0.0}
 NO_META = {"mode": "none", "fields": ["State"], "dim": 8, "heads": 2, "field_dropout": 0.0}
 NO_MIX = {"prob": 0.0, "alpha": 1.0}
+STAGES = {"width": None, "stride": 16}
 
 
 def _model(param="total_ratio", aux=("height", "ndvi", "state"), views=VIEWS, metadata=NO_META, mixup=NO_MIX,
@@ -112,7 +113,7 @@ def _model(param="total_ratio", aux=("height", "ndvi", "state"), views=VIEWS, me
     backbone = create_backbone("timm", "vit_small_patch14_dinov2", None, [1, 3],
                                model_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 2, "img_size": 56})
     head = head or functools.partial(DensityMLP, hidden=16, dropout=0.0)
-    return BiomassModel(backbone, head, param, list(aux), STATS, views, metadata, mixup, tta=tta)
+    return BiomassModel(backbone, head, param, list(aux), STATS, views, metadata, mixup, STAGES, tta=tta)
 
 
 def test_model_outputs_grams_with_identities():
@@ -133,7 +134,7 @@ def test_model_rejects_unknown_aux():
 def _criterion(**kw):
     args = dict(stats=STATS, space="norm_gm2", kind="mse", delta=1.0, tweedie_p=1.5,
                 weights={"total": 1.0, "ratio": 1.0, "weighted": 1.0, "height": 1.0, "ndvi": 1.0, "state": 1.0},
-                balancing="fixed", uw_init_log_var=0.0, uw_divide=False)
+                balancing="fixed", uw_init_log_var=0.0, uw_divide=False, aux_raw=[])
     return BiomassCriterion(**{**args, **kw})
 
 

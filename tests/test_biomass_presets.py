@@ -41,6 +41,24 @@ WRITE_UP = {
     "trainer.pcgrad.primary": ["total", "ratio", "weighted"], "trainer.pcgrad.groups": ["head"],
     # 4.3 / 5.2 final-epoch heads
     "cv.checkpoint": "last", "cv.folds": 5,
+    # 2.2.3 height in raw centimetres
+    "loss.aux_raw": ["height"],
+}
+# The repository behind the write-up (LinkinPony/CSIRO) where the write-up's text gives no value: configs/train.yaml
+# (model.head.dropout, optimizer, scheduler, peft), src/models/regressor/heads/vitdet.py (LayerNorm2d over channels,
+# 0.25 = two MaxPool2d(2, 2), Dropout before the Linear and after the activation, height / state heads on the fused
+# z), src/training/pcgrad.py (anchor masked to each auxiliary's support), configs/ensemble.json (MC dropout).
+REPOSITORY = {
+    "model.head.head.norm": "ln", "model.head.head.downsample": "pairs",
+    "model.head.head.dropout": 0.4195346732130885, "model.head.head.input_dropout": 0.4195346732130885,
+    "model.head.fused_z": ["height", "state"],
+    "trainer.optim.lr": 7.876635324491703e-05, "trainer.optim.weight_decay": 1.3901312448240555e-05,
+    "trainer.schedule.warmup_epochs": 5,
+    "peft.lr": 0.0005009856007190292, "peft.dropout": 0.09990038225555746, "peft.layer_decay": 0.8729858381132479,
+    "trainer.pcgrad.mode": "anchored_support",
+    "inference.ensemble.mc_passes": 64, "inference.ensemble.mc_var": "relative",
+    "inference.ensemble.mc_ratio_weight": 1.0, "inference.ensemble.mc_clip": [0.0, 1000.0],
+    "inference.ensemble.mc_eps": 1e-8,
 }
 # 2.2.2 augmentation, in data.augment's order: transform -> its arguments (the crop and the affine always, inside
 # the 0.9 augmented branch; shear 0.02 deg, as the write-up's repository config)
@@ -51,17 +69,26 @@ WRITE_UP_AUGMENT = {
     "albumentations.Affine": {"p": 1.0, "scale": [0.95, 1.05], "translate_percent": [-0.02, 0.02], "rotate": [-5, 5],
                               "shear": [-0.02, 0.02]},
     "albumentations.ColorJitter": {"p": 0.8, "brightness": 0.2, "contrast": 0.2, "saturation": 0.1, "hue": 0.0},
+    # the repository's overlays (configs/train.yaml data.augment.watermark / light_spot), before blur and noise
+    "biomass.overlays.TextWatermark": {"p": 0.3, "timestamp_prob": 0.5, "timestamp_format": "%d %m %Y %H:%M",
+                                       "text_length": [3, 20], "font_size": [0.04, 0.12], "min_font_px": 12,
+                                       "alpha": [128, 200], "colour_jitter": 50,
+                                       "colours": [[255, 140, 0], [255, 120, 0], [255, 170, 40], [255, 200, 0],
+                                                   [255, 255, 255]],
+                                       "positions": ["bottom_right", "bottom_left", "top_right", "top_left"],
+                                       "position_probs": [0.7, 0.15, 0.1, 0.05], "margin": [0.008, 0.05],
+                                       "shadow_alpha": [160, 255], "shadow_offset": [0.03, 0.07]},
+    "biomass.overlays.LightSpot": {"p": 0.3, "radius": [0.06, 0.18], "alpha": [0.2, 0.6], "colour": [255, 255, 220],
+                                   "blur_frac": 0.5},
     "albumentations.GaussianBlur": {"p": 0.5, "blur_limit": [3, 7], "sigma_limit": [0.1, 1.0]},
     "albumentations.GaussNoise": {"p": 0.5, "std_range": [0.01, 0.01]},
     "albumentations.Erasing": {"p": 0.25, "scale": [0.02, 0.1], "ratio": [0.3, 3.3], "fill": "random"},
-    "biomass.augment.TimestampOverlay": {"p": 0.3},                    # watermark / timestamp
-    "common.data.augment.GaussianHighlights": {"p": 0.3},                   # light spots
 }
 
 
-def test_csiro_vitdet_preset_equals_the_write_up():
+def test_csiro_vitdet_preset_equals_the_write_up_and_its_repository():
     cfg = _compose(["experiment=biomass_csiro_vitdet"])
-    for key, expected in WRITE_UP.items():
+    for key, expected in {**WRITE_UP, **REPOSITORY}.items():
         value = OmegaConf.select(cfg, key)
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
         assert value == expected, f"{key}: preset {value!r} != write-up {expected!r}"
@@ -73,6 +100,7 @@ def test_csiro_vitdet_preset_augmentation_is_the_write_ups():
     assert [node["_target_"] for node in iter_transforms(augment)] == list(WRITE_UP_AUGMENT)   # these, in this order
     for target, expected in WRITE_UP_AUGMENT.items():
         node = find_transform(augment, target)
+        node = OmegaConf.to_container(OmegaConf.create(node)) if OmegaConf.is_config(node) else node
         assert {key: node[key] for key in expected} == expected, target
 
 
@@ -82,19 +110,19 @@ def test_csiro_vitdet_preset_augmentation_builds_the_write_up_transforms():
     steps = {type(t).__name__: t for t in pipeline.transforms[0].transforms}
     assert pipeline.transforms[0].p == pytest.approx(0.9)
     assert {"AspectResizedCrop", "Affine", "ColorJitter", "GaussianBlur", "GaussNoise", "Erasing",
-            "TimestampOverlay", "GaussianHighlights"} <= set(steps) and "AspectCrop" not in steps
+            "TextWatermark", "LightSpot"} <= set(steps) and "AspectCrop" not in steps
     assert steps["AspectResizedCrop"].scale == (0.8, 1.0) and steps["Erasing"].scale == (0.02, 0.1)
     assert steps["GaussianBlur"].blur_limit == (3, 7) and steps["ColorJitter"].p == 0.8
-    spots = steps["GaussianHighlights"]         # biomass's light spots: radius a fraction of the height, >= 1 px
-    assert (spots.count, spots.size, spots.strength) == ((1, 3), (0.05, 0.15), (0.2, 0.5))
-    assert (spots.relative_to, spots.size_is, spots.min_size) == ("height", "radius", 1.0)
+    mark, spot = steps["TextWatermark"], steps["LightSpot"]
+    assert (mark.font_size, mark.alpha, mark.text_length) == ((0.04, 0.12), (128, 200), (3, 20))
+    assert (spot.radius, spot.alpha, spot.blur_frac) == ((0.06, 0.18), (0.2, 0.6), 0.5)
 
 
 @pytest.mark.parametrize("preset", ["biomass_csiro_vitdet", "biomass_halves_dinov3_l"])
 def test_preset_model_builds_on_the_tiny_backbone(preset):
     cfg = _compose([f"experiment={preset}", "backbone=tiny", "peft=none", "backbone.layers=[1,2,3]"])
     model = instantiate(cfg.model, backbone=build_encoder(cfg), stats=STATS).train()
-    batch = {"image": torch.rand(2, 3, 28, 56), "targets_g": torch.rand(2, 5) * 50,
+    batch = {"image": torch.rand(2, 3, 56, 112), "targets_g": torch.rand(2, 5) * 50,
              "target_mask": torch.ones(2, 5), "state": ["Tas", "Vic"]}
     out = model(batch)
     assert out["pred_g"].shape == (2, 5) and torch.isfinite(out["pred_g"]).all()

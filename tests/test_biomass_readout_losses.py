@@ -37,17 +37,17 @@ def test_vitdet_scalar_head_pools_levels_and_shares_one_bottleneck():
     fmap = feats.tokens[0].transpose(1, 2).reshape(2, 16, 4, 8)
     torch.testing.assert_close(descriptor[:, 8:16], head.levels[1](fmap).mean(dim=(-2, -1)))
     z = head.bottleneck(descriptor)
-    assert z.shape == (2, 12) and isinstance(head.bottleneck[1], torch.nn.SiLU)
+    assert z.shape == (2, 12) and isinstance(head.bottleneck[2], torch.nn.SiLU)   # [input dropout,] Linear, SiLU
     torch.testing.assert_close(raw[:, 0], head.out(z))  # every output (total, ratios, aux) is linear in z
     for j in range(9):                                  # and each one trains the one shared bottleneck
         head.zero_grad()
         head(feats)[0][:, 0, j].sum().backward()
-        assert head.bottleneck[0].weight.grad.abs().sum() > 0
+        assert head.bottleneck[1].weight.grad.abs().sum() > 0
 
 
 def test_vitdet_scalar_head_dropout_is_configurable_and_active_in_training():
     head = ViTDetScalarHead(embed_dim=16, num_layers=1, out_dim=4, width=8, bottleneck=64, dropout=0.5)
-    assert head.bottleneck[2].p == 0.5
+    assert head.bottleneck[3].p == 0.5 and head.bottleneck[0].p == 0.0   # after SiLU; none before the Linear
     feats = _features()
     head.train()
     assert not torch.equal(head(feats)[0], head(feats)[0])
@@ -63,7 +63,7 @@ def test_vitdet_layer_fusion_fuses_per_layer_scalar_heads_in_component_space():
     model = BiomassModel(backbone, head, "total_ratio", ["height", "ndvi", "state"], STATS,
                          {"layout": "whole", "heads": 1, "dropout": 0.0},
                          {"mode": "none", "fields": ["State"], "dim": 4, "heads": 1},
-                         {"prob": 0.0, "alpha": 1.0}).eval()
+                         {"prob": 0.0, "alpha": 1.0}, {"width": None, "stride": 16}).eval()
     with torch.no_grad():
         model.head.logits.copy_(torch.tensor([0.3, -0.2, 1.0]))
         out = model({"image": torch.rand(2, 3, 28, 56)})

@@ -42,10 +42,11 @@ def _partial(component, func, **keywords):
 def test_biomass_defaults():
     cfg = _cfg(["task=biomass"])
     assert (cfg.inference.weighting, cfg.inference.top_k) == ("mean", None)
-    _partial(instantiate(cfg.inference.ensemble), BiomassEnsemble, mc_passes=0, mc_eps=1e-6, cache_dir=None)
+    _partial(instantiate(cfg.inference.ensemble), BiomassEnsemble, mc_passes=0, mc_eps=1e-6, cache_dir=None,
+             mc_var="absolute", mc_ratio_weight=0.0, mc_clip=None)
     assert instantiate(cfg.inference.stack) is None
     tta = instantiate(cfg.inference.tta)
-    assert isinstance(tta, ViewTTA) and tta == ViewTTA(hflip=False, vflip=False, scales=[], tiles=0.0)
+    assert isinstance(tta, ViewTTA) and tta == ViewTTA(hflip=False, vflip=False, scales=[], tiles=None)
     assert not tta.active
     model = torch.nn.Linear(1, 1)
     assert tta(model) is model                      # no view selected: the model as it is
@@ -73,9 +74,11 @@ def test_sclera_defaults():
 
 
 def test_biomass_views_on_the_command_line():
-    tta = instantiate(_cfg(["task=biomass", "inference.tta.hflip=true", "inference.tta.scales=[0.75,1.25]",
-                            "inference.tta.tiles=0.6"]).inference.tta)
-    assert tta == ViewTTA(hflip=True, scales=[0.75, 1.25], tiles=0.6) and type(tta.scales) is list
+    tta = instantiate(_cfg(["task=biomass", "inference.tta.hflip=true", "inference.tta.scales=[0.75,1.25]"]).inference.tta)
+    assert tta == ViewTTA(hflip=True, scales=[0.75, 1.25]) and type(tta.scales) is list
+    tiled = instantiate(_cfg(["task=biomass", "inference.tta.hflip=true",
+                              "inference.tta.tiles={grid: [2, 2], scale: 2.0, centre: true}"]).inference.tta)
+    assert tiled == ViewTTA(hflip=True, tiles={"grid": [2, 2], "scale": 2.0, "centre": True})
     assert _cfg(["task=biomass", "inference.tta=null"]).inference.tta is None
 
 
@@ -103,7 +106,7 @@ def _trained_with_tta(config):
     """What a run trained with other inference settings stores in its checkpoint."""
     config["inference"].update(weighting="metric", top_k=1)
     config["inference"]["ensemble"]["mc_passes"] = 4
-    config["inference"]["tta"].update(hflip=True, tiles=0.6)
+    config["inference"]["tta"].update(hflip=True, tiles={"grid": [2, 2], "scale": 2.0, "centre": True})
 
 
 def test_checkpoint_inference_section_never_overrides_this_runs(tmp_path):

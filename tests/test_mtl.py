@@ -97,6 +97,26 @@ def test_pcgrad_anchored_projects_only_auxiliaries():
     assert stats == {"pcgrad/conflicts": 1.0, "pcgrad/pairs": 2.0}
 
 
+def test_pcgrad_anchored_support_restricts_the_anchor_to_each_auxiliarys_parameters():
+    a = torch.zeros(2, dtype=torch.float64, requires_grad=True)     # trained by the primary only
+    b = torch.zeros(2, dtype=torch.float64, requires_grad=True)     # shared by the primary and the auxiliary
+    terms = {"p": (torch.tensor([3.0, 0.0]).double() * a).sum() + (torch.tensor([1.0, 1.0]).double() * b).sum(),
+             "x": (torch.tensor([-2.0, 0.0]).double() * b).sum()}
+    pcgrad_backward(terms, [a, b], mode="anchored_support", primary=["p"])
+    # anchor on x's support: (0, 0 | 1, 0) (b[1] has x-gradient 0); x . anchor = -2 -> x - (-2 / 1) anchor = 0
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 0.0]).double())
+    torch.testing.assert_close(b.grad, torch.tensor([1.0, 1.0]).double())
+    for p in (a, b):
+        p.grad = None
+    terms = {"p": (torch.tensor([3.0, 0.0]).double() * a).sum() + (torch.tensor([1.0, 1.0]).double() * b).sum(),
+             "x": (torch.tensor([-2.0, 0.0]).double() * b).sum()}
+    pcgrad_backward(terms, [a, b], mode="anchored", primary=["p"])
+    # the full anchor (3, 0, 1, 1): x . g_P = -2, |g_P|^2 = 11 -> x + (2 / 11) g_P, which moves a
+    g_p = torch.tensor([3.0, 0.0, 1.0, 1.0]).double()
+    expected = g_p + torch.tensor([0.0, 0.0, -2.0, 0.0]).double() + 2.0 / 11.0 * g_p
+    torch.testing.assert_close(torch.cat([a.grad, b.grad]), expected)
+
+
 def test_pcgrad_accumulates_over_micro_batches():
     w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     pcgrad_backward(_linear_terms(w, [(1.0, 0.0), (-1.0, 1.0)]), [w])

@@ -52,7 +52,8 @@ def tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
 class Backbone(nn.Module):
     """Wraps one encoder (`self.model`) and exposes the suite's token interface.
 
-    Input: RGB float images in [0, 1], (B, 3, H, W), H and W multiples of `patch_size`.
+    Input: RGB float images in [0, 1], (B, 3, H, W), H and W multiples of `patch_size` (extra channels after RGB
+    are passed unnormalised, for a first layer widened to read them).
     """
 
     def __init__(self, model: nn.Module, family: str, name: str, patch_size: int, embed_dim: int,
@@ -88,7 +89,9 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor) -> BackboneOutput:
         height, width = images.shape[-2], images.shape[-1]
         self.check_input_size(height, width)
-        images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        rgb = (images[:, :3] - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        # channels beyond RGB (early fusion: a widened first layer reads them) pass as they are
+        images = rgb if images.shape[1] == 3 else torch.cat([rgb, images[:, 3:]], dim=1)
         tokens, prefix = self.spec.tokens(self.model, images, self.layers, self.num_prefix_tokens)
         grids = [(height // s, width // s) for s in self.layer_strides]
         cls = prefix[:, 0] if prefix is not None and self.num_prefix_tokens > self.num_registers else None

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-PCGRAD_MODES = ("all", "anchored")
+PCGRAD_MODES = ("all", "anchored", "anchored_support")
 
 
 class UncertaintyWeighting(nn.Module):
@@ -80,14 +80,17 @@ def _pcgrad_all(grads: Tensor, generator: torch.Generator | None) -> tuple[Tenso
     return total, conflicts
 
 
-def _pcgrad_anchored(grads: Tensor, is_primary: list[bool]) -> tuple[Tensor, Tensor]:
-    """Primary gradients kept; each auxiliary loses its component along g_P = sum of primaries if they conflict."""
+def _pcgrad_anchored(grads: Tensor, is_primary: list[bool], restrict: bool = False) -> tuple[Tensor, Tensor]:
+    """Primary gradients kept; each auxiliary loses its component along g_P = sum of primaries if they conflict.
+    restrict: the anchor an auxiliary is projected against is g_P on that auxiliary's support only (the
+    coordinates where its gradient is non-zero), so the projection never moves parameters it does not train."""
     g_primary = grads[[i for i, p in enumerate(is_primary) if p]].sum(0)
     total = g_primary.clone()
     conflicts = torch.zeros((), device=grads.device)
     for i, primary in enumerate(is_primary):
         if not primary:
-            g, conflict = _project_away(grads[i], g_primary)
+            anchor = g_primary * (grads[i] != 0) if restrict else g_primary
+            g, conflict = _project_away(grads[i], anchor)
             total = total + g
             conflicts = conflicts + conflict.float()
     return total, conflicts
@@ -111,7 +114,7 @@ def _check_args(terms: dict[str, Tensor], params: list[Tensor], mode: str, prima
         raise ValueError("pcgrad_backward needs at least one loss term")
     if not params or any(not p.requires_grad for p in params):
         raise ValueError("pcgrad_backward needs a non-empty list of params that require grad")
-    if mode == "anchored":
+    if mode.startswith("anchored"):
         unknown = [name for name in (primary or []) if name not in terms]
         if not primary or unknown:
             raise ValueError(f"anchored PCGrad needs primary term names among {sorted(terms)}, got {primary}")
@@ -129,6 +132,9 @@ def pcgrad_backward(terms: dict[str, Tensor], params: list[Tensor], mode: str = 
                   g_i -= (g_i . g_j) / |g_j|^2 g_j with the ORIGINAL g_j; the projected g_i are summed.
       "anchored": g_P = sum of the `primary` gradients (unchanged); an auxiliary g_a with g_a . g_P < 0 loses
                   its component along g_P; result g_P + sum of the (projected) auxiliaries.
+      "anchored_support": as "anchored", with g_P restricted to g_a's support (coordinates where g_a != 0: the
+                  parameters the auxiliary trains, rows of a shared output map included) for the test and the
+                  projection of g_a (the CSIRO write-up's repository, pcgrad.py).
     Because it adds to .grad, gradient accumulation works: call once per micro-batch, step once.
     `other_params` (e.g. uncertainty-weighting log-variances, frozen-path extras) get the plain gradient of
     sum(terms), also added to .grad; params in neither list get nothing. The graph is freed afterwards.
@@ -143,7 +149,7 @@ def pcgrad_backward(terms: dict[str, Tensor], params: list[Tensor], mode: str = 
         pairs = len(names) * (len(names) - 1)
     else:
         is_primary = [name in primary for name in names]
-        total, conflicts = _pcgrad_anchored(grads, is_primary)
+        total, conflicts = _pcgrad_anchored(grads, is_primary, restrict=mode == "anchored_support")
         pairs = len(names) - sum(is_primary)
     _accumulate(total, params)
     loss = sum(terms.values())
