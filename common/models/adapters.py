@@ -139,16 +139,20 @@ def load_adapter_state_dict(backbone: Backbone, state: dict[str, Tensor]) -> Non
     set_peft_model_state_dict(backbone.model, state)
 
 
+PEFT_MODEL_PREFIX = "base_model.model."     # where PeftModel keeps the wrapped model: its saved keys start so
+
+
 def save_peft_adapter(backbone: Backbone, folder: Path) -> Path:
-    """The backbone's adapters in peft's own layout (adapter_config.json + adapter_model.safetensors), so that
-    peft users load them with `LoraConfig.from_pretrained` + `set_peft_model_state_dict` (or PeftModel on the same
-    base model). Written into a temporary folder renamed into place: a reader never sees half an adapter."""
+    """The backbone's adapters in the layout of `PeftModel.save_pretrained` (adapter_config.json +
+    adapter_model.safetensors, keys under `base_model.model.`), so that peft users load them with
+    `PeftModel.from_pretrained(<the same base model>, folder)`. Written into a temporary folder renamed into place:
+    a reader never sees half an adapter."""
     folder = Path(folder)
     tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     backbone.model.peft_config["default"].save_pretrained(str(tmp))
-    save_file({k: v.contiguous() for k, v in adapter_state_dict(backbone).items()},
+    save_file({PEFT_MODEL_PREFIX + k: v.contiguous() for k, v in adapter_state_dict(backbone).items()},
               str(tmp / "adapter_model.safetensors"))
     old = folder.parent / f".{folder.name}.{os.getpid()}.old"
     if folder.exists():
@@ -159,12 +163,14 @@ def save_peft_adapter(backbone: Backbone, folder: Path) -> Path:
 
 
 def load_peft_adapter(backbone: Backbone, folder: Path) -> None:
-    """Weights from a folder written by save_peft_adapter (or by peft's save_pretrained) into injected adapters."""
+    """Weights from a folder written by save_peft_adapter or by peft's save_pretrained (keys with or without the
+    PeftModel prefix) into injected adapters."""
     path = Path(folder) / "adapter_model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected a peft adapter folder (adapter_config.json + "
                                 f"adapter_model.safetensors)")
-    load_adapter_state_dict(backbone, load_file(str(path)))
+    state = {k.removeprefix(PEFT_MODEL_PREFIX): v for k, v in load_file(str(path)).items()}
+    load_adapter_state_dict(backbone, state)
 
 
 def merge_adapters(module: nn.Module) -> int:
