@@ -113,8 +113,9 @@ def test_metadata_encoder_text_null_and_known(tiny_bert):
     meta.train()
     meta.dropout = 1.0                                            # every known text dropped -> NULL
     torch.testing.assert_close(meta._text("scene_description", batch), null.expand(4, -1))
-    with pytest.raises(ValueError, match="no text field"):
-        MetadataEncoder({"weather": 2}, [], False, 8, 8, 2, 0.0, text_encoder=cfg)
+    # no text field in the data: the encoder is off and never loaded (a missing folder does not matter)
+    off = MetadataEncoder({"weather": 2}, [], False, 8, 8, 2, 0.0, text_encoder={**cfg, "name_or_path": "/no/such"})
+    assert off.text_encoder is None and off.out_dim == 8
 
 
 def test_flag_embedding_unchanged_without_text_encoder():
