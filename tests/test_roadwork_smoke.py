@@ -1,6 +1,6 @@
 """The README's CPU smoke runs of every roadwork preset (tiny backbone, debug trainer), in process:
 roadwork_highres12, roadwork_highres12_light and roadwork_benchmark224 train (at most trainer=debug's 2 epochs,
-whatever the preset's max_epochs), roadwork_adapt adapts the light smoke checkpoint with 2 stratified folds, and
+whatever the preset's max_epochs), roadwork_adapt adapts the highres12 smoke checkpoint with 2 stratified folds, and
 the benchmark eval writes the validator curve and the error analysis."""
 import logging
 from pathlib import Path
@@ -32,14 +32,14 @@ def _run(tmp_path, name, overrides):
 def test_every_roadwork_preset_smoke_runs_on_cpu(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     highres = _run(tmp_path, "highres12", ["experiment=roadwork_highres12", *HIGHRES12])
-    assert (highres / "checkpoints" / "best.pt").is_file()
+    best = highres / "checkpoints" / "best.pt"
+    assert best.is_file()
     assert "[epoch 1/30]" in caplog.text and "[epoch 2/30]" not in caplog.text     # 2 epochs (from 0): the cap
     light = _run(tmp_path, "light", ["experiment=roadwork_highres12_light", *LIGHT])
-    best = light / "checkpoints" / "best.pt"
-    assert best.is_file()
+    assert (light / "checkpoints" / "best.pt").is_file()
     bench = _run(tmp_path, "bench224", ["experiment=roadwork_benchmark224"])
     assert (bench / "checkpoints" / "best.pt").is_file()
-    adapt = _run(tmp_path, "adapt", ["experiment=roadwork_adapt", *LIGHT, f"adapt.init_ckpt={best}",
+    adapt = _run(tmp_path, "adapt", ["experiment=roadwork_adapt", *HIGHRES12, f"adapt.init_ckpt={best}",
                                      "adapt.split=224/train", "cv.folds=2"])
     assert (adapt / "oof.csv").is_file() and "[cv] labels per fold: fold 0:" in caplog.text
     evaluated = _run(tmp_path, "eval", ["task=roadwork", "mode=eval", "benchmark=true",
