@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from roadwork.text_encoder import build_sentence_encoder
 
 GPS_ENCODINGS = ("octaves", "logspace")
+TEXT_NULLS = ("learned", "zeros")
 
 
 def gps_features(gps: Tensor, num_frequencies: int, kind: str = "octaves",
@@ -44,12 +45,13 @@ class MetadataEncoder(nn.Module):
     def __init__(self, vocab_sizes: dict[str, int], text_fields: Sequence[str], use_gps: bool, dim: int,
                  out_dim: Optional[int], gps_frequencies: int, dropout: float, text_encoder: Optional[Mapping] = None,
                  gps_encoding: str = "octaves", gps_frequency_range: Sequence[float] = (1.0, 1.0e4),
-                 gps_project: bool = True, text_dim: Optional[int] = None):
+                 gps_project: bool = True, text_dim: Optional[int] = None, text_null: str = "learned"):
         """dim: width of each category embedding (and of GPS / text unless set otherwise); out_dim: the
         Linear + GELU + LayerNorm output over the concatenated fields, or None for the concatenation itself
         (the plan's 704 = GPS 128 + 3 x 64 + text 384); gps_project: Linear(4F -> dim) on the sinusoidal GPS
         features, or False for the 4F features themselves (the plan); text_dim: the text projection's width
-        (None = dim). The sentence encoder is loaded only when data.metadata holds a text field."""
+        (None = dim); text_null: an unknown text's vector with the sentence encoder, "learned" or "zeros" (the
+        plan). The sentence encoder is loaded only when data.metadata holds a text field."""
         super().__init__()
         if gps_encoding not in GPS_ENCODINGS:
             raise ValueError(f"model.gps_encoding={gps_encoding!r}: expected one of {GPS_ENCODINGS}")
@@ -62,7 +64,11 @@ class MetadataEncoder(nn.Module):
         else:
             hidden = self.text_encoder.hidden_size
             self.text_proj = nn.ModuleDict({f: nn.Linear(hidden, text_dim) for f in text_fields})
-            self.text_null = nn.ParameterDict({f: nn.Parameter(torch.zeros(text_dim)) for f in text_fields})
+            if text_null not in TEXT_NULLS:
+                raise ValueError(f"model.text_null={text_null!r}: expected one of {TEXT_NULLS}")
+            self.text_null = nn.ParameterDict({f: nn.Parameter(torch.zeros(text_dim),
+                                                               requires_grad=text_null == "learned")
+                                               for f in text_fields})
         gps_dim = dim if gps_project else 4 * gps_frequencies
         self.gps = (nn.Linear(4 * gps_frequencies, dim) if gps_project else nn.Identity()) if use_gps else None
         self.gps_null = nn.Parameter(torch.zeros(gps_dim)) if use_gps else None

@@ -124,6 +124,7 @@ class MetaOptions:
     gps_frequency_range: Sequence[float] = (1.0, 1.0e4)
     gps_project: bool = True
     text_dim: Optional[int] = None
+    text_null: str = "learned"
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class HeadOptions:
 
 
 # constructor argument -> its option group. The field defaults (view_size, block_norm, text_encoder, gps_encoding,
-# gps_frequency_range, gps_project, text_dim, seg_head, weather_hidden) are what checkpoints written before those options existed were built with.
+# gps_frequency_range, gps_project, text_dim, text_null, seg_head, weather_hidden) are what checkpoints written before those options existed were built with.
 OPTION_GROUPS = {"inputs": ModelInputs, "views": ViewFeatureOptions, "blocks": BlockOptions, "fusion": FusionOptions,
                  "meta": MetaOptions, "head": HeadOptions}
 
@@ -167,7 +168,7 @@ class RoadworkModel(nn.Module):
                                     meta.meta_dim, meta.gps_frequencies, meta.meta_dropout,
                                     text_encoder=meta.text_encoder, gps_encoding=meta.gps_encoding,
                                     gps_frequency_range=meta.gps_frequency_range, gps_project=meta.gps_project,
-                                    text_dim=meta.text_dim) if has_meta else None
+                                    text_dim=meta.text_dim, text_null=meta.text_null) if has_meta else None
         self.classifier = mlp_head(width + (self.meta.out_dim if has_meta else 0), head.classifier_hidden, 2, dropout)
         # Added to the roadwork logit at inference; set by calibration (task.calibrate), saved in checkpoints.
         self.register_buffer("logit_shift", torch.zeros(()))

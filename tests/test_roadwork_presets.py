@@ -104,6 +104,7 @@ PLAN_MODEL = {"backbone.name": "vit_huge_plus_patch16_dinov3.lvd1689m", "backbon
               "backbone.layers": [-1], "model.pool": "cls", "data.views": "highres12", "data.view_size": 512,
               "model.prune_k": 8, "model.width": 512, "model.pyramid": True, "model.depth": 4, "model.num_heads": 8,
               "model.block_norm": "post_attn", "model.dropout": 0.1, "model.fusion_refine": True,
+              "model.fusion_cross_layers": 1, "model.text_null": "zeros",
               "data.metadata": ["gps", "weather", "daytime", "scene", "scene_description"],
               "model.meta_embed_dim": 64, "model.meta_dim": None, "model.gps_project": False, "model.text_dim": 384,
               "model.gps_encoding": "logspace", "model.gps_frequencies": 32,
