@@ -137,7 +137,8 @@ class HeadOptions:
 
 
 # constructor argument -> its option group. The field defaults (view_size, block_norm, text_encoder, gps_encoding,
-# gps_frequency_range, gps_project, text_dim, text_null, seg_head, weather_hidden) are what checkpoints written before those options existed were built with.
+# gps_frequency_range, gps_project, text_dim, text_null, seg_head, weather_hidden) are what checkpoints written
+# before those options existed were built with.
 OPTION_GROUPS = {"inputs": ModelInputs, "views": ViewFeatureOptions, "blocks": BlockOptions, "fusion": FusionOptions,
                  "meta": MetaOptions, "head": HeadOptions}
 

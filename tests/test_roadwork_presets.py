@@ -133,7 +133,8 @@ def test_presets_carry_the_plans_training_values():
 def test_light_preset_keeps_the_earlier_recipe():
     cfg = _cfg(["experiment=roadwork_highres12_light"])
     assert (cfg.backbone.name, cfg.peft.name, cfg.data.view_size, cfg.model.block_norm, cfg.loss.alpha_mode,
-            cfg.loss.consistency_reduction) == ("vit_large_patch16_dinov3.lvd1689m", "dora", 224, "post", "class", "mean")
+            cfg.loss.consistency_reduction) == ("vit_large_patch16_dinov3.lvd1689m", "dora", 224, "post", "class",
+                                                "mean")
 
 
 def test_hue_shift_limit_means_ten_degrees():
