@@ -4,8 +4,25 @@ view on its own. The validator's challenge is roadwork.challenge.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import albumentations as A
 import numpy as np
+
+
+def scale_probabilities(specs: Optional[list], scale: float) -> Optional[list]:
+    """data.augment_scale: every top-level transform's probability `p` times `scale`, capped at 1 (the plan's
+    ensemble members: x1.5 heavier, x0.75 lighter). Nested transforms (inside OneOf) keep theirs: the
+    container's p decides how often the block runs."""
+    if scale < 0:
+        raise ValueError(f"data.augment_scale={scale}: expected a factor >= 0")
+    if not specs or scale == 1.0:
+        return specs
+    missing = [spec["_target_"] for spec in specs if "p" not in spec]
+    if missing:
+        raise ValueError(f"data.augment_scale={scale} scales each transform's p, but {missing} in data.augment set "
+                         f"none: give them an explicit p")
+    return [{**spec, "p": min(1.0, float(spec["p"]) * scale)} for spec in specs]
 
 
 def augment_views(views: list[np.ndarray], pipeline: A.Compose | None) -> list[np.ndarray]:

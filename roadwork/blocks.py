@@ -43,30 +43,31 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
 
 
-NORMS = ("pre", "post")
+NORMS = ("pre", "post", "post_attn")
 
 
 class GatedBlock(nn.Module):
     """Transformer block with gated attention. norm="pre": x + GatedAttention(LN(x)), then x + MLP(LN(x)).
-    norm="post" (the plan's layer: the gate sees the original input, residual, then LayerNorm):
-    LN(x + GatedAttention(x)), then LN(x + MLP(x))."""
+    norm="post": LN(x + GatedAttention(x)), then LN(x + MLP(x)). norm="post_attn" (the plan's layer, its steps
+    1-6: the gate sees the original input, residual, LayerNorm; no feed-forward block): LN(x + GatedAttention(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, gate: bool = True,
                  norm: str = "pre"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"model.block_norm={norm!r}: expected one of {NORMS}")
-        self.post_norm = norm == "post"
+        self.post_norm = norm in ("post", "post_attn")
         self.norm1 = nn.LayerNorm(dim)
         self.attn = GatedAttention(dim, num_heads, gate=gate, dropout=dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.feed_forward = norm != "post_attn"
+        self.norm2 = nn.LayerNorm(dim) if self.feed_forward else None
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout) if self.feed_forward else None
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
         if self.post_norm:
             x = self.norm1(x + self.drop(self.attn(x, key_mask)))
-            return self.norm2(x + self.drop(self.mlp(x)))
+            return self.norm2(x + self.drop(self.mlp(x))) if self.feed_forward else x
         x = x + self.drop(self.attn(self.norm1(x), key_mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from roadwork.text_encoder import build_sentence_encoder
 
 GPS_ENCODINGS = ("octaves", "logspace")
+TEXT_NULLS = ("learned", "zeros")
 
 
 def gps_features(gps: Tensor, num_frequencies: int, kind: str = "octaves",
@@ -42,29 +43,41 @@ def gps_features(gps: Tensor, num_frequencies: int, kind: str = "octaves",
 
 class MetadataEncoder(nn.Module):
     def __init__(self, vocab_sizes: dict[str, int], text_fields: Sequence[str], use_gps: bool, dim: int,
-                 out_dim: int, gps_frequencies: int, dropout: float, text_encoder: Optional[Mapping] = None,
-                 gps_encoding: str = "octaves", gps_frequency_range: Sequence[float] = (1.0, 1.0e4)):
+                 out_dim: Optional[int], gps_frequencies: int, dropout: float, text_encoder: Optional[Mapping] = None,
+                 gps_encoding: str = "octaves", gps_frequency_range: Sequence[float] = (1.0, 1.0e4),
+                 gps_project: bool = True, text_dim: Optional[int] = None, text_null: str = "learned"):
+        """dim: width of each category embedding (and of GPS / text unless set otherwise); out_dim: the
+        Linear + GELU + LayerNorm output over the concatenated fields, or None for the concatenation itself
+        (the plan's 704 = GPS 128 + 3 x 64 + text 384); gps_project: Linear(4F -> dim) on the sinusoidal GPS
+        features, or False for the 4F features themselves (the plan); text_dim: the text projection's width
+        (None = dim); text_null: an unknown text's vector with the sentence encoder, "learned" or "zeros" (the
+        plan). The sentence encoder is loaded only when data.metadata holds a text field."""
         super().__init__()
-        self.categories = nn.ModuleDict({f: nn.Embedding(n + 1, dim) for f, n in vocab_sizes.items()})
-        self.text_fields = list(text_fields)
-        self.text_encoder = build_sentence_encoder(text_encoder)
-        if self.text_encoder is not None and not self.text_fields:
-            raise ValueError("model.text_encoder is set but data.metadata holds no text field (scene_description, "
-                             "which also needs data.allow_leaky_fields=true); set model.text_encoder=null")
-        if self.text_encoder is None:
-            self.texts = nn.ModuleDict({f: nn.Embedding(2, dim) for f in text_fields})  # 0 absent, 1 present
-        else:
-            hidden = self.text_encoder.hidden_size
-            self.text_proj = nn.ModuleDict({f: nn.Linear(hidden, dim) for f in text_fields})
-            self.text_null = nn.ParameterDict({f: nn.Parameter(torch.zeros(dim)) for f in text_fields})
-        self.gps = nn.Linear(4 * gps_frequencies, dim) if use_gps else None
-        self.gps_null = nn.Parameter(torch.zeros(dim)) if use_gps else None
-        self.gps_frequencies = gps_frequencies
         if gps_encoding not in GPS_ENCODINGS:
             raise ValueError(f"model.gps_encoding={gps_encoding!r}: expected one of {GPS_ENCODINGS}")
+        self.categories = nn.ModuleDict({f: nn.Embedding(n + 1, dim) for f, n in vocab_sizes.items()})
+        self.text_fields = list(text_fields)
+        self.text_encoder = build_sentence_encoder(text_encoder) if self.text_fields else None
+        text_dim = dim if text_dim is None else int(text_dim)
+        if self.text_encoder is None:
+            self.texts = nn.ModuleDict({f: nn.Embedding(2, text_dim) for f in text_fields})  # 0 absent, 1 present
+        else:
+            hidden = self.text_encoder.hidden_size
+            self.text_proj = nn.ModuleDict({f: nn.Linear(hidden, text_dim) for f in text_fields})
+            if text_null not in TEXT_NULLS:
+                raise ValueError(f"model.text_null={text_null!r}: expected one of {TEXT_NULLS}")
+            self.text_null = nn.ParameterDict({f: nn.Parameter(torch.zeros(text_dim),
+                                                               requires_grad=text_null == "learned")
+                                               for f in text_fields})
+        gps_dim = dim if gps_project else 4 * gps_frequencies
+        self.gps = (nn.Linear(4 * gps_frequencies, dim) if gps_project else nn.Identity()) if use_gps else None
+        self.gps_null = nn.Parameter(torch.zeros(gps_dim)) if use_gps else None
+        self.gps_frequencies = gps_frequencies
         self.gps_encoding, self.gps_frequency_range = gps_encoding, tuple(gps_frequency_range)
-        fields = len(self.categories) + len(self.text_fields) + int(use_gps)
-        self.out = nn.Sequential(nn.Linear(fields * dim, out_dim), nn.GELU(), nn.LayerNorm(out_dim))
+        concat = len(self.categories) * dim + len(self.text_fields) * text_dim + int(use_gps) * gps_dim
+        self.out = nn.Identity() if out_dim is None else nn.Sequential(nn.Linear(concat, out_dim), nn.GELU(),
+                                                                       nn.LayerNorm(out_dim))
+        self.out_dim = concat if out_dim is None else int(out_dim)
         self.dropout = dropout
 
     def _drop(self, known: Tensor) -> Tensor:

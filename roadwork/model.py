@@ -116,12 +116,15 @@ class FusionOptions:
 class MetaOptions:
     """The metadata encoder (roadwork.meta_encoder), used when the data has metadata inputs."""
     meta_embed_dim: int
-    meta_dim: int
+    meta_dim: Optional[int]              # None: the fields' concatenation, no output projection (the plan)
     gps_frequencies: int
     meta_dropout: float
     text_encoder: Optional[dict] = None
     gps_encoding: str = "octaves"
     gps_frequency_range: Sequence[float] = (1.0, 1.0e4)
+    gps_project: bool = True
+    text_dim: Optional[int] = None
+    text_null: str = "learned"
 
 
 @dataclass(frozen=True)
@@ -130,10 +133,12 @@ class HeadOptions:
     classifier_hidden: Sequence[int]
     feature_stats_momentum: Optional[float]
     seg_head: bool = False
+    weather_hidden: Sequence[int] = ()   # the auxiliary weather head's hidden widths ([] = one Linear)
 
 
 # constructor argument -> its option group. The field defaults (view_size, block_norm, text_encoder, gps_encoding,
-# gps_frequency_range, seg_head) are what checkpoints written before those options existed were built with.
+# gps_frequency_range, gps_project, text_dim, text_null, seg_head, weather_hidden) are what checkpoints written
+# before those options existed were built with.
 OPTION_GROUPS = {"inputs": ModelInputs, "views": ViewFeatureOptions, "blocks": BlockOptions, "fusion": FusionOptions,
                  "meta": MetaOptions, "head": HeadOptions}
 
@@ -157,14 +162,15 @@ class RoadworkModel(nn.Module):
         self.fusion = GatedViewFusion(width, blocks.num_heads, fusion.fusion_cross_layers, fusion.fusion_refine,
                                       blocks.mlp_ratio, dropout)
         self.view_head = nn.Linear(width, 2)
-        self.weather_head = nn.Linear(width, inputs.num_weather)
-        has_meta = (bool(inputs.vocab_sizes) or bool(inputs.text_fields) or inputs.use_gps
-                    or meta.text_encoder is not None)
+        self.weather_head = (mlp_head(width, head.weather_hidden, inputs.num_weather, dropout) if head.weather_hidden
+                             else nn.Linear(width, inputs.num_weather))     # checkpoints before weather_hidden
+        has_meta = bool(inputs.vocab_sizes) or bool(inputs.text_fields) or inputs.use_gps
         self.meta = MetadataEncoder(inputs.vocab_sizes, inputs.text_fields, inputs.use_gps, meta.meta_embed_dim,
                                     meta.meta_dim, meta.gps_frequencies, meta.meta_dropout,
                                     text_encoder=meta.text_encoder, gps_encoding=meta.gps_encoding,
-                                    gps_frequency_range=meta.gps_frequency_range) if has_meta else None
-        self.classifier = mlp_head(width + (meta.meta_dim if has_meta else 0), head.classifier_hidden, 2, dropout)
+                                    gps_frequency_range=meta.gps_frequency_range, gps_project=meta.gps_project,
+                                    text_dim=meta.text_dim, text_null=meta.text_null) if has_meta else None
+        self.classifier = mlp_head(width + (self.meta.out_dim if has_meta else 0), head.classifier_hidden, 2, dropout)
         # Added to the roadwork logit at inference; set by calibration (task.calibrate), saved in checkpoints.
         self.register_buffer("logit_shift", torch.zeros(()))
         self.feature_stats = FeatureStats(width, head.feature_stats_momentum)   # for feature-distance-filtered TTA
@@ -179,10 +185,13 @@ class RoadworkModel(nn.Module):
     @staticmethod
     def _make_projection(backbone: Backbone, pool: str, width: int) -> nn.Module:
         if pool.startswith("mlp"):
+            if len(set(backbone.embed_dims)) > 1 or len(set(backbone.layer_strides)) > 1:
+                raise ValueError(f"model.pool={pool} concatenates the layers' tokens, which needs one grid and one "
+                                 f"width; backbone.layers={list(backbone.layers)} have widths {backbone.embed_dims}: "
+                                 f"use model.pool=mean, max or meanmax, or one backbone layer")
             return TokenMlpPool(backbone.embed_dim * len(backbone.layers), width, pool == "mlpmeanmax")
-        n_layers = 1 if pool == "cls" else len(backbone.layers) * (2 if pool == "meanmax" else 1)
-        return nn.Sequential(nn.LayerNorm(backbone.embed_dim * n_layers),
-                             nn.Linear(backbone.embed_dim * n_layers, width), nn.GELU())
+        pooled = backbone.embed_dim if pool == "cls" else sum(backbone.embed_dims) * (2 if pool == "meanmax" else 1)
+        return nn.Sequential(nn.LayerNorm(pooled), nn.Linear(pooled, width), nn.GELU())
 
     def _make_pruner(self, k: Optional[int], where: str, width: int) -> Optional[ViewScorer]:
         self.prune_k, self.prune_where = k, where

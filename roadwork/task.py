@@ -20,6 +20,7 @@ from common.models.option_groups import instantiate_grouped
 from common.task import Batch, Outputs, Task
 from roadwork import gps_sampling, synth
 from roadwork.challenge import BenchmarkTransform
+from roadwork.augment import scale_probabilities
 from roadwork.data import CATEGORY_FIELDS, RoadworkDataset, load_index, mask_files, metadata_spec, split_indices
 from roadwork.ensemble import MemberInputs, input_spec
 from roadwork.model import RoadworkModel
@@ -50,8 +51,10 @@ class RoadworkTask(Task):
             bench = BenchmarkTransform(self.cfg.challenge)
         # select: checkpoints written before data.image_cache existed carry no such section (= disabled)
         image_cache = ImageCache.from_config(OmegaConf.select(data, "image_cache"))
-        return RoadworkDataset(samples, data.views, data.view_size,
-                               augment=data.augment if train and not cached else None, benchmark=bench,
+        scale = float(OmegaConf.select(data, "augment_scale", default=1.0))   # older checkpoints: none
+        augment = None if not train or cached or data.augment is None else scale_probabilities(
+            OmegaConf.to_container(data.augment, resolve=True), scale)
+        return RoadworkDataset(samples, data.views, data.view_size, augment=augment, benchmark=bench,
                                seed=int(self.cfg.seed), benchmark_random=train, cache_features=cached,
                                masks=masks, image_cache=image_cache)
 

@@ -8,7 +8,8 @@ with), files `natix/validator/reward.py` (get_rewards), `natix/validator/miner_p
 2. rounds every kept probability with `np.round` (half to even: 0.5 -> 0, so p = 0.5 is "no roadwork");
 3. over the last `min(100, n)` entries: MCC of labels vs rounded predictions, floored at 0, and 0 when the
    window's labels hold a single class; over the last `min(10, n)`: accuracy;
-4. reward = (0.5 * MCC_100 + 0.5 * accuracy_10) ** 3, and 0 for a probability outside [0, 1].
+4. reward = (0.5 * MCC_100 + 0.5 * accuracy_10) ** 3, and 0 for a probability outside [0, 1];
+5. leaves the entries that are -1 (no answer) out of each window's MCC and accuracy, after taking the window.
 Every window, weight and the exponent is a config value (`metric.validator`).
 """
 from __future__ import annotations
@@ -36,16 +37,22 @@ def window_accuracy(label: np.ndarray, pred: np.ndarray) -> float:
 
 
 def reward_stream(label, prob, mcc_window: int, accuracy_window: int, mcc_weight: float,
-                  accuracy_weight: float, exponent: float) -> dict[str, np.ndarray]:
+                  accuracy_weight: float, exponent: float, no_answer: float = -1.0) -> dict[str, np.ndarray]:
     """Per step t of the stream (images in the order they are scored): the validator's MCC over the last
-    `mcc_window`, accuracy over the last `accuracy_window` and the reward after image t."""
+    `mcc_window`, accuracy over the last `accuracy_window` and the reward after image t.
+
+    As the validator's tracker: a window is the last N entries, and the entries equal to `no_answer` (-1, a
+    miner's missing answer) are then left out of its MCC and accuracy (a window of only those scores 0);
+    every other probability stays in, rounded, even outside [0, 1]. The reward of a step whose probability
+    is outside [0, 1] (-1 included) is 0."""
     label, prob = np.asarray(label, dtype=int), np.asarray(prob, dtype=np.float64)
     pred = validator_round(prob)
+    kept = prob != no_answer
     mcc, acc, reward = (np.zeros(len(label)) for _ in range(3))
     for t in range(len(label)):
-        lo_m, lo_a = max(0, t + 1 - mcc_window), max(0, t + 1 - accuracy_window)
-        mcc[t] = window_mcc(label[lo_m:t + 1], pred[lo_m:t + 1])
-        acc[t] = window_accuracy(label[lo_a:t + 1], pred[lo_a:t + 1])
+        m, a = slice(max(0, t + 1 - mcc_window), t + 1), slice(max(0, t + 1 - accuracy_window), t + 1)
+        mcc[t] = window_mcc(label[m][kept[m]], pred[m][kept[m]])
+        acc[t] = window_accuracy(label[a][kept[a]], pred[a][kept[a]])
         valid = 0.0 <= prob[t] <= 1.0
         reward[t] = (mcc_weight * mcc[t] + accuracy_weight * acc[t]) ** exponent if valid else 0.0
     return {"prediction": pred, "mcc": mcc, "accuracy": acc, "reward": reward}
@@ -80,7 +87,8 @@ def validator_scores(label, prob, cfg) -> tuple[dict[str, float], dict[str, np.n
     label, prob = np.asarray(label, dtype=int), np.asarray(prob, dtype=np.float64)
     order = stream_order(label, str(cfg["order"]), int(cfg["seed"]), cfg["length"])
     curve = reward_stream(label[order], prob[order], int(cfg["mcc_window"]), int(cfg["accuracy_window"]),
-                          float(cfg["mcc_weight"]), float(cfg["accuracy_weight"]), float(cfg["exponent"]))
+                          float(cfg["mcc_weight"]), float(cfg["accuracy_weight"]), float(cfg["exponent"]),
+                          float(cfg.get("no_answer", -1.0)))
     curve["index"], curve["label"], curve["probability"] = order, label[order], prob[order]
     if not len(order):
         return {}, curve

@@ -68,7 +68,8 @@ def test_split_guard(overrides, match):
 
 def test_adapt_preset_composes():
     cfg = _cfg(["experiment=roadwork_adapt", "backbone=tiny", "adapt.split=adapt"])
-    assert cfg.mode == "cv" and cfg.peft.name == "dora" and cfg.data.train == "adapt" and cfg.data.val is None
+    assert cfg.mode == "cv" and cfg.peft.name == "none" and cfg.data.train == "adapt" and cfg.data.val is None
+    assert cfg.peft.lr == 1e-6 and cfg.adapt.method == "dora"          # DoRA on the head only, as the plan
     assert cfg.data.views == "highres12" and cfg.model.prune_k == 8           # the stage-1 plan's model
 
 

@@ -55,7 +55,7 @@ def test_biomass_defaults():
 def test_roadwork_defaults_and_its_tta_option():
     cfg = _cfg(["task=roadwork"])
     assert (cfg.inference.weighting, cfg.inference.top_k) == ("mean", None)
-    _partial(instantiate(cfg.inference.ensemble), RoadworkEnsemble, combine="prob", eps=1e-6)
+    _partial(instantiate(cfg.inference.ensemble), RoadworkEnsemble, combine="logit", eps=1e-6)   # the plan: logits
     _partial(instantiate(cfg.inference.stack), stack_members, c=1.0, eps=1e-6)
     assert cfg.inference.tta is None and instantiate(cfg.inference.tta) is None      # off by default
     tta = instantiate(_cfg(["task=roadwork", "inference/tta=roadwork"]).inference.tta)
@@ -84,7 +84,7 @@ def test_biomass_views_on_the_command_line():
 
 @pytest.mark.parametrize("task, override", [
     ("biomass", "data.tta.hflip=true"), ("biomass", "data.ensemble.mc_passes=2"), ("roadwork", "task.tta.enabled=true"),
-    ("roadwork", "ensemble.weighting=metric"), ("roadwork", "ensemble.combine=logit"), ("sclera", "ensemble.top_k=3"),
+    ("roadwork", "ensemble.weighting=metric"), ("roadwork", "ensemble.combine=prob"), ("sclera", "ensemble.top_k=3"),
     ("roadwork", "ensemble.stack_c=0.5"), ("roadwork", "inference.tta.keep_fraction=0.3"),   # tta not selected
 ])
 def test_replaced_keys_fail_loudly(task, override):

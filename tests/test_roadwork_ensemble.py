@@ -80,7 +80,8 @@ def test_predict_with_heterogeneous_members_end_to_end(tmp_path):
                for k, c in enumerate(ckpts)]
     both = pd.read_csv(run("pred_both", ["mode=predict", f"ckpt_path=[{ckpts[0]},{ckpts[1]}]"]) / "predictions.csv")
     assert len(both) == 5 and (both["image"] == singles[0]["image"]).all()
-    expected = (singles[0]["probability"] + singles[1]["probability"]) / 2
+    logit = [np.log(single["probability"] / (1 - single["probability"])) for single in singles]
+    expected = 1 / (1 + np.exp(-(logit[0] + logit[1]) / 2))          # the default: the mean of the members' logits
     np.testing.assert_allclose(both["probability"], expected, atol=1e-5)
     top = pd.read_csv(run("pred_top", ["mode=predict", "inference.top_k=1", f"ckpt_path=[{ckpts[0]},{ckpts[1]}]"])
                       / "predictions.csv")

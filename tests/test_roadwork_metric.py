@@ -81,6 +81,33 @@ def test_loss_terms_weights_and_weather_mask():
     assert float(loss(outputs, batch)["weather"]) == 0.0
 
 
+def test_plan_loss_scalar_alpha_and_sum_over_views():
+    """The plan's focal (alpha (1 - p_true)^gamma CE with label smoothing) and consistency (sum over views of
+    KL(p_i || p_mean)), each against a hand computation."""
+    torch.manual_seed(1)
+    loss = RoadworkLoss(focal_weight=0.5, consistency_weight=0.3, weather_weight=0.0, alpha=0.25, gamma=2.0,
+                        label_smoothing=0.1, weather_label_smoothing=0.0, alpha_mode="scalar",
+                        consistency_reduction="sum")
+    logits, views = torch.randn(5, 2), torch.randn(5, 8, 2)
+    label = torch.tensor([1, 0, 1, -1, 0])                                   # -1: no label, left out
+    terms = loss({"logits": logits, "view_logits": views}, {"label": label})
+    focal = []
+    for row, y in zip(logits.tolist(), label.tolist()):
+        if y < 0:
+            continue
+        p = torch.tensor(row).softmax(0)
+        ce = -(0.95 * p[y].log() + 0.05 * p[1 - y].log())                    # smoothing 0.1 over 2 classes
+        focal.append(0.25 * (1 - p[y]) ** 2 * ce)
+    torch.testing.assert_close(terms["focal"], 0.5 * torch.stack(focal).mean())
+    p = views.softmax(-1)
+    mean = p.mean(1, keepdim=True)
+    kl_sum = (p * (p.log() - mean.log())).sum(-1).sum(1).mean()
+    torch.testing.assert_close(terms["consistency"], 0.3 * kl_sum)
+    torch.testing.assert_close(view_consistency_kl(views, reduction="sum"), 8 * view_consistency_kl(views))
+    with pytest.raises(ValueError, match="alpha_mode"):
+        RoadworkLoss(0.5, 0.3, 0.2, 0.25, 2.0, 0.1, 0.0, alpha_mode="vector")
+
+
 def test_predictions_csv_format(tmp_path):
     results = [({"prob": torch.tensor([0.2, 0.5])}, {"image": ["a.jpg", "sub/b.jpg"]}),
                ({"prob": torch.tensor([0.99])}, {"image": ["c.png"]})]

@@ -1,6 +1,7 @@
 """The README's CPU smoke runs of every roadwork preset (tiny backbone, debug trainer), in process:
-roadwork_highres12 and roadwork_benchmark224 train, roadwork_adapt adapts the highres12 smoke checkpoint
-with 2 stratified folds, and the benchmark eval writes the validator curve and the error analysis."""
+roadwork_highres12, roadwork_highres12_light and roadwork_benchmark224 train (at most trainer=debug's 2 epochs,
+whatever the preset's max_epochs), roadwork_adapt adapts the highres12 smoke checkpoint with 2 stratified folds, and
+the benchmark eval writes the validator curve and the error analysis."""
 import logging
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from common.runs import app
 REPO = Path(__file__).resolve().parents[1]
 # The README's smoke overrides (section "roadwork presets on CPU"), plus a small synthetic set for speed.
 SMOKE = ["backbone=tiny", "trainer=debug", "data.view_size=28", "data.num_workers=0", "logger=none"]
-HIGHRES12 = ["peft.last_n_blocks=2"]
+HIGHRES12 = ["model.text_encoder=null"]
+LIGHT = ["peft.last_n_blocks=2"]
 SMALL = ["data.synth.splits.train.count=12", "data.synth.splits.val.count=8", "data.synth.splits.test.count=4",
          "data.synth.splits.train224.count=8", "data.synth.splits.val224.count=4", "data.batch_size=4",
          "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]   # 2: the presets accumulate 2 batches
@@ -32,6 +34,9 @@ def test_every_roadwork_preset_smoke_runs_on_cpu(tmp_path, caplog):
     highres = _run(tmp_path, "highres12", ["experiment=roadwork_highres12", *HIGHRES12])
     best = highres / "checkpoints" / "best.pt"
     assert best.is_file()
+    assert "[epoch 1/30]" in caplog.text and "[epoch 2/30]" not in caplog.text     # 2 epochs (from 0): the cap
+    light = _run(tmp_path, "light", ["experiment=roadwork_highres12_light", *LIGHT])
+    assert (light / "checkpoints" / "best.pt").is_file()
     bench = _run(tmp_path, "bench224", ["experiment=roadwork_benchmark224"])
     assert (bench / "checkpoints" / "best.pt").is_file()
     adapt = _run(tmp_path, "adapt", ["experiment=roadwork_adapt", *HIGHRES12, f"adapt.init_ckpt={best}",

@@ -113,8 +113,9 @@ def test_metadata_encoder_text_null_and_known(tiny_bert):
     meta.train()
     meta.dropout = 1.0                                            # every known text dropped -> NULL
     torch.testing.assert_close(meta._text("scene_description", batch), null.expand(4, -1))
-    with pytest.raises(ValueError, match="no text field"):
-        MetadataEncoder({"weather": 2}, [], False, 8, 8, 2, 0.0, text_encoder=cfg)
+    # no text field in the data: the encoder is off and never loaded (a missing folder does not matter)
+    off = MetadataEncoder({"weather": 2}, [], False, 8, 8, 2, 0.0, text_encoder={**cfg, "name_or_path": "/no/such"})
+    assert off.text_encoder is None and off.out_dim == 8
 
 
 def test_flag_embedding_unchanged_without_text_encoder():
@@ -156,3 +157,16 @@ def test_samples_and_batches_carry_the_raw_text(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"label": 0, "scene_description": ["a", "list"]}))
     with pytest.raises(ValueError, match="c.json: scene_description must be text"):
         index_samples(tmp_path, {}, ["scene_description"], require_label=True, skip_bad=False)
+
+
+def test_text_null_zeros_is_the_plans_unknown_text(tiny_bert):
+    cfg = {"name_or_path": str(tiny_bert), "max_length": 16, "normalize": True, "cache_size": 10}
+    meta = MetadataEncoder({}, ["scene_description"], use_gps=False, dim=8, out_dim=None, gps_frequencies=2,
+                           dropout=0.0, text_encoder=cfg, text_dim=12, text_null="zeros").eval()
+    batch = {"scene_description": torch.tensor([0, 1]), "scene_description_text": ["", "road work ahead"]}
+    out = meta(batch)
+    assert out.shape == (2, 12) and meta.out_dim == 12
+    assert torch.equal(out[0], torch.zeros(12))
+    assert "model.text_null.scene_description" not in dict(named_trainable(meta, torch.nn.Identity()))
+    with pytest.raises(ValueError, match="text_null"):
+        MetadataEncoder({}, ["scene_description"], False, 8, None, 2, 0.0, text_encoder=cfg, text_null="mean")

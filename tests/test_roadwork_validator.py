@@ -78,3 +78,33 @@ def test_orders_and_summary():
     assert stream_order(labels, "input", 0, None).tolist() == list(range(40))
     with pytest.raises(ValueError, match="order"):
         stream_order(labels, "random", 0, None)
+
+
+def test_no_answer_is_left_out_of_the_windows_as_the_tracker_does():
+    """The tracker takes the last N entries, then drops those equal to -1 before MCC / accuracy; other values
+    outside [0, 1] stay in (rounded); every out-of-range step's reward is 0."""
+    labels = [1, 0, 1, 0, 1]
+    probs = [0.9, -1.0, 0.8, 1.3, 0.2]
+    curve = reward_stream(labels, probs, mcc_window=100, accuracy_window=3, mcc_weight=0.5, accuracy_weight=0.5,
+                          exponent=1.0)
+    kept_l, kept_p = [1, 1, 0, 1], [1, 1, 1, 0]                          # -1 left out, 1.3 rounds to 1
+    assert curve["accuracy"][-1] == pytest.approx(1 / 3)                 # last 3: (1, 0.8) (0, 1.3) (1, 0.2)
+    assert curve["mcc"][-1] == pytest.approx(max(0.0, matthews_corrcoef(kept_l, kept_p)))
+    assert curve["accuracy"][1] == 1.0 and curve["reward"][1] == 0.0 and curve["reward"][3] == 0.0
+    only_missing = reward_stream([1], [-1.0], **RULES)
+    assert only_missing["accuracy"][0] == 0.0 and only_missing["reward"][0] == 0.0
+
+
+def test_benchmark_streams_in_the_validators_order_by_default():
+    from hydra import compose, initialize_config_dir
+
+    from tests.cli import REPO
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides=["task=roadwork"])
+    assert cfg.metric.validator.order == "validator" and cfg.metric.validator.no_answer == -1.0
+    labels = np.array([0] * 30 + [1] * 10)
+    drawn = stream_order(labels, "validator", 7, None)
+    rng = np.random.default_rng(7)                                       # the same draws, written out
+    classes = rng.integers(0, 2, 40)
+    expected = [np.flatnonzero(labels == c)[rng.integers((labels == c).sum())] for c in classes]
+    assert drawn.tolist() == expected

@@ -187,11 +187,12 @@ def focal_loss(logits: Tensor, target: Tensor, alpha: float | Sequence[float] | 
     return masked_mean(per_sample, valid)
 
 
-def view_consistency_kl(logits: Tensor, view_mask: Tensor | None = None) -> Tensor:
+def view_consistency_kl(logits: Tensor, view_mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """Agreement between the class distributions predicted for several views of one sample.
 
     logits (B, V, K); p_v = softmax(logits_v); p_mean = mean of p_v over the valid views of the sample.
-    Per sample: mean over its valid views of KL(p_v || p_mean) = sum_k p_v,k (log p_v,k - log p_mean,k)
+    Per sample: mean (reduction="mean") or sum (reduction="sum": sum_v KL(p_v || p_mean)) over its valid views of
+    KL(p_v || p_mean) = sum_k p_v,k (log p_v,k - log p_mean,k)
     (this is the generalised Jensen-Shannon divergence of the views). Loss: mean over samples that have at
     least one valid view; 0 with zero gradient if none. p_mean is NOT detached; because p_mean minimises
     sum_v KL(p_v || q) over distributions q, the gradient through p_mean is zero anyway, so detaching would
@@ -199,6 +200,8 @@ def view_consistency_kl(logits: Tensor, view_mask: Tensor | None = None) -> Tens
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, V, K), got {tuple(logits.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"view reduction {reduction!r}: expected 'mean' or 'sum'")
     batch, views, _ = logits.shape
     if view_mask is None:
         valid = torch.ones(batch, views, dtype=torch.bool, device=logits.device)
@@ -214,5 +217,7 @@ def view_consistency_kl(logits: Tensor, view_mask: Tensor | None = None) -> Tens
     p_mean = prob.sum(1) / n_views[:, None]
     log_mean = p_mean.clamp_min(torch.finfo(p_mean.dtype).tiny).log()
     kl = (prob * (log_p - log_mean[:, None, :])).sum(-1)
-    per_sample = torch.where(valid, kl, torch.zeros_like(kl)).sum(1) / n_views
+    per_sample = torch.where(valid, kl, torch.zeros_like(kl)).sum(1)
+    if reduction == "mean":
+        per_sample = per_sample / n_views
     return masked_mean(per_sample, valid.any(1))
