@@ -101,9 +101,11 @@ def config_from_checkpoint(cfg: DictConfig, ckpt: dict, source: str = "checkpoin
       become a predictor (weighting, top_k, ensemble, stack, tta) is never taken from a checkpoint, which stores
       the inference section of the run that trained it."""
     merged = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["config"].get("data"), dict):
+        raise ValueError(f"checkpoint {source}: its config has no data section (expected a suite checkpoint)")
     config = with_moved_targets(_without_retired_keys(ckpt["config"], source))
     config = _with_list_augmentation(config, merged["data"], source)
-    check_checkpoint_config(config, merged, CHECKPOINT_SECTIONS + ("data",), source)
+    config = check_checkpoint_config(config, merged, CHECKPOINT_SECTIONS + ("data",), source)
     run_keys = task_class(cfg).INFERENCE_KEYS
     run_task = {key: merged["task"][key] for key in run_keys if merged["task"].get(key) is not None}
     for section in CHECKPOINT_SECTIONS:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from common.utils.atomic import atomic_path
+from common.utils.plain_data import plain_copy
 
 FORMAT_VERSION = 1
 
@@ -91,7 +92,22 @@ def load_checkpoint(path, task_name: str) -> dict:
                          f"expected a file written by this suite's train or cv mode") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} is not a suite checkpoint of format {FORMAT_VERSION}")
-    if ckpt["task"] != task_name:
+    if ckpt.get("task") != task_name:
         raise ValueError(f"checkpoint {path} was trained for task '{ckpt['task']}', not '{task_name}'; "
                          f"pass task={ckpt['task']} or a checkpoint of task {task_name}")
-    return ckpt
+    return _with_plain_data(ckpt, f"checkpoint {path}")
+
+
+def _with_plain_data(ckpt: dict, source: str) -> dict:
+    """The checkpoint with its config, statistics and loop state rebuilt as plain values (UntrustedData naming the
+    key otherwise): the config's `_target_`s are checked against the run's config where eval / predict rebuild a
+    model from it (common.inference.checkpoint_config); the statistics and loop state name no callable at all."""
+    for key in ("config", "stats"):
+        if key not in ckpt:
+            raise ValueError(f"{source} has no {key!r} entry (expected a file written by this suite's train or cv "
+                             f"mode, format {FORMAT_VERSION})")
+    plain = {"config": plain_copy(ckpt["config"], "config", source, targets=True),
+             "stats": plain_copy(ckpt["stats"], "stats", source, tensors=True)}
+    if "fit_state" in ckpt:
+        plain["fit_state"] = plain_copy(ckpt["fit_state"], "fit_state", source)
+    return {**ckpt, **plain}
