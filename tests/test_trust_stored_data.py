@@ -187,3 +187,12 @@ def test_accepted_random_checkpoints_build_without_calling_the_sentinel(tmp_path
     ckpt["config"]["data"]["encodings"] = {"planted": SENTINEL} if "encodings" in ckpt["config"]["data"] else {}
     inference.load_predictor(cfg, _save(tmp_path, ckpt))
     assert CALLS == []
+
+
+def test_a_checkpoint_cannot_choose_the_image_cache_folder(tmp_path, biomass):
+    """Before: a checkpoint switched data.image_cache on with its own folder and eval wrote .npy files there."""
+    cfg, ckpt = biomass
+    ckpt = copy.deepcopy(ckpt)
+    ckpt["config"]["data"]["image_cache"] = {"enabled": True, "dir": str(tmp_path / "theirs")}
+    merged = inference.config_from_checkpoint(cfg, load_checkpoint(_save(tmp_path, ckpt), "biomass"))
+    assert OmegaConf.to_container(merged.data.image_cache) == OmegaConf.to_container(cfg.data.image_cache)

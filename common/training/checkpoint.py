@@ -6,8 +6,10 @@ checkpoint of another task is refused with a clear message.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from common.utils.atomic import atomic_path
 from common.utils.plain_data import plain_copy
 
 FORMAT_VERSION = 1
+LOW_DISK_BYTES = 64 * 2 ** 20       # less free space than this after torch.save failed: the disk is full
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,7 +72,12 @@ def set_rng_state(state: dict) -> None:
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save to a temp file in the same directory, fsync, then rename over `path`."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as err:     # torch reports a full disk as "enforce fail ... unexpected pos"
+            if shutil.disk_usage(Path(path).parent).free < LOW_DISK_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from err
+            raise
         handle.flush()
         os.fsync(handle.fileno())
 
