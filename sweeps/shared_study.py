@@ -38,6 +38,7 @@ from common.utils.atomic import atomic_write_text
 from common.utils.secrets import protect_process, redact
 from sweeps import accounting
 from sweeps.storage import load_study, open_study
+from sweeps.trial_check import resume_problem
 from sweeps.workers import worker_id
 
 log = logging.getLogger(__name__)
@@ -170,12 +171,20 @@ class SharedStudySweeper(Sweeper):
         accounting.claim(trial, self.worker, str(run_dir), self.seed)
         return trial
 
-    def _resume_own(self, study: optuna.Study, fixed: dict) -> tuple[int, int]:
+    def _resume_own(self, study: optuna.Study, distributions: dict, fixed: dict) -> tuple[int, int]:
         """Run to the end the trials this worker id left RUNNING (killed or preempted, then restarted):
-        (trials resumed, of which failed)."""
+        (trials resumed, of which failed). A trial whose stored parameters or directory are not what this worker
+        could have proposed (sweeps.trial_check) is failed with the reason, never run."""
         ran = failures = 0
         for frozen in accounting.running(study):
             if frozen.user_attrs.get("worker") != self.worker:
+                continue
+            problem = resume_problem(frozen.params, distributions, frozen.user_attrs.get("run_dir"),
+                                     str(self.trial_dir(frozen.number)))
+            if problem is not None:
+                accounting.mark_failed(study, frozen._trial_id, frozen.number,
+                                       f"not resumed: the study database holds {problem}")
+                ran, failures = ran + 1, failures + 1
                 continue
             trial = optuna.trial.Trial(study, frozen._trial_id)
             trial.set_user_attr("resumed", int(frozen.user_attrs.get("resumed", 0)) + 1)
@@ -207,7 +216,7 @@ class SharedStudySweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         distributions, fixed = self._search_space(arguments)
         study = self._open()
-        ran, failures = self._resume_own(study, fixed)
+        ran, failures = self._resume_own(study, distributions, fixed)
         waited = False
         while True:
             accounting.fail_dead_trials(study, self.grace_period, self.worker)
