@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 from common.utils.atomic import atomic_write_text
 from common.utils.secrets import protect_process, redact
 from sweeps import accounting
+from sweeps.launch_secrets import check_launch, private_job_files
 from sweeps.storage import load_study, open_study
 from sweeps.trial_check import resume_problem
 from sweeps.workers import worker_id
@@ -88,6 +89,7 @@ class SharedStudySweeper(Sweeper):
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
+        check_launch(config, self.launcher)
 
     # ---- study -------------------------------------------------------------------------------------------
     def _open(self) -> optuna.Study:
@@ -120,7 +122,8 @@ class SharedStudySweeper(Sweeper):
     def _launch(self, study: optuna.Study, trial_id: int, number: int, overrides: list[str]) -> JobReturn:
         with accounting.Heartbeat(study, trial_id, self.heartbeat_interval):
             try:
-                return self.launcher.launch([overrides], initial_job_idx=number)[0]
+                with private_job_files(self.launcher):
+                    return self.launcher.launch([overrides], initial_job_idx=number)[0]
             except SystemExit as stop:
                 if stop.code not in PREEMPTION_CODES:
                     raise
