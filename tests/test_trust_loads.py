@@ -98,3 +98,25 @@ def test_biomass_prediction_cache_is_loaded_as_data_and_checked(tmp_path):
     torch.save({"pred": torch.zeros(2, 5), "var": np.zeros(2)}, path)        # a pickled object: not weights-only
     with pytest.raises(ValueError, match=rf"prediction cache file {path} is unreadable \(UnpicklingError"):
         _cached_prediction(path, 2, True, "cpu")
+
+
+def _entries():
+    import torch
+    return {"integer tokens": {"tokens": [torch.zeros(4, 3, dtype=torch.int64)], "grid": [2, 2], "cls": None,
+                               "registers": None},
+            "grid mismatch": {"tokens": [torch.zeros(5, 3)], "grid": [2, 2], "cls": None, "registers": None},
+            "cls width": {"tokens": [torch.zeros(4, 3)], "grid": [2, 2], "cls": torch.zeros(5), "registers": None}}
+
+
+@pytest.mark.parametrize("case", ["integer tokens", "grid mismatch", "cls width"])
+def test_a_feature_cache_entry_of_another_shape_or_dtype_is_a_named_miss(tmp_path, case):
+    import torch
+
+    from common.data.feature_cache import FeatureCache
+    cache = FeatureCache(tmp_path, "ident", dtype="float32")
+    path = cache.path("k1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(_entries()[case], path)
+    with pytest.warns(UserWarning, match=rf"feature cache: unreadable file {path}"):
+        assert cache.get("k1") is None
+    assert cache.corrupt == 1
