@@ -120,3 +120,16 @@ def test_a_feature_cache_entry_of_another_shape_or_dtype_is_a_named_miss(tmp_pat
     with pytest.warns(UserWarning, match=rf"feature cache: unreadable file {path}"):
         assert cache.get("k1") is None
     assert cache.corrupt == 1
+
+
+@pytest.mark.slow
+def test_cli_unwritable_run_dir_is_named_before_hydra_writes_there(tmp_path):
+    """Before: Hydra's own mkdir raised a raw NotADirectoryError."""
+    from tests.cli import TOY, run_cli
+    (tmp_path / "a_file").write_text("")
+    proc = run_cli([*TOY, "mode=synth", f"data.root={tmp_path / 'data'}"], tmp_path / "a_file" / "run",
+                   tmp_path / "cache", check=False)
+    assert proc.returncode != 0
+    assert f"error: hydra.run.dir={tmp_path / 'a_file' / 'run'} is not a writable folder" in proc.stderr
+    assert "set hydra.run.dir to a folder this user can write" in proc.stderr
+    assert not (tmp_path / "data").exists()
