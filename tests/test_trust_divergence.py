@@ -1,7 +1,7 @@
 """Divergence is a failure (issue 30): a run whose every step was skipped, whose model holds a non-finite parameter
 or buffer, or whose validation outputs are not finite stops with Diverged naming the step, the quantity and the
-last finite value; metrics.json (strict JSON) holds the reason; a skipped step leaves BatchNorm statistics as
-they were; a sweep fails such a trial as diverged."""
+last finite value; metrics.json (strict JSON) holds the reason; a skipped step leaves BatchNorm (and other running)
+statistics as they were; a sweep fails such a trial as diverged."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from common.runs.app import run
-from common.training.divergence import BatchNormSnapshot, Diverged
+from common.training.divergence import BufferSnapshot, Diverged
 from sweeps.accounting import failure_reason
 from tests.cli import run_cli
 from tests.test_trust_runs import _strict_json, _toy_cfg
@@ -65,7 +65,7 @@ def test_a_skipped_step_leaves_batchnorm_statistics_finite(tmp_path, monkeypatch
 
 def test_a_non_finite_buffer_at_validation_is_diverged(tmp_path, monkeypatch):
     _normed(monkeypatch)
-    monkeypatch.setattr(BatchNormSnapshot, "restore", lambda self: None)     # as before: statistics kept
+    monkeypatch.setattr(BufferSnapshot, "restore", lambda self: None)     # as before: statistics kept
     with pytest.raises(Diverged, match=r"at step \d+ \(epoch 0\): buffer norm\.running_mean is not finite; last "
                                        r"finite training loss [0-9.e-]+ at step \d+"):
         run(_toy_cfg(tmp_path, ["trainer.max_epochs=2"]))
@@ -84,12 +84,16 @@ def test_non_finite_validation_outputs_are_diverged(tmp_path, monkeypatch):
     assert summary["checkpoints"] == {}
 
 
-def test_snapshot_restores_every_batchnorm_buffer():
-    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(nn.BatchNorm1d(2)))
-    snapshot = BatchNormSnapshot(model)
+def test_snapshot_restores_every_buffer():
+    """BatchNorm statistics and other running statistics (roadwork's feature_stats is a plain buffer)."""
+    stats = nn.Module()
+    stats.register_buffer("mean", torch.zeros(3))
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(nn.BatchNorm1d(2)), stats)
+    snapshot = BufferSnapshot(model)
     snapshot.take()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()[0](torch.full((2, 3, 2, 2), float("nan")))
+    stats.mean += float("nan")
     assert not torch.isfinite(model[0].running_mean).all() and model[0].num_batches_tracked == 1
     snapshot.restore()
     for key, value in model.state_dict().items():

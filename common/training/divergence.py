@@ -3,8 +3,9 @@
 A run is stopped with `Diverged` (naming the step, the quantity and the last finite value) when, at a validation,
 every optimiser step so far was skipped as non-finite, the model holds a non-finite parameter or buffer
 (BatchNorm running statistics included), or the trained model's validation outputs are not finite. A skipped step
-must not change the model: its forward passes updated the BatchNorm running statistics, so `BatchNormSnapshot`
-takes them at the start of each optimiser step and puts them back when that step is skipped.
+must not change the model: its forward passes updated running statistics (BatchNorm's, roadwork's feature_stats),
+so `BufferSnapshot` takes the model's buffers at the start of each optimiser step and puts them back when that
+step is skipped.
 """
 from __future__ import annotations
 
@@ -58,20 +59,18 @@ def check_outputs(outputs: dict, state) -> None:
             raise diverged(state, f"the validation output {key!r}")
 
 
-class BatchNormSnapshot:
-    """The running statistics of every BatchNorm layer of a model, to put back after a skipped step."""
+class BufferSnapshot:
+    """The buffers of a model (BatchNorm running statistics, other running statistics), to put back after a
+    skipped step."""
 
     def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules()
-                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        self.saved: list[dict[str, torch.Tensor]] = []
+        self.buffers = [buf for _, buf in model.named_buffers() if buf is not None]
+        self.saved: list[torch.Tensor] = []
 
     def take(self) -> None:
-        self.saved = [{name: buf.detach().clone() for name, buf in layer.named_buffers(recurse=False)
-                       if buf is not None} for layer in self.layers]
+        self.saved = [buf.detach().clone() for buf in self.buffers]
 
     def restore(self) -> None:
         with torch.no_grad():
-            for layer, saved in zip(self.layers, self.saved):
-                for name, value in saved.items():
-                    getattr(layer, name).copy_(value)
+            for buf, saved in zip(self.buffers, self.saved):
+                buf.copy_(saved)

@@ -40,7 +40,7 @@ from common.tracking.console import epoch_line, lines_above_bars
 from common.tracking.tracker import RunFiles, Tracker, use_progress_bars
 from common.training.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
                                         set_rng_state, trainable_state)
-from common.training.divergence import (BatchNormSnapshot, Diverged, NonFiniteLossError,  # noqa: F401
+from common.training.divergence import (BufferSnapshot, Diverged, NonFiniteLossError,  # noqa: F401
                                         check_at_validation, check_outputs, raise_if_diverged)
 from common.training.device import batch_size_of, move_to, resolve_channels_last, to_channels_last, to_cpu
 from common.training.ema import EMA
@@ -297,12 +297,12 @@ class Trainer:
         sums = state.epoch_sums
         pcgrad_counts: dict[str, float] = {}        # summed over the epoch's micro-batches, logged with it
         seen, skip_step, start = 0, False, time.perf_counter()
-        batchnorm = BatchNormSnapshot(tr.model)     # a skipped step's forward passes must not move BN statistics
+        buffers = BufferSnapshot(tr.model)     # a skipped step's forward passes must not move running statistics
         bar = tqdm(total=total - state.batches_done, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
         for batch in itertools.islice(batches, max(total - state.batches_done, 0)):
             batch = move_to(batch, self.device)
             if state.batches_done % accum == 0:
-                batchnorm.take()
+                buffers.take()
             with self.autocast():
                 outputs = tr.train_model(batch)
                 terms = tr.criterion(outputs, batch)
@@ -320,7 +320,7 @@ class Trainer:
             state.batches_done += 1
             if state.batches_done % accum == 0:
                 if not self._finish_accumulation(state, skip_step, {k: float(v.detach()) for k, v in terms.items()}):
-                    batchnorm.restore()
+                    buffers.restore()
                 skip_step = False
                 signum = preemption.agreed(self.ctx)
                 if signum is not None:
