@@ -56,3 +56,14 @@ def test_cli_submitit_worker_with_a_command_line_password_writes_it_nowhere(tmp_
     assert PASSWORD not in proc.stderr + proc.stdout
     assert _files_holding(tmp_path, PASSWORD) == []
     assert not (_sweep_dir(tmp_path) / ".submitit").exists()
+
+
+@pytest.mark.slow
+def test_cli_submitit_job_files_are_private(tmp_path):
+    """A real submitit launch (the local executor): every file it writes under .submitit/ is mode 0600."""
+    proc = _worker(tmp_path, "w1", [*BEAT, "hydra/launcher=submitit_local", "hydra.sweeper.budget=1"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    job_files = [p for p in (_sweep_dir(tmp_path) / ".submitit").rglob("*") if p.is_file()]
+    assert any(p.name.endswith("_submitted.pkl") for p in job_files)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in job_files} == \
+        {p.name: oct(0o600) for p in job_files}
