@@ -133,3 +133,28 @@ def test_cli_unwritable_run_dir_is_named_before_hydra_writes_there(tmp_path):
     assert f"error: hydra.run.dir={tmp_path / 'a_file' / 'run'} is not a writable folder" in proc.stderr
     assert "set hydra.run.dir to a folder this user can write" in proc.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_a_full_disk_while_appending_metrics_names_the_file(tmp_path, monkeypatch):
+    import builtins
+
+    from common.tracking.tracker import RunFiles
+    files = RunFiles(tmp_path)
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(builtins, "open", Full)
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'metrics.jsonl'}: No space left on device; free "
+                                      r"space on that disk"):
+        files.append_epoch({"epoch": 0})
