@@ -90,12 +90,11 @@ class _Checker:
         current_map = current if isinstance(current, dict) else None
         if "_target_" in value:
             free, allowed = self.target(value["_target_"], current_map, where, place, free)
+        else:   # an empty mapping in the schema is a user-keyed one (data.encodings: set name -> encoding)
+            allowed = None if free or not current_map else set(current_map)
         if "_args_" in value:
             raise UntrustedCheckpoint(f"checkpoint {self.source}: {where}._args_: positional arguments are not "
                                       f"something this suite writes into a config; refusing to build from it")
-        if "_target_" not in value:
-            # an empty mapping in the schema is a user-keyed one (data.encodings: set name -> encoding)
-            allowed = None if free or not current_map else set(current_map)
         _refuse_unknown(value, allowed, where, self.source)
         for key, item in value.items():
             child = None if current_map is None else current_map.get(key)
