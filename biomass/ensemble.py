@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -109,6 +110,24 @@ def member_key(model: nn.Module) -> str:
     return _digest(*[f"{k}" for k in model.state_dict()], *model.state_dict().values())
 
 
+def _cached_prediction(path: Path, items: int, with_variance: bool, device) -> tuple[Tensor, Tensor | None]:
+    """A member's cached (pred (B, 5), var (B,) or None), checked: a file of another shape, dtype or content is
+    named (inference.ensemble.cache_dir), never used."""
+    try:
+        cached = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"prediction cache file {path} is unreadable ({type(err).__name__}: {err}); delete it to "
+                         f"recompute") from err
+    pred, var = (cached.get("pred"), cached.get("var")) if isinstance(cached, dict) else (None, None)
+    fits = isinstance(pred, Tensor) and pred.is_floating_point() and tuple(pred.shape) == (items, 5) and (
+        (isinstance(var, Tensor) and var.is_floating_point() and tuple(var.shape) == (items,)) if with_variance
+        else var is None)
+    if not fits:
+        raise ValueError(f"prediction cache file {path} does not hold {{'pred': float ({items}, 5), 'var': "
+                         f"{f'float ({items},)' if with_variance else 'None'}}}; delete it to recompute")
+    return pred, var
+
+
 MC_VARS = ("absolute", "relative")
 
 
@@ -153,8 +172,7 @@ class BiomassEnsemble(nn.Module):
                              [*tta.key(), self.mc_passes, self.mc_var, self.mc_ratio_weight, self.mc_clip])
             path = self.cache_dir / self._keys[index] / f"{inputs}.pt"
             if path.is_file():
-                cached = torch.load(path, map_location=batch["image"].device)
-                return cached["pred"], cached["var"]
+                return _cached_prediction(path, len(batch["image"]), self.mc_passes >= 2, batch["image"].device)
         feats = _view_features(model, batch, tta)
         pred = _decoded_mean(model, feats)
         var = self._uncertainty(model, feats) if self.mc_passes >= 2 else None

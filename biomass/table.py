@@ -14,6 +14,7 @@ import pandas as pd
 
 from biomass.constants import ID_SEP, SOLUTION_COLUMNS, TARGETS, TEST_COLUMNS, TRAIN_COLUMNS
 from common.data.image_check import broken_images
+from common.utils.csv_files import read_csv
 
 log = logging.getLogger(__name__)
 META_COLUMNS = ("Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm")
@@ -23,7 +24,8 @@ def read_csv_checked(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    df = pd.read_csv(path, dtype={"sample_id": str, "image_path": str, "target_name": str})
+    df = read_csv(path, f"a table with columns {list(required)}",
+                  dtype={"sample_id": str, "image_path": str, "target_name": str})
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; expected columns {list(required)}, "

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 from sklearn.cluster import KMeans
 
 from common.data.sampling import WeightedEpochSampler
+from common.utils.csv_files import read_csv
 from roadwork.regions import haversine_km
 from roadwork.sidecar import parse_gps
 
@@ -27,7 +27,7 @@ def read_reference_coordinates(path: Path) -> np.ndarray:
     """(N, 2) lat, lon from a CSV (`lat,lon` or `gps` columns) or a folder of JSON sidecars (`gps` field)."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = read_csv(path, "a GPS reference CSV (lat,lon or gps columns)", dtype=str, keep_default_na=False)
         if {"lat", "lon"} <= set(frame.columns):
             values = [f"{a},{b}" for a, b in zip(frame["lat"], frame["lon"])]
         elif "gps" in frame.columns:

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
-
 from common.data.image_check import broken_images
+from common.utils.csv_files import read_csv
 from roadwork.sidecar import is_missing, parse_label, parse_metadata, parse_point
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -127,7 +126,7 @@ def _folder_entries(folder: Path):
 
 
 def _manifest_entries(csv_path: Path):
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    frame = read_csv(csv_path, "a manifest with an image_path column", dtype=str, keep_default_na=False)
     if "image_path" not in frame.columns:
         raise ValueError(f"{csv_path}: manifest needs an image_path column, has {list(frame.columns)}")
     for row_number, row in enumerate(frame.to_dict("records"), start=2):

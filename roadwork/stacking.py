@@ -70,6 +70,9 @@ def stack_members(members: Sequence[nn.Module], oof_frames: dict[str, pd.DataFra
     if len(oof_frames) != len(members):
         raise ValueError(f"{len(oof_frames)} out-of-fold files for {len(members)} members")
     _, probs, labels = align_oof(oof_frames, "image", "probability", "label")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{next(iter(oof_frames))}: label {labels[~np.isin(labels, (0, 1))][0]} is not 0 or 1; "
+                         f"expected the oof.csv of a roadwork mode=cv run")
     meta = fit_meta_model(probs, labels, c, eps)
     stacked = StackedEnsemble(members, meta.coef_[0].tolist(), float(meta.intercept_[0]), eps)
     terms = " ".join(f"{w:+.4f}*logit(p[{source}])" for w, source in zip(meta.coef_[0], oof_frames))

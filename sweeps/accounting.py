@@ -133,7 +133,7 @@ def failure_reason(err: BaseException) -> str:
     name, text = type(err).__name__, str(err)
     if name == "OutOfMemoryError" or "out of memory" in text.lower():
         return f"out of memory: {name}: {text}"
-    if name == "NonFiniteLossError":
+    if any(cls.__name__ == "NonFiniteLossError" for cls in type(err).__mro__):     # Diverged too
         return f"diverged: {text}"
     return f"{name}: {text}"
 

@@ -40,8 +40,10 @@ from optuna.trial import TrialState
 from common.utils.atomic import atomic_write_text
 from common.utils.secrets import protect_process, redact
 from sweeps import accounting
+from sweeps.launch_secrets import check_launch, private_job_files
 from sweeps.pruning import build_pruner
 from sweeps.storage import load_study, open_study
+from sweeps.trial_check import resume_problem
 from sweeps.workers import worker_id
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,7 @@ class SharedStudySweeper(Sweeper):
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
+        check_launch(config, self.launcher)
 
     # ---- study -------------------------------------------------------------------------------------------
     def _open(self) -> optuna.Study:
@@ -151,7 +154,8 @@ class SharedStudySweeper(Sweeper):
     def _launch(self, study: optuna.Study, trial_id: int, number: int, overrides: list[str]) -> JobReturn:
         with accounting.Heartbeat(study, trial_id, self.heartbeat_interval):
             try:
-                return self.launcher.launch([overrides], initial_job_idx=number)[0]
+                with private_job_files(self.launcher):
+                    return self.launcher.launch([overrides], initial_job_idx=number)[0]
             except SystemExit as stop:
                 if stop.code not in PREEMPTION_CODES:
                     raise
@@ -212,12 +216,20 @@ class SharedStudySweeper(Sweeper):
         accounting.claim(trial, self.worker, str(run_dir), self.seed)
         return trial
 
-    def _resume_own(self, study: optuna.Study, fixed: dict) -> tuple[int, int]:
+    def _resume_own(self, study: optuna.Study, distributions: dict, fixed: dict) -> tuple[int, int]:
         """Run to the end the trials this worker id left RUNNING (killed or preempted, then restarted):
-        (trials resumed, of which failed)."""
+        (trials resumed, of which failed). A trial whose stored parameters or directory are not what this worker
+        could have proposed (sweeps.trial_check) is failed with the reason, never run."""
         ran = failures = 0
         for frozen in accounting.running(study):
             if frozen.user_attrs.get("worker") != self.worker:
+                continue
+            problem = resume_problem(frozen.params, distributions, frozen.user_attrs.get("run_dir"),
+                                     str(self.trial_dir(frozen.number)))
+            if problem is not None:
+                accounting.mark_failed(study, frozen._trial_id, frozen.number,
+                                       f"not resumed: the study database holds {problem}")
+                ran, failures = ran + 1, failures + 1
                 continue
             trial = optuna.trial.Trial(study, frozen._trial_id)
             trial.set_user_attr("resumed", int(frozen.user_attrs.get("resumed", 0)) + 1)
@@ -249,7 +261,7 @@ class SharedStudySweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         distributions, fixed = self._search_space(arguments)
         study = self._open()
-        ran, failures = self._resume_own(study, fixed)
+        ran, failures = self._resume_own(study, distributions, fixed)
         waited = False
         while True:
             accounting.fail_dead_trials(study, self.grace_period, self.worker)

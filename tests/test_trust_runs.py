@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from common.runs.run_dir import (LOCK_NAME, RunDirectoryBusy, check_run_folders, remove_stale_temporaries,
                                  run_directory_lock)
-from common.training.trainer import Diverged
+from common.training.divergence import Diverged
 from common.utils.atomic import atomic_write_json
 from tests.cli import REPO, TOY, run_cli
 

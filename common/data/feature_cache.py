@@ -214,11 +214,21 @@ def _output_to_entry(item: BackboneOutput, dtype: torch.dtype, path: Path) -> di
             "registers": _store(item.registers, dtype, path)}
 
 
+def _floats(value: Any, dims: int) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and value.dim() == dims
+
+
 def _entry_to_output(entry: dict) -> BackboneOutput:
     tokens, (h, w) = entry["tokens"], entry["grid"]
-    if not tokens or any(t.shape[0] != h * w or t.shape[1] != tokens[0].shape[1] for t in tokens):
-        raise ValueError(f"token shapes {[tuple(t.shape) for t in tokens]} do not match grid {(h, w)}")
+    if not tokens or any(not _floats(t, 2) or t.shape[0] != h * w or t.shape[1] != tokens[0].shape[1]
+                         for t in tokens):
+        raise ValueError(f"token shapes {[tuple(getattr(t, 'shape', ())) for t in tokens]} are not floating (N, C) "
+                         f"tensors matching grid {(h, w)}")
     cls, registers = entry["cls"], entry["registers"]
+    width = tokens[0].shape[1]
+    if not (cls is None or _floats(cls, 1) and cls.shape[0] == width) or \
+            not (registers is None or _floats(registers, 2) and registers.shape[1] == width):
+        raise ValueError(f"cls / registers are not floating tensors of width {width}")
     return BackboneOutput(tokens=[t.float() for t in tokens], grid=(int(h), int(w)),
                           cls=None if cls is None else cls.float(),
                           registers=None if registers is None else registers.float())

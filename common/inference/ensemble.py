@@ -95,6 +95,11 @@ def align_oof(frames: dict[str, pd.DataFrame], id_column: str, value_column: str
         missing = {id_column, value_column, label_column} - set(frame.columns)
         if missing:
             raise ValueError(f"{source}: missing columns {sorted(missing)}; expected the oof.csv of a mode=cv run")
+        values = pd.to_numeric(frame[value_column], errors="coerce").to_numpy(dtype=float)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise ValueError(f"{source} row {bad[0] + 2}: {value_column}={frame[value_column].iloc[bad[0]]!r} is not "
+                             f"a finite number; expected the oof.csv of a mode=cv run")
         duplicated = frame[id_column][frame[id_column].duplicated()]
         if len(duplicated):
             raise ValueError(f"{source}: {id_column} {duplicated.iloc[0]!r} appears more than once")

@@ -29,6 +29,7 @@ from common.training import adapt
 from common.training.checkpoint import load_checkpoint, restore_for_inference
 from common.training.cv import fold_checkpoint
 from common.training.parts import load_task, task_class
+from common.utils.csv_files import read_csv
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ WEIGHTINGS = ("mean", "metric", "stack")
 RETIRED_KEYS = {"task.tta": "inference.tta", "data.tta": "inference.tta", "data.ensemble": "inference.ensemble",
                 "task.max_epochs": "trainer.max_epochs"}
 _DELETED = object()
+# data keys that name folders of this machine: always this run's, whatever the checkpoint's data section holds
+RUN_DATA_KEYS = ("root", "image_cache")
 
 
 @dataclass
@@ -95,15 +98,17 @@ def config_from_checkpoint(cfg: DictConfig, ckpt: dict, source: str = "checkpoin
     """This run's config with the checkpoint's sections, once they are checked (common.inference.checkpoint_config):
     - backbone, peft, model, task, adapt: the checkpoint's (the network it trained), except the task section's
       Task.INFERENCE_KEYS (e.g. sclera's submission): this run's;
-    - data: the checkpoint's, with this run's data.root, and each data.* value given on the command line
+    - data: the checkpoint's, with this run's data.root and data.image_cache (RUN_DATA_KEYS), and each data.* value given on the command line
       replacing the checkpoint's whole;
     - everything else: this run's (trainer, paths, logger...), the `inference` section always: how checkpoints
       become a predictor (weighting, top_k, ensemble, stack, tta) is never taken from a checkpoint, which stores
       the inference section of the run that trained it."""
     merged = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["config"].get("data"), dict):
+        raise ValueError(f"checkpoint {source}: its config has no data section (expected a suite checkpoint)")
     config = with_moved_targets(_without_retired_keys(ckpt["config"], source))
     config = _with_list_augmentation(config, merged["data"], source)
-    check_checkpoint_config(config, merged, CHECKPOINT_SECTIONS + ("data",), source)
+    config = check_checkpoint_config(config, merged, CHECKPOINT_SECTIONS + ("data",), source)
     run_keys = task_class(cfg).INFERENCE_KEYS
     run_task = {key: merged["task"][key] for key in run_keys if merged["task"].get(key) is not None}
     for section in CHECKPOINT_SECTIONS:
@@ -111,7 +116,11 @@ def config_from_checkpoint(cfg: DictConfig, ckpt: dict, source: str = "checkpoin
             merged[section] = config[section]
     merged["task"].update(run_task)
     data = OmegaConf.create(config["data"])
-    data.root = cfg.data.root
+    for key in RUN_DATA_KEYS:               # where this machine reads and writes: never a checkpoint's choice
+        if key in cfg.data:
+            data[key] = cfg.data[key]
+        elif key in data:
+            del data[key]
     for key in _command_line_data_keys():           # the value Hydra composed from the command line, whole
         value = OmegaConf.select(cfg.data, key, default=_DELETED)
         if value is _DELETED:                          # ~data.<key>
@@ -183,15 +192,11 @@ def checkpoint_paths(ckpt_path, which: str = "best") -> list[Path]:
 
 
 def _read_oof(run_dir: Path):
-    import pandas as pd
     path = run_dir / "oof.csv"
     if not run_dir.is_dir() or not path.is_file():
         raise FileNotFoundError(f"inference.weighting=stack: {path} not found; ckpt_path must list mode=cv run "
                                 f"directories (each with oof.csv), e.g. ckpt_path=[<cv run>,<cv run>]")
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} could not be read as a CSV ({err}); expected the oof.csv of a mode=cv run") from err
+    return read_csv(path, "the oof.csv of a mode=cv run")
 
 
 # ---- combinations ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from common.tracking.tracker import RunFiles, Tracker, make_tracker
 from common.training.checkpoint import written_checkpoints
 from common.training.cv import cross_validate
 from common.training.dataset_root import data_root
+from common.training.divergence import NonFiniteLossError, raise_if_diverged
 from common.training.parts import build_parts, load_task
-from common.training.trainer import Trainer, raise_if_diverged
+from common.training.trainer import Trainer
 from common.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,16 @@ def train(cfg, task, root, run_dir, tracker, ctx) -> float | None:
         for name, (columns, rows) in metric.tables(state.best_metrics).items():
             tracker.log_table(name, columns, rows)
     return state.best_value
+
+
+def record_divergence(run_dir: Path, err: NonFiniteLossError, started: float) -> None:
+    """metrics.json (strict JSON) of a diverged run: what train wrote in this run (a file from before `started`
+    is an earlier run's), the reason and the checkpoints that exist."""
+    path = run_dir / "metrics.json"
+    summary = json.loads(path.read_text()) if path.is_file() and path.stat().st_mtime >= started else {}
+    summary.update({"status": "diverged", "reason": str(err),
+                    "checkpoints": written_checkpoints(run_dir / "checkpoints")})
+    RunFiles(run_dir).write_final(summary)
 
 
 def log_train_summary(cfg: DictConfig, task_name: str, run_dir: Path) -> None:
@@ -144,7 +156,7 @@ def _run_mode(cfg: DictConfig, ctx) -> float | None:
     with run_directory_lock(run_dir) if ctx.is_main else nullcontext():
         root = data_root(cfg, task)
         tracker: Tracker = make_tracker(cfg, run_dir, ctx.is_main)
-        exit_code = 1
+        exit_code, started = 1, time.time()
         try:
             modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
             value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
@@ -153,6 +165,10 @@ def _run_mode(cfg: DictConfig, ctx) -> float | None:
                 log_train_summary(cfg, task.name, run_dir)
             exit_code = 0
             return value
+        except NonFiniteLossError as err:
+            if ctx.is_main:
+                record_divergence(run_dir, err, started)
+            raise
         finally:
             tracker.finish(exit_code)
             distributed.teardown(ctx)

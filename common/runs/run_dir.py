@@ -11,10 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from common.utils.atomic import file_lock
 
@@ -106,6 +110,25 @@ def check_writable(folder, key: str) -> Path:
         raise PermissionError(f"{key}={folder} is not a writable folder ({type(err).__name__}: {err}); "
                               f"set {key} to a folder this user can write") from err
     return folder
+
+
+class CheckRunFolder(Callback):
+    """Registered in conf/config.yaml (hydra.callbacks): hydra.run.dir (hydra.sweep.dir under -m) is checked
+    before Hydra creates it and writes .hydra/ there, so an unwritable one is named with its key and the fix.
+    Hydra turns a callback's exception into a warning: the process exits here instead, as run.py does."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(folder, key: str) -> None:
+        try:
+            check_writable(folder, key)
+        except PermissionError as err:
+            sys.exit(f"error: {err}")
 
 
 def run_dir_key() -> str:

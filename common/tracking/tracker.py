@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.utils.atomic import atomic_write_json
+from common.utils.atomic import atomic_write_json, write_error
 
 if TYPE_CHECKING:
     from common.tracking.run_info import RunInfo
@@ -58,8 +58,12 @@ class RunFiles:
         self._drawn_at, self._draw_seconds = 0.0, 0.0
 
     def append_epoch(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:          # a full disk, a quota: say which file and what to do
+            raise write_error(path, err) from err
         if time.monotonic() - self._drawn_at >= self.CURVES_GAP * self._draw_seconds:
             from common.tracking.reports import write_curves
             start = time.monotonic()

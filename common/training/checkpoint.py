@@ -6,8 +6,10 @@ checkpoint of another task is refused with a clear message.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,10 @@ import torch
 from torch import nn
 
 from common.utils.atomic import atomic_path
+from common.utils.plain_data import plain_copy
 
 FORMAT_VERSION = 1
+LOW_DISK_BYTES = 64 * 2 ** 20       # less free space than this after torch.save failed: the disk is full
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,7 +72,12 @@ def set_rng_state(state: dict) -> None:
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save to a temp file in the same directory, fsync, then rename over `path`."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as err:     # torch reports a full disk as "enforce fail ... unexpected pos"
+            if shutil.disk_usage(Path(path).parent).free < LOW_DISK_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from err
+            raise
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -91,7 +100,22 @@ def load_checkpoint(path, task_name: str) -> dict:
                          f"expected a file written by this suite's train or cv mode") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} is not a suite checkpoint of format {FORMAT_VERSION}")
-    if ckpt["task"] != task_name:
+    if ckpt.get("task") != task_name:
         raise ValueError(f"checkpoint {path} was trained for task '{ckpt['task']}', not '{task_name}'; "
                          f"pass task={ckpt['task']} or a checkpoint of task {task_name}")
-    return ckpt
+    return _with_plain_data(ckpt, f"checkpoint {path}")
+
+
+def _with_plain_data(ckpt: dict, source: str) -> dict:
+    """The checkpoint with its config, statistics and loop state rebuilt as plain values (UntrustedData naming the
+    key otherwise): the config's `_target_`s are checked against the run's config where eval / predict rebuild a
+    model from it (common.inference.checkpoint_config); the statistics and loop state name no callable at all."""
+    for key in ("config", "stats"):
+        if key not in ckpt:
+            raise ValueError(f"{source} has no {key!r} entry (expected a file written by this suite's train or cv "
+                             f"mode, format {FORMAT_VERSION})")
+    plain = {"config": plain_copy(ckpt["config"], "config", source, targets=True),
+             "stats": plain_copy(ckpt["stats"], "stats", source, tensors=True)}
+    if "fit_state" in ckpt:
+        plain["fit_state"] = plain_copy(ckpt["fit_state"], "fit_state", source)
+    return {**ckpt, **plain}

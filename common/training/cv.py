@@ -13,8 +13,9 @@ from torch.utils.data import Subset
 from common.data.datasets import sample_weights_of
 from common.tracking.tracker import RunFiles, Tracker
 from common.training.checkpoint import load_checkpoint, restore_for_inference
+from common.training.divergence import raise_if_diverged
 from common.training.parts import build_parts
-from common.training.trainer import Trainer, raise_if_diverged
+from common.training.trainer import Trainer
 from common.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -40,31 +40,13 @@ from common.tracking.console import epoch_line, lines_above_bars
 from common.tracking.tracker import RunFiles, Tracker, use_progress_bars
 from common.training.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
                                         set_rng_state, trainable_state)
+from common.training.divergence import BufferSnapshot, NonFiniteLossError, check_at_validation, check_outputs
 from common.training.device import batch_size_of, move_to, resolve_channels_last, to_channels_last, to_cpu
 from common.training.ema import EMA
 from common.training.optim import build_optimizer, build_param_groups, call_target, named_trainable
 from common.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class Diverged(NonFiniteLossError):
-    """Training ended without one finite value of the monitored metric."""
-
-
-def raise_if_diverged(state: "FitState", monitor: str) -> None:
-    """A run whose monitored metric was never finite has no best model: fail it, saying what to change."""
-    if state.best_value is not None or state.epoch == 0:
-        return
-    last = state.last_metrics.get(monitor)
-    raise Diverged(f"the run diverged: {monitor} was not finite in any of {state.epoch} epochs (last value "
-                   f"{last}; {state.nonfinite_steps} optimiser steps had a non-finite loss or gradient), so no "
-                   f"best checkpoint was written. Lower trainer.optim.lr, set trainer.grad_clip, or check the "
-                   f"data for NaN / inf inputs and targets")
 
 
 @dataclass
@@ -81,6 +63,8 @@ class FitState:
     pruned_value: float | None = None    # the monitored value it was stopped on
     batches_done: int = 0                # batches of epoch `epoch` already trained (preempted mid-epoch)
     epoch_sums: dict = field(default_factory=dict)   # their loss sums, so the epoch's mean covers every batch
+    last_finite_loss: float | None = None   # for the Diverged message (common.training.divergence)
+    last_finite_step: int = -1
 
 
 @dataclass
@@ -316,9 +300,12 @@ class Trainer:
         sums = state.epoch_sums
         pcgrad_counts: dict[str, float] = {}        # summed over the epoch's micro-batches, logged with it
         seen, skip_step, start = 0, False, time.perf_counter()
+        buffers = BufferSnapshot(tr.model)     # a skipped step's forward passes must not move running statistics
         bar = tqdm(total=total - state.batches_done, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
         for batch in itertools.islice(batches, max(total - state.batches_done, 0)):
             batch = move_to(batch, self.device)
+            if state.batches_done % accum == 0:
+                buffers.take()
             with self.autocast():
                 outputs = tr.train_model(batch)
                 terms = tr.criterion(outputs, batch)
@@ -326,6 +313,7 @@ class Trainer:
             if not torch.isfinite(loss.detach()):
                 skip_step = True
             else:
+                state.last_finite_loss, state.last_finite_step = float(loss.detach()), state.step
                 for key, value in self._backward(terms, 1.0 / accum).items():
                     pcgrad_counts[key] = pcgrad_counts.get(key, 0.0) + value
             for key, value in {"loss": loss, **terms}.items():
@@ -334,7 +322,8 @@ class Trainer:
             bar.update(1)
             state.batches_done += 1
             if state.batches_done % accum == 0:
-                self._finish_accumulation(state, skip_step, {k: float(v.detach()) for k, v in terms.items()})
+                if not self._finish_accumulation(state, skip_step, {k: float(v.detach()) for k, v in terms.items()}):
+                    buffers.restore()
                 skip_step = False
                 signum = preemption.agreed(self.ctx)
                 if signum is not None:
@@ -349,20 +338,25 @@ class Trainer:
             record.update({f"train/{k}": v for k, v in epoch_log().items()})
         return record
 
-    def _finish_accumulation(self, state: FitState, skip: bool, terms: dict[str, float]) -> None:
+    def _finish_accumulation(self, state: FitState, skip: bool, terms: dict[str, float]) -> bool:
+        """Whether the optimiser stepped (False: the step was skipped as non-finite)."""
         if skip:
             self.training.optimizer.zero_grad(set_to_none=True)
             self._count_nonfinite(state, "loss")
-            return
-        if self._optimizer_step(state) and state.step % int(self.t.log_every_n_steps) == 0:
+            return False
+        stepped = self._optimizer_step(state)
+        if stepped and state.step % int(self.t.log_every_n_steps) == 0:
             lrs = {f"lr/{g['tag']}": g["lr"] for g in self.training.optimizer.param_groups}
             self.tracker.log_metrics({"train/loss_step": sum(terms.values()),   # epoch means: train/loss
                                       **{f"train/{k}_step": v for k, v in terms.items()}, **lrs}, state.step)
+        return stepped
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, criterion: nn.Module | None, metric: Metric, dataset: Dataset,
-                 collate: Callable, limit: int | None = None, on_first_batch: Callable | None = None) -> dict:
-        """Metric values (no prefix) plus the mean loss when a criterion is given."""
+                 collate: Callable, limit: int | None = None, on_first_batch: Callable | None = None,
+                 check: Callable[[dict], None] | None = None) -> dict:
+        """Metric values (no prefix) plus the mean loss when a criterion is given; `check(outputs)` sees every
+        batch's outputs before the metric does (fit: Diverged on non-finite outputs)."""
         model.eval()
         metric.reset()
         loss_sum, items = 0.0, 0                           # val/loss: the mean over items, on every rank count
@@ -383,6 +377,8 @@ class Trainer:
                 items += batch_size_of(batch)
                 outputs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                            for k, v in outputs.items()}
+                if check is not None:
+                    check(outputs)
                 metric.update(outputs, batch)
                 if i == 0 and on_first_batch is not None:
                     on_first_batch(to_cpu(outputs), batch)
@@ -458,10 +454,12 @@ class Trainer:
             loader = self.loader(train_set, task.collate, True, epoch, skip_batches=state.batches_done,
                                  weights=sample_weights)
             record = {"epoch": epoch, **self.train_epoch(loader, state)}
+            check_at_validation(tr.model, state)
             media = (lambda out, b: task.log_media(self.tracker, out, b, stats, state.step)) \
                 if self.ctx.is_main else None
             val = self.evaluate(tr.model, tr.criterion, metric, val_set, task.collate,
-                                limit=self.t.limit_val_batches, on_first_batch=media)
+                                limit=self.t.limit_val_batches, on_first_batch=media,
+                                check=lambda outputs: check_outputs(outputs, state))
             task.on_validation_end(tr.model, val)
             record.update({f"val/{k}": v for k, v in val.items()})
             record.update({"step": state.step, **{f"lr/{g['tag']}": g["lr"] for g in tr.optimizer.param_groups}})

@@ -5,6 +5,7 @@ readers never see a partial file, and a failed write leaves the previous file as
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -22,16 +23,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Writers that infer a format from the file suffix (PIL) must name the format: the temp file ends in .tmp.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise write_error(path, err) from err
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs and shared caches must be readable by others
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in FIXES:
+            raise write_error(path, err) from err
         raise
+
+
+# errno -> what to do, for a write that failed
+FIXES = {errno.ENOSPC: "free space on that disk, or write elsewhere (hydra.run.dir=..., paths.cache_dir=...)",
+         errno.EDQUOT: "free space within your disk quota, or write elsewhere (hydra.run.dir=..., paths.cache_dir=...)",
+         errno.EACCES: "make the folder writable for this user, or write elsewhere (hydra.run.dir=..., "
+                       "paths.cache_dir=...)",
+         errno.EROFS: "the file system is read-only: write elsewhere (hydra.run.dir=..., paths.cache_dir=...)",
+         errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path (hydra.run.dir=..., "
+                        "paths.cache_dir=...)"}
+
+
+def write_error(path: Path, err: OSError) -> OSError:
+    """`err` of writing `path`, said with the path and the fix; same errno and type."""
+    fix = FIXES.get(err.errno, "check that the folder exists and is writable")
+    return type(err)(err.errno, f"cannot write {path}: {os.strerror(err.errno) if err.errno else err}; {fix}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -1,0 +1,80 @@
+"""The study database is data (issue 30): a RUNNING trial planted in it, with a parameter holding a `_target_`, an
+out-of-range value, an extra key or another directory, is failed with the reason and never run by the worker
+that would resume it; a trial it could have proposed itself is resumed."""
+from __future__ import annotations
+
+import re
+import types
+
+import optuna
+import pytest
+from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from sweeps.shared_study import SharedStudySweeper
+from sweeps.trial_check import resume_problem
+
+SPACE = ["trainer.optim.lr=tag(log, interval(1e-4, 1e-2))", "model.head.hidden=choice(128, 256, 512)",
+         "model.head.dropout=interval(0.0, 0.4)"]
+PAYLOAD = "{_target_: pathlib.Path.write_text, _args_: [{_target_: pathlib.Path, _args_: [/tmp/x.pth]}, 'import os']}"
+
+
+def _space():
+    distributions, fixed, *_ = create_params_from_overrides(SPACE)
+    return distributions
+
+
+def _running_study(tmp_path, planted: list[dict]):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s", direction="maximize")
+    for params, run_dir in planted:
+        trial = study.ask()
+        for name, value in params.items():     # a one-choice distribution: the sampler can only store `value`
+            trial._suggest(name, CategoricalDistribution([value]))
+        trial.set_user_attr("worker", "w1")
+        trial.set_user_attr("run_dir", run_dir)
+    return study
+
+
+GOOD = {"trainer.optim.lr": 1e-3, "model.head.hidden": 256, "model.head.dropout": 0.1}
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"model.head.hidden": PAYLOAD}, r"model\.head\.hidden=.\{_target_: pathlib.*is not one of its choices"),
+    ({"trainer.optim.lr": 10.0}, r"trainer\.optim\.lr=10\.0 is outside \[0\.0001, 0\.01\]"),
+    ({"model.head.hidden": 257}, r"model\.head\.hidden=257 is not one of its choices \[128, 256, 512\]"),
+    ({"model.head._target_": "pathlib.Path.write_text"}, r"extra \['model\.head\._target_'\]"),
+])
+def test_a_planted_running_trial_is_failed_and_never_run(tmp_path, change, reason):
+    study = _running_study(tmp_path, [({**GOOD, **change}, str(tmp_path / "trial-0"))])
+    worker = types.SimpleNamespace(worker="w1", trial_dir=lambda number: tmp_path / f"trial-{number}",
+                                   _run=lambda *a: pytest.fail("a planted trial was run"),
+                                   _overrides=lambda *a: pytest.fail("overrides built from stored values"))
+    ran, failures = SharedStudySweeper._resume_own(worker, study, _space(), {})
+    assert (ran, failures) == (1, 1)
+    trial = study.trials[0]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"].startswith("not resumed: the study database holds ")
+    assert re.search(reason, trial.user_attrs["fail_reason"])
+
+
+def test_a_trial_the_worker_could_propose_is_resumed(tmp_path):
+    study = _running_study(tmp_path, [(GOOD, str(tmp_path / "trial-0"))])
+    runs = []
+    worker = types.SimpleNamespace(worker="w1", trial_dir=lambda number: tmp_path / f"trial-{number}",
+                                   _run=lambda study, trial, overrides: runs.append(overrides) or True,
+                                   _overrides=lambda params, fixed: [f"{k}={v}" for k, v in params.items()])
+    assert SharedStudySweeper._resume_own(worker, study, _space(), {}) == (1, 0)
+    assert len(runs) == 1 and sorted(runs[0]) == ["model.head.dropout=0.1", "model.head.hidden=256",
+                                                  "trainer.optim.lr=0.001", "trainer.resume=true"]
+
+
+def test_another_run_dir_and_types_are_refused():
+    space = _space()
+    assert "is not '/sweep/trial-0'" in resume_problem(GOOD, space, "/home/victim", "/sweep/trial-0")
+    assert resume_problem(GOOD, space, "/sweep/trial-0", "/sweep/trial-0") is None
+    ints = {"n": optuna.distributions.IntUniformDistribution(1, 9, step=2)}
+    assert "is not an integer" in resume_problem({"n": "3"}, ints, "d", "d")
+    assert "is not on the grid 1 + k * 2" in resume_problem({"n": 4}, ints, "d", "d")
+    assert resume_problem({"n": 5}, ints, "d", "d") is None
+    assert "is not a finite number" in resume_problem({**GOOD, "model.head.dropout": float("nan")}, space, "d", "d")
