@@ -5,11 +5,8 @@ from __future__ import annotations
 import functools
 import math
 
-import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from biomass.crops import split_crops
 from biomass.early_fusion import WidenedConv, widen_first_conv

@@ -9,7 +9,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from biomass.stages import StageProjector
 from biomass.task import BiomassTask

@@ -30,6 +30,7 @@ from common.training.checkpoint import load_checkpoint, restore_for_inference
 from common.training.cv import fold_checkpoint
 from common.training.parts import load_task, task_class
 from common.utils.csv_files import read_csv
+from common.utils.plain_data import UntrustedData
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def config_from_checkpoint(cfg: DictConfig, ckpt: dict, source: str = "checkpoin
       the inference section of the run that trained it."""
     merged = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["config"].get("data"), dict):
-        raise ValueError(f"checkpoint {source}: its config has no data section (expected a suite checkpoint)")
+        raise UntrustedData(f"checkpoint {source}: its config has no data section (expected a suite checkpoint)")
     config = with_moved_targets(_without_retired_keys(ckpt["config"], source))
     config = _with_list_augmentation(config, merged["data"], source)
     config = check_checkpoint_config(config, merged, CHECKPOINT_SECTIONS + ("data",), source)
