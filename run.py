@@ -3,7 +3,6 @@
 Returns the value of `optimized_metric`, so any run can be swept with Optuna (`-m` with a sweeps= config).
 """
 import os
-import sys
 
 from common.cluster import preemption
 
@@ -12,8 +11,7 @@ preemption.install()  # first: a Slurm signal during start-up is kept for the tr
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from common.runs.choices import ChoiceError, check_choices  # noqa: E402
-from common.runs.config_schema import SchemaError, check_schema  # noqa: E402
+from common.runs.choices import check_config  # noqa: E402
 from common.runs.resolvers import register_resolvers as register_path_resolvers  # noqa: E402
 from sweeps.workers import register_resolvers  # noqa: E402
 
@@ -26,11 +24,7 @@ register_resolvers()
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
-    try:
-        check_choices(cfg, dict(HydraConfig.get().runtime.choices))
-        check_schema(cfg)
-    except (ChoiceError, SchemaError) as err:
-        sys.exit(f"error: {err}")
+    check_config(cfg, dict(HydraConfig.get().runtime.choices))
     from common.runs.app import run
     return run(cfg)
 

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from common.runs.choices import ChoiceError, check_choices, task_options
-from common.tracking.console import epoch_line, summary_block
+from common.tracking.console import HEADLINE_METRICS, epoch_line, results_block, summary_block
 from tests.cli import REPO, TOY, run_cli
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -32,6 +32,19 @@ def test_summary_block_names_run_dir_best_files_and_commands(tmp_path):
     assert "val/f1 = 0.5000 at epoch 2 (4 epochs run)" in block
     assert "checkpoints/best.pt, metrics.json" in block and ".hydra" not in block
     assert "evaluate  cmd-eval" in block and "predict   cmd-predict" in block
+
+
+def test_results_block_puts_the_monitored_metric_first_and_keeps_lines_short(tmp_path):
+    """eval / cv / predict end like train: run dir, rows, a short table of the headline numbers, files."""
+    (tmp_path / "metrics.json").write_text("{}")
+    metrics = {f"eval/set{i}/f1": 0.25 for i in range(40)} | {"eval/Binary/F1": 0.875, "eval/note": "text"}
+    block = results_block(tmp_path, metrics, "Binary/F1", [("checkpoint", "best.pt")])
+    lines = block.splitlines()
+    assert lines[1] == f"run dir     {tmp_path}" and lines[2] == "checkpoint  best.pt"
+    assert lines[3].split() == ["metrics", "eval/Binary/F1", "0.8750"]
+    assert sum("eval/set" in line for line in lines) == HEADLINE_METRICS - 1
+    assert "(all 42 values in metrics.json)" in block and "files       metrics.json" in block
+    assert max(len(line) for line in lines) <= 100
 
 
 @pytest.mark.slow
@@ -65,9 +78,12 @@ def test_check_choices_refuses_another_tasks_model_and_lists_valid_ones():
 @pytest.mark.parametrize("args, expected", [
     (["mode=trian"], "mode=trian: expected one of train, eval, predict, cv, synth"),
     (["task=sclera", "model=biomass/fpn"], "model=biomass/fpn belongs to another task than task=sclera"),
+    (["peft.r=eight"], "peft.r: Value 'eight'"),
 ])
 def test_run_py_refuses_bad_choices_before_importing_the_suite(tmp_path, args, expected):
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={tmp_path}"],
+    """Refused before Hydra creates the run folder: nothing is left behind."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run_dir}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and expected in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()

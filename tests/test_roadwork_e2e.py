@@ -3,6 +3,7 @@ protocol, predict -> predictions.csv. (The embedded default's MCC is measured by
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -28,8 +29,8 @@ def test_train_eval_benchmark_predict(tmp_path):
     proc = run_cli(["task=roadwork", "mode=eval", "benchmark=true", "metric.validator.order=input",   # window check
                     f"ckpt_path={ckpt}", *SMALL],
                    tmp_path / "eval", cache)
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("[eval] "))
-    metrics = json.loads(line[len("[eval] "):])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert re.search(r"^metrics +eval/mcc ", proc.stdout, re.M) and str(tmp_path / "eval") in proc.stdout  # summary
     curve = pd.read_csv(tmp_path / "eval" / "validator_curve.csv")
     assert len(curve) == 16 and abs(metrics["eval/reward"] - curve["reward"].iloc[-1]) < 1e-12
     last = curve.tail(10)                                   # the validator's accuracy window

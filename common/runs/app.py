@@ -16,7 +16,7 @@ from common.data.datasets import sample_weights_of
 from common.inference.predictor import load_predictor
 from common.runs.choices import MODES
 from common.runs.run_dir import check_run_folders, run_directory_lock
-from common.tracking.console import inference_commands, summary_block
+from common.tracking.console import inference_commands, results_block, summary_block
 from common.tracking.reports import finish_run
 from common.tracking.tracker import RunFiles, Tracker, make_tracker
 from common.training.checkpoint import written_checkpoints
@@ -64,6 +64,11 @@ def record_divergence(run_dir: Path, err: NonFiniteLossError, started: float) ->
     RunFiles(run_dir).write_final(summary)
 
 
+def monitor_key(cfg: DictConfig) -> str:
+    """The monitored metric's name without its split (val/Binary/F1 -> Binary/F1)."""
+    return str(cfg.optimized_metric).split("/", 1)[-1]
+
+
 def log_train_summary(cfg: DictConfig, task_name: str, run_dir: Path) -> None:
     """The block a person reads at the end of training: run dir, best value, files, eval / predict commands."""
     final = json.loads((run_dir / "metrics.json").read_text())
@@ -85,10 +90,10 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     if ctx.is_main:
         RunFiles(run_dir).write_final({"ckpt_path": str(cfg.ckpt_path), **metrics})
     tracker.set_summary(metrics)
-    log.info("[eval] " + json.dumps(metrics))
     if ctx.is_main:
-        for what, path in task.write_eval_outputs(metric, dataset, run_dir, tracker).items():
-            log.info(f"[eval] {what}: {path}")
+        written = task.write_eval_outputs(metric, dataset, run_dir, tracker)
+        log.info(results_block(run_dir, metrics, monitor_key(cfg), [("checkpoint", str(cfg.ckpt_path)),
+                                                                    *written.items()]))
     return metrics.get(str(cfg.optimized_metric).replace("val/", "eval/", 1))
 
 
@@ -121,8 +126,8 @@ def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
         summary = _predict_group(cfg, cfg.ckpt_path, None, root, run_dir, tracker, ctx)
     if ctx.is_main:
         RunFiles(run_dir).write_final(summary)
-        for what, path in summary["outputs"].items():
-            log.info(f"[predict] {what}: {path}")
+        log.info(results_block(run_dir, {}, monitor_key(cfg), [("checkpoint", str(cfg.ckpt_path)),
+                                                               *summary["outputs"].items()]))
     return None
 
 

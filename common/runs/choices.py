@@ -1,9 +1,16 @@
 """Checks right after composition, before any heavy import: the mode, and that the task's own config groups
-(data, model, loss, metric) were chosen among that task's options (`task=sclera model=biomass/fpn` is refused)."""
+(data, model, loss, metric) were chosen among that task's options (`task=sclera model=biomass/fpn` is refused).
+
+`CheckBeforeRun` (a Hydra callback, conf/config.yaml) runs them with the typed schemas (common.runs.config_schema)
+before Hydra creates the run folder, so a refused run leaves no folder behind; run.py runs them again in each job
+(the jobs of a -m run are composed after the callback)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 MODES = ("train", "eval", "predict", "cv", "synth")
@@ -29,3 +36,19 @@ def check_choices(cfg: DictConfig, choices: dict[str, str | None]) -> None:
         if chosen is not None and not str(chosen).startswith(f"{task}/"):
             raise ChoiceError(f"{group}={chosen} belongs to another task than task={task}: expected one of "
                               f"{', '.join(task_options(group, task))}")
+
+
+def check_config(cfg: DictConfig, choices: dict[str, str | None]) -> None:
+    """The mode, the task's own groups (check_choices) and the typed schemas of the shared sections; exits the
+    process with the message (as a command-line tool does), naming the key."""
+    from common.runs.config_schema import SchemaError, check_schema
+    try:
+        check_choices(cfg, choices)
+        check_schema(cfg)
+    except (ChoiceError, SchemaError) as err:
+        sys.exit(f"error: {err}")
+
+
+class CheckBeforeRun(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_config(config, dict(config.hydra.runtime.choices))

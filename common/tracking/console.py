@@ -62,15 +62,42 @@ def inference_commands(task_name: str, data_root, ckpt: Path) -> list[str]:
             for mode in ("eval", "predict")]
 
 
+RULE = "-" * 72
+HEADLINE_METRICS = 8            # numbers a results block shows; metrics.json holds every one
+
+
+def _block(rows: list[tuple[str, str]]) -> str:
+    width = max(10, *(len(name) + 2 for name, _ in rows))
+    return "\n".join([RULE, *(f"{name:<{width}}{value}" for name, value in rows), RULE])
+
+
 def summary_block(run_dir: Path, monitor: str, best_value, best_epoch: int, epochs_run: int,
                   commands: list[str]) -> str:
-    width = 10
+    """The end of mode=train: run dir, best value, files, the eval and predict commands of the best checkpoint."""
     best = (f"{monitor} = {_number(best_value)} at epoch {best_epoch} ({epochs_run} epochs run)"
             if best_value is not None else f"{monitor} was never finite: no best checkpoint")
     rows = [("run dir", str(run_dir)), ("best", best), ("files", ", ".join(_files_in(run_dir)))]
     rows += [("evaluate" if i == 0 else "predict", command) for i, command in enumerate(commands)]
-    rule = "-" * 72
-    return "\n".join([rule, *(f"{name:<{width}}{value}" for name, value in rows), rule])
+    return _block(rows)
+
+
+def headline(metrics: dict, monitor_key: str) -> list[tuple[str, str]]:
+    """(name, value) of the numbers in `metrics`, the monitored one (name ending in /<monitor_key>) first, at most
+    HEADLINE_METRICS of them."""
+    numbers = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numbers.sort(key=lambda item: not item[0].endswith("/" + monitor_key))
+    return [(name, _number(value)) for name, value in numbers[:HEADLINE_METRICS]]
+
+
+def results_block(run_dir: Path, metrics: dict, monitor_key: str, rows: list[tuple[str, str]] = ()) -> str:
+    """The end of mode=eval / cv / predict: run dir, the given rows, the headline metrics as a short table, files."""
+    table = headline(metrics, monitor_key)
+    width = max((len(name) for name, _ in table), default=0)
+    lines = [("run dir", str(run_dir)), *rows]
+    lines += [("metrics" if i == 0 else "", f"{name:<{width}}  {value}") for i, (name, value) in enumerate(table)]
+    if len(metrics) > len(table):
+        lines.append(("", f"(all {len(metrics)} values in metrics.json)"))
+    return _block([*lines, ("files", ", ".join(_files_in(run_dir)))])
 
 
 @contextmanager

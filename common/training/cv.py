@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Subset
 
 from common.data.datasets import sample_weights_of
+from common.tracking.console import results_block
 from common.tracking.tracker import RunFiles, Tracker
 from common.training.checkpoint import load_checkpoint, restore_for_inference
 from common.training.divergence import raise_if_diverged
@@ -98,12 +99,15 @@ def cross_validate(cfg: DictConfig, task, root, run_dir: Path, tracker: Tracker,
             RunFiles(fold_dir).write_final({"fold": fold, "checkpoint": str(chosen), "size": int(len(val_idx)),
                                             "best_value": state.best_value, "best_epoch": state.best_epoch,
                                             **{f"val/{k}": v for k, v in fold_values.items()}})
-        log.info(f"[cv] fold {fold}: best {cfg.trainer.monitor}={state.best_value}; {chosen.name}: "
-                 + ", ".join(f"{k}={v:.4f}" for k, v in fold_values.items()))
+        key = str(cfg.optimized_metric).split("/", 1)[-1]
+        log.info(f"[cv] fold {fold}: best {cfg.trainer.monitor} {state.best_value:.4f} at epoch {state.best_epoch}; "
+                 f"{chosen.name} on the fold: {key} {fold_values.get(key, float('nan')):.4f}")
     values = {f"oof/{k}": v for k, v in oof_metric.compute().items()}
     if ctx.is_main:
         write_csv(run_dir / "oof.csv", oof_rows)
         RunFiles(run_dir).write_final({"folds": int(cfg.cv.folds), **values})
     tracker.set_summary(values)
-    log.info("[cv] out-of-fold: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    if ctx.is_main:
+        log.info(results_block(run_dir, values, str(cfg.optimized_metric).split("/", 1)[-1],
+                               [("folds", f"{cfg.cv.folds} ({cfg.cv.checkpoint}.pt of each fold: out-of-fold)")]))
     return values.get("oof/" + str(cfg.optimized_metric).split("/", 1)[-1])
