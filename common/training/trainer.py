@@ -343,7 +343,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         record = {f"train/{k}": v / max(1, state.batches_done) for k, v in sums.items()}
         record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
-        record.update({f"train/{k}": v for k, v in pcgrad_counts.items()})
+        record.update({f"train/{k}": float(v) for k, v in pcgrad_counts.items()})
         epoch_log = getattr(tr.criterion, "epoch_log", None)   # e.g. uncertainty-weighting log-variances
         if epoch_log is not None:
             record.update({f"train/{k}": v for k, v in epoch_log().items()})
