@@ -32,16 +32,18 @@ class FeatureStats(nn.Module):
         if n == 0:
             return
         batch_mean, batch_var = x.mean(0), x.var(0, unbiased=False)
-        if self.count == 0 or self.momentum is None:
-            # Chan et al.: merge (count, mean, var) with the batch's exactly.
-            total = self.count + n
-            delta = batch_mean - self.mean
-            m2 = self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total
-            self.mean.add_(delta * n / total)
-            self.var.copy_(m2 / total)
-        else:
-            self.mean.lerp_(batch_mean, self.momentum)
-            self.var.lerp_(batch_var, self.momentum)
+        # Chan et al.: merge (count, mean, var) with the batch's exactly (from an empty state: the batch's own);
+        # chosen on the device, so that training never waits for it
+        total = self.count + n
+        delta = batch_mean - self.mean
+        mean = self.mean + delta * n / total
+        var = (self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total) / total
+        if self.momentum is not None:
+            first = self.count == 0
+            mean = torch.where(first, mean, self.mean.lerp(batch_mean, self.momentum))
+            var = torch.where(first, var, self.var.lerp(batch_var, self.momentum))
+        self.mean.copy_(mean)
+        self.var.copy_(var)
         self.count.add_(n)
 
     def distance(self, features: Tensor) -> Tensor:

@@ -114,9 +114,9 @@ def _spy_steps(trainer, model, criterion) -> list[dict]:
     """The gradient handed to each optimiser step (before clipping), by parameter name."""
     grads, original, named = [], trainer._optimizer_step, _named(model, criterion)
 
-    def step(state):
+    def step(state, finite):
         grads.append({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
-        return original(state)
+        return original(state, finite)
 
     trainer._optimizer_step = step
     return grads

@@ -1,9 +1,10 @@
 """Checks right after composition, before any heavy import: the mode, and that the task's own config groups
 (data, model, loss, metric) were chosen among that task's options (`task=sclera model=biomass/fpn` is refused).
 
-`CheckBeforeRun` (a Hydra callback, conf/config.yaml) runs them with the typed schemas (common.runs.config_schema)
-before Hydra creates the run folder, so a refused run leaves no folder behind; run.py runs them again in each job
-(the jobs of a -m run are composed after the callback)."""
+`CheckBeforeRun` (a Hydra callback, conf/config.yaml) runs them before Hydra creates the run folder, so a refused
+mode or option leaves no folder behind; run.py runs them again in each job (the jobs of a -m run are composed after
+the callback), with the typed schemas (common.runs.config_schema), which resolve `${hydra:...}` values and so need
+the job's Hydra config."""
 from __future__ import annotations
 
 import sys
@@ -51,4 +52,7 @@ def check_config(cfg: DictConfig, choices: dict[str, str | None]) -> None:
 
 class CheckBeforeRun(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_config(config, dict(config.hydra.runtime.choices))
+        try:
+            check_choices(config, dict(config.hydra.runtime.choices))
+        except ChoiceError as err:
+            sys.exit(f"error: {err}")

@@ -22,11 +22,20 @@ def _upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def check_values(ok: Tensor, message: str) -> None:
+    """ValueError(message) unless `ok` (a bool tensor) is True, without the host waiting for the device: an
+    asynchronous device assertion there (a failure surfaces as a device-side assert at the next read), checked at
+    once on the CPU."""
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError as err:
+        raise ValueError(message) from err
+
+
 def as_bool_mask(mask: Tensor, shape: torch.Size, name: str = "mask") -> Tensor:
     """A bool mask broadcast to `shape`; numeric masks must hold only 0 and 1."""
     if mask.dtype != torch.bool:
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must be bool or hold only 0/1 values, got other values")
+        check_values(((mask == 0) | (mask == 1)).all(), f"{name} must be bool or hold only 0/1 values, got other values")
         mask = mask != 0
     try:
         return torch.broadcast_to(mask, shape)
@@ -132,8 +141,8 @@ def _soft_targets(target: Tensor, num_classes: int, valid: Tensor, dtype: torch.
         if target.dtype.is_floating_point:
             raise ValueError(f"class-index targets must be integer, got {target.dtype}")
         index = torch.where(valid, target, torch.zeros_like(target))
-        if bool(((index < 0) | (index >= num_classes)).any()):
-            raise ValueError(f"class-index targets must be in [0, {num_classes}) where not masked")
+        check_values(((index >= 0) & (index < num_classes)).all(),
+                     f"class-index targets must be in [0, {num_classes}) where not masked")
         return F.one_hot(index, num_classes).to(dtype)
     return torch.where(valid[:, None], target.to(dtype), torch.zeros_like(target, dtype=dtype))
 

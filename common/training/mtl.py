@@ -48,61 +48,119 @@ class UncertaintyWeighting(nn.Module):
                 **{f"uw/weight/{k}": math.exp(-v) for k, v in values.items()}}
 
 
-def _flat_grads(term: Tensor, params: list[Tensor]) -> Tensor:
-    """Gradient of one term w.r.t. params as one float32 vector; unused params count as zero."""
+def _term_grads(term: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+    """Gradient of one term w.r.t. params (only the graph between them runs); None where the term does not reach."""
     if not term.requires_grad:
-        return torch.cat([torch.zeros(p.numel(), device=p.device) for p in params])
-    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])
+        return [None] * len(params)
+    return list(torch.autograd.grad(term, params, retain_graph=True, allow_unused=True))
 
 
-def _project_away(g: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
-    """Remove from g its component along `direction` when they conflict (g . d < 0); returns (g', conflict)."""
-    dot = torch.dot(g, direction)
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _stacked(grads: list[Tensor | None], p: Tensor) -> Tensor:
+    """One parameter's gradients of several terms as rows of a (terms, numel) matrix; None counts as zero."""
+    dtype = _compute_dtype(p)
+    return torch.stack([torch.zeros(p.numel(), dtype=dtype, device=p.device) if g is None
+                        else g.reshape(-1).to(dtype) for g in grads])
+
+
+def _minus(total: Tensor | None, parts: list[Tensor | None], p: Tensor) -> Tensor:
+    """total - sum(parts) for one parameter (None = zero): the gradient of the terms not taken separately."""
+    out = torch.zeros_like(p, dtype=_compute_dtype(p)) if total is None else total.to(_compute_dtype(p))
+    for part in parts:
+        if part is not None:
+            out = out - part.to(out.dtype)
+    return out
+
+
+def _gram(per_param: list[list[Tensor | None]], params: list[Tensor]) -> Tensor:
+    """G[i, j] = g_i . g_j over all params, built one parameter at a time (float64 accumulation)."""
+    gram = None
+    for grads, p in zip(per_param, params):
+        rows = _stacked(grads, p)
+        part = (rows @ rows.T).double()
+        gram = part if gram is None else gram + part
+    return gram
+
+
+def _conflict_coef(dot: Tensor, norm: Tensor) -> tuple[Tensor, Tensor]:
+    """The coefficient that removes a conflicting component (dot < 0): dot / |d|^2, else 0; and the conflict."""
     conflict = dot < 0
-    coef = torch.where(conflict, dot / direction.pow(2).sum().clamp_min(torch.finfo(g.dtype).tiny),
-                       torch.zeros_like(dot))
-    return g - coef * direction, conflict
+    return torch.where(conflict, dot / norm.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(dot)), conflict
 
 
-def _pcgrad_all(grads: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Yu et al. 2020: each g_i projected in random order against every ORIGINAL g_j it conflicts with."""
-    total = torch.zeros_like(grads[0])
-    conflicts = torch.zeros((), device=grads.device)
-    k = grads.shape[0]
+def _all_weights(gram: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Yu et al. 2020 on the Gram matrix: each g_i, projected in random order against every ORIGINAL g_j it
+    conflicts with, stays a combination sum_j c_j g_j; returns the summed coefficients and the conflicts."""
+    k = gram.shape[0]
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    weights = torch.zeros(k, dtype=gram.dtype, device=gram.device)
+    conflicts = torch.zeros((), device=gram.device)
     for i in range(k):
-        g = grads[i].clone()
+        coefs = eye[i]
         others = [j for j in range(k) if j != i]
         for idx in torch.randperm(len(others), generator=generator).tolist():
-            g, conflict = _project_away(g, grads[others[idx]])
+            j = others[idx]
+            coef, conflict = _conflict_coef(coefs @ gram[:, j], gram[j, j])
+            coefs = coefs - coef * eye[j]
             conflicts = conflicts + conflict.float()
-        total = total + g
-    return total, conflicts
+        weights = weights + coefs
+    return weights, conflicts
 
 
-def _pcgrad_anchored(grads: Tensor, is_primary: list[bool], restrict: bool = False) -> tuple[Tensor, Tensor]:
-    """Primary gradients kept; each auxiliary loses its component along g_P = sum of primaries if they conflict.
-    restrict: the anchor an auxiliary is projected against is g_P on that auxiliary's support only (the
-    coordinates where its gradient is non-zero), so the projection never moves parameters it does not train."""
-    g_primary = grads[[i for i, p in enumerate(is_primary) if p]].sum(0)
-    total = g_primary.clone()
-    conflicts = torch.zeros((), device=grads.device)
-    for i, primary in enumerate(is_primary):
-        if not primary:
-            anchor = g_primary * (grads[i] != 0) if restrict else g_primary
-            g, conflict = _project_away(grads[i], anchor)
-            total = total + g
-            conflicts = conflicts + conflict.float()
-    return total, conflicts
+def _pcgrad_all(per_param: list[list[Tensor | None]], params: list[Tensor], full: list[Tensor | None],
+                generator: torch.Generator | None) -> tuple[list[Tensor], Tensor]:
+    """per_param: every term's gradient but the last's, by parameter; the last is the full gradient less them."""
+    per_param = [grads + [_minus(full[i], grads, p)] for i, (grads, p) in enumerate(zip(per_param, params))]
+    weights, conflicts = _all_weights(_gram(per_param, params), generator)
+    extra = weights - 1.0                          # total = sum_j w_j g_j = full + sum_j (w_j - 1) g_j
+    return [_with(full[i], extra, _stacked(grads, p), p) for i, (grads, p) in enumerate(zip(per_param, params))], \
+        conflicts
 
 
-def _accumulate(flat: Tensor, params: list[Tensor]) -> None:
-    offset = 0
-    for p in params:
-        g = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
-        offset += p.numel()
+def _with(full: Tensor | None, coefs: Tensor, rows: Tensor, p: Tensor) -> Tensor:
+    """full + sum_j coefs_j rows_j for one parameter, shaped like it."""
+    out = (coefs.to(rows.dtype) @ rows).view_as(p)
+    return out if full is None else out + full.to(out.dtype)
+
+
+def _pcgrad_anchored(per_param: list[list[Tensor | None]], params: list[Tensor], full: list[Tensor | None],
+                     restrict: bool) -> tuple[list[Tensor], Tensor]:
+    """per_param: each auxiliary's gradient, by parameter; g_P = full - sum of the auxiliaries. An auxiliary g_a
+    with g_a . g_P < 0 loses its component along g_P (restrict: along g_P on g_a's support)."""
+    anchor = [_minus(full[i], grads, p) for i, (grads, p) in enumerate(zip(per_param, params))]
+    if not per_param[0]:
+        return anchor, torch.zeros((), device=params[0].device)
+    gram = _gram([grads + [g_p] for grads, g_p in zip(per_param, anchor)], params)
+    dots = gram[:-1, -1]
+    norms = _support_norms(per_param, anchor, params) if restrict else gram[-1, -1].expand(len(dots))
+    coefs, conflict = _conflict_coef(dots, norms)
+    totals = []
+    for i, (grads, g_p, p) in enumerate(zip(per_param, anchor, params)):
+        if restrict:                               # sum_a coef_a * mask_a, coordinate by coordinate
+            scale = (coefs.to(g_p.dtype) @ (_stacked(grads, p) != 0).to(g_p.dtype)).view_as(p)
+        else:
+            scale = coefs.sum().to(g_p.dtype)
+        totals.append(_minus(full[i], [], p) - scale * g_p)   # g_P + sum_a (g_a - coef_a g_P)
+    return totals, conflict.float().sum()
+
+
+def _support_norms(per_param: list[list[Tensor | None]], anchor: list[Tensor], params: list[Tensor]) -> Tensor:
+    """|g_P restricted to supp(g_a)|^2 for every auxiliary a."""
+    norms = None
+    for grads, g_p, p in zip(per_param, anchor, params):
+        part = ((_stacked(grads, p) != 0).to(g_p.dtype) @ g_p.reshape(-1).pow(2)).double()
+        norms = part if norms is None else norms + part
+    return norms
+
+
+def _accumulate(totals: list[Tensor], params: list[Tensor]) -> None:
+    for g, p in zip(totals, params):
+        g = g.to(p.dtype)
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g
         else:
             p.grad.add_(g)
 
@@ -125,9 +183,8 @@ def pcgrad_backward(terms: dict[str, Tensor], params: list[Tensor], mode: str = 
                     other_params: list[Tensor] | None = None) -> dict[str, float]:
     """Backward pass with PCGrad (Yu et al. 2020) on `params`; ADDS the result to `param.grad`.
 
-    terms: the weighted loss terms that sum to the loss. For every term, its gradient w.r.t. `params`
-    (flattened to one vector; a param the term does not touch counts as zero) is computed with
-    torch.autograd.grad, then:
+    terms: the weighted loss terms that sum to the loss; g_i their gradients w.r.t. `params` (a param a term does
+    not touch counts as zero):
       "all":      for each term i, for every other j in random order (`shuffle_generator`), if g_i . g_j < 0,
                   g_i -= (g_i . g_j) / |g_j|^2 g_j with the ORIGINAL g_j; the projected g_i are summed.
       "anchored": g_P = sum of the `primary` gradients (unchanged); an auxiliary g_a with g_a . g_P < 0 loses
@@ -135,24 +192,39 @@ def pcgrad_backward(terms: dict[str, Tensor], params: list[Tensor], mode: str = 
       "anchored_support": as "anchored", with g_P restricted to g_a's support (coordinates where g_a != 0: the
                   parameters the auxiliary trains, rows of a shared output map included) for the test and the
                   projection of g_a (the CSIRO write-up's repository, pcgrad.py).
+    Cost: one gradient of sum(terms) w.r.t. params and other_params, plus one gradient w.r.t. `params` only
+    (just the graph between the term and them) per auxiliary term ("anchored*") or per term but the last ("all");
+    the remaining gradient (g_P, or the last term's) is the full one less those. The projections run on the
+    Gram matrix of the gradients, built one parameter tensor at a time (no flattened copies of all gradients).
     Because it adds to .grad, gradient accumulation works: call once per micro-batch, step once.
     `other_params` (e.g. uncertainty-weighting log-variances, frozen-path extras) get the plain gradient of
     sum(terms), also added to .grad; params in neither list get nothing. The graph is freed afterwards.
     Under DDP the reducer's hooks do not see these gradients: all-reduce `params` grads yourself.
-    Returns {"pcgrad/conflicts": number of projections made, "pcgrad/pairs": number of pairs tested}.
+    Returns {"pcgrad/conflicts": number of projections made (a tensor on the device: reading it waits for the
+    device), "pcgrad/pairs": number of pairs tested}.
     """
     _check_args(terms, params, mode, primary)
     names = list(terms)
-    grads = torch.stack([_flat_grads(terms[name], params) for name in names])
+    separate = names[:-1] if mode == "all" else [name for name in names if name not in primary]
+    separate_grads = [_term_grads(terms[name], params) for name in separate]     # before the graph is freed
+    full = _full_grads(sum(terms.values()), params, list(other_params or []))
+    per_param = [[g[i] for g in separate_grads] for i in range(len(params))]
     if mode == "all":
-        total, conflicts = _pcgrad_all(grads, shuffle_generator)
+        totals, conflicts = _pcgrad_all(per_param, params, full, shuffle_generator)
         pairs = len(names) * (len(names) - 1)
     else:
-        is_primary = [name in primary for name in names]
-        total, conflicts = _pcgrad_anchored(grads, is_primary, restrict=mode == "anchored_support")
-        pairs = len(names) - sum(is_primary)
-    _accumulate(total, params)
-    loss = sum(terms.values())
-    if other_params and isinstance(loss, Tensor) and loss.requires_grad:
-        torch.autograd.backward(loss, inputs=list(other_params))
-    return {"pcgrad/conflicts": float(conflicts), "pcgrad/pairs": float(pairs)}
+        totals, conflicts = _pcgrad_anchored(per_param, params, full, restrict=mode == "anchored_support")
+        pairs = len(separate)
+    _accumulate(totals, params)
+    return {"pcgrad/conflicts": conflicts, "pcgrad/pairs": float(pairs)}
+
+
+def _full_grads(loss: Tensor, params: list[Tensor], others: list[Tensor]) -> list[Tensor | None]:
+    """Gradient of the loss w.r.t. params (returned) and others (added to their .grad), freeing the graph."""
+    if not loss.requires_grad:
+        return [None] * len(params)
+    grads = torch.autograd.grad(loss, params + others, allow_unused=True)
+    for g, p in zip(grads[len(params):], others):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
+    return list(grads[:len(params)])

@@ -256,14 +256,15 @@ class Trainer:
         return pcgrad_backward({k: v * scale for k, v in terms.items()}, projected, mode=self.t.pcgrad.mode,
                                primary=list(self.t.pcgrad.primary) or None, other_params=others)
 
-    def _optimizer_step(self, state: FitState) -> bool:
-        """Clip, step, update EMA. Returns False (step skipped) when the gradients are not finite."""
+    def _optimizer_step(self, state: FitState, finite: torch.Tensor) -> bool:
+        """Clip, step, update EMA. Returns False (step skipped) when a micro-batch's loss (`finite`, on the
+        device) or the gradients are not finite: the step's one read of the device."""
         tr = self.training
         params = [p for g in tr.optimizer.param_groups for p in g["params"] if p.grad is not None]
         clip = self.t.grad_clip if self.t.grad_clip else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
-        if not torch.isfinite(norm):
-            self._count_nonfinite(state, "gradient norm")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros((), device=finite.device)
+        if not bool(finite & torch.isfinite(norm)):
+            self._count_nonfinite(state, "gradient norm" if bool(finite) else "loss")
             tr.optimizer.zero_grad(set_to_none=True)
             return False
         tr.schedule.apply(tr.optimizer, state.step)
@@ -298,8 +299,9 @@ class Trainer:
         accum = int(self.t.accumulate_grad_batches)
         total = tr.steps_per_epoch * accum
         sums = state.epoch_sums
-        pcgrad_counts: dict[str, float] = {}        # summed over the epoch's micro-batches, logged with it
-        seen, skip_step, start = 0, False, time.perf_counter()
+        pcgrad_counts: dict[str, torch.Tensor | float] = {}   # summed over the epoch's micro-batches, logged with it
+        seen, finite, start = 0, None, time.perf_counter()
+        last_loss = None                       # the last stepped loss (on the device), for the Diverged message
         buffers = BufferSnapshot(tr.model)     # a skipped step's forward passes must not move running statistics
         bar = tqdm(total=total - state.batches_done, desc=f"epoch {state.epoch}", leave=False, disable=not self.bars)
         for batch in itertools.islice(batches, max(total - state.batches_done, 0)):
@@ -310,45 +312,61 @@ class Trainer:
                 outputs = tr.train_model(batch)
                 terms = tr.criterion(outputs, batch)
             loss = sum(terms.values())
-            if not torch.isfinite(loss.detach()):
-                skip_step = True
-            else:
-                state.last_finite_loss, state.last_finite_step = float(loss.detach()), state.step
-                for key, value in self._backward(terms, 1.0 / accum).items():
-                    pcgrad_counts[key] = pcgrad_counts.get(key, 0.0) + value
-            for key, value in {"loss": loss, **terms}.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            # kept on the device: the step reads it once, with the gradient norm (_optimizer_step)
+            batch_finite = torch.isfinite(loss.detach())
+            finite = batch_finite if finite is None else finite & batch_finite
+            for key, value in self._backward(terms, 1.0 / accum).items():   # a non-finite batch's counts: 0
+                pcgrad_counts[key] = pcgrad_counts.get(key, 0.0) + torch.where(batch_finite, value, 0.0)
+            self._add_sums(sums, {"loss": loss, **terms})
             seen += batch_size_of(batch)
             bar.update(1)
             state.batches_done += 1
             if state.batches_done % accum == 0:
-                if not self._finish_accumulation(state, skip_step, {k: float(v.detach()) for k, v in terms.items()}):
+                if self._finish_accumulation(state, finite, {k: v.detach() for k, v in terms.items()}):
+                    last_loss, state.last_finite_step = loss.detach(), state.step - 1
+                else:
                     buffers.restore()
-                skip_step = False
+                finite = None
                 signum = preemption.agreed(self.ctx)
                 if signum is not None:
+                    state.epoch_sums = self._read_sums(sums)
+                    self._record_last_loss(state, last_loss)
                     raise Preempted(signum)
         bar.close()
+        self._record_last_loss(state, last_loss)
         seconds = time.perf_counter() - start
-        record = {f"train/{k}": v / max(1, state.batches_done) for k, v in sums.items()}
+        record = {f"train/{k}": v / max(1, state.batches_done) for k, v in self._read_sums(sums).items()}
         record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
-        record.update({f"train/{k}": v for k, v in pcgrad_counts.items()})
+        record.update({f"train/{k}": float(v) for k, v in pcgrad_counts.items()})
         epoch_log = getattr(tr.criterion, "epoch_log", None)   # e.g. uncertainty-weighting log-variances
         if epoch_log is not None:
             record.update({f"train/{k}": v for k, v in epoch_log().items()})
         return record
 
-    def _finish_accumulation(self, state: FitState, skip: bool, terms: dict[str, float]) -> bool:
-        """Whether the optimiser stepped (False: the step was skipped as non-finite)."""
-        if skip:
-            self.training.optimizer.zero_grad(set_to_none=True)
-            self._count_nonfinite(state, "loss")
-            return False
-        stepped = self._optimizer_step(state)
+    def _add_sums(self, sums: dict, values: dict[str, torch.Tensor]) -> None:
+        """The epoch's loss sums, accumulated on the device (float64 where it has it) and read at its end."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().to(dtype)
+
+    @staticmethod
+    def _read_sums(sums: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in sums.items()}
+
+    @staticmethod
+    def _record_last_loss(state: FitState, last_loss: torch.Tensor | None) -> None:
+        if last_loss is not None:
+            state.last_finite_loss = float(last_loss)
+
+    def _finish_accumulation(self, state: FitState, finite: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
+        """finite: whether every micro-batch's loss was finite (on the device). Whether the optimiser stepped
+        (False: the step was skipped as non-finite)."""
+        stepped = self._optimizer_step(state, finite)
         if stepped and state.step % int(self.t.log_every_n_steps) == 0:
+            values = {k: float(v) for k, v in terms.items()}
             lrs = {f"lr/{g['tag']}": g["lr"] for g in self.training.optimizer.param_groups}
-            self.tracker.log_metrics({"train/loss_step": sum(terms.values()),   # epoch means: train/loss
-                                      **{f"train/{k}_step": v for k, v in terms.items()}, **lrs}, state.step)
+            self.tracker.log_metrics({"train/loss_step": sum(values.values()),   # epoch means: train/loss
+                                      **{f"train/{k}_step": v for k, v in values.items()}, **lrs}, state.step)
         return stepped
 
     @torch.no_grad()
