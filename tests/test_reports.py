@@ -26,6 +26,14 @@ def test_curve_panels_pick_losses_metrics_and_learning_rates():
                                      "learning rate": ["lr/head", "lr/adapter"]}
 
 
+def test_the_monitored_metric_gets_a_panel_whatever_its_depth():
+    """sclera monitors val/Binary/F1 (two slashes): drawn, after the losses; a breakdown that is not monitored is not."""
+    records = [{**r, "val/Binary/F1": 0.5 + 0.1 * r["epoch"], "val/MASD/Binary/F1": 0.4} for r in RECORDS]
+    panels = curve_panels(records, "val/Binary/F1")
+    assert list(panels)[:3] == ["loss", "loss terms (train)", "val/Binary/F1"]
+    assert "val/MASD/Binary/F1" not in panels and "val/Binary/F1" not in curve_panels(records)
+
+
 def test_write_curves_draws_every_panel(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     path = write_curves(tmp_path)
@@ -98,7 +106,7 @@ def test_curves_are_redrawn_while_drawing_stays_a_small_share_of_the_time(tmp_pa
     from common.tracking.tracker import RunFiles
     clock, drawn = [100.0], []
 
-    def slow_draw(run_dir):                  # each drawing takes 1 s of the fake clock
+    def slow_draw(run_dir, monitor=None):   # each drawing takes 1 s of the fake clock
         drawn.append(len((run_dir / "metrics.jsonl").read_text().splitlines()))
         clock[0] += 1.0
 

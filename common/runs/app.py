@@ -165,7 +165,7 @@ def _run_mode(cfg: DictConfig, ctx) -> float | None:
         try:
             modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
             value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
-            finish_run(tracker, run_dir, ctx.is_main)
+            finish_run(tracker, run_dir, ctx.is_main, str(cfg.trainer.monitor))
             if cfg.mode == "train" and ctx.is_main:
                 log_train_summary(cfg, task.name, run_dir)
             exit_code = 0

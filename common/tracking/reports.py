@@ -34,10 +34,10 @@ def read_epochs(path: Path) -> list[dict]:
     return records
 
 
-def curve_panels(records: list[dict]) -> dict[str, list[str]]:
-    """Panel title -> the numeric keys drawn in it: the losses (total and terms, train and val), each validation
-    metric (`val/<name>`; per-group breakdowns `val/<field>/<value>/<stat>` are left to the tables), learning
-    rates."""
+def curve_panels(records: list[dict], monitor: str | None = None) -> dict[str, list[str]]:
+    """Panel title -> the numeric keys drawn in it: the losses (total and terms, train and val), the monitored
+    metric (whatever its depth, e.g. sclera's `val/Binary/F1`), each other validation metric `val/<name>` (per-group
+    breakdowns `val/<field>/<value>/<stat>` are left to the tables), learning rates."""
     keys = list(dict.fromkeys(k for r in records for k, v in r.items() if isinstance(v, (int, float))))
     losses = [k for k in keys if k in ("train/loss", "val/loss")]
     terms = [k for k in keys if k.startswith("train/") and k not in losses
@@ -45,6 +45,8 @@ def curve_panels(records: list[dict]) -> dict[str, list[str]]:
     panels = {"loss": losses}
     if len(terms) > 1:                       # one term is the loss itself
         panels["loss terms (train)"] = terms
+    if monitor in keys and monitor != "val/loss":
+        panels[monitor] = [monitor]
     panels.update({k: [k] for k in keys if k.startswith("val/") and k.count("/") == 1 and k != "val/loss"})
     lrs = [k for k in keys if k.startswith("lr/")]
     if lrs:
@@ -58,9 +60,9 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def write_curves(run_dir: Path) -> Path | None:
-    """curves.png beside metrics.jsonl: one panel per quantity against the epoch; None when there is no epoch
-    yet."""
+def write_curves(run_dir: Path, monitor: str | None = None) -> Path | None:
+    """curves.png beside metrics.jsonl: one panel per quantity against the epoch (the monitored metric's first
+    after the losses); None when there is no epoch yet."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
@@ -69,7 +71,7 @@ def write_curves(run_dir: Path) -> Path | None:
     records = read_epochs(source) if source.is_file() else []
     if not records:
         return None
-    panels = curve_panels(records)
+    panels = curve_panels(records, monitor)
     rows = math.ceil(len(panels) / PANEL_COLUMNS)
     fig = Figure(figsize=(4 * min(len(panels), PANEL_COLUMNS), 3 * rows))
     # fixed margins (in inches: 0.5 below each row, 0.45 above the top): constrained layout doubles the drawing time
@@ -95,11 +97,11 @@ def write_curves(run_dir: Path) -> Path | None:
     return target
 
 
-def finish_run(tracker, run_dir: Path, is_main: bool) -> None:
+def finish_run(tracker, run_dir: Path, is_main: bool, monitor: str | None = None) -> None:
     """After a mode: the final curves.png of the run and of its cv folds, then the tracker's report."""
     if is_main:
         for source in sorted(Path(run_dir).glob("metrics.jsonl")) + sorted(Path(run_dir).glob("*/metrics.jsonl")):
-            write_curves(source.parent)
+            write_curves(source.parent, monitor)
     tracker.report_run(run_dir)
 
 

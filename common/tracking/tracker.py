@@ -52,8 +52,9 @@ class RunFiles:
 
     CURVES_GAP = 20
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Path, monitor: str | None = None):
+        """monitor: the monitored metric, which curves.png always draws."""
+        self.run_dir, self.monitor = Path(run_dir), monitor
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._drawn_at, self._draw_seconds = 0.0, 0.0
 
@@ -67,7 +68,7 @@ class RunFiles:
         if time.monotonic() - self._drawn_at >= self.CURVES_GAP * self._draw_seconds:
             from common.tracking.reports import write_curves
             start = time.monotonic()
-            write_curves(self.run_dir)
+            write_curves(self.run_dir, self.monitor)
             self._drawn_at = time.monotonic()
             self._draw_seconds = self._drawn_at - start
 

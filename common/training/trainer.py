@@ -86,7 +86,7 @@ class Trainer:
         self.cfg, self.t, self.trial = cfg, cfg.trainer, trial
         self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
         self.tracker, self.ctx, self.device = tracker, ctx, ctx.device
-        self.files = RunFiles(run_dir) if ctx.is_main else None
+        self.files = RunFiles(run_dir, str(self.t.monitor)) if ctx.is_main else None
         self.bf16 = self._resolve_precision(self.t.precision)
         self.bars = use_progress_bars(self.t.progress) and ctx.is_main
         self.training: Training | None = None      # set once, by prepare (fit calls it)
