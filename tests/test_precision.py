@@ -78,3 +78,38 @@ def test_fp16_scaler_path_on_a_toy_model(monkeypatch):
     restored.load_state_dict(chosen.state_dict())               # checkpoints carry the scale
     assert restored.scaler.get_scale() == 2.0 ** 15
 
+
+
+def test_fp16_overflows_in_the_trainer_lower_the_scale_without_counting_as_divergence(tmp_path, monkeypatch):
+    """Targets of 10 overflow fp16 gradients at the scaler's first scales (the bias: 2 (pred - y) x 2^16 > 65504):
+    those steps are skipped and the scale halved each time, with trainer.max_nonfinite_steps=0 (a single counted
+    non-finite step would stop the run); the checkpoint carries the lowered scale."""
+    from tests.test_trainer_behaviours import MSE, Items, LinearModel, NegMSE, _cfg, _fit
+    monkeypatch.setattr(precision_module, "fp16_supported", lambda device: True)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, generator=gen), 10 * torch.ones(32)
+    cfg = _cfg(tmp_path, {"data.batch_size": 4, "trainer.max_epochs": 1, "trainer.precision": "fp16",
+                          "trainer.max_nonfinite_steps": 0, "trainer.grad_clip": 1.0})
+    torch.manual_seed(0)
+    trainer, state, grads = _fit(cfg, tmp_path / "run", LinearModel(3), MSE(), NegMSE(), Items(x=x, y=y),
+                                 Items(x=x[:4], y=y[:4]))
+    scale = trainer.precision.scaler.get_scale()
+    assert len(grads) == 8 and 0 < state.step < 8 and state.nonfinite_steps == 0
+    assert scale == 2.0 ** 16 / 2 ** (8 - state.step)                # one halving per skipped step
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert saved["grad_scaler"]["scale"] == scale
+
+
+def test_per_epoch_schedule_through_the_trainer_holds_the_lr_within_an_epoch(tmp_path):
+    from tests.test_trainer_behaviours import MSE, Items, LinearModel, NegMSE, Recorder, _cfg, _fit
+    import math
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, generator=gen), torch.randn(8, generator=gen)
+    cfg = _cfg(tmp_path, {"data.batch_size": 4, "trainer.max_epochs": 3, "trainer.optim.lr": 1e-3,
+                          "trainer.schedule.interval": "epoch", "trainer.schedule.warmup_epochs": 0.0,
+                          "trainer.schedule.min_lr": 1e-6, "trainer.log_every_n_steps": 1})
+    tracker = Recorder()
+    _fit(cfg, tmp_path / "run", LinearModel(3), MSE(), NegMSE(), Items(x=x, y=y), Items(x=x[:4], y=y[:4]), tracker)
+    lrs = [m["lr/head"] for m, _ in tracker.logged if "train/loss_step" in m]
+    want = [1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in (0, 0, 1, 1, 2, 2)]
+    assert lrs == pytest.approx(want, rel=1e-12)

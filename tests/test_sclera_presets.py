@@ -234,3 +234,15 @@ def test_the_presets_model_meets_a_256_input_as_the_decks_conv14(tmp_path):
         features = model.features(image)
         assert features.shape[-2:] == (18, 18)
         torch.testing.assert_close(model.features(changed), features, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["backbone=dinov3_s16"], "backbone.pos_embed_interpolation=bilinear: backbone vit_small_patch16_dinov3"),
+    (["backbone=convnext_t"], "refuses backbone.model_kwargs .*img_size"),
+    (["backbone.source=hf", "backbone.name=facebook/dinov2-small"], "set it to bicubic or use backbone.source=timm"),
+], ids=["rope_vit", "convnext", "transformers"])
+def test_the_preset_on_a_backbone_that_cannot_take_it_fails_at_start_naming_the_key(overrides, message):
+    from sclera.task import ScleraTask
+    cfg = compose_cfg(["experiment=sclera_cgdseg_mixed", "backbone.weights=null", "model.grounding=none", *overrides])
+    with pytest.raises((ValueError, TypeError), match=message):
+        ScleraTask(cfg).build_model({})
