@@ -259,11 +259,13 @@ class Trainer:
         wanted, param_groups = set(self.t.pcgrad.groups), self.training.optimizer.param_groups
         projected = [p for g in param_groups if g["tag"] in wanted for p in g["params"]]
         others = [p for g in param_groups if g["tag"] not in wanted for p in g["params"]]
-        return pcgrad_backward({k: self.precision.scale(v * scale) for k, v in terms.items()}, projected, mode=self.t.pcgrad.mode,
+        scaled = {k: self.precision.scale(v * scale) for k, v in terms.items()}   # PCGrad's projection is linear
+        return pcgrad_backward(scaled, projected, mode=self.t.pcgrad.mode,
                                primary=list(self.t.pcgrad.primary) or None, other_params=others)
 
     def _optimizer_step(self, state: FitState) -> bool:
-        """Clip, step, update EMA. Returns False (step skipped) when the gradients are not finite."""
+        """Unscale (fp16), clip, step, update EMA. Returns False (step skipped) when the gradients are not finite;
+        under fp16 that is the grad scaler's overflow, which lowers the scale and is not counted as divergence."""
         tr = self.training
         self.precision.unscale_(tr.optimizer)
         params = [p for g in tr.optimizer.param_groups for p in g["params"] if p.grad is not None]
