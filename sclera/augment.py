@@ -8,6 +8,8 @@ sclera). The classes here take the deck's units and hand albumentations its own.
 from __future__ import annotations
 
 import albumentations as A
+import cv2
+import numpy as np
 
 
 class Rotate90(A.RandomRotate90):
@@ -38,18 +40,37 @@ class BrightnessContrast(A.RandomBrightnessContrast):
         return ("contrast_alpha", "brightness_beta")
 
 
-class HueSaturation(A.ColorJitter):
-    """Hue shifted by `hue_shift` in OpenCV's uint8 units (180 = a full turn), saturation multiplied by a factor
-    from `saturation_scale`; brightness and contrast left as they are."""
+class HueSaturation(A.ImageOnlyTransform):
+    """In HSV: hue shifted by a value drawn from `hue_shift` in OpenCV's uint8 units (180 = a full turn),
+    saturation multiplied by a factor drawn from `saturation_scale` and clipped to [0, 1]; value untouched.
+    Computed in float (OpenCV's float HSV, hue in degrees), rounded back to uint8 once. Not ColorJitter's
+    saturation, which blends with the grey image instead of scaling S."""
 
     def __init__(self, hue_shift: tuple[float, float] = (-18, 18),
                  saturation_scale: tuple[float, float] = (0.7, 1.3), p: float = 0.5):
-        super().__init__(brightness=(1, 1), contrast=(1, 1), saturation=tuple(saturation_scale),
-                         hue=(hue_shift[0] / 180, hue_shift[1] / 180), p=p)
+        super().__init__(p=p)
         self.hue_shift, self.saturation_scale = tuple(hue_shift), tuple(saturation_scale)
+
+    def get_params(self) -> dict[str, float]:
+        return {"hue": self.py_random.uniform(*self.hue_shift), "scale": self.py_random.uniform(*self.saturation_scale)}
+
+    def apply(self, img: np.ndarray, hue: float = 0.0, scale: float = 1.0, **params) -> np.ndarray:
+        return shift_hue_scale_saturation(img, hue, scale)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("hue_shift", "saturation_scale")
+
+
+def shift_hue_scale_saturation(image: np.ndarray, hue: float, scale: float) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with its hue shifted by `hue` (OpenCV uint8 units, 2 degrees each) and its HSV
+    saturation multiplied by `scale` (clipped to 1)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"HueSaturation: expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    hsv = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = np.mod(hsv[..., 0] + 2.0 * hue, 360.0)
+    hsv[..., 1] = np.clip(hsv[..., 1] * scale, 0.0, 1.0)
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
 class PixelGaussNoise(A.GaussNoise):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -173,10 +174,20 @@ def image_size(path: Path) -> tuple[int, int]:
         return image.height, image.width
 
 
-def resized_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8: the image decoded to RGB and resized to `size` (H, W), bilinear."""
+IMAGE_RESIZES = ("pil_bilinear", "cv2_linear")
+
+
+def resized_rgb(path: Path, size: tuple[int, int], method: str = "pil_bilinear") -> np.ndarray:
+    """(H, W, 3) uint8: the image decoded to RGB (by PIL) and resized to `size` (H, W), bilinear: "pil_bilinear"
+    is PIL's (its support widened when shrinking, an antialiasing filter), "cv2_linear" is OpenCV's
+    cv2.resize INTER_LINEAR (2x2 neighbours, no antialiasing: the reference deck's `cv2.resize(img, (256, 256))`)."""
+    if method not in IMAGE_RESIZES:
+        raise ValueError(f"data.image_resize={method!r}: expected one of {IMAGE_RESIZES}")
     with Image.open(path) as image:
-        return np.array(image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR))
+        rgb = image.convert("RGB")
+        if method == "pil_bilinear":
+            return np.array(rgb.resize((size[1], size[0]), Image.BILINEAR))
+        return cv2.resize(np.array(rgb), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -195,8 +206,11 @@ class ScleraDataset(Dataset):
 
     def __init__(self, items: list[Item], size: tuple[int, int], transform: Optional[Callable] = None,
                  full_mask: bool = False, cache_view: Optional[str] = None,
-                 image_cache: Optional[ImageCache] = None):
+                 image_cache: Optional[ImageCache] = None, image_resize: str = "pil_bilinear"):
+        if image_resize not in IMAGE_RESIZES:
+            raise ValueError(f"data.image_resize={image_resize!r}: expected one of {IMAGE_RESIZES}")
         self.items = list(items)
+        self.image_resize = image_resize
         self.cache_view = cache_view  # set when backbone features are cached: items carry a cache_key
         self.size = (int(size[0]), int(size[1]))
         self.transform = transform
@@ -223,7 +237,8 @@ class ScleraDataset(Dataset):
         out = {"set": item.set, "stem": item.image.stem, "height": height, "width": width}
         if self.cache_view is not None:
             out["cache_key"] = image_key(item.image, self.cache_view)
-        image = self._prepared(item.image, "rgb|bilinear", lambda: resized_rgb(item.image, self.size))
+        preparation = "rgb|bilinear" if self.image_resize == "pil_bilinear" else f"rgb|{self.image_resize}"
+        image = self._prepared(item.image, preparation, lambda: resized_rgb(item.image, self.size, self.image_resize))
         mask = self._mask(item, out) if item.mask is not None else None
         if self.transform is not None:
             res = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)

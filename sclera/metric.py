@@ -1,4 +1,5 @@
-"""Sclera metrics as the SSBC 2025 evaluator (evaluate_predictions.py) computes them, plus the suite's own.
+"""Sclera metrics as the SSBC 2025 evaluator (evaluate_predictions.py, current since its commit ee13abc
+"Fix F1 score computation", 2025-03-20) computes them, plus the suite's own.
 
 The prediction of an image is first turned into the two files a submission holds (`benchmark_maps`):
 the probability resized to the truth's size and stored as round(p * 255) ("Predictions") and the
@@ -6,8 +7,8 @@ binary mask p >= threshold stored as 0/255 ("Binarised"). Per image, then the me
 each set (`<set>/<name>`) and over all images pooled (`<name>`):
 
 SSBC's numbers, under the names SSBC prints (sklearn's definitions, zero_division = 0):
-- `Binary/F1`: F1 of the binarised mask, macro-averaged over the two labels background (0) and
-  sclera (1), i.e. (F1_background + F1_sclera) / 2; a label absent from truth and prediction scores 0.
+- `Binary/F1`: `f1_score(gt, pred)`, the binary F1 of the sclera label (1) of the binarised mask,
+  2 TP / (2 TP + FP + FN); 0 when truth and prediction are both empty.
 - `Binary/IoU`: Jaccard index of the sclera label; 0 when truth and prediction are both empty.
 - `Probabilistic/{F1,Precision,Recall}`: over the precision-recall curve of the stored probability
   map (one point per grey level present, plus the end point precision 1 / recall 0), of the points
@@ -17,7 +18,8 @@ SSBC's numbers, under the names SSBC prints (sklearn's definitions, zero_divisio
 
 The suite's own, sclera label only (`sclera_f1`, `sclera_iou`, `sclera_precision`, `sclera_recall`):
 an image whose truth and prediction are both empty scores 1; `mae` is the mean absolute error of the
-stored probability map (the SSBC evaluator reports no MAE).
+stored probability map (the SSBC evaluator reports no MAE); `macro_f1` is the evaluator's Binary F1 before
+ee13abc, (F1_background + F1_sclera) / 2 with a label absent from truth and prediction scoring 0.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import Tensor
 from common.metric import Metric
 
 SSBC_NAMES = ("Binary/F1", "Binary/IoU", "Probabilistic/F1", "Probabilistic/Precision", "Probabilistic/Recall")
-SUITE_NAMES = ("sclera_f1", "sclera_iou", "sclera_precision", "sclera_recall", "mae")
+SUITE_NAMES = ("sclera_f1", "sclera_iou", "sclera_precision", "sclera_recall", "mae", "macro_f1")
 NAMES = SSBC_NAMES + SUITE_NAMES
 
 
@@ -84,12 +86,13 @@ def image_scores(pred: np.ndarray, binary: np.ndarray, truth: np.ndarray) -> dic
     f1_sclera = _ratio(2 * tp, 2 * tp + fp + fn, 0.0)
     f1_background = _ratio(2 * tn, 2 * tn + fp + fn, 0.0)
     prob_f1, prob_precision, prob_recall = probabilistic_scores(pred, truth)
-    return {"Binary/F1": (f1_background + f1_sclera) / 2, "Binary/IoU": _ratio(tp, tp + fp + fn, 0.0),
+    return {"Binary/F1": f1_sclera, "Binary/IoU": _ratio(tp, tp + fp + fn, 0.0),
             "Probabilistic/F1": prob_f1, "Probabilistic/Precision": prob_precision,
             "Probabilistic/Recall": prob_recall,
             "sclera_f1": _ratio(2 * tp, 2 * tp + fp + fn, 1.0), "sclera_iou": _ratio(tp, tp + fp + fn, 1.0),
             "sclera_precision": _ratio(tp, tp + fp, 1.0), "sclera_recall": _ratio(tp, tp + fn, 1.0),
-            "mae": float(np.abs(pred.astype(np.float64) / 255.0 - t).mean())}
+            "mae": float(np.abs(pred.astype(np.float64) / 255.0 - t).mean()),
+            "macro_f1": (f1_background + f1_sclera) / 2}
 
 
 def batch_scores(logits: Tensor, batch: dict, threshold: float) -> list[dict[str, float]]:

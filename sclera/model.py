@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -111,13 +111,38 @@ def _check_decoder(fpn_channels: Sequence[int], decoder_input: int, decoder_chan
             raise ValueError(f"model.{key}: FPN level {value} does not exist (levels 0..{len(fpn_channels) - 1})")
 
 
+# model.fit_to_patch: how an input whose sides are not multiples of the patch size p meets the backbone
+FIT_TO_PATCH = {
+    "crop": "the last h % p rows and w % p columns left out, as a stride-p patch convolution leaves them "
+            "(the reference deck's Conv14 on 256 px: 18x18 patches over 252 px, 4 px unused)",
+    "resize": "resized (bilinear, antialiased) down to the nearest multiple of p",
+    "none": "passed as it is (the backbone refuses it)",
+}
+
+
+def fit_mode(value: Union[str, bool]) -> str:
+    """model.fit_to_patch as one of FIT_TO_PATCH; true / false are how older configs spelled resize / none."""
+    mode = {True: "resize", False: "none"}.get(value, value) if isinstance(value, bool) else value
+    if mode not in FIT_TO_PATCH:
+        raise ValueError(f"model.fit_to_patch={value!r}: expected one of {sorted(FIT_TO_PATCH)}")
+    return mode
+
+
+def fitted_to_patch(images: Tensor, p: int, mode: str) -> Tensor:
+    h, w = images.shape[-2:]
+    size = (max(p, h // p * p), max(p, w // p * p))
+    if mode == "crop":
+        return images[..., :size[0], :size[1]]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
 @dataclass(frozen=True)
 class EncoderOptions:
     """Which configured backbone layers' tokens are concatenated, the text grounding applied to them (a mapping
-    for sclera.grounding.build_grounding; none or null: no grounding), and `fit_to_patch`."""
+    for sclera.grounding.build_grounding; none or null: no grounding), and `fit_to_patch` (FIT_TO_PATCH)."""
     token_layers: Sequence[int]
     grounding: Optional[Mapping]
-    fit_to_patch: bool
+    fit_to_patch: Union[str, bool]
 
 
 @dataclass(frozen=True)
@@ -153,8 +178,8 @@ class CGDSeg(nn.Module):
 
     The decoder starts from FPN level `decoder_input`; stage i upsamples to input / decoder_strides[i] and
     concatenates FPN level decoder_skips[i] (none when null). With `fit_to_patch`, an input whose sides are
-    not multiples of the patch size is resized down to the nearest multiple for the backbone only; FPN,
-    decoder and logits keep the input size. Built from the flat keys of conf/model/sclera/*.yaml by
+    not multiples of the patch size is cropped or resized down to the nearest multiple (FIT_TO_PATCH) for the
+    backbone only; FPN, decoder and logits keep the input size. Built from the flat keys of conf/model/sclera/*.yaml by
     `from_options`.
     """
 
@@ -165,7 +190,7 @@ class CGDSeg(nn.Module):
         _check_decoder(fpn.fpn_channels, d.decoder_input, d.decoder_channels, d.decoder_strides, d.decoder_skips)
         self.backbone = backbone
         self.token_layers = [int(i) for i in encoder.token_layers]
-        self.fit_to_patch = bool(encoder.fit_to_patch)
+        self.fit_to_patch = fit_mode(encoder.fit_to_patch)
         dim = backbone.embed_dim * len(self.token_layers)
         self.grounding = build_grounding(encoder.grounding, dim)
         self.fpn = FPN(dim, fpn.fpn_channels, fpn.fpn_strides)
@@ -198,9 +223,8 @@ class CGDSeg(nn.Module):
     def features(self, images: Tensor, cache_keys: Optional[Sequence[str]] = None) -> Tensor:
         p = self.backbone.patch_size
         h, w = images.shape[-2:]
-        if self.fit_to_patch and (h % p or w % p):      # e.g. 256 -> 252 for patch 14: an 18x18 grid
-            images = F.interpolate(images, size=(max(p, h // p * p), max(p, w // p * p)), mode="bilinear",
-                                   align_corners=False, antialias=True)
+        if self.fit_to_patch != "none" and (h % p or w % p):      # e.g. 256 -> 252 for patch 14: an 18x18 grid
+            images = fitted_to_patch(images, p, self.fit_to_patch)
         out = encode(self.backbone, images, cache_keys)
         tokens = torch.cat([out.tokens[i] for i in self.token_layers], dim=-1)
         if self.grounding is not None:

@@ -59,11 +59,13 @@ class ScleraTask(Task):
         self.root = Path(root)
         # training only; cached backbone tokens are of the clean, resized image: no pixel augmentation then
         augment = None if data.cache_features or stage not in ("fit", "cv") else build_augment(data.augment)
-        view = f"resized-{size[0]}x{size[1]}" if data.cache_features else None
+        view = f"resized-{size[0]}x{size[1]}" + ("" if data.image_resize == "pil_bilinear" else f"-{data.image_resize}")
+        view = view if data.cache_features else None
         decoded = ImageCache.from_config(data.get("image_cache"))
 
         def dataset(items, transform=None, full_mask=False) -> ScleraDataset:
-            return ScleraDataset(items, size, transform, full_mask=full_mask, cache_view=view, image_cache=decoded)
+            return ScleraDataset(items, size, transform, full_mask=full_mask, cache_view=view, image_cache=decoded,
+                                 image_resize=data.image_resize)
 
         if stage == "fit":
             train = training_items(data, root, ("Training",), oversample=True)

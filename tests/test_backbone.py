@@ -246,3 +246,34 @@ def test_backbone_configs_build_the_named_architecture(path):
     expected = "timm_convnext" if "convnext" in path.stem else "timm_eva" if "dinov3" in path.stem else "timm_vit"
     assert bb.family == expected and bb.layers[-1] == bb.num_blocks - 1
     assert bb.patch_size == {"dinov2": 14, "dinov3": 16, "convne": 32}[path.stem[:6]]
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_loaded_position_embeddings_are_resampled_with_the_configured_mode(tmp_path, mode):
+    """A 4x4-grid checkpoint loaded into a 3x3-grid model (model_kwargs.img_size): timm's resampling with
+    backbone.pos_embed_interpolation, antialiased as timm does it, written here with F.interpolate."""
+    import torch.nn.functional as F
+    source = build("timm_dinov2", init_seed=3)
+    path = tmp_path / "vit.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    loaded = build("timm_dinov2", weights=str(path), model_kwargs=dict(VIT, img_size=42),
+                   pos_embed_interpolation=mode)
+    pos = source.model.pos_embed
+    grid = pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(3, 3), mode=mode, align_corners=False, antialias=True)
+    want = torch.cat([pos[:, :1], want.permute(0, 2, 3, 1).reshape(1, 9, -1)], dim=1)
+    torch.testing.assert_close(loaded.model.pos_embed, want, rtol=0, atol=1e-6)
+    other = F.interpolate(grid, size=(3, 3), mode="bicubic" if mode == "bilinear" else "bilinear",
+                          align_corners=False, antialias=True)
+    assert (loaded.model.pos_embed[:, 1:] - other.permute(0, 2, 3, 1).reshape(1, 9, -1)).abs().max() > 1e-3
+
+
+def test_pos_embed_interpolation_is_refused_where_nothing_resamples_it():
+    with pytest.raises(ValueError, match="backbone.pos_embed_interpolation=bilinear: backbone convnext_base has no"):
+        build("convnext", pos_embed_interpolation="bilinear")
+    with pytest.raises(ValueError, match="only timm backbones take it"):
+        build("hf_dinov2", pos_embed_interpolation="bilinear")
+    with pytest.raises(ValueError, match="backbone.pos_embed_interpolation='nearest'"):
+        build("timm_dinov2", pos_embed_interpolation="nearest")
+    with pytest.raises(TypeError, match="refuses backbone.model_kwargs"):
+        build("convnext", model_kwargs=dict(CONV, img_size=256))

@@ -87,3 +87,41 @@ def test_absolute_min_lr_is_each_groups_floor():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-6, 1e-6])
     s.apply(opt, 5)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5)
+
+
+def test_per_epoch_cosine_equals_cosine_annealing_lr_stepped_each_epoch():
+    """interval=epoch: every step of epoch e trains at eta_min + (eta_max - eta_min) (1 + cos(pi e / T)) / 2,
+    T = max_epochs; the same lrs as torch's CosineAnnealingLR(T_max=T, eta_min) stepped after each epoch."""
+    from common.training.optim import build_schedule
+    steps, epochs, eta_min = 3, 7, 1e-6
+    schedule = build_schedule(name="cosine", steps_per_epoch=steps, max_epochs=epochs, warmup_epochs=0.0,
+                              warmup_steps=None, min_lr_ratio=0.01, min_lr=eta_min, restart_epochs=10,
+                              restart_mult=1, interval="epoch")
+    ours = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "base_lr": lr} for lr in (1e-4, 1e-5)], lr=1)
+    ref_params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    ref = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(ref_params, (1e-4, 1e-5))], lr=1)
+    torch_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(ref, T_max=epochs, eta_min=eta_min)
+    for epoch in range(epochs):
+        for step in range(epoch * steps, (epoch + 1) * steps):
+            schedule.apply(ours, step)
+            for group, ref_group, base in zip(ours.param_groups, ref.param_groups, (1e-4, 1e-5)):
+                formula = eta_min + (base - eta_min) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+                assert group["lr"] == pytest.approx(formula, rel=1e-12)
+                assert group["lr"] == pytest.approx(ref_group["lr"], rel=1e-9)
+        ref.step()
+        torch_schedule.step()
+    schedule.apply(ours, epochs * steps)
+    assert [g["lr"] for g in ours.param_groups] == pytest.approx([eta_min, eta_min])   # the deck's log at epoch 70
+
+
+def test_per_step_cosine_stays_the_default_and_epoch_refuses_warmup_steps():
+    from common.training.optim import build_schedule
+    args = dict(name="cosine", steps_per_epoch=4, max_epochs=2, warmup_epochs=0.0, warmup_steps=None,
+                min_lr_ratio=0.0, min_lr=None, restart_epochs=10, restart_mult=1)
+    per_step = build_schedule(**args)
+    assert per_step.steps_per_unit == 1 and per_step.total == 8
+    assert per_step.factor(1) < per_step.factor(0)                  # changes within the first epoch
+    with pytest.raises(ValueError, match="trainer.schedule.warmup_steps=2 counts optimiser steps"):
+        build_schedule(**dict(args, warmup_steps=2, interval="epoch"))
+    with pytest.raises(ValueError, match="trainer.schedule.interval='batch'"):
+        build_schedule(**dict(args, interval="batch"))

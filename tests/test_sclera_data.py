@@ -216,3 +216,21 @@ def test_geometry_moves_mask_with_image_and_blobs_touch_the_image_only(ssbc_root
                               size_is="sigma", p=1.0)                # sclera's specular highlights
     res = blob(image=np.zeros((40, 40, 3), np.uint8), mask=np.zeros((40, 40), np.uint8))
     assert res["image"].max() > 200 and res["mask"].max() == 0
+
+
+def test_image_resize_methods_are_pil_bilinear_and_cv2_linear(ssbc_root):
+    """data.image_resize: PIL's antialiased bilinear (default) or the deck's cv2.resize INTER_LINEAR, pixel for
+    pixel; the mask stays nearest neighbour either way."""
+    import cv2
+    items = evaluation_items(data_cfg(), ssbc_root, with_masks=True)
+    decoded = np.asarray(Image.open(items[0].image).convert("RGB"))
+    pil = ScleraDataset(items, (56, 70))[0]
+    opencv = ScleraDataset(items, (56, 70), image_resize="cv2_linear")[0]
+    want_pil = np.asarray(Image.fromarray(decoded).resize((70, 56), Image.BILINEAR))
+    want_cv2 = cv2.resize(decoded, (70, 56), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal((pil["image"] * 255).round().byte().permute(1, 2, 0).numpy(), want_pil)
+    np.testing.assert_array_equal((opencv["image"] * 255).round().byte().permute(1, 2, 0).numpy(), want_cv2)
+    assert np.abs(want_pil.astype(int) - want_cv2).max() > 0          # shrinking 400x300: the two differ
+    torch.testing.assert_close(pil["mask"], opencv["mask"])
+    with pytest.raises(ValueError, match="data.image_resize='area'"):
+        ScleraDataset(items, (56, 70), image_resize="area")

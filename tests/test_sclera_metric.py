@@ -1,5 +1,6 @@
 """Sclera metrics against a reimplementation of the SSBC 2025 evaluator's definitions (evaluate_predictions.py
-of dariant/SSBC_2025, read from PNG files as it reads them), edge cases included, per image then averaged."""
+of dariant/SSBC_2025 as of its commit ee13abc "Fix F1 score computation" and its latest 607a78a, read from PNG
+files as it reads them), edge cases included, per image then averaged."""
 import warnings
 
 import numpy as np
@@ -8,19 +9,20 @@ import torch
 from PIL import Image
 from sklearn.metrics import f1_score, jaccard_score, precision_recall_curve
 
-from sclera.metric import NAMES, ScleraMetric, benchmark_maps, image_scores
+from sclera.metric import NAMES, ScleraMetric, batch_scores, benchmark_maps, image_scores
 
 
 def ssbc_reference(truth_png, binarised_png, predictions_png) -> dict:
-    """SSBC's definitions, written here from its description: masks read as greyscale // 255, binary F1
-    macro over labels [0, 1], Jaccard of label 1 (sklearn defaults: zero_division 0), and the best F1 of the
+    """SSBC's definitions, written here from its description: masks read as greyscale // 255, binary F1 and
+    Jaccard of label 1 (sklearn defaults: zero_division 0), and the best F1 of the
     probability PR curve after keeping, per recall value, only the point of highest precision."""
     gt = np.asarray(Image.open(truth_png).convert("L")).ravel() // 255
     binary = np.asarray(Image.open(binarised_png).convert("L")).ravel() // 255
     prob = np.asarray(Image.open(predictions_png).convert("L")).ravel() / 255
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        f1 = f1_score(gt, binary, average="macro", labels=[0, 1])
+        f1 = f1_score(gt, binary)
+        macro = f1_score(gt, binary, average="macro", labels=[0, 1])   # the evaluator before ee13abc
         iou = jaccard_score(gt, binary)
         precision, recall, _ = precision_recall_curve(gt, prob, pos_label=1)
     recall[~np.isfinite(recall)] = 0
@@ -34,7 +36,7 @@ def ssbc_reference(truth_png, binarised_png, predictions_png) -> dict:
         curve = 2 * p * r / (p + r)
     best = int(np.argmax(curve))
     return {"Binary/F1": f1, "Binary/IoU": iou, "Probabilistic/F1": curve[best],
-            "Probabilistic/Precision": p[best], "Probabilistic/Recall": r[best]}
+            "Probabilistic/Precision": p[best], "Probabilistic/Recall": r[best], "macro_f1": macro}
 
 
 def write_case(folder, name, prob, truth, threshold=0.5):
@@ -79,15 +81,16 @@ def test_every_ssbc_number_equals_the_reference_on_hand_made_files(cases):
 
 
 def test_empty_cases_score_as_ssbc_scores_them(cases):
-    # both empty: background F1 1, sclera F1 0 (zero_division 0) -> macro 0.5; Jaccard 0; probabilistic F1 0
+    # both empty: sclera F1 0 (zero_division 0; the old macro form 0.5); Jaccard 0; probabilistic F1 0
     both = image_scores(*cases["both_empty"][:3])
-    assert (both["Binary/F1"], both["Binary/IoU"], both["Probabilistic/F1"]) == (0.5, 0.0, 0.0)
+    assert (both["Binary/F1"], both["Binary/IoU"], both["Probabilistic/F1"], both["macro_f1"]) == (0.0, 0.0, 0.0, 0.5)
     assert (both["Probabilistic/Precision"], both["Probabilistic/Recall"]) == (0.0, 1.0)
     assert both["sclera_f1"] == both["sclera_iou"] == 1.0          # the suite's own convention, beside
     empty_truth = image_scores(*cases["empty_truth"][:3])
     assert empty_truth["Binary/IoU"] == empty_truth["Probabilistic/F1"] == empty_truth["sclera_f1"] == 0.0
     all_sclera = image_scores(*cases["all_sclera"][:3])
-    assert all_sclera["Binary/F1"] == 0.5 and all_sclera["Binary/IoU"] == 1.0   # background label absent: 0
+    assert all_sclera["Binary/F1"] == all_sclera["Binary/IoU"] == 1.0
+    assert all_sclera["macro_f1"] == 0.5                              # background label absent: 0
 
 
 def test_metric_averages_per_image_per_set_and_pooled(cases):
@@ -136,3 +139,53 @@ def test_full_resolution_masks_are_scored_at_their_own_size():
 def test_threshold_must_be_a_probability():
     with pytest.raises(ValueError, match="metric.threshold=1.5"):
         ScleraMetric(threshold=1.5)
+
+
+def _half(shape, left, right):
+    out = np.full(shape, left, np.float64)
+    out[:, shape[1] // 2:] = right
+    return out
+
+
+def table_cases(shape=(12, 16)):
+    """name -> (probability map, truth 0/1, the binarised mask expected at threshold 0.5 (p >= 0.5), by hand)."""
+    zeros, ones = np.zeros(shape, np.uint8), np.ones(shape, np.uint8)
+    box = zeros.copy()
+    box[3:9, 4:10] = 1
+    shifted = np.roll(box, (2, 3), axis=(0, 1))
+    right = _half(shape, 0, 1).astype(np.uint8)
+    return {
+        "empty_truth_empty_prediction": (np.full(shape, 0.1), zeros, zeros),
+        "empty_truth_with_prediction": (box * 0.9, zeros, box),
+        "full_truth_full_prediction": (np.full(shape, 0.8), ones, ones),
+        "full_truth_half_prediction": (_half(shape, 0.2, 0.8), ones, right),
+        "shifted_mask": (shifted * 0.95, box, shifted),
+        "constant_half_probability": (np.full(shape, 0.5), box, ones),        # 0.5 >= threshold 0.5
+        "edge_127_128": (_half(shape, 127 / 255, 128 / 255), box, right),    # stored grey 127 -> 0, 128 -> 255
+    }
+
+
+def test_binary_scores_equal_sklearn_on_a_table_of_hand_made_cases(tmp_path):
+    """Per image and pooled over the images, Binary/F1 and Binary/IoU equal sklearn's f1_score(gt, pred) and
+    jaccard_score(gt, pred) as the evaluator calls them on the written Binarised PNG read back // 255."""
+    metric, expected = ScleraMetric(threshold=0.5), {"Binary/F1": [], "Binary/IoU": []}
+    for name, (prob, truth, binary_by_hand) in table_cases().items():
+        _, _, (truth_png, binarised_png, _) = write_case(tmp_path, name, prob, truth)
+        gt = np.asarray(Image.open(truth_png).convert("L")).ravel() // 255
+        pred = np.asarray(Image.open(binarised_png).convert("L")).ravel() // 255
+        np.testing.assert_array_equal(pred, binary_by_hand.ravel(), err_msg=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = {"Binary/F1": f1_score(gt, pred), "Binary/IoU": jaccard_score(gt, pred)}
+        logits = torch.logit(torch.tensor(prob, dtype=torch.float32))[None, None]
+        batch = {"mask_full": [truth], "set": ["S"]}
+        ours = batch_scores(logits, batch, 0.5)[0]
+        metric.update({"logits": logits}, batch)
+        for key, value in reference.items():
+            assert ours[key] == pytest.approx(value, abs=1e-9), (name, key)
+            expected[key].append(value)
+    pooled = metric.compute()
+    for key, values in expected.items():
+        assert pooled[key] == pytest.approx(np.mean(values), abs=1e-9), key
+        assert pooled[f"S/{key}"] == pytest.approx(np.mean(values), abs=1e-9), key
+    assert expected["Binary/F1"][:3] == [0.0, 0.0, 1.0]                 # both empty scores 0, not the macro 0.5

@@ -48,12 +48,37 @@ def test_logits_at_input_resolution_and_fpn_follows_input(size):
 def test_input_off_the_patch_grid_is_fitted_for_the_backbone_only():
     model = build(kind="none").eval()
     images = torch.rand(1, 3, 128, 120)                     # 128 -> 126, 120 -> 112 for patch 14
+    assert model.fit_to_patch == "crop"                     # the deck's Conv14: its layer list's default
+    grid = lambda x: model.features(x)
     with torch.no_grad():
-        assert model.features(images).shape[-2:] == (9, 8)
+        assert grid(images).shape[-2:] == (9, 8)
         assert model({"image": images})["logits"].shape == (1, 1, 128, 120)
-    model.fit_to_patch = False
+        torch.testing.assert_close(grid(images), grid(images[..., :126, :112]), rtol=0, atol=0)
+        model.fit_to_patch = "resize"
+        resized = F.interpolate(images, size=(126, 112), mode="bilinear", align_corners=False, antialias=True)
+        torch.testing.assert_close(grid(images), grid(resized), rtol=0, atol=0)
+    model.fit_to_patch = "none"
     with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
         model({"image": images})
+
+
+def test_crop_is_what_a_stride_14_patch_convolution_does_to_a_256_input():
+    """The deck's Conv2d(3, 384, 14, 14) on 256 px: 18x18 patches over the first 252 px, the last 4 unused."""
+    from sclera.model import fit_mode, fitted_to_patch
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=14, stride=14)
+    image = torch.rand(2, 3, 256, 256)
+    cropped = fitted_to_patch(image, 14, "crop")
+    assert cropped.shape[-2:] == (252, 252)
+    torch.testing.assert_close(conv(cropped), conv(image), rtol=0, atol=0)
+    assert conv(image).shape[-2:] == (18, 18)
+    changed = image.clone()
+    changed[..., 252:, :] = 0.0
+    changed[..., :, 252:] = 0.0
+    torch.testing.assert_close(conv(changed), conv(image), rtol=0, atol=0)   # the last 4 px reach no patch
+    assert (fit_mode(True), fit_mode(False)) == ("resize", "none")             # how older configs spelled them
+    with pytest.raises(ValueError, match="model.fit_to_patch='pad'"):
+        fit_mode("pad")
 
 
 def test_gradients_reach_the_decoder_not_the_frozen_backbone():

@@ -26,6 +26,12 @@ DECK = {
     "model.bn_size": 4, "model.se_reduction": 16, "model.head_channels": 64, "metric.threshold": 0.5,
     "loss.bce_weight": 0.4, "loss.dice_weight": 0.6, "loss.dice_eps": 1e-6, "data.num_workers": 8,
     "task.submission.size": [300, 400], "data.eval_masks": "ssbc",
+    # "AMP (FP16): enabled (torch.cuda.amp)"; "CosineAnnealingLR T_max = 70 epochs"; "Input (B,3,256,256)",
+    # "Conv2d(3,384,14,14)", "18x18 = 324 ... patches"; "bilinearly interpolated from (37,37) to (18,18) at model
+    # load time"; the submission code's `cv2.resize(img, (256, 256))`
+    "trainer.precision": "fp16", "trainer.schedule.interval": "epoch", "model.fit_to_patch": "crop",
+    "backbone.model_kwargs.img_size": 256, "backbone.pos_embed_interpolation": "bilinear",
+    "data.image_resize": "cv2_linear",
 }
 TRACKS = {"sclera_cgdseg_synthetic": ("Synthetic", {"SynCROI": 1, "MASD": 0, "SBVPI": 0}),
           "sclera_cgdseg_mixed": ("Mixed", {"SynCROI": 1, "MASD": 3, "SBVPI": 3})}
@@ -146,9 +152,11 @@ def test_augmentation_is_the_decks_table():
     assert isinstance(bc, A.RandomBrightnessContrast)
     assert bc.p == 0.6 and tuple(bc.contrast_limit) == pytest.approx((-0.2, 0.2))
     assert tuple(np.array(bc.brightness_limit) * 255) == pytest.approx((-30, 30)) and bc.brightness_by_max
-    jitter = by_type["HueSaturation"]
-    assert isinstance(jitter, A.ColorJitter) and tuple(jitter.brightness) == tuple(jitter.contrast) == (1, 1)
-    assert jitter.p == 0.4 and tuple(jitter.saturation) == (0.7, 1.3) and tuple(jitter.hue) == pytest.approx((-0.1, 0.1))
+    hsv = by_type["HueSaturation"]
+    assert hsv.p == 0.4 and hsv.hue_shift == (-18, 18) and hsv.saturation_scale == (0.7, 1.3)
+    drawn = [hsv.get_params() for _ in range(300)]
+    assert -18 <= min(d["hue"] for d in drawn) < -15 and 15 < max(d["hue"] for d in drawn) <= 18
+    assert 0.7 <= min(d["scale"] for d in drawn) < 0.73 and 1.27 < max(d["scale"] for d in drawn) <= 1.3
     noise = by_type["PixelGaussNoise"]
     assert isinstance(noise, A.GaussNoise)
     assert noise.p == 0.3 and tuple(np.array(noise.std_range) * 255) == pytest.approx((5, 20))
@@ -181,3 +189,60 @@ def test_speed_reports_the_models_counts_and_a_time():
     assert report["trainable"] == sum(report[k] for k in ("backbone_adapters", "grounding", "fpn", "decoder", "head"))
     assert report["backbone_adapters"] == 4 * (8 * 64 + 192 * 8)      # LoRA r8 on the tiny ViT's 4 fused qkv (dim 64)
     assert out["input"] == [112, 112] and out["ms_per_image"][2] > 0
+
+
+def hand_hsv(image, hue, scale):
+    """Python's colorsys per pixel: hue + `hue` OpenCV units (1/180 of a turn), S x `scale` clipped to 1."""
+    import colorsys
+    out = np.empty(image.shape, np.float64)
+    for index in np.ndindex(image.shape[:2]):
+        h, s, v = colorsys.rgb_to_hsv(*(image[index] / 255.0))
+        out[index] = colorsys.hsv_to_rgb((h + hue / 180.0) % 1.0, min(s * scale, 1.0), v)
+    return np.rint(out * 255)
+
+
+@pytest.mark.parametrize("hue, scale", [(0.0, 1.3), (0.0, 0.7), (-18.0, 1.0), (12.5, 1.17)])
+def test_hue_saturation_scales_hsv_saturation_as_a_hand_computation(hue, scale):
+    """The deck's "HSV hue/saturation ... sat x[0.7,1.3]" against colorsys (1 grey level of float rounding);
+    at a pure saturation scale also against the closed form: each channel c -> V - (V - c) * scale."""
+    from sclera.augment import HueSaturation
+    image = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    out = HueSaturation(p=1.0).apply(image, hue=hue, scale=scale)
+    assert np.abs(out.astype(int) - hand_hsv(image, hue, scale)).max() <= 1
+    if hue == 0.0:
+        v = image.max(axis=2, keepdims=True).astype(np.float64)
+        closed = v - (v - image) * scale
+        unclipped = (image.min(axis=2) >= v[..., 0] * (1 - 1 / scale)) if scale > 1 else np.ones((12, 12), bool)
+        assert np.abs(out[unclipped].astype(int) - np.rint(closed[unclipped])).max() <= 1
+        grey = image @ np.array([0.299, 0.587, 0.114])              # ColorJitter's blend with grey differs
+        blend = np.clip(grey[..., None] + (image - grey[..., None]) * scale, 0, 255)
+        assert np.abs(out.astype(int) - np.rint(blend)).max() > 10
+
+
+def test_the_presets_model_meets_a_256_input_as_the_decks_conv14(tmp_path):
+    """The preset's backbone: an 18x18 position-embedding grid (timm img_size 256); a 256 input gives 18x18
+    tokens, those of its first 252x252 pixels (the last 4 rows and columns reach no patch)."""
+    from sclera.task import ScleraTask
+    cfg = compose_cfg(["experiment=sclera_cgdseg_mixed", "backbone.weights=null", "model.grounding=none"])
+    model = ScleraTask(cfg).build_model({}).eval()
+    assert tuple(model.backbone.model.pos_embed.shape) == (1, 1 + 18 * 18, 384)
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    changed = image.clone()
+    changed[..., 252:, :] = 0.0
+    changed[..., :, 252:] = 1.0
+    with torch.no_grad():
+        features = model.features(image)
+        assert features.shape[-2:] == (18, 18)
+        torch.testing.assert_close(model.features(changed), features, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["backbone=dinov3_s16"], "backbone.pos_embed_interpolation=bilinear: backbone vit_small_patch16_dinov3"),
+    (["backbone=convnext_t"], "refuses backbone.model_kwargs .*img_size"),
+    (["backbone.source=hf", "backbone.name=facebook/dinov2-small"], "set it to bicubic or use backbone.source=timm"),
+], ids=["rope_vit", "convnext", "transformers"])
+def test_the_preset_on_a_backbone_that_cannot_take_it_fails_at_start_naming_the_key(overrides, message):
+    from sclera.task import ScleraTask
+    cfg = compose_cfg(["experiment=sclera_cgdseg_mixed", "backbone.weights=null", "model.grounding=none", *overrides])
+    with pytest.raises((ValueError, TypeError), match=message):
+        ScleraTask(cfg).build_model({})

@@ -14,6 +14,7 @@ indices, `patch_size` is the reduction of the last configured stage). Nothing he
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from common.models.backbone_families import FAMILIES, FamilySpec, family_for
 from common.utils.timm_import import timm
 
+POS_EMBED_MODES = ("bicubic", "bilinear")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -122,18 +124,29 @@ def _freeze(module: nn.Module) -> None:
 
 def create_backbone(source: str, name: str, weights: Optional[str], layers: Sequence[int],
                     freeze: bool = True, init_seed: int = 0, model_kwargs: Optional[dict] = None,
-                    lr: Optional[float] = None, hub_name: Optional[str] = None) -> Backbone:
+                    lr: Optional[float] = None, hub_name: Optional[str] = None,
+                    pos_embed_interpolation: str = "bicubic") -> Backbone:
     """Build a backbone from config fields (see conf/backbone/*.yaml).
 
     weights: null = random init seeded by `init_seed` (so a checkpoint holding only the trainable
     weights rebuilds exactly the same frozen backbone); "hub" = the official weights of `name`
     (or of `hub_name`, a hub repo id, when set); otherwise a local .safetensors/.pth/.bin file or
     a local Hugging Face folder. `lr` is the backbone learning rate, read by the optimiser only.
+    `pos_embed_interpolation` (timm, loaded weights): the F.interpolate mode with which timm resamples the
+    checkpoint's position embeddings to the model's grid (model_kwargs.img_size // patch) when they differ
+    (timm's default: bicubic, antialiased); inputs of another grid are still resampled per forward by timm.
     """
     del lr  # consumed by the optimiser when freeze=false; a named field so that typos in the config fail
     model_kwargs = dict(model_kwargs or {})
+    if pos_embed_interpolation not in POS_EMBED_MODES:
+        raise ValueError(f"backbone.pos_embed_interpolation={pos_embed_interpolation!r}: expected one of "
+                         f"{POS_EMBED_MODES}")
     if source == "timm":
-        backbone = _create_timm(name, weights, layers, init_seed, model_kwargs, hub_name)
+        backbone = _create_timm(name, weights, layers, init_seed, model_kwargs, hub_name, pos_embed_interpolation)
+    elif pos_embed_interpolation != "bicubic":
+        raise ValueError(f"backbone.pos_embed_interpolation={pos_embed_interpolation}: only timm backbones take it "
+                         f"(backbone.source={source}; transformers resamples bicubic): set it to bicubic or use "
+                         f"backbone.source=timm")
     elif source == "hf":
         backbone = _create_hf(name, weights, layers, init_seed, model_kwargs, hub_name)
     else:
@@ -146,17 +159,25 @@ def create_backbone(source: str, name: str, weights: Optional[str], layers: Sequ
 # ---------------------------------------------------------------- timm
 
 def _create_timm(name: str, weights: Optional[str], layers: Sequence[int], init_seed: int,
-                 model_kwargs: dict, hub_name: Optional[str]) -> Backbone:
+                 model_kwargs: dict, hub_name: Optional[str], pos_embed_interpolation: str) -> Backbone:
     arch = timm.models.get_arch_name(name)
     if not timm.models.is_model(arch):
         raise ValueError(f"backbone {name}: timm has no architecture {arch!r} (backbone.name)")
     spec = family_for("timm", timm.models.model_entrypoint(arch).__module__, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model = timm.create_model(name, pretrained=False, num_classes=0, **{**spec.create_kwargs, **model_kwargs})
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=0, **{**spec.create_kwargs, **model_kwargs})
+        except TypeError as err:
+            raise TypeError(f"backbone {name}: timm.create_model refuses backbone.model_kwargs "
+                            f"{sorted(model_kwargs)} ({err}); remove the key with ~backbone.model_kwargs.<key> or "
+                            f"pick a backbone that takes it") from err
+    if pos_embed_interpolation != "bicubic" and getattr(model, "pos_embed", None) is None:
+        raise ValueError(f"backbone.pos_embed_interpolation={pos_embed_interpolation}: backbone {name} has no "
+                         f"learned position embeddings to resample; set backbone.pos_embed_interpolation=bicubic")
     if weights is not None:
         path = _timm_weights_file(name, weights, hub_name or model.pretrained_cfg.get("hf_hub_id"))
-        _load_checked(model, _read_timm_state_dict(path, model), name, path)
+        _load_checked(model, _read_timm_state_dict(path, model, pos_embed_interpolation), name, path)
     mean = model.pretrained_cfg.get("mean", IMAGENET_MEAN)
     std = model.pretrained_cfg.get("std", IMAGENET_STD)
     return _backbone_of(spec, model, name, layers, mean, std)
@@ -196,11 +217,17 @@ def _timm_weights_file(name: str, weights: str, repo: Optional[str]) -> Path:
     raise _unavailable(name, repo, "timm", last) from last
 
 
-def _read_timm_state_dict(path: Path, model: nn.Module) -> dict:
+def _read_timm_state_dict(path: Path, model: nn.Module, pos_embed_interpolation: str = "bicubic") -> dict:
     state = _read_state_dict(path)
     # timm's own converter maps original (Meta) checkpoints to timm names and resamples position embeddings.
     convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    return convert(state, model) if convert is not None else state
+    takes_mode = convert is not None and "interpolation" in inspect.signature(convert).parameters
+    if not takes_mode and pos_embed_interpolation != "bicubic":
+        raise ValueError(f"backbone.pos_embed_interpolation={pos_embed_interpolation}: timm resamples no position "
+                         f"embeddings of {type(model).__name__} when loading; set it to bicubic")
+    if convert is None:
+        return state
+    return convert(state, model, interpolation=pos_embed_interpolation) if takes_mode else convert(state, model)
 
 
 def _read_state_dict(path: Path) -> dict:

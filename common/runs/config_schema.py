@@ -28,6 +28,7 @@ class BackboneSchema:
     lr: float = MISSING
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     hub_name: Optional[str] = None
+    pos_embed_interpolation: str = "bicubic"   # bicubic | bilinear (timm, position embeddings resampled at load)
 
 
 @dataclass

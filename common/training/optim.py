@@ -111,8 +111,19 @@ def build_optimizer(settings: DictConfig, groups: list[dict], device: torch.devi
 
 def build_schedule(*, name: str, steps_per_epoch: int, max_epochs: int, warmup_epochs: float,
                    warmup_steps: int | None, min_lr_ratio: float, min_lr: float | None, restart_epochs: float,
-                   restart_mult: int) -> "Schedule":
-    """The default trainer.schedule target: lengths in epochs (or warmup_steps) turned into optimiser steps."""
+                   restart_mult: int, interval: str = "step") -> "Schedule":
+    """The default trainer.schedule target. interval "step": lengths in epochs (or warmup_steps) turned into
+    optimiser steps, the lr changing every step; "epoch": the lr changes once per epoch (torch's CosineAnnealingLR
+    stepped after each epoch: epoch e trains at the factor of e / max_epochs), lengths in whole epochs."""
+    if interval == "epoch":
+        if warmup_steps is not None:
+            raise ValueError(f"trainer.schedule.warmup_steps={warmup_steps} counts optimiser steps but "
+                             f"trainer.schedule.interval=epoch changes the lr once per epoch: use warmup_epochs")
+        return Schedule(name, total_steps=int(max_epochs), warmup_steps=round(warmup_epochs),
+                        min_lr_ratio=min_lr_ratio, restart_steps=round(restart_epochs), restart_mult=restart_mult,
+                        min_lr=min_lr, steps_per_unit=steps_per_epoch)
+    if interval != "step":
+        raise ValueError(f"trainer.schedule.interval={interval!r}: expected step or epoch")
     return Schedule(name, total_steps=steps_per_epoch * int(max_epochs),
                     warmup_steps=round(warmup_epochs * steps_per_epoch) if warmup_steps is None else int(warmup_steps),
                     min_lr_ratio=min_lr_ratio, restart_steps=round(restart_epochs * steps_per_epoch),
@@ -120,15 +131,18 @@ def build_schedule(*, name: str, steps_per_epoch: int, max_epochs: int, warmup_e
 
 
 class Schedule:
-    """lr factor per optimiser step: linear warmup from 0, then cosine / cosine with restarts / constant."""
+    """lr factor per unit of `steps_per_unit` optimiser steps (1: every step; an epoch's steps: once per epoch):
+    linear warmup from 0, then cosine / cosine with restarts / constant; lengths are counted in units."""
 
     def __init__(self, name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float,
-                 restart_steps: int = 0, restart_mult: int = 1, min_lr: float | None = None):
+                 restart_steps: int = 0, restart_mult: int = 1, min_lr: float | None = None,
+                 steps_per_unit: int = 1):
         if name not in ("cosine", "cosine_restarts", "constant"):
             raise ValueError(f"trainer.schedule.name={name!r}: expected cosine, cosine_restarts or constant")
         self.name, self.total, self.warmup = name, max(1, total_steps), max(0, warmup_steps)
         self.min_ratio, self.restart, self.mult = min_lr_ratio, max(1, restart_steps), restart_mult
         self.min_lr = min_lr  # absolute floor for every group; overrides min_lr_ratio when set
+        self.steps_per_unit = max(1, int(steps_per_unit))
 
     def factor(self, step: int, min_ratio: float | None = None) -> float:
         if step < self.warmup:
@@ -147,7 +161,9 @@ class Schedule:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set each group's lr for optimiser step `step` (counted from 0 over the whole run)."""
+        unit = step // self.steps_per_unit
         for group in optimizer.param_groups:
             base = group["base_lr"]
             ratio = None if self.min_lr is None or base <= 0 else min(1.0, self.min_lr / base)
-            group["lr"] = base * self.factor(step, ratio)
+            group["lr"] = base * self.factor(unit, ratio)

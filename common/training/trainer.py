@@ -44,6 +44,7 @@ from common.training.divergence import BufferSnapshot, NonFiniteLossError, check
 from common.training.device import batch_size_of, move_to, resolve_channels_last, to_channels_last, to_cpu
 from common.training.ema import EMA
 from common.training.optim import build_optimizer, build_param_groups, call_target, named_trainable
+from common.training.precision import Precision
 from common.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -86,22 +87,13 @@ class Trainer:
         self.cfg, self.t, self.trial = cfg, cfg.trainer, trial
         self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
         self.tracker, self.ctx, self.device = tracker, ctx, ctx.device
-        self.files = RunFiles(run_dir, str(self.t.monitor)) if ctx.is_main else None
-        self.bf16 = self._resolve_precision(self.t.precision)
+        self.files = RunFiles(run_dir, self.t.get("monitor")) if ctx.is_main else None
+        self.precision = Precision(self.t.precision, self.device)
         self.bars = use_progress_bars(self.t.progress) and ctx.is_main
         self.training: Training | None = None      # set once, by prepare (fit calls it)
 
-    def _resolve_precision(self, setting: str) -> bool:
-        if setting == "auto":
-            return self.device.type == "cuda"
-        if setting not in ("bf16", "fp32"):
-            raise ValueError(f"trainer.precision={setting!r}: expected auto, bf16 or fp32")
-        return setting == "bf16"
-
     def autocast(self):
-        if not self.bf16:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return self.precision.autocast()
 
     # ---- loaders ---------------------------------------------------------------------------
     def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0,
@@ -198,6 +190,7 @@ class Trainer:
         return {"format": FORMAT_VERSION, "task": task_name, "epoch": state.epoch, "step": state.step,
                 "model": trainable_state(tr.model), "criterion": trainable_state(tr.criterion),
                 "optimizer": tr.optimizer.state_dict(), "ema": tr.ema.state_dict() if tr.ema else None,
+                "grad_scaler": self.precision.state_dict(),
                 "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "stats": stats, "fit_state": {k: v for k, v in vars(state).items()}}
 
@@ -235,6 +228,7 @@ class Trainer:
         load_trainable_state(tr.model, ckpt["model"], str(path))
         load_trainable_state(tr.criterion, ckpt["criterion"], str(path))
         tr.optimizer.load_state_dict(ckpt["optimizer"])
+        self.precision.load_state_dict(ckpt.get("grad_scaler"))
         if tr.ema is not None and ckpt["ema"] is not None:
             tr.ema.load_state_dict(ckpt["ema"])
         state = FitState(**ckpt["fit_state"])
@@ -247,28 +241,35 @@ class Trainer:
     def _backward(self, terms: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
         """Gradients of the summed terms; with PCGrad, its counts (conflicts, pairs) for this micro-batch."""
         if not self.t.pcgrad.enabled:
-            (sum(terms.values()) * scale).backward()
+            self.precision.scale(sum(terms.values()) * scale).backward()
             return {}
         from common.training.mtl import pcgrad_backward
         wanted, param_groups = set(self.t.pcgrad.groups), self.training.optimizer.param_groups
         projected = [p for g in param_groups if g["tag"] in wanted for p in g["params"]]
         others = [p for g in param_groups if g["tag"] not in wanted for p in g["params"]]
-        return pcgrad_backward({k: v * scale for k, v in terms.items()}, projected, mode=self.t.pcgrad.mode,
+        scaled = {k: self.precision.scale(v * scale) for k, v in terms.items()}   # PCGrad's projection is linear
+        return pcgrad_backward(scaled, projected, mode=self.t.pcgrad.mode,
                                primary=list(self.t.pcgrad.primary) or None, other_params=others)
 
     def _optimizer_step(self, state: FitState, finite: torch.Tensor) -> bool:
-        """Clip, step, update EMA. Returns False (step skipped) when a micro-batch's loss (`finite`, on the
-        device) or the gradients are not finite: the step's one read of the device."""
+        """Unscale (fp16), clip, step, update EMA. Returns False (step skipped) when a micro-batch's loss (`finite`,
+        on the device) or the gradients are not finite: the step's one read of the device. Under fp16, non-finite
+        gradients of a finite loss are the grad scaler's overflow, which lowers the scale and is not counted as
+        divergence."""
         tr = self.training
+        self.precision.unscale_(tr.optimizer)
         params = [p for g in tr.optimizer.param_groups for p in g["params"] if p.grad is not None]
         clip = self.t.grad_clip if self.t.grad_clip else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros((), device=finite.device)
         if not bool(finite & torch.isfinite(norm)):
-            self._count_nonfinite(state, "gradient norm" if bool(finite) else "loss")
+            loss_finite = bool(finite)
+            overflow = self.precision.overflowed()     # the scaler lowers its scale (fp16); False without one
+            if not (loss_finite and overflow):
+                self._count_nonfinite(state, "gradient norm" if loss_finite else "loss")
             tr.optimizer.zero_grad(set_to_none=True)
             return False
         tr.schedule.apply(tr.optimizer, state.step)
-        tr.optimizer.step()
+        self.precision.step(tr.optimizer)
         tr.optimizer.zero_grad(set_to_none=True)
         if tr.ema is not None:
             tr.ema.update(tr.model)
