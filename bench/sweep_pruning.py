@@ -20,11 +20,7 @@ from pathlib import Path
 from common.utils.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-PRUNERS = {
-    "none": "null",
-    "median": "{_target_:optuna.pruners.MedianPruner,n_startup_trials:5,n_warmup_steps:2}",
-    "hyperband": "{_target_:optuna.pruners.HyperbandPruner,min_resource:1,max_resource:auto,reduction_factor:3}",
-}
+PRUNERS = ("none", "median", "hyperband")          # options of hydra/sweeper/pruner (conf/hydra/sweeper/pruner/)
 
 
 def run(args: list[str], log_dir: Path, cache_dir: Path, multirun: bool = False) -> float:
@@ -50,7 +46,7 @@ def study_figures(log_dir: Path, study_name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=int, default=40)
-    parser.add_argument("--pruners", nargs="+", default=list(PRUNERS), choices=list(PRUNERS))
+    parser.add_argument("--pruners", nargs="+", default=list(PRUNERS), choices=PRUNERS)
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -59,7 +55,7 @@ def main() -> None:
     rows = []
     for name in args.pruners:
         seconds = run(["sweeps=biomass_head", f"hydra.sweeper.budget={args.budget}",
-                       "hydra.sweeper.budget_counts=finished", f"hydra.sweeper.pruner={PRUNERS[name]}",
+                       "hydra.sweeper.budget_counts=finished", f"hydra/sweeper/pruner={name}",
                        *args.overrides], base / name, base / "cache", multirun=True)
         rows.append({"pruner": name, **study_figures(base / name, "biomass_head"), "seconds": seconds})
         print(json.dumps(rows[-1]), flush=True)

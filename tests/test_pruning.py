@@ -194,3 +194,13 @@ def test_a_pruned_run_is_tagged_pruned_in_wandb(monkeypatch, tmp_path):
     tracker, _ = _tracker(monkeypatch, tmp_path, ["tags=[mine]"])
     tracker.add_tags(["pruned"])
     assert fake_wandb.calls("tags")[-1]["tags"][-2:] == ["mine", "pruned"]
+
+
+@pytest.mark.parametrize("option, expected", [("none", None), ("median", optuna.pruners.MedianPruner),
+                                              ("percentile", optuna.pruners.PercentilePruner),
+                                              ("hyperband", optuna.pruners.HyperbandPruner),
+                                              ("successive_halving", optuna.pruners.SuccessiveHalvingPruner)])
+def test_every_pruner_option_builds_its_pruner(option, expected):
+    node = OmegaConf.load(REPO / "conf" / "hydra" / "sweeper" / "pruner" / f"{option}.yaml").pruner
+    pruner = build_pruner(node, ["maximize"])
+    assert pruner is None if expected is None else type(pruner) is expected
