@@ -2,7 +2,9 @@
 `srun -n N` (the same values derived from SLURM_* when torchrun's are absent)."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +13,7 @@ from torch.utils.data import Sampler
 
 from common.cluster import slurm
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class DistContext:
@@ -53,6 +56,7 @@ def setup(device_setting: str) -> DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    log.info(f"[ddp] rank {rank} of {world} (local rank {local_rank}) on {socket.gethostname()}, {device}")
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
