@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from common.cluster.distributed import global_sum
+
 
 class FeatureStats(nn.Module):
     def __init__(self, dim: int, momentum: Optional[float], eps: float = 1e-6):
@@ -24,14 +26,20 @@ class FeatureStats(nn.Module):
         self.register_buffer("var", torch.ones(dim))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
-    @torch.no_grad()
     def update(self, features: Tensor) -> None:
-        """features (N, D) of one training batch."""
+        """features (N, D) of one training batch; in a DDP training step the global batch's (global_sum), so the
+        statistics are one process's."""
         x = features.detach().float().reshape(-1, self.mean.numel())
-        n = x.shape[0]
+        n = int(global_sum(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)))
         if n == 0:
             return
-        batch_mean, batch_var = x.mean(0), x.var(0, unbiased=False)
+        batch_mean = global_sum(x.sum(0)) / n
+        batch_var = global_sum((x - batch_mean).square().sum(0)) / n
+        with torch.no_grad():
+            self._merge(batch_mean, batch_var, n)
+
+    def _merge(self, batch_mean: Tensor, batch_var: Tensor, n: int) -> None:
+        """Fold a batch of n features (mean, biased variance) into the running statistics."""
         if self.count == 0 or self.momentum is None:
             # Chan et al.: merge (count, mean, var) with the batch's exactly.
             total = self.count + n

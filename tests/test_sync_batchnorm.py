@@ -1,5 +1,6 @@
 """GlobalBatchNorm and global_sum: two gloo processes, each with half of a batch, compute the gradients, BatchNorm
-statistics and batch-level losses (soft Dice, masked mean) of one process with the whole batch."""
+statistics, batch-level losses (soft Dice, masked mean) and roadwork's feature statistics of one process with the
+whole batch."""
 import os
 import socket
 
@@ -14,6 +15,7 @@ from timm.layers import BatchNormAct2d
 
 from common.cluster.sync_batchnorm import GlobalBatchNorm, convert_batchnorm, wants_sync_batchnorm
 from common.training.losses import masked_mean
+from roadwork.feature_stats import FeatureStats
 from sclera.loss import batch_soft_dice
 
 WORLD = 2
@@ -46,6 +48,16 @@ def _train(model, x, target, observed, steps=2):
         optimizer.step()
 
 
+def _feature_stats(x) -> FeatureStats:
+    """roadwork's running feature statistics, updated with two batches (exact merge, then momentum)."""
+    stats = FeatureStats(3, None)
+    features = x.mean((2, 3))
+    stats.update(features)
+    stats.momentum = 0.3
+    stats.update(features * 2 + 1)
+    return stats
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -54,8 +66,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     assert convert_batchnorm(model) == 3
     x, target, observed = (t[rank::WORLD] for t in _batch())
     _train(DistributedDataParallel(model), x, target, observed)
+    stats = _feature_stats(x)
     if rank == 0:
-        torch.save(model.state_dict(), out)
+        torch.save({"model": model.state_dict(), "stats": stats.state_dict()}, out)
     dist.destroy_process_group()
 
 
@@ -70,7 +83,8 @@ def test_two_processes_train_as_one_with_the_whole_batch(tmp_path):
     _train(single, *_batch())
     out = tmp_path / "ddp.pt"
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    ddp = torch.load(out, weights_only=True)
+    saved = torch.load(out, weights_only=True)
+    ddp = saved["model"]
     assert set(ddp) == set(single.state_dict())                    # checkpoints interchangeable
     for key, value in single.state_dict().items():                 # weights and running statistics
         torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -78,6 +92,9 @@ def test_two_processes_train_as_one_with_the_whole_batch(tmp_path):
     x, target, observed = (t[0::WORLD] for t in _batch())
     _train(plain, x, target, observed)                             # what one rank alone would learn
     assert not torch.allclose(plain.state_dict()["1.running_var"], single.state_dict()["1.running_var"])
+    one = _feature_stats(_batch()[0]).state_dict()
+    torch.testing.assert_close(saved["stats"], one)
+    assert not torch.allclose(_feature_stats(x).state_dict()["var"], one["var"])
 
 
 def test_global_batchnorm_is_batchnorm_in_one_process():
