@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from biomass.constants import TARGETS, official_weight_vector
 from biomass.labels import labels_of, state_targets
 from biomass.zig import masked_zig_loss
-from common.training.losses import masked_regression_loss
+from common.training.losses import as_bool_mask, masked_mean, masked_regression_loss
 from common.training.mtl import UncertaintyWeighting
 
 SPACES = ("norm_gm2", "log1p", "grams")
@@ -100,7 +100,7 @@ class BiomassCriterion(nn.Module):
             else:
                 target, mask = state_targets(batch["state"], self.stats["states"], outputs["state_logits"].device)
             ce = -(target * torch.log_softmax(outputs["state_logits"].float(), -1)).sum(-1)
-            return (ce * mask).sum() / mask.sum().clamp_min(1)
+            return masked_mean(ce, as_bool_mask(mask, ce.shape, "state_mask"))
         mean, std = (0.0, 1.0) if name in self.aux_raw else (self.stats[f"{name}_mean"], self.stats[f"{name}_std"])
         target = (torch.nan_to_num(batch[name].float()) - mean) / std
         return masked_regression_loss(outputs[name], target, batch[f"{name}_mask"])

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from common.cluster.distributed import global_sum
+
 
 class FeatureStats(nn.Module):
     def __init__(self, dim: int, momentum: Optional[float], eps: float = 1e-6):
@@ -24,16 +26,25 @@ class FeatureStats(nn.Module):
         self.register_buffer("var", torch.ones(dim))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
-    @torch.no_grad()
     def update(self, features: Tensor) -> None:
-        """features (N, D) of one training batch."""
+        """features (N, D) of one training batch; in a DDP training step the global batch's (global_sum), so the
+        statistics are one process's. Merged on the device: training never waits for it (one process knows its
+        batch's size; several read the global count once)."""
         x = features.detach().float().reshape(-1, self.mean.numel())
-        n = x.shape[0]
+        local = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+        total_n = global_sum(local)
+        n = x.shape[0] if total_n is local else int(total_n)
         if n == 0:
             return
-        batch_mean, batch_var = x.mean(0), x.var(0, unbiased=False)
-        # Chan et al.: merge (count, mean, var) with the batch's exactly (from an empty state: the batch's own);
-        # chosen on the device, so that training never waits for it
+        batch_mean = global_sum(x.sum(0)) / n
+        batch_var = global_sum((x - batch_mean).square().sum(0)) / n
+        with torch.no_grad():
+            self._merge(batch_mean, batch_var, n)
+
+    def _merge(self, batch_mean: Tensor, batch_var: Tensor, n: int) -> None:
+        """Fold a batch of n features (mean, biased variance) into the running statistics: Chan et al.'s exact
+        merge of (count, mean, var), or with a momentum an exponential moving average (from an empty state: the
+        batch's own), chosen on the device."""
         total = self.count + n
         delta = batch_mean - self.mean
         mean = self.mean + delta * n / total

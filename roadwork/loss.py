@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.training.losses import focal_loss, view_consistency_kl
+from common.training.losses import as_bool_mask, focal_loss, masked_mean, view_consistency_kl
 from roadwork.view_fusion import gather_views
 
 
@@ -25,8 +25,7 @@ def seg_loss(outputs: dict[str, Tensor], batch: dict) -> Tensor:
         target = gather_views(target, outputs["seg_views"])
     grid = F.adaptive_avg_pool2d(target.flatten(0, 1), logits.shape[-2:]).view_as(logits)
     per_item = F.binary_cross_entropy_with_logits(logits, grid, reduction="none").flatten(1).mean(1)
-    known = batch["mask_known"].to(per_item.dtype)
-    return (per_item * known).sum() / known.sum().clamp_min(1.0)
+    return masked_mean(per_item, as_bool_mask(batch["mask_known"], per_item.shape, "mask_known"))
 
 
 ALPHA_MODES = ("class", "scalar")

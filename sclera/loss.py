@@ -10,10 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.cluster.distributed import global_sum
+
 
 def batch_soft_dice(logits: Tensor, target: Tensor, eps: float) -> Tensor:
+    """In a DDP training step the sums run over the global batch (global_sum), as in one process."""
     prob = torch.sigmoid(logits)
-    return (2.0 * (prob * target).sum() + eps) / (prob.sum() + target.sum() + eps)
+    sums = global_sum(torch.stack([(prob * target).sum(), prob.sum() + target.sum()]))
+    return (2.0 * sums[0] + eps) / (sums[1] + eps)
 
 
 class ScleraCriterion(nn.Module):

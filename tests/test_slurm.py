@@ -118,6 +118,8 @@ def test_a_sweep_array_reaches_the_budget(slurm, tmp_path):
     jobs = _wait(job, 300)
     assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"], [_log(tmp_path, j["JobId"]) for j in jobs]
     _assert_budget_without_duplicates(_study(tmp_path), 3)
+    for task in (0, 1):                              # %A_%a: the array's id and the index, not the task's own id
+        assert "trial" in (REPO / "logs" / "slurm" / f"vfm-sweep-{job}_{task}.out").read_text()
 
 
 def test_b_time_limit_signal_requeues_and_resumes_exactly(slurm, tmp_path):
@@ -171,7 +173,7 @@ def test_c_signalled_sweep_worker_resumes_its_trial(slurm, tmp_path):
 def test_d_submitit_launcher_survives_a_requeue(slurm, tmp_path):
     """hydra/launcher=slurm with data.num_workers=2: SIGUSR2 (submitit's signal) mid-training, the job requeues,
     resumes from last.pt and the multirun ends successfully."""
-    env = _env(VFM_SLURM_GPUS="0", VFM_SLURM_CPUS="1", VFM_SLURM_MEM_GB="2", VFM_SLURM_TIME_MIN="10")
+    env = _env(VFM_SLURM_CPUS="1", VFM_SLURM_MEM_GB="2", VFM_SLURM_TIME_MIN="10")   # GPUs: 0, the partition has none
     driver = subprocess.Popen([sys.executable, str(REPO / "run.py"), "-m", "hydra/launcher=slurm",
                                *_toy(tmp_path, "trainer.max_epochs=3", "loss.sleep_s=1.0", "data.num_workers=2",
                                      f"hydra.sweep.dir={tmp_path / 'multirun'}")],
@@ -221,3 +223,36 @@ def test_unsatisfiable_request_fails_at_submission(slurm, tmp_path):
     nope = subprocess.run([*cmd[:3], "--gpus", "0", "--cpus", "1", "--mem", "1G", "--partition", "nope",
                            *cmd[-2:]], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
     assert nope.returncode != 0 and "--partition nope: no such partition" in nope.stderr
+
+
+def test_submitit_launcher_refuses_what_the_partition_cannot_run(slurm, tmp_path):
+    """hydra/launcher=slurm with more CPUs than the node has: the driver stops before queueing, naming the key
+    and the limit (no .submitit folder, no job), instead of waiting for ever on a pending job."""
+    cmd = [sys.executable, str(REPO / "run.py"), "-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=64",
+           "hydra.launcher.mem_gb=1", *_toy(tmp_path, f"hydra.sweep.dir={tmp_path / 'multirun'}")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert re.search(r"hydra.launcher.cpus_per_task=64: the largest node of partition \S+ has \d+ CPUs",
+                     proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "multirun" / ".submitit").exists()
+
+
+def test_multinode_script_runs_its_torchrun_step_with_the_log_folder_created(slurm, tmp_path):
+    """sweeps/multinode.sbatch through slurm_submit on the one-node cluster (two processes on the node): the log
+    lands in logs/slurm/ (created by the wrapper), the srun step's torchrun gives ranks 0 and 1 of 2, the run ends."""
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "common.cluster.slurm_submit", "--nodes", "1", "--gpus", "0", "--cpus", "2",
+           "--mem", "2G", "--time", "10", str(REPO / "sweeps" / "multinode.sbatch"),
+           *_toy(tmp_path, "model.dropout=0.0", "trainer.max_epochs=1", "trainer.device=cpu", "data.batch_size=4",
+                 f"hydra.run.dir={run_dir}")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(VFM_NPROC_PER_NODE="2"), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    final = _wait(job, 300)[0]
+    log = (REPO / "logs" / "slurm" / f"vfm-ddp-{job}.out").read_text()
+    assert final["JobState"] == "COMPLETED", log[-4000:]
+    assert "torch.distributed.run --nnodes=1 --nproc_per_node=2 --rdzv_backend=c10d" in log, log[-4000:]
+    run_log = (run_dir / "run.log").read_text()
+    assert "[ddp] rank 0 of 2 (local rank 0)" in run_log and "[ddp] rank 1 of 2 (local rank 1)" in run_log
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 3

@@ -2,7 +2,9 @@
 `srun -n N` (the same values derived from SLURM_* when torchrun's are absent)."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +13,7 @@ from torch.utils.data import Sampler
 
 from common.cluster import slurm
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class DistContext:
@@ -53,6 +56,7 @@ def setup(device_setting: str) -> DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    log.info(f"[ddp] rank {rank} of {world} (local rank {local_rank}) on {socket.gethostname()}, {device}")
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -68,6 +72,31 @@ def agree(ctx: DistContext, flag: bool) -> bool:
     value = torch.tensor([int(flag)], device=ctx.device)
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def summing_across_ranks() -> bool:
+    """True in a training forward of several processes: autograd is on (evaluation runs under no_grad, on shards of
+    unequal length), so every rank reaches each global reduction of its step together."""
+    return torch.is_grad_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_sum(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over the ranks in a training forward (summing_across_ranks), with autograd: a batch-level
+    statistic (a masked mean's count, a soft Dice's sums) is then the global batch's, and DDP's gradient average
+    of the per-rank losses is the gradient one process computes on the global batch; unchanged otherwise."""
+    if not summing_across_ranks():
+        return values
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(values)
+
+
+def mean_over_ranks(ctx: DistContext, values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over the ranks (per-rank means of equal batches -> the global batch's mean)."""
+    if not ctx.enabled or not values:
+        return dict(values)
+    totals = torch.tensor(list(values.values()), dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(totals)
+    return {key: float(total) / ctx.world_size for key, total in zip(values, totals)}
 
 
 def barrier(ctx: DistContext) -> None:

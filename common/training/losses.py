@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.cluster.distributed import global_sum
+
 REGRESSION_KINDS = ("mse", "huber", "smooth_l1", "tweedie", "log_cosh")
 
 
@@ -44,9 +46,10 @@ def as_bool_mask(mask: Tensor, shape: torch.Size, name: str = "mask") -> Tensor:
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` where mask is True; 0.0 with zero gradient when nothing is observed."""
-    total = torch.where(mask, values, torch.zeros_like(values)).sum()
-    return total / mask.sum().clamp_min(1).to(values.dtype)
+    """Mean of `values` where mask is True; 0.0 with zero gradient when nothing is observed. In a DDP training
+    step the mean of the global batch (common.cluster.distributed.global_sum), as one process computes it."""
+    total = global_sum(torch.where(mask, values, torch.zeros_like(values)).sum())
+    return total / global_sum(mask.sum()).clamp_min(1).to(values.dtype)
 
 
 def _tweedie_nll(pred: Tensor, target: Tensor, p: float, min_mu: float) -> Tensor:

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sequential
 from tqdm.auto import tqdm
 
 from common.cluster import preemption
-from common.cluster.distributed import DistContext, ShardSampler, agree
+from common.cluster.distributed import DistContext, ShardSampler, agree, mean_over_ranks
+from common.cluster.sync_batchnorm import convert_batchnorm, wants_sync_batchnorm
 from common.cluster.preemption import Preempted
 from common.data.datasets import SeededItems, reseed_augmentations, seed_worker
 from common.data.sampling import SeededOrder, WeightedEpochSampler
@@ -146,6 +147,8 @@ class Trainer:
         for DDP as the trainer config says; once per Trainer (fit calls it)."""
         if self.training is not None:
             raise RuntimeError("Trainer.prepare was already called: a Trainer trains one model; make a new one")
+        if wants_sync_batchnorm(self.t.sync_batchnorm, self.ctx.world_size):
+            convert_batchnorm(model)     # same tensors: before EMA, the optimiser, compile and DDP see them
         self.place(model)            # before EMA copies, the optimizer and torch.compile see the weights
         criterion.to(self.device)
         backbone = getattr(model, "backbone", None)
@@ -336,7 +339,8 @@ class Trainer:
         bar.close()
         self._record_last_loss(state, last_loss)
         seconds = time.perf_counter() - start
-        record = {f"train/{k}": v / max(1, state.batches_done) for k, v in self._read_sums(sums).items()}
+        record = {f"train/{k}": v / max(1, state.batches_done)
+                  for k, v in mean_over_ranks(self.ctx, self._read_sums(sums)).items()}
         record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
         record.update({f"train/{k}": float(v) for k, v in pcgrad_counts.items()})
         epoch_log = getattr(tr.criterion, "epoch_log", None)   # e.g. uncertainty-weighting log-variances
