@@ -34,6 +34,10 @@ GROUPING_DEPENDENT = {"sclera": {"val/loss"}, "roadwork": {"val/loss"}}
 # SSBC's probabilistic scores take the best threshold over round(p * 255): fp32 rounding of p can move a pixel by
 # one level there, so they agree to within a fraction of a level (measured: 4e-4), not to fp32 tolerances.
 QUANTISED = {"sclera": "Probabilistic/"}
+# Weights after 3 SGD steps at lr 0.1: fp32 reduction order (two half-batch gradients averaged vs one batch) moves
+# sclera's deeper convolutions by up to 3.2e-5 (3 of 209 tensors above 1e-5, measured on the merged main of
+# 2026-12-06); a missing BatchNorm sync moved them by 3e-3.
+WEIGHT_ATOL = {"sclera": 5e-5}
 
 
 def _torchrun(args: list[str], run_dir, cache_dir, port: int) -> None:
@@ -62,7 +66,7 @@ def test_ddp_two_processes_match_one(task, tmp_path):
     assert single["step"] == ddp["step"] == 3
     assert set(ddp["model"]) == set(single["model"])
     for key, value in single["model"].items():          # BatchNorm running statistics are in the state too
-        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=WEIGHT_ATOL.get(task, 1e-5), msg=key)
     if task in ("sclera", "biomass"):
         assert any(key.endswith("running_var") for key in single["model"]), "no BatchNorm: the test proves nothing"
     one, two = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")

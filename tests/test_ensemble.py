@@ -190,5 +190,7 @@ def test_predict_stack_and_metric_end_to_end(cv_runs):
     weighted, summary = _predict(base, "pred_metric", ["inference.weighting=metric",
                                                        f"ckpt_path=[{base / 'cv_a_metric'},{base / 'cv_b_metric'}]"])
     assert summary["ensemble"]["weights"] == pytest.approx([0.375, 0.375, 0.125, 0.125])
-    expected = 0.75 * p_a["probability"] + 0.25 * p_b["probability"]
-    np.testing.assert_allclose(weighted["probability"].to_numpy(), expected.to_numpy(), atol=1e-5)
+    # members averaged in logit space (inference.ensemble.combine=logit, the plan's default): p_a, p_b are their
+    # runs' fold means there, so the weighted ensemble is sigmoid(0.75 logit(p_a) + 0.25 logit(p_b))
+    z = 0.75 * logit(p_a["probability"].to_numpy()) + 0.25 * logit(p_b["probability"].to_numpy())
+    np.testing.assert_allclose(weighted["probability"].to_numpy(), 1 / (1 + np.exp(-z)), atol=1e-5)

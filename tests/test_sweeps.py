@@ -78,7 +78,8 @@ def test_two_workers_share_one_budget_and_a_rerun_adds_nothing(tmp_path):
     listing = sorted(p.name for p in _sweep_dir(tmp_path).iterdir())
     again = _worker(tmp_path, "w2", ["hydra.sweeper.budget=4"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "toy_lr is finished: 4 complete trials (budget 4); nothing to run" in again.stdout + again.stderr
+    finished = "toy_lr is finished: 4 complete and 0 pruned trials (budget 4 complete); nothing to run"
+    assert finished in again.stdout + again.stderr
     assert len(_study(tmp_path).trials) == len(trials)
     assert sorted(p.name for p in _sweep_dir(tmp_path).iterdir()) == listing
 

@@ -5,11 +5,11 @@ batch. Evaluation (running statistics) and single processes are plain BatchNorm.
 from __future__ import annotations
 
 import torch
-from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from common.cluster.distributed import global_sum, summing_across_ranks
+from common.utils.timm_import import timm
 
 SYNC_SETTINGS = ("auto", True, False)
 
@@ -52,7 +52,7 @@ class GlobalBatchNorm(_BatchNorm):
 class GlobalBatchNormAct(GlobalBatchNorm):
     """timm's BatchNormAct2d (BatchNorm, then its drop and act modules), e.g. in timm's DenseNet blocks."""
 
-    def __init__(self, norm: BatchNormAct2d):
+    def __init__(self, norm: "timm.layers.BatchNormAct2d"):
         super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
         self.drop, self.act = norm.drop, norm.act
 
@@ -67,7 +67,7 @@ def _global_copy(norm: _BatchNorm, path: str) -> GlobalBatchNorm:
     """The same parameter and buffer tensors (the optimiser, EMA and checkpoints see no difference)."""
     if type(norm) in PLAIN:
         copy = GlobalBatchNorm(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
-    elif type(norm) is BatchNormAct2d:
+    elif type(norm) is timm.layers.BatchNormAct2d:
         copy = GlobalBatchNormAct(norm)
     else:     # a subclass may do more than normalise: replacing it would change the model
         raise TypeError(f"trainer.sync_batchnorm: {path} is a {type(norm).__module__}.{type(norm).__name__}, a "
