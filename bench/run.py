@@ -131,7 +131,7 @@ def train_step(built: Built):
     """One optimiser step of the suite's training loop: Trainer.train_epoch of a one-step epoch over the held
     batch (accumulate_grad_batches micro-batches: forward and loss under the trainer's autocast, non-finite check,
     backward, gradient clipping, schedule, optimiser step, EMA)."""
-    from common.training.trainer import FitState
+    from common.training.fit_state import FitState
     trainer = built.trainer
     trainer.prepare(built.model, built.criterion, steps_per_epoch=1)
     state = FitState()

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 PRUNER_KEY = "hydra.sweeper.pruner"
 
 
+def directions_of(direction) -> list[str]:
+    """hydra.sweeper.direction as a list: one direction (a string) or several."""
+    return [direction] if isinstance(direction, str) else list(direction)
+
+
 def build_pruner(node: Optional[DictConfig], directions: list[str]) -> Optional[optuna.pruners.BasePruner]:
     """The pruner of `hydra.sweeper.pruner` (None when null); a clear error naming the key otherwise."""
     if node is None:
@@ -60,8 +65,7 @@ class JobTrial:
         from hydra.core.hydra_config import HydraConfig
         hydra = HydraConfig.get()
         direction = hydra.sweeper.direction
-        pruner = build_pruner(hydra.sweeper.get("pruner"), [direction] if isinstance(direction, str) else
-                              list(direction))
+        pruner = build_pruner(hydra.sweeper.get("pruner"), directions_of(direction))
         return cls(str(hydra.sweeper.storage), str(hydra.sweeper.study_name), int(hydra.job.num), pruner)
 
     def reported(self) -> dict[int, float]:

@@ -41,7 +41,7 @@ from common.utils.atomic import atomic_write_text
 from common.utils.secrets import protect_process, redact
 from sweeps import accounting
 from sweeps.launch_secrets import check_launch, private_job_files
-from sweeps.pruning import build_pruner
+from sweeps.pruning import build_pruner, directions_of
 from sweeps.storage import load_study, open_study
 from sweeps.trial_check import resume_problem
 from sweeps.workers import worker_id
@@ -55,34 +55,27 @@ def sampler_seed(seed: int, worker: str, trials_so_far: int) -> int:
     return zlib.crc32(f"{seed}:{worker}:{trials_so_far}".encode())
 
 
-def final_metrics(run_dir: Path) -> dict[str, Any]:
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The trial's metrics.json ({} when the run wrote none)."""
     metrics_file = run_dir / "metrics.json"
-    if not metrics_file.is_file():
-        return {}
-    metrics = json.loads(metrics_file.read_text())
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+
+
+def final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     flat = metrics.get("best", metrics)
     return {k: v for k, v in flat.items() if isinstance(v, (int, float, str))}
 
 
-def epoch_counts(run_dir: Path, job_return: JobReturn) -> dict[str, int]:
+def epoch_counts(metrics: dict[str, Any], job_return: JobReturn) -> dict[str, int]:
     """epochs_run (from metrics.json) and max_epochs (the job's trainer.max_epochs): what pruning saved."""
     counts = {}
-    metrics_file = run_dir / "metrics.json"
-    last = json.loads(metrics_file.read_text()).get("last") if metrics_file.is_file() else None
+    last = metrics.get("last")
     if isinstance(last, dict) and isinstance(last.get("epoch"), int):
         counts["epochs_run"] = last["epoch"] + 1
     max_epochs = OmegaConf.select(job_return.cfg, "trainer.max_epochs") if job_return.cfg is not None else None
     if isinstance(max_epochs, int):
         counts["max_epochs"] = max_epochs
     return counts
-
-
-def pruned_at(run_dir: Path) -> Optional[dict]:
-    """{"epoch", "value"} where the trial's pruner stopped its run (metrics.json's `pruned`), else None."""
-    metrics_file = run_dir / "metrics.json"
-    if not metrics_file.is_file():
-        return None
-    return json.loads(metrics_file.read_text()).get("pruned")
 
 
 def quiet_optuna_logging() -> None:
@@ -106,7 +99,7 @@ class SharedStudySweeper(Sweeper):
         if budget_counts not in accounting.BUDGET_COUNTS:
             raise ValueError(f"hydra.sweeper.budget_counts={budget_counts!r}: expected one of "
                              f"{', '.join(accounting.BUDGET_COUNTS)}")
-        self.pruner = build_pruner(pruner, [direction] if isinstance(direction, str) else list(direction))
+        self.pruner = build_pruner(pruner, directions_of(direction))
         self.budget_counts = budget_counts
         self.sampler_cfg, self.direction, self.storage = sampler, direction, storage
         self.study_name, self.budget, self.max_failure_rate = study_name, budget, max_failure_rate
@@ -174,12 +167,13 @@ class SharedStudySweeper(Sweeper):
         else:
             reason = accounting.value_failure(value, str(self.config.optimized_metric), str(run_dir))
         trial = optuna.trial.Trial(study, trial_id)
-        for key, attr in {**final_metrics(run_dir), **epoch_counts(run_dir, job_return)}.items():
+        metrics = read_metrics(run_dir)
+        for key, attr in {**final_metrics(metrics), **epoch_counts(metrics, job_return)}.items():
             trial.set_user_attr(key, attr)
         if reason is not None:
             accounting.mark_failed(study, trial_id, number, reason)
             return "failed"
-        pruned = pruned_at(run_dir)
+        pruned = metrics.get("pruned")     # {"epoch", "value"} where the trial's pruner stopped its run
         if pruned is not None:
             trial.set_user_attr("pruned_epoch", pruned["epoch"])
             trial.set_user_attr("last_value", pruned["value"])

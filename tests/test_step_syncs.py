@@ -5,7 +5,7 @@ import torch
 
 from bench.references import Reference
 from bench.run import build, compose
-from common.training.trainer import FitState
+from common.training.fit_state import FitState
 
 STEPS = 3
 READS = ("item", "__bool__", "__float__", "cpu")

@@ -13,8 +13,9 @@ from torch import nn
 
 from common.cluster.distributed import DistContext
 from common.tracking.tracker import Tracker
+from common.training.fit_state import FitState
 from common.training.optim import Schedule, build_optimizer, build_param_groups, named_trainable
-from common.training.trainer import FitState, Trainer
+from common.training.trainer import Trainer
 from tests.cli import REPO, TOY
 
 STEPS_PER_EPOCH = 3

@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -32,8 +31,8 @@ from tqdm.auto import tqdm
 
 from common.cluster import preemption
 from common.cluster.distributed import DistContext, ShardSampler, agree, mean_over_ranks
-from common.cluster.sync_batchnorm import convert_batchnorm, wants_sync_batchnorm
 from common.cluster.preemption import Preempted
+from common.cluster.sync_batchnorm import convert_batchnorm, wants_sync_batchnorm
 from common.data.datasets import SeededItems, reseed_augmentations, seed_worker
 from common.data.sampling import SeededOrder, WeightedEpochSampler
 from common.metric import Metric
@@ -41,44 +40,15 @@ from common.tracking.console import epoch_line, lines_above_bars
 from common.tracking.tracker import RunFiles, Tracker, use_progress_bars
 from common.training.checkpoint import (FORMAT_VERSION, atomic_torch_save, load_trainable_state, rng_state,
                                         set_rng_state, trainable_state)
-from common.training.divergence import BufferSnapshot, NonFiniteLossError, check_at_validation, check_outputs
 from common.training.device import batch_size_of, move_to, resolve_channels_last, to_channels_last, to_cpu
+from common.training.divergence import BufferSnapshot, NonFiniteLossError, check_at_validation, check_outputs
 from common.training.ema import EMA
+from common.training.fit_state import FitState, Training, add_sums, read_sums
 from common.training.optim import build_optimizer, build_param_groups, call_target, named_trainable
 from common.training.precision import Precision
 from common.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FitState:
-    epoch: int = 0                       # next epoch to run
-    step: int = 0                        # optimiser steps done
-    best_value: float | None = None
-    best_epoch: int = -1
-    best_metrics: dict = field(default_factory=dict)
-    last_metrics: dict = field(default_factory=dict)
-    epochs_without_improvement: int = 0
-    nonfinite_steps: int = 0
-    pruned_epoch: int | None = None      # the epoch at which a sweep's pruner stopped this run (a job of a sweep)
-    pruned_value: float | None = None    # the monitored value it was stopped on
-    batches_done: int = 0                # batches of epoch `epoch` already trained (preempted mid-epoch)
-    epoch_sums: dict = field(default_factory=dict)   # their loss sums, so the epoch's mean covers every batch
-    last_finite_loss: float | None = None   # for the Diverged message (common.training.divergence)
-    last_finite_step: int = -1
-
-
-@dataclass
-class Training:
-    """What a Trainer trains, built once by Trainer.prepare."""
-    model: nn.Module                     # on the device; what is checkpointed, evaluated and EMA-averaged
-    criterion: nn.Module
-    train_model: nn.Module               # what the training steps call: the model, DDP-wrapped with several processes
-    optimizer: torch.optim.Optimizer     # trainer.optim's _target_ over common.training.optim's parameter groups
-    schedule: object                     # trainer.schedule's _target_: .apply(optimizer, step) sets each group's lr
-    ema: EMA | None
-    steps_per_epoch: int                 # optimiser steps per epoch (batches // accumulate_grad_batches)
 
 
 class Trainer:
@@ -321,7 +291,7 @@ class Trainer:
             finite = batch_finite if finite is None else finite & batch_finite
             for key, value in self._backward(terms, 1.0 / accum).items():   # a non-finite batch's counts: 0
                 pcgrad_counts[key] = pcgrad_counts.get(key, 0.0) + torch.where(batch_finite, value, 0.0)
-            self._add_sums(sums, {"loss": loss, **terms})
+            add_sums(sums, self.device, {"loss": loss, **terms})
             seen += batch_size_of(batch)
             bar.update(1)
             state.batches_done += 1
@@ -333,35 +303,20 @@ class Trainer:
                 finite = None
                 signum = preemption.agreed(self.ctx)
                 if signum is not None:
-                    state.epoch_sums = self._read_sums(sums)
-                    self._record_last_loss(state, last_loss)
+                    state.epoch_sums = read_sums(sums)
+                    state.record_last_loss(last_loss)
                     raise Preempted(signum)
         bar.close()
-        self._record_last_loss(state, last_loss)
+        state.record_last_loss(last_loss)
         seconds = time.perf_counter() - start
         record = {f"train/{k}": v / max(1, state.batches_done)
-                  for k, v in mean_over_ranks(self.ctx, self._read_sums(sums)).items()}
+                  for k, v in mean_over_ranks(self.ctx, read_sums(sums)).items()}
         record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
         record.update({f"train/{k}": float(v) for k, v in pcgrad_counts.items()})
         epoch_log = getattr(tr.criterion, "epoch_log", None)   # e.g. uncertainty-weighting log-variances
         if epoch_log is not None:
             record.update({f"train/{k}": v for k, v in epoch_log().items()})
         return record
-
-    def _add_sums(self, sums: dict, values: dict[str, torch.Tensor]) -> None:
-        """The epoch's loss sums, accumulated on the device (float64 where it has it) and read at its end."""
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().to(dtype)
-
-    @staticmethod
-    def _read_sums(sums: dict) -> dict[str, float]:
-        return {k: float(v) for k, v in sums.items()}
-
-    @staticmethod
-    def _record_last_loss(state: FitState, last_loss: torch.Tensor | None) -> None:
-        if last_loss is not None:
-            state.last_finite_loss = float(last_loss)
 
     def _finish_accumulation(self, state: FitState, finite: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
         """finite: whether every micro-batch's loss was finite (on the device). Whether the optimiser stepped
