@@ -13,6 +13,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from common.runs.choices import check_config  # noqa: E402
 from common.runs.resolvers import register_resolvers as register_path_resolvers  # noqa: E402
+from common.utils.hydra_lines import main_options  # noqa: E402
 from sweeps.workers import register_resolvers  # noqa: E402
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -21,7 +22,7 @@ register_path_resolvers()
 register_resolvers()
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="config", **main_options())
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     check_config(cfg, dict(HydraConfig.get().runtime.choices))

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.utils.hydra_lines import trusted_targets, version_base
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("biomass", "sclera", "roadwork")
 
@@ -29,7 +31,7 @@ def _train_set(task_name: str, overrides: list[str], cache_dir: Path | None, ite
     over = [f"task={task_name}", "logger=none", f"paths.root_dir={REPO}", *overrides]
     if cache_dir is not None:
         over += ["data.image_cache.enabled=true", f"data.image_cache.dir={cache_dir}"]
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(str(REPO / "conf"), **version_base()):
         cfg = compose("config", overrides=over)
     task = load_task(cfg)
     dataset = task.datasets(data_root(cfg, task), "fit")["train"]
@@ -87,4 +89,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with trusted_targets():
+        main()

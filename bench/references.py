@@ -35,14 +35,14 @@ REFERENCES = [
         tiny=["data.image_size=[112,112]"], tiny_batch=2),
     Reference("biomass_dinov3_l16_480x960_lora", [
         "task=biomass", "backbone=dinov3_l16", "backbone.layers=[23]", "peft=lora", "peft.targets=[qkv]",
-        "peft.last_n_blocks=16", "model=biomass/vitdet_dense", "model.head.width=512", "model.head.hidden=256",
+        "peft.last_n_blocks=16", "model/biomass=vitdet_dense", "model.head.width=512", "model.head.hidden=256",
         "data.image_size=[480,960]", "data.synth.n_train=16", "data.synth.n_test=4", "data.synth.width=960",
         "data.synth.height=480"],
         batch_size=32, targets={"infer": 250, "train": 70},
         tiny=["peft.last_n_blocks=3", "data.image_size=[112,224]", "data.synth.width=224", "data.synth.height=112"],
         tiny_batch=2),
     Reference("biomass_dinov3_l16_cached_head", [
-        "task=biomass", "backbone=dinov3_l16", "backbone.layers=[23]", "peft=none", "model=biomass/vitdet_dense",
+        "task=biomass", "backbone=dinov3_l16", "backbone.layers=[23]", "peft=none", "model/biomass=vitdet_dense",
         "model.head.width=512", "model.head.hidden=256", "data.image_size=[480,960]", "data.synth.n_train=16",
         "data.synth.n_test=4", "data.synth.width=960", "data.synth.height=480"],
         batch_size=256, targets={"train": 2000}, modes=("train",), cached=True,

@@ -41,6 +41,7 @@ from bench.measure import count_flops, matmul_peak_tflops, peak_memory_gib, stri
 from bench.pipeline import input_pipeline_rate
 from bench.references import REFERENCES, TEXT_EMBEDDINGS, Reference, batch_size_of, overrides_of
 from common.utils.atomic import atomic_path, atomic_write_json
+from common.utils.hydra_lines import trusted_targets, version_base
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def compose(ref: Reference, cache_dir: Path, variant: str, device: str, tiny: bo
     overrides = [*overrides_of(ref, tiny), f"paths.root_dir={REPO}", f"paths.cache_dir={cache_dir}",
                  f"paths.output_dir={Path(tempfile.gettempdir()) / 'bench-run'}", "logger=none",
                  "backbone.weights=null", "trainer.progress=off", f"trainer.device={device}", *VARIANTS[variant]]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), **version_base()):
         cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     check_choices(cfg, dict(cfg.hydra.runtime.choices))
     with open_dict(cfg):
@@ -302,4 +303,5 @@ def write_results(out: str, device_name: str, peak: float | None, rows: list[dic
 
 
 if __name__ == "__main__":
-    main()
+    with trusted_targets():
+        main()

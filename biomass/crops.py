@@ -2,7 +2,7 @@
 rows x cols grid of crops (instances), each crop passes through the backbone and the head as an image of its own,
 and the bag (the image) is their weighted average in component space: Y = sum_i a_i y_i with a_i = 1/K ("mean") or
 the gated attention of Ilse et al. 2018 over the crops' mean tokens ("attention"). Beside the head option
-model=biomass/mil, which attends over the tokens of one pass.
+model/biomass=mil, which attends over the tokens of one pass.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
 The backbone is randomly initialised (same compute as the official weights) and the grounding reads a random
 (4, 512) text embedding saved to a temporary file: the grounding stage only ever uses the cached 512-d CLIP
 text embedding, so its parameters and compute are those of CLIP grounding. Extra Hydra overrides follow
-`--override` (e.g. `--override backbone=tiny model=sclera/cgdseg_tiny data.image_size=[112,112]`).
+`--override` (e.g. `--override backbone=tiny model/sclera=cgdseg_tiny data.image_size=[112,112]`).
 """
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from common.utils.hydra_lines import trusted_targets, version_base
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def build(overrides: list[str], text_file: Path):
     from sclera.task import ScleraTask
     torch.save(torch.randn(4, 512), text_file)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), **version_base()):
         cfg = compose(config_name="config", overrides=[
             "experiment=sclera_cgdseg_mixed", "logger=none", "backbone.weights=null",
             "model.grounding.kind=file", f"model.grounding.file={text_file}", *overrides])
@@ -80,4 +82,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with trusted_targets():
+        main()

@@ -12,6 +12,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
+from common.utils.hydra_lines import version_base
 from common.utils.secrets import protect_process, redact
 from sweeps.storage import open_study
 from sweeps.workers import register_resolvers
@@ -22,7 +23,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def main(overrides: list[str]) -> None:
     register_resolvers()
     protect_process(None)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), **version_base()):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     sweeper = cfg.hydra.sweeper

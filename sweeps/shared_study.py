@@ -33,7 +33,6 @@ import optuna
 from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import DictConfig, OmegaConf, read_write
 from optuna.trial import TrialState
 
@@ -42,6 +41,7 @@ from common.utils.secrets import protect_process, redact
 from sweeps import accounting
 from sweeps.launch_secrets import check_launch, private_job_files
 from sweeps.pruning import build_pruner, directions_of
+from sweeps.space import SearchSpace, as_overrides, search_space
 from sweeps.storage import load_study, open_study
 from sweeps.trial_check import resume_problem
 from sweeps.workers import worker_id
@@ -128,14 +128,9 @@ class SharedStudySweeper(Sweeper):
                  f"worker {self.worker}, sampler seed {seed}")
         return load_study(self.storage, self.study_name, sampler=sampler, pruner=self.pruner)
 
-    def _search_space(self, arguments: list[str]):
-        params_conf = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
-        # hydra-optuna-sweeper 1.3 returns (distributions, fixed); 1.4 adds the `~key` delete overrides
-        distributions, fixed, *deletions = create_params_from_overrides(params_conf)
-        for name in fixed:
-            distributions.pop(name, None)
-        self.deletions = list(deletions[0]) if deletions else []
-        return distributions, fixed
+    def _search_space(self, arguments: list[str]) -> SearchSpace:
+        """hydra.sweeper.params, then the command line's overrides (a key given on both: the command line's)."""
+        return search_space([f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments))
 
     def trial_dir(self, number: int) -> Path:
         cfg = copy.deepcopy(self.config)
@@ -196,8 +191,8 @@ class SharedStudySweeper(Sweeper):
         job_return = self._launch(study, trial._trial_id, trial.number, overrides)
         return self._record(study, trial._trial_id, trial.number, job_return, run_dir)
 
-    def _new_trial(self, study: optuna.Study, distributions, fixed) -> Optional[optuna.trial.Trial]:
-        trial = study.ask(fixed_distributions=distributions)
+    def _new_trial(self, study: optuna.Study, space: SearchSpace) -> Optional[optuna.trial.Trial]:
+        trial = study.ask(fixed_distributions=space.distributions)
         if accounting.is_surplus(study, trial.number, self.budget, self.budget_counts):
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.PRUNED)
@@ -210,7 +205,7 @@ class SharedStudySweeper(Sweeper):
         accounting.claim(trial, self.worker, str(run_dir), self.seed)
         return trial
 
-    def _resume_own(self, study: optuna.Study, distributions: dict, fixed: dict) -> tuple[int, int]:
+    def _resume_own(self, study: optuna.Study, space: SearchSpace) -> tuple[int, int]:
         """Run to the end the trials this worker id left RUNNING (killed or preempted, then restarted):
         (trials resumed, of which failed). A trial whose stored parameters or directory are not what this worker
         could have proposed (sweeps.trial_check) is failed with the reason, never run."""
@@ -218,7 +213,7 @@ class SharedStudySweeper(Sweeper):
         for frozen in accounting.running(study):
             if frozen.user_attrs.get("worker") != self.worker:
                 continue
-            problem = resume_problem(frozen.params, distributions, frozen.user_attrs.get("run_dir"),
+            problem = resume_problem(frozen.params, space.distributions, frozen.user_attrs.get("run_dir"),
                                      str(self.trial_dir(frozen.number)))
             if problem is not None:
                 accounting.mark_failed(study, frozen._trial_id, frozen.number,
@@ -230,13 +225,10 @@ class SharedStudySweeper(Sweeper):
             trial.set_user_attr("pid", os.getpid())
             log.info(f"resuming trial {frozen.number} (worker {self.worker}) in {frozen.user_attrs['run_dir']} "
                      f"with its parameters {frozen.params}")
-            overrides = self._overrides(frozen.params, fixed) + ["trainer.resume=true"]
+            overrides = as_overrides(frozen.params, space) + ["trainer.resume=true"]
             ran += 1
             failures += self._run(study, trial, overrides) == "failed"
         return ran, failures
-
-    def _overrides(self, params: dict, fixed: dict) -> list[str]:
-        return [f"{name}={value}" for name, value in {**params, **fixed}.items()] + self.deletions
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def _wait_for_running(self, study: optuna.Study, complete: int, live: int, waited: bool) -> None:
@@ -253,9 +245,9 @@ class SharedStudySweeper(Sweeper):
                                f"(python -m sweeps.report {Path(str(self.config.hydra.sweep.dir))})")
 
     def sweep(self, arguments: list[str]) -> None:
-        distributions, fixed = self._search_space(arguments)
+        space = self._search_space(arguments)
         study = self._open()
-        ran, failures = self._resume_own(study, distributions, fixed)
+        ran, failures = self._resume_own(study, space)
         waited = False
         while True:
             accounting.fail_dead_trials(study, self.grace_period, self.worker)
@@ -266,11 +258,11 @@ class SharedStudySweeper(Sweeper):
                 self._wait_for_running(study, complete, live, waited)
                 waited = True
                 continue
-            trial = self._new_trial(study, distributions, fixed)
+            trial = self._new_trial(study, space)
             if trial is None:
                 continue
             ran += 1
-            failures += self._run(study, trial, self._overrides(trial.params, fixed)) == "failed"
+            failures += self._run(study, trial, as_overrides(trial.params, space)) == "failed"
             self._check_failures(failures)
         self._finish(study, ran)
 

@@ -10,8 +10,7 @@ from typing import Any, Optional
 
 from optuna import distributions as od
 
-INTS = (od.IntUniformDistribution, od.IntLogUniformDistribution)
-FLOATS = (od.UniformDistribution, od.LogUniformDistribution, od.DiscreteUniformDistribution)
+from sweeps.space import FLOATS, INTS, step_of
 
 
 def _same_choice(value: Any, choice: Any) -> bool:
@@ -28,15 +27,14 @@ def value_problem(name: str, value: Any, distribution: od.BaseDistribution) -> O
     if isinstance(distribution, INTS):
         if not isinstance(value, int) or isinstance(value, bool):
             return f"{name}={value!r} is not an integer"
-        step = getattr(distribution, "step", 1)
     elif isinstance(distribution, FLOATS):
         if not number or not math.isfinite(value):
             return f"{name}={value!r} is not a finite number"
-        step = getattr(distribution, "q", None)
     else:
         return f"{name}: distribution {type(distribution).__name__} is not one the suite's search spaces use"
     if not distribution.low <= value <= distribution.high:
         return f"{name}={value!r} is outside [{distribution.low}, {distribution.high}]"
+    step = step_of(distribution)
     if step and abs(round((value - distribution.low) / step) * step - (value - distribution.low)) > 1e-8 * step:
         return f"{name}={value!r} is not on the grid {distribution.low} + k * {step}"
     return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
-from omegaconf import OmegaConf
+from common.utils.hydra_lines import register_resolver
 
 
 def worker_id() -> str:
@@ -19,5 +19,4 @@ def worker_id() -> str:
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("worker_id"):
-        OmegaConf.register_new_resolver("worker_id", worker_id, use_cache=True)
+    register_resolver("worker_id", worker_id)

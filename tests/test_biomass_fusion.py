@@ -131,7 +131,7 @@ def test_every_model_option_builds_and_runs():
     conf = Path(__file__).resolve().parents[1] / "conf"
     for option in ("density", "pooled", "vitdet", "fpn", "dpt", "mil", "fusion"):
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose("config", overrides=["task=biomass", f"model=biomass/{option}"])
+            cfg = compose("config", overrides=["task=biomass", f"model/biomass={option}"])
         model = instantiate(cfg.model, backbone=build_encoder(cfg), stats=STATS)
         out = model.eval()({"image": torch.rand(1, 3, 28, 56)})
         assert out["pred_g"].shape == (1, 5) and (out["pred_g"] >= 0).all(), option

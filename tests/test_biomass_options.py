@@ -57,7 +57,7 @@ def _one_step(cfg, encoder, size):
 @pytest.mark.parametrize("head", HEADS)
 def test_every_head_takes_a_step_on_vit_and_convnext_stages(head, backbone, encoders):
     overrides, size = BACKBONES[backbone]
-    cfg = _compose([*overrides, f"model=biomass/{head}"])
+    cfg = _compose([*overrides, f"model/biomass={head}"])
     _one_step(cfg, encoders[backbone], size)
 
 

@@ -67,17 +67,30 @@ def _compose(overrides):
         return compose(config_name="config", overrides=overrides, return_hydra_config=False)
 
 
+def _choices(overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return cfg, dict(cfg.hydra.runtime.choices)
+
+
 def test_check_choices_refuses_another_tasks_model_and_lists_valid_ones():
-    cfg = _compose(["task=sclera", "model=biomass/fpn"])
-    with pytest.raises(ChoiceError, match="model=biomass/fpn") as err:
-        check_choices(cfg, {"model": "biomass/fpn", "data": "sclera/ssbc"})
+    cfg, choices = _choices(["task=sclera", "+model/biomass=fpn"])      # appended, as Hydra's error suggests
+    assert choices["model/biomass"] == "fpn" and choices["model/sclera"] == "cgdseg_tiny"
+    with pytest.raises(ChoiceError, match="model/biomass=fpn belongs to another task than task=sclera") as err:
+        check_choices(cfg, choices)
     assert all(option in str(err.value) for option in task_options("model", "sclera"))
-    check_choices(cfg, {"model": "sclera/cgdseg", "data": "sclera/ssbc"})      # the task's own: accepted
+    assert "model/sclera=cgdseg_tiny" in task_options("model", "sclera")
+    cfg, choices = _choices(["task=sclera", "+model=biomass/fpn"])      # the group itself, the form before 1.4
+    with pytest.raises(ChoiceError, match="model=biomass/fpn belongs to another task than task=sclera"):
+        check_choices(cfg, choices)
+    cfg, choices = _choices(["task=sclera", "model/sclera=cgdseg"])      # the task's own: accepted
+    check_choices(cfg, choices)
 
 
 @pytest.mark.parametrize("args, expected", [
     (["mode=trian"], "mode=trian: expected one of train, eval, predict, cv, synth"),
-    (["task=sclera", "model=biomass/fpn"], "model=biomass/fpn belongs to another task than task=sclera"),
+    (["task=sclera", "+model/biomass=fpn"], "model/biomass=fpn belongs to another task than task=sclera"),
+    (["task=sclera", "model/biomass=fpn"], "Could not override 'model/biomass'. No match in the defaults list."),
 ])
 def test_run_py_refuses_bad_choices_before_importing_the_suite(tmp_path, args, expected):
     """Refused before Hydra creates the run folder: nothing is left behind."""

@@ -24,7 +24,7 @@ SGD = ["trainer.optim._target_=torch.optim.SGD", "~trainer.optim.betas", "traine
 TASKS = {
     "toy": [*TOY, "model.dropout=0.0"],
     "sclera": ["task=sclera"],
-    "biomass": ["task=biomass", "model=biomass/vitdet", "model.head.norm=bn", "model.head.dropout=0.0"],
+    "biomass": ["task=biomass", "model/biomass=vitdet", "model.head.norm=bn", "model.head.dropout=0.0"],
     "roadwork": ["task=roadwork", "model.dropout=0.0", "model.meta_dropout=0.0"],   # feature statistics (buffers)
 }
 # A batch-level loss on a validation batch depends on how the items are grouped into batches, and each rank

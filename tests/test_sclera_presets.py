@@ -183,7 +183,7 @@ def test_specular_blob_strength_scales_the_blend_towards_white():
 
 def test_speed_reports_the_models_counts_and_a_time():
     from sclera.speed import measure
-    tiny = ["backbone=tiny", "backbone.layers=[1,3]", "model=sclera/cgdseg_tiny", "data.image_size=[112,112]"]
+    tiny = ["backbone=tiny", "backbone.layers=[1,3]", "model/sclera=cgdseg_tiny", "data.image_size=[112,112]"]
     out = measure(tiny, [2], "cpu", amp=False, compile_model=False, repeats=1, warmup=0)
     report = out["parameters"]
     assert report["trainable"] == sum(report[k] for k in ("backbone_adapters", "grounding", "fpn", "decoder", "head"))

@@ -34,10 +34,10 @@ def _compose(overrides, tmp_path):
 def test_short_name_drops_paths_and_rounds_floats():
     overrides = ["task=sclera", "peft=lora", "peft.lr=0.00012345678901234", "data.root=/data/ssbc",
                  "ckpt_path=logs/x/checkpoints/best.pt", "hydra.run.dir=/tmp/r", "+trainer.grad_clip=1.5",
-                 "backbone.weights=~/w.pth", "model=sclera/cgdseg", "loss.weights=[0.333333333,2]",
+                 "backbone.weights=~/w.pth", "model/sclera=cgdseg", "loss.weights=[0.333333333,2]",
                  "trainer.max_epochs=70", "peft.dropout=1e-05"]
     assert short_name(overrides) == ("task=sclera,peft=lora,peft.lr=0.0001235,trainer.grad_clip=1.5,"
-                                     "model=sclera/cgdseg,loss.weights=[0.3333,2],trainer.max_epochs=70,"
+                                     "model/sclera=cgdseg,loss.weights=[0.3333,2],trainer.max_epochs=70,"
                                      "peft.dropout=1e-05")
 
 

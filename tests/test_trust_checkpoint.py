@@ -106,9 +106,9 @@ def test_allowed_class_with_a_smuggled_argument_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("trained,current", [
-    (["task=biomass", "model=biomass/fusion"], ["task=biomass"]),
+    (["task=biomass", "model/biomass=fusion"], ["task=biomass"]),
     (["experiment=biomass_csiro_vitdet"], ["task=biomass"]),
-    (["task=biomass", "model=biomass/dpt", "peft=dora"], ["task=biomass"]),
+    (["task=biomass", "model/biomass=dpt", "peft=dora"], ["task=biomass"]),
     (["experiment=roadwork_adapt"], ["task=roadwork"]),
     (["experiment=sclera_cgdseg_mixed"], ["task=sclera"]),
 ])

@@ -8,21 +8,16 @@ import types
 
 import optuna
 import pytest
-from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from sweeps.shared_study import SharedStudySweeper
+from sweeps.space import int_distribution, search_space
 from sweeps.trial_check import resume_problem
 
 SPACE = ["trainer.optim.lr=tag(log, interval(1e-4, 1e-2))", "model.head.hidden=choice(128, 256, 512)",
          "model.head.dropout=interval(0.0, 0.4)"]
 PAYLOAD = "{_target_: pathlib.Path.write_text, _args_: [{_target_: pathlib.Path, _args_: [/tmp/x.pth]}, 'import os']}"
-
-
-def _space():
-    distributions, fixed, *_ = create_params_from_overrides(SPACE)
-    return distributions
 
 
 def _running_study(tmp_path, planted: list[dict]):
@@ -48,9 +43,8 @@ GOOD = {"trainer.optim.lr": 1e-3, "model.head.hidden": 256, "model.head.dropout"
 def test_a_planted_running_trial_is_failed_and_never_run(tmp_path, change, reason):
     study = _running_study(tmp_path, [({**GOOD, **change}, str(tmp_path / "trial-0"))])
     worker = types.SimpleNamespace(worker="w1", trial_dir=lambda number: tmp_path / f"trial-{number}",
-                                   _run=lambda *a: pytest.fail("a planted trial was run"),
-                                   _overrides=lambda *a: pytest.fail("overrides built from stored values"))
-    ran, failures = SharedStudySweeper._resume_own(worker, study, _space(), {})
+                                   _run=lambda *a: pytest.fail("a planted trial was run"))
+    ran, failures = SharedStudySweeper._resume_own(worker, study, search_space(SPACE))
     assert (ran, failures) == (1, 1)
     trial = study.trials[0]
     assert trial.state == TrialState.FAIL
@@ -62,18 +56,17 @@ def test_a_trial_the_worker_could_propose_is_resumed(tmp_path):
     study = _running_study(tmp_path, [(GOOD, str(tmp_path / "trial-0"))])
     runs = []
     worker = types.SimpleNamespace(worker="w1", trial_dir=lambda number: tmp_path / f"trial-{number}",
-                                   _run=lambda study, trial, overrides: runs.append(overrides) or True,
-                                   _overrides=lambda params, fixed: [f"{k}={v}" for k, v in params.items()])
-    assert SharedStudySweeper._resume_own(worker, study, _space(), {}) == (1, 0)
+                                   _run=lambda study, trial, overrides: runs.append(overrides) or True)
+    assert SharedStudySweeper._resume_own(worker, study, search_space(SPACE)) == (1, 0)
     assert len(runs) == 1 and sorted(runs[0]) == ["model.head.dropout=0.1", "model.head.hidden=256",
                                                   "trainer.optim.lr=0.001", "trainer.resume=true"]
 
 
 def test_another_run_dir_and_types_are_refused():
-    space = _space()
+    space = search_space(SPACE).distributions
     assert "is not '/sweep/trial-0'" in resume_problem(GOOD, space, "/home/victim", "/sweep/trial-0")
     assert resume_problem(GOOD, space, "/sweep/trial-0", "/sweep/trial-0") is None
-    ints = {"n": optuna.distributions.IntUniformDistribution(1, 9, step=2)}
+    ints = {"n": int_distribution(1, 9, step=2)}
     assert "is not an integer" in resume_problem({"n": "3"}, ints, "d", "d")
     assert "is not on the grid 1 + k * 2" in resume_problem({"n": 4}, ints, "d", "d")
     assert resume_problem({"n": 5}, ints, "d", "d") is None

@@ -1,5 +1,5 @@
 """Checks right after composition, before any heavy import: the mode, and that the task's own config groups
-(data, model, loss, metric) were chosen among that task's options (`task=sclera model=biomass/fpn` is refused).
+(data, model, loss, metric) were chosen among that task's options (`task=sclera +model/biomass=fpn` is refused).
 
 `CheckBeforeRun` (a Hydra callback, conf/config.yaml) runs them before Hydra creates the run folder, so a refused
 mode or option leaves no folder behind; run.py runs them again in each job (the jobs of a -m run are composed after
@@ -24,18 +24,23 @@ class ChoiceError(ValueError):
 
 
 def task_options(group: str, task: str) -> list[str]:
-    return sorted(f"{task}/{p.stem}" for p in (CONF / group / task).glob("*.yaml") if not p.stem.startswith("_"))
+    """The command-line choices of a task's own group: `model/sclera=cgdseg`, ..."""
+    return sorted(f"{group}/{task}={p.stem}" for p in (CONF / group / task).glob("*.yaml")
+                  if not p.stem.startswith("_"))
 
 
 def check_choices(cfg: DictConfig, choices: dict[str, str | None]) -> None:
-    """choices: Hydra's runtime choices ({group: option}); raises ChoiceError naming the key and the valid values."""
+    """choices: Hydra's runtime choices ({group: option}); raises ChoiceError naming the key and the valid values.
+    A task's own groups are `<group>/<task>` (conf/task/<task>.yaml selects `/model/<task>: <option>`, the same
+    choice key on Hydra 1.3 and 1.4); another task's (appended with `+model/biomass=fpn`) or the group itself
+    (`+model=biomass/fpn`) is refused."""
     if cfg.mode not in MODES:
         raise ChoiceError(f"mode={cfg.mode}: expected one of {', '.join(MODES)}")
     task = str(cfg.task.name)
-    for group in TASK_GROUPS:
-        chosen = choices.get(group)
-        if chosen is not None and not str(chosen).startswith(f"{task}/"):
-            raise ChoiceError(f"{group}={chosen} belongs to another task than task={task}: expected one of "
+    for key, chosen in choices.items():
+        group, _, owner = str(key).partition("/")
+        if group in TASK_GROUPS and chosen is not None and owner != task:
+            raise ChoiceError(f"{key}={chosen} belongs to another task than task={task}: expected one of "
                               f"{', '.join(task_options(group, task))}")
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import os
 
-from omegaconf import OmegaConf
+from common.utils.hydra_lines import register_resolver
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("cwd"):
-        OmegaConf.register_new_resolver("cwd", os.getcwd, use_cache=True)
+    register_resolver("cwd", os.getcwd)
