@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 SCHEMA_RETRIES = 5  # another process creating the schema at the same instant makes ours fail once
 
 
+def with_driver(url: str) -> str:
+    """`postgresql://...` with psycopg2 named: SQLAlchemy 1.4 (the stable line) defaults to psycopg2, 2.1 (the modern
+    line) to psycopg 3, which the suite does not install; psycopg2-binary is in both dependency sets."""
+    return "postgresql+psycopg2://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
+
+
 def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
@@ -31,7 +37,7 @@ def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(SCHEMA_RETRIES):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=engine_kwargs)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
             if attempt == SCHEMA_RETRIES - 1 or not _is_schema_race(err):
                 raise

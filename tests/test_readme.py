@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,8 @@ def readme_scripts() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def fresh_copy(tmp_path_factory) -> Path:
-    """The tracked and untracked-but-not-ignored files (a clone of the working tree), sharing the .venv."""
+    """The tracked and untracked-but-not-ignored files (a clone of the working tree), sharing the running venv
+    (.venv/, or .venv-modern/ when the modern line runs the test)."""
     copy = tmp_path_factory.mktemp("clone")
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout.split("\0")
@@ -79,7 +81,7 @@ def fresh_copy(tmp_path_factory) -> Path:
             target.symlink_to(os.readlink(source))
         elif source.is_file():
             shutil.copy2(source, target)                       # mtimes kept: make sees the .venv up to date
-    (copy / ".venv").symlink_to(REPO / ".venv")
+    (copy / ".venv").symlink_to(sys.prefix)        # the venv of the dependency line running this test
     return copy
 
 

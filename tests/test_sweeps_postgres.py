@@ -10,10 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
+from sweeps.storage import load_study
 from tests.test_sweeps import _worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("postgres")]   # with -n: one PostgreSQL server at a time
@@ -73,7 +73,7 @@ def test_two_workers_on_postgres(tmp_path, postgres):
                for i in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
-    trials = optuna.load_study(study_name="toy_lr", storage=url).trials
+    trials = load_study(url, "toy_lr").trials
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 3
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
@@ -111,6 +111,6 @@ def test_password_leaves_no_trace(tmp_path, postgres):
         assert (trial_dir / ".hydra" / "hydra.yaml").is_file()
         assert (way != "url_on_command_line") or list(trial_dir.glob("wandb/offline-run-*/run-*.wandb"))
         url = f"postgresql://postgres:{password}@{address}/optuna"
-        trials = optuna.load_study(study_name=way, storage=url).trials
+        trials = load_study(url, way).trials
         assert [t.state for t in trials] == [TrialState.COMPLETE], way
         assert password not in repr([t.user_attrs for t in trials])
