@@ -1,14 +1,16 @@
 """python -m sweeps.report: a terminal-wide table of a study's trials and its two plots."""
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution, LogUniformDistribution, UniformDistribution
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 
 from sweeps import report
+from sweeps.space import float_distribution
 
-DISTRIBUTIONS = {"trainer.optim.lr": LogUniformDistribution(1e-5, 1e-1), "model.growth": CategoricalDistribution([16, 32]),
-                 "model.dropout": UniformDistribution(0.0, 0.5), "loss.dropout": UniformDistribution(0.0, 0.5)}
+DISTRIBUTIONS = {"trainer.optim.lr": float_distribution(1e-5, 1e-1, log=True),
+                 "model.growth": CategoricalDistribution([16, 32]),
+                 "model.dropout": float_distribution(0.0, 0.5), "loss.dropout": float_distribution(0.0, 0.5)}
 REASON = "diverged: non-finite loss at step 12, 1 such optimiser steps (limit trainer.max_nonfinite_steps=0); " * 3
 
 
