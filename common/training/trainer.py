@@ -11,6 +11,11 @@ of an epoch saves the generators' states, the batches done and the epoch's loss 
 restores those states instead of reseeding and skips the batches done, so it ends with the same weights and
 metrics as an uninterrupted run. A checkpoint written at the end of an epoch is resumed by the next epoch's
 reseed: its saved generator states are not restored. Preemption signals: common.cluster.preemption.
+
+Loaders: fit builds its training and validation loaders once (persistent workers with data.num_workers > 0) and
+moves the training one to each epoch through its sampler (SeededOrder.set_epoch); its workers end with fit. A
+validation item draws nothing at random (the tasks' validation sets do not augment), so workers that live across
+epochs score the same items as fresh ones would.
 """
 from __future__ import annotations
 
