@@ -53,6 +53,18 @@ def matmul_peak_tflops(size: int = 8192, repeats: int = 5) -> float:
     return 2 * size ** 3 / seconds / 1e12
 
 
+# dense (no sparsity) bf16 Tensor Core TFLOP/s of NVIDIA's datasheets, by a part of the device name; the first match
+# counts, so the PCIe / NVL forms come before their SXM parts
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                         ("H200", 989.0), ("A100", 312.0))
+
+
+def datasheet_peak_tflops(device_name: str) -> float | None:
+    """The datasheet's dense bf16 peak of a GPU named `device_name` (torch.cuda.get_device_name); None for a
+    device not listed (and the CPU): its MFU on that basis is n/a."""
+    return next((tflops for part, tflops in DATASHEET_BF16_TFLOPS if part in device_name), None)
+
+
 def peak_memory_gib(fn: Callable[[], None], device: str = "cuda") -> float | None:
     """Peak GPU memory of one call; None on the CPU (not measured there)."""
     if torch.device(device).type != "cuda":

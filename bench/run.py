@@ -14,9 +14,12 @@ only in trainer settings (VARIANTS), so they are the trainer's own switches.
 Per configuration and variant: steady-state samples/s (median of `--repeats` timed groups of `--calls` calls
 after `--warmup` calls, so compilation and autotuning are excluded; CUDA events on the GPU, time.perf_counter on
 the CPU), peak GPU memory, achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter on the fp32 eager model)
-and MFU as a fraction of a bf16 matmul measured in the same run. The fp32 baseline runs with TF32 off for
+and MFU on two bases: the datasheet's dense bf16 peak of the detected GPU (bench.measure.DATASHEET_BF16_TFLOPS;
+n/a for a GPU not listed and the CPU) and a bf16 8192^3 matmul measured in the same run. FLOPs are counted on
+an eager variant (fp32 or bf16: the same work), never under torch.compile. The fp32 baseline runs with TF32 off for
 matmuls and cuDNN. Backbones are randomly initialised (same FLOPs as the pretrained ones); data is each task's
-synthetic set at the reference input size.
+synthetic set at the reference input size; the batch is the composed configuration's `data.batch_size` (the
+preset's or the task's), halved on running out of memory.
 
 --tiny appends size-only overrides (tiny random backbone, small inputs and batches; bench/references.py) so that
 every reference builds and runs in seconds on a CPU. --device cpu measures what makes sense there: fp32 eager
@@ -37,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from bench.measure import count_flops, matmul_peak_tflops, peak_memory_gib, strict_fp32, time_per_call
+from bench.measure import (count_flops, datasheet_peak_tflops, matmul_peak_tflops, peak_memory_gib, strict_fp32,
+                           time_per_call)
 from bench.pipeline import input_pipeline_rate
 from bench.references import REFERENCES, TEXT_EMBEDDINGS, Reference, batch_size_of, overrides_of
 from common.utils.atomic import atomic_path, atomic_write_json
@@ -54,6 +58,7 @@ VARIANTS = {
     "bf16 eager": ["trainer.precision=bf16", "trainer.compile=false", "trainer.channels_last=true",
                    "trainer.optim.fused=auto"],
 }
+EAGER = ("fp32 eager", "bf16 eager")      # variants whose FLOPs are counted (torch.compile hides them)
 DEFAULT_VARIANTS = {"cuda": ("fp32 eager", "optimised"), "cpu": ("fp32 eager", "bf16 eager", "optimised")}
 SKIPPED = {"cpu": {"optimised": "torch.compile runs on CUDA only here (Inductor's CPU kernels are not the GPU's; "
                                 "bf16 eager stands in)"}}
@@ -174,7 +179,7 @@ def measure(ref: Reference, cfg, mode: str, variant: str, batch_size: int, repea
                 if ref.cached:
                     freeze_features(built)
                 fn = train_step(built) if mode == "train" else infer_step(built)
-                flops = count_flops(fn) if variant == "fp32 eager" else None
+                flops = count_flops(fn) if variant in EAGER else None
                 seconds = time_per_call(fn, warmup=warmup, repeats=repeats, calls=calls, device=device)
                 memory = peak_memory_gib(fn, device)
             break
@@ -194,25 +199,29 @@ def measure(ref: Reference, cfg, mode: str, variant: str, batch_size: int, repea
     return row
 
 
-def add_rates(rows: list[dict], peak: float | None) -> None:
-    """TFLOP/s and MFU from the eager FLOP count (the same work, whichever variant ran it)."""
+def add_rates(rows: list[dict], peak: float | None, datasheet: float | None) -> None:
+    """TFLOP/s from an eager FLOP count (the same work, whichever variant ran it); MFU against the matmul peak
+    measured in this run (`mfu`) and against the datasheet's (`mfu_datasheet`), None where that peak is."""
     flops = {(r["config"], r["mode"]): r["flops_per_call"] / r["batch"] for r in rows if r.get("flops_per_call")}
     for row in rows:
         per_sample = flops.get((row["config"], row["mode"]))
         if per_sample and "samples_per_s" in row:
             row["tflops"] = per_sample * row["samples_per_s"] / 1e12
             row["mfu"] = row["tflops"] / peak if peak else None
+            row["mfu_datasheet"] = row["tflops"] / datasheet if datasheet else None
 
 
 def _num(value, spec: str, width: int) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
-def print_table(rows: list[dict], peak: float | None, device_name: str) -> None:
+def print_table(rows: list[dict], peak: float | None, datasheet: float | None, device_name: str) -> None:
     peak_text = f"{peak:.0f} TFLOP/s" if peak else "n/a"
-    print(f"\nbf16 matmul peak (8192^3, this run): {peak_text}; device {device_name}")
+    sheet_text = f"{datasheet:.0f} TFLOP/s" if datasheet else "n/a"
+    print(f"\nbf16 matmul peak (8192^3, this run): {peak_text}; datasheet dense bf16 peak: {sheet_text}; "
+          f"device {device_name}")
     head = f"{'config':<32} {'mode':<6} {'variant':<10} {'batch':>5} {'samples/s':>10} {'peak GiB':>8} " \
-           f"{'TFLOP/s':>8} {'MFU':>5} {'target':>8} {'speed-up':>8}"
+           f"{'TFLOP/s':>8} {'MFU':>5} {'MFU ds':>6} {'target':>8} {'speed-up':>8}"
     print(head + "\n" + "-" * len(head))
     eager = {(r["config"], r["mode"]): r.get("samples_per_s") for r in rows if r["variant"] == "fp32 eager"}
     for r in rows:
@@ -226,7 +235,8 @@ def print_table(rows: list[dict], peak: float | None, device_name: str) -> None:
         speedup = f"{r['samples_per_s'] / base:.2f}x" if base and r["variant"] != "fp32 eager" else ""
         print(f"{r['config']:<32} {r['mode']:<6} {r['variant']:<10} {r['batch']:>5} {r['samples_per_s']:>10.1f} "
               f"{_num(r['peak_gib'], '.1f', 8)} {_num(r.get('tflops'), '.3f' if not peak else '.1f', 8)} "
-              f"{_num(r.get('mfu'), '.2f', 5)} {target if target else '':>8} {speedup:>8}")
+              f"{_num(r.get('mfu'), '.2f', 5)} {_num(r.get('mfu_datasheet'), '.2f', 6)} {target if target else '':>8} "
+              f"{speedup:>8}")
 
 
 def device_name(device: str) -> str:
@@ -262,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(torch.randn(3, 512), tmp)
     peak = matmul_peak_tflops() if args.device == "cuda" else None
     name = device_name(args.device)
+    datasheet = datasheet_peak_tflops(name) if args.device == "cuda" else None
     rows, pipeline = [], []
     for ref in REFERENCES:
         if args.only and ref.name not in args.only:
@@ -276,30 +287,30 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append({"config": ref.name, "mode": mode, "variant": variant, "skipped": reason})
                 else:
                     cfg = compose(ref, Path(args.cache_dir), variant, args.device, args.tiny)
-                    rows.append(measure(ref, cfg, mode, variant, batch_size_of(ref, args.tiny), args.repeats,
+                    rows.append(measure(ref, cfg, mode, variant, batch_size_of(ref, cfg, args.tiny), args.repeats,
                                         args.warmup, args.calls, args.device))
                 print(json.dumps(rows[-1]), flush=True)
-                write_results(args.out, name, peak, rows, pipeline, args)
+                write_results(args.out, name, (peak, datasheet), rows, pipeline, args)
         if cfg is None:
             cfg = compose(ref, Path(args.cache_dir), "fp32 eager", args.device, args.tiny)
         pipeline.append(input_pipeline_rate(ref, cfg))
-    add_rates(rows, peak)
-    write_results(args.out, name, peak, rows, pipeline, args)
-    print_table(rows, peak, name)
+    add_rates(rows, peak, datasheet)
+    write_results(args.out, name, (peak, datasheet), rows, pipeline, args)
+    print_table(rows, peak, datasheet, name)
     print("\ninput pipeline (one worker, decode + resize + augment): " +
           ", ".join(f"{p['config']} {p['items_per_s']:.0f} items/s" for p in pipeline))
     print(f"wrote {args.out}")
 
 
-def write_results(out: str, device_name: str, peak: float | None, rows: list[dict], pipeline: list[dict],
-                  args) -> None:
+def write_results(out: str, device_name: str, peaks: tuple[float | None, float | None], rows: list[dict],
+                  pipeline: list[dict], args) -> None:
     """Rewritten after every row, so that a run cut short keeps what it measured (strict JSON: a non-finite
-    figure is written as null)."""
+    figure is written as null). peaks: (measured matmul, datasheet) bf16 TFLOP/s."""
     atomic_write_json(out, {
         "device": device_name, "torch": torch.__version__, "tiny": args.tiny, "repeats": args.repeats,
         "calls": args.calls, "warmup": args.warmup,
         "timing": "cuda events" if args.device == "cuda" else "time.perf_counter",
-        "matmul_peak_tflops": peak, "rows": rows, "pipeline": pipeline})
+        "matmul_peak_tflops": peaks[0], "datasheet_peak_tflops": peaks[1], "rows": rows, "pipeline": pipeline})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 Prints one line per trial (number, state, parameters, metric, epochs run, seconds, kind of failure) and each
 failure's reason below, as wide as the terminal (--width), what pruning saved (pruned trials, the epoch each stopped
 at, epochs run vs every trial run to the end), and writes optimization_history.png, intermediate_values.png and
-param_importances.png into the sweep directory (--out).
+param_importances.png into the sweep directory (--out), and the curves.png of each trial that has none yet (trials
+leave theirs to the sweep's end: `curves: sweep`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from common.tracking.reports import write_missing_curves
 from common.utils.atomic import atomic_path
 from common.utils.secrets import protect_process
 from sweeps.storage import load_study
@@ -190,6 +192,9 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for path in plot(study, out):
         print(f"wrote {path}")
+    curves = write_missing_curves(sweep_dir)     # trials draw none (curves: sweep); a sweep cut short drew none
+    if curves:
+        print(f"wrote curves.png of {len(curves)} trials")
 
 
 if __name__ == "__main__":

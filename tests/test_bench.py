@@ -47,7 +47,7 @@ def test_every_reference_runs_on_cpu(tmp_path):
     rows = results["rows"]
     assert {r["config"] for r in rows} == {ref.name for ref in REFERENCES}
     assert results["timing"] == "time.perf_counter" and results["tiny"] is True
-    assert results["matmul_peak_tflops"] is None
+    assert results["matmul_peak_tflops"] is None and results["datasheet_peak_tflops"] is None
     for ref in REFERENCES:
         for mode in ref.modes:
             for variant in (v for v in DEFAULT_VARIANTS["cpu"] if v not in SKIPPED["cpu"]):
@@ -104,3 +104,77 @@ def test_fp32_baseline_turns_tf32_off_and_restores_it():
     with strict_fp32():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+# ---- issue 29: MFU on two bases, the presets' batch sizes, the GPU check ---------------------------------------
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
+                                          ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 PCIe", 756.0),
+                                          ("Tesla T4", None), ("cpu (2 cores, 1 torch threads)", None)])
+def test_datasheet_peak_of_the_detected_gpu(name, tflops):
+    from bench.measure import datasheet_peak_tflops
+    assert datasheet_peak_tflops(name) == tflops
+
+
+def test_mfu_on_both_bases_by_hand():
+    from bench.run import add_rates
+    rows = [{"config": "c", "mode": "train", "variant": "bf16 eager", "batch": 4, "flops_per_call": 4e12,
+             "samples_per_s": 100.0},
+            {"config": "c", "mode": "train", "variant": "optimised", "batch": 4, "flops_per_call": None,
+             "samples_per_s": 400.0}]
+    add_rates(rows, peak=800.0, datasheet=1000.0)
+    assert [(r["tflops"], r["mfu"], r["mfu_datasheet"]) for r in rows] == [(100.0, 0.125, 0.1), (400.0, 0.5, 0.4)]
+    add_rates(rows, peak=None, datasheet=None)
+    assert rows[1]["mfu"] is None and rows[1]["mfu_datasheet"] is None
+
+
+def test_reference_batches_are_the_composed_presets():
+    """No bench constant: each reference's batch is its composed configuration's data.batch_size."""
+    from bench.references import batch_size_of
+    from bench.run import compose
+    for ref in REFERENCES:
+        cfg = compose(ref, REPO / ".cache", "optimised", "cpu", tiny=False)
+        assert ref.batch_size is None and batch_size_of(ref, cfg, tiny=False) == cfg.data.batch_size
+        assert batch_size_of(ref, cfg, tiny=True) == ref.tiny_batch
+
+
+ISSUE_TARGETS = {("sclera_cgdseg_s14_256", "infer"): 8000, ("sclera_cgdseg_s14_256", "train"): 2000,
+                 ("biomass_dinov3_l16_480x960_lora", "infer"): 300, ("biomass_dinov3_l16_480x960_lora", "train"): 120,
+                 ("biomass_dinov3_l16_cached_head", "train"): 4000, ("roadwork_b14_12x518", "infer"): 110}
+
+
+def test_gpu_check_verdicts_by_hand():
+    from bench.gpu_check import verdicts
+    results = {"sclera_cgdseg_s14_256": {"exit": 0, "device": "d", "rows": [
+        {"mode": "infer", "variant": "optimised", "samples_per_s": 9000.0, "batch": 32},
+        {"mode": "train", "variant": "optimised", "samples_per_s": 1000.0, "batch": 32}]},
+        "roadwork_b14_12x518": {"exit": "timeout", "rows": []}}
+    status = {(r["config"], r["mode"]): r["status"] for r in verdicts(results)}
+    assert set(status) == set(ISSUE_TARGETS)
+    assert status[("sclera_cgdseg_s14_256", "infer")] == "met"
+    assert status[("sclera_cgdseg_s14_256", "train")] == "missed (50%)"
+    assert status[("roadwork_b14_12x518", "infer")] == "no figure: no row (bench.run exit timeout)"
+    assert status[("biomass_dinov3_l16_cached_head", "train")] == "no figure: no row (bench.run exit not run)"
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_and_reports_every_target(tmp_path):
+    """The prepared GPU command, on the CPU with the tiny backbone: one bench.run per reference with a target, the
+    issue's targets each with a status (on the CPU: no figure, the optimised variant's skip reason), the bf16
+    eager rows measured with their FLOPs (MFU n/a on both bases), results and a table in the output folder."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1", "OUT": str(tmp_path / "out")}
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--tiny", "--repeats", "1", "--calls", "1",
+           "--warmup", "1", "--budget", "1200"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    rows = json.loads((out / "targets.json").read_text())["rows"]
+    assert {(r["config"], r["mode"]): r["target"] for r in rows} == ISSUE_TARGETS
+    for row in rows:
+        assert row["status"] == f"no figure: {SKIPPED['cpu']['optimised']}", row
+        [eager] = [r for r in json.loads((out / f"bench-{row['config']}.json").read_text())["rows"]
+                   if (r["mode"], r["variant"]) == (row["mode"], "bf16 eager")]
+        assert eager["samples_per_s"] > 0 and eager["tflops"] > 0, eager
+        assert eager["mfu"] is None and eager["mfu_datasheet"] is None
+    table = (out / "targets.md").read_text()
+    assert all(f"| {r['config']} | {r['mode']} |" in table for r in rows)

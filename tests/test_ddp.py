@@ -2,8 +2,8 @@
 BatchNorm statistic, the epoch's training losses and the validation metrics. Sclera (BatchNorm in the decoder, a
 batch-level soft Dice), biomass (a BatchNorm head, masked means over missing targets), roadwork (running feature
 statistics) and the toy task.
-Each process's order is a share of the seeded global order (Trainer._epoch_order), so the two ranks' batches of 4
-are one process's batch of 8; dropout is off (its masks are drawn per process)."""
+Each process's order is a share of the seeded global order (common.data.sampling.SeededOrder), so the two ranks'
+batches of 4 are one process's batch of 8; dropout is off (its masks are drawn per process)."""
 import json
 import os
 import subprocess

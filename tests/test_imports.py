@@ -41,3 +41,23 @@ def test_adapters_import_peft(tmp_path):
 
 def test_wandb_logger_imports_wandb(tmp_path):
     assert "wandb" in _imported(tmp_path, ["task=biomass", "trainer=debug", "logger=wandb", "peft=none"])
+
+
+# what `import common.runs.app` (run.py's dispatch) must leave to the modes, tasks and trackers that use them:
+# timm -> torchvision -> torch._dynamo (the backbone builds it; sync BatchNorm only under DDP), pandas (ensembles,
+# eval / predict), sklearn (folds, cv), matplotlib (curves.png after the run), wandb (logger=wandb)
+DEFERRED = ("timm", "torchvision", "torch._dynamo", "pandas", "sklearn", "matplotlib", "wandb", "optuna")
+
+
+def test_the_run_dispatch_imports_no_heavy_module():
+    probe = f"import json, sys, common.runs.app; print(json.dumps([m for m in {DEFERRED!r} if m in sys.modules]))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
+def test_the_probe_sees_a_heavy_import():
+    """The same probe after importing the predictor (eval / predict): pandas is there."""
+    probe = "import json, sys, common.runs.app, common.inference.predictor; print(json.dumps('pandas' in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert json.loads(proc.stdout.splitlines()[-1]) is True

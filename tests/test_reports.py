@@ -112,7 +112,7 @@ def test_curves_are_redrawn_while_drawing_stays_a_small_share_of_the_time(tmp_pa
 
     monkeypatch.setattr(common.tracking.reports, "write_curves", slow_draw)
     monkeypatch.setattr("common.tracking.tracker.time.monotonic", lambda: clock[0])
-    files = RunFiles(tmp_path)
+    files = RunFiles(tmp_path, redraw=True)             # curves=epoch
     for epoch in range(6):
         files.append_epoch({"epoch": epoch})
         clock[0] += 8.0                      # an 8 s epoch: redraw once 20 x 1 s have passed since the last

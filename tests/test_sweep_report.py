@@ -59,3 +59,18 @@ def test_report_without_a_study_names_the_directory(tmp_path, monkeypatch):
     _, study = _sweep(tmp_path)
     with pytest.raises(SystemExit, match="no study 'other' in sqlite:///.*; it holds: demo"):
         report.main([str(tmp_path / "sweeps" / "demo"), "--study", "other"])
+
+
+def test_report_draws_the_curves_the_trials_left_to_the_sweep(tmp_path, capsys):
+    """Trials run with `curves: sweep` draw none; the report draws each trial's missing curves.png."""
+    import json
+    sweep_dir, _ = _sweep(tmp_path)
+    for number in (0, 1):
+        (sweep_dir / f"trial-{number}").mkdir()
+        (sweep_dir / f"trial-{number}" / "metrics.jsonl").write_text(
+            "".join(json.dumps({"epoch": e, "train/loss": 1.0 - e / 4, "val/f1": e / 4}) + "\n" for e in range(3)))
+    report.main([str(sweep_dir), "--width", "72"])
+    assert "wrote curves.png of 2 trials" in capsys.readouterr().out.splitlines()
+    for number in (0, 1):
+        with Image.open(sweep_dir / f"trial-{number}" / "curves.png") as image:
+            assert image.format == "PNG"

@@ -1,5 +1,6 @@
 """Shared Optuna studies: concurrent workers, failed and diverged trials, killed workers (SQLite, toy task)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,10 @@ def test_two_workers_share_one_budget_and_a_rerun_adds_nothing(tmp_path):
                                                                  for t in complete]
     assert {t.user_attrs["worker"] for t in complete} <= {"w0", "w1"}
     assert "setup plugin" not in "".join(outputs) and "\x1b[" not in "".join(outputs)
+    # trials draw no curves.png (curves: sweep): each worker's end draws those missing, every trial's once at least
+    drawn = [int(n) for n in re.findall(r"\[sweep\] curves\.png of (\d+) runs", "".join(outputs))]
+    assert len(drawn) == 2 and sum(drawn) >= 4, drawn
+    assert all((_sweep_dir(tmp_path) / f"trial-{t.number}" / "curves.png").is_file() for t in complete)
 
     listing = sorted(p.name for p in _sweep_dir(tmp_path).iterdir())
     again = _worker(tmp_path, "w2", ["hydra.sweeper.budget=4"])

@@ -169,6 +169,9 @@ def test_trainer_logs_step_and_epoch_losses_on_their_axes(monkeypatch, tmp_path)
     epoch_rows = [r for r in rows if "train/loss" in r]
     assert step_rows and all("train/loss" not in r and "epoch" not in r for r in step_rows)
     assert [r["epoch"] for r in epoch_rows] == [0, 1] and all(r["step"] > 0 for r in epoch_rows)
+    assert not (tmp_path / "run" / "curves.png").exists()       # curves: end, not while training
+    from common.tracking.reports import curves_setting, finish_run
+    finish_run(tracker, tmp_path / "run", True, str(cfg.trainer.monitor), curves_setting(cfg))
     assert (tmp_path / "run" / "curves.png").is_file()
 
 

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from common.cluster.distributed import global_sum, summing_across_ranks
-from common.utils.timm_import import timm
 
 SYNC_SETTINGS = ("auto", True, False)
 
@@ -52,7 +51,7 @@ class GlobalBatchNorm(_BatchNorm):
 class GlobalBatchNormAct(GlobalBatchNorm):
     """timm's BatchNormAct2d (BatchNorm, then its drop and act modules), e.g. in timm's DenseNet blocks."""
 
-    def __init__(self, norm: "timm.layers.BatchNormAct2d"):
+    def __init__(self, norm: nn.Module):
         super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
         self.drop, self.act = norm.drop, norm.act
 
@@ -65,6 +64,7 @@ PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def _global_copy(norm: _BatchNorm, path: str) -> GlobalBatchNorm:
     """The same parameter and buffer tensors (the optimiser, EMA and checkpoints see no difference)."""
+    from common.utils.timm_import import timm     # here: a run that never converts does not import timm for it
     if type(norm) in PLAIN:
         copy = GlobalBatchNorm(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
     elif type(norm) is timm.layers.BatchNormAct2d:

@@ -5,7 +5,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from common.utils.seed import item_seed
 
@@ -46,16 +46,31 @@ class WeightedEpochSampler(Sampler[int]):
 
 
 class SeededOrder(Sampler[tuple[int, int]]):
-    """(index, item seed) pairs of one rank's share of an epoch, from position `start` on (a resumed epoch).
+    """(index, item seed) pairs of one rank's share of an epoch's seeded global order, from position `start` on (a
+    resumed epoch). `set_epoch(epoch, start)` before each epoch's iteration picks its order, so one DataLoader (and
+    its persistent workers) serves every epoch of a run.
 
-    `indices` is this rank's share of the epoch's global order, rank r holding global positions r, r + world, ...
-    (DistributedSampler and WeightedEpochSampler both split so). The item seed depends on the global position
-    only, so an item draws the same augmentations whichever worker loads it, after a resume and under DDP.
+    The global order is a seeded permutation (DistributedSampler's, drop_last) or, with `weights`, a seeded weighted
+    draw (WeightedEpochSampler); rank r holds global positions r, r + world, ... The item seed depends on the global
+    position only, so an item draws the same augmentations whichever worker loads it, after a resume and under DDP.
     """
 
-    def __init__(self, indices: Sequence[int], seed: int, epoch: int, rank: int, world_size: int, start: int = 0):
-        self.indices, self.seed, self.epoch = list(indices), int(seed), int(epoch)
-        self.rank, self.world_size, self.start = rank, world_size, start
+    def __init__(self, size: int, seed: int, rank: int, world_size: int, weights: np.ndarray | None = None):
+        self.size, self.seed, self.rank, self.world_size, self.weights = size, int(seed), rank, world_size, weights
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start, self.indices = int(epoch), int(start), self.epoch_order(int(epoch))
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """This rank's share of the epoch's global order: the global batches of N processes are the batches of one
+        process with N times the batch size."""
+        if self.weights is not None:
+            return list(WeightedEpochSampler(self.weights, self.rank, self.world_size, self.seed, epoch))
+        sampler = DistributedSampler(range(self.size), self.world_size, self.rank, shuffle=True, seed=self.seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for local in range(self.start, len(self.indices)):

@@ -13,14 +13,12 @@ from omegaconf import DictConfig
 from common.cluster import distributed, preemption
 from common.data import image_check
 from common.data.datasets import sample_weights_of
-from common.inference.predictor import load_predictor
 from common.runs.choices import MODES
 from common.runs.run_dir import check_run_folders, run_directory_lock
 from common.tracking.console import inference_commands, results_block, summary_block
-from common.tracking.reports import finish_run
+from common.tracking.reports import curves_setting, finish_run
 from common.tracking.tracker import RunFiles, Tracker, make_tracker
 from common.training.checkpoint import written_checkpoints
-from common.training.cv import cross_validate
 from common.training.dataset_root import data_root
 from common.training.divergence import NonFiniteLossError, raise_if_diverged
 from common.training.parts import build_parts, load_task
@@ -80,6 +78,7 @@ def log_train_summary(cfg: DictConfig, task_name: str, run_dir: Path) -> None:
 
 
 def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
+    from common.inference.predictor import load_predictor     # eval / predict / cv imports: only in their modes
     predictor = load_predictor(cfg, cfg.ckpt_path)
     tracker.set_config(predictor.config)
     trainer = Trainer(predictor.config, run_dir, tracker, ctx)
@@ -99,6 +98,7 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
 
 def _predict_group(cfg, ckpt_path, label, root, run_dir, tracker, ctx) -> dict:
     """Predict with the checkpoints of one ckpt_path entry (one file, a cv run, or a list: an ensemble)."""
+    from common.inference.predictor import load_predictor
     predictor = load_predictor(cfg, ckpt_path)
     if label is not None:
         predictor.task.check_prediction_group(label)
@@ -131,6 +131,11 @@ def predict(cfg, task, root, run_dir, tracker, ctx) -> None:
     return None
 
 
+def cv(cfg, task, root, run_dir, tracker, ctx) -> float | None:
+    from common.training.cv import cross_validate
+    return cross_validate(cfg, task, root, run_dir, tracker, ctx)
+
+
 def synth(cfg, task) -> None:
     if cfg.data.root is None:
         raise ValueError("mode=synth writes the synthetic dataset to data.root: pass data.root=<folder>")
@@ -155,7 +160,7 @@ def _run_mode(cfg: DictConfig, ctx) -> float | None:
     task = load_task(cfg)
     if cfg.mode == "synth":
         return synth(cfg, task)
-    run_dir = Path(cfg.paths.output_dir)
+    run_dir, curves = Path(cfg.paths.output_dir), curves_setting(cfg)    # a bad `curves` fails before the run
     check_run_folders(cfg, run_dir)
     image_check.configure(cfg)
     with run_directory_lock(run_dir) if ctx.is_main else nullcontext():
@@ -163,9 +168,9 @@ def _run_mode(cfg: DictConfig, ctx) -> float | None:
         tracker: Tracker = make_tracker(cfg, run_dir, ctx.is_main)
         exit_code, started = 1, time.time()
         try:
-            modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cross_validate}
+            modes = {"train": train, "eval": evaluate, "predict": predict, "cv": cv}
             value = modes[cfg.mode](cfg, task, root, run_dir, tracker, ctx)
-            finish_run(tracker, run_dir, ctx.is_main, str(cfg.trainer.monitor))
+            finish_run(tracker, run_dir, ctx.is_main, str(cfg.trainer.monitor), curves)
             if cfg.mode == "train" and ctx.is_main:
                 log_train_summary(cfg, task.name, run_dir)
             exit_code = 0

@@ -97,12 +97,51 @@ def write_curves(run_dir: Path, monitor: str | None = None) -> Path | None:
     return target
 
 
-def finish_run(tracker, run_dir: Path, is_main: bool, monitor: str | None = None) -> None:
-    """After a mode: the final curves.png of the run and of its cv folds, then the tracker's report."""
-    if is_main:
+CURVES = {"end": "after the run", "epoch": "redrawn during training and after the run",
+          "sweep": "by the sweep at its end (and by python -m sweeps.report)", "never": "not drawn"}
+
+
+def curves_setting(cfg: DictConfig) -> str:
+    """The config's `curves` (when curves.png is drawn: CURVES), checked."""
+    value = str(OmegaConf.select(cfg, "curves", default="end"))
+    if value not in CURVES:
+        raise ValueError(f"curves={value!r}: expected one of {' | '.join(CURVES)} (when curves.png is drawn: "
+                         f"{'; '.join(f'{k}: {v}' for k, v in CURVES.items())})")
+    return value
+
+
+def finish_run(tracker, run_dir: Path, is_main: bool, monitor: str | None = None, curves: str = "end") -> None:
+    """After a mode: the final curves.png of the run and of its cv folds (curves: end | epoch; a sweep's trials
+    leave theirs to the sweep's end, write_missing_curves), then the tracker's report."""
+    if is_main and curves in ("end", "epoch"):
         for source in sorted(Path(run_dir).glob("metrics.jsonl")) + sorted(Path(run_dir).glob("*/metrics.jsonl")):
             write_curves(source.parent, monitor)
     tracker.report_run(run_dir)
+
+
+def write_missing_curves(sweep_dir: Path) -> list[Path]:
+    """curves.png of every run below `sweep_dir` (its trials and their cv folds) that has none or one older than its
+    metrics.jsonl, the monitored metric read from the run's metrics.json; the pictures written."""
+    written = []
+    for source in sorted(Path(sweep_dir).glob("*/metrics.jsonl")) + sorted(Path(sweep_dir).glob("*/*/metrics.jsonl")):
+        picture, final = source.parent / "curves.png", source.parent / "metrics.json"
+        if picture.is_file() and picture.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        monitor = json.loads(final.read_text()).get("monitor") if final.is_file() else None
+        path = write_curves(source.parent, monitor if isinstance(monitor, str) else None)
+        written += [path] if path is not None else []
+    return written
+
+
+class SweepCurves(Callback):
+    """Registered by every search space (sweeps/_base.yaml, where trials run with `curves: sweep`): at the sweep's
+    end, the curves.png of every trial, drawn once instead of inside each trial."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir():
+            written = write_missing_curves(sweep_dir)
+            log.info(f"[sweep] curves.png of {len(written)} runs under {sweep_dir}")
 
 
 # ---- the summary of a -m grid --------------------------------------------------------------------

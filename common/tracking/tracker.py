@@ -46,15 +46,15 @@ def logged_config(cfg: DictConfig, info: RunInfo) -> dict:
 
 
 class RunFiles:
-    """metrics.jsonl (one object per epoch, appended) and metrics.json (final, atomic); curves.png redrawn from
-    metrics.jsonl while training, as often as keeps drawing under 1/CURVES_GAP of the time (the first epoch always;
-    common.tracking.reports.finish_run draws the final picture)."""
+    """metrics.jsonl (one object per epoch, appended) and metrics.json (final, atomic). With `redraw` (`curves:
+    epoch`), curves.png is also redrawn from metrics.jsonl while training, as often as keeps drawing under
+    1/CURVES_GAP of the time (the first epoch always); common.tracking.reports.finish_run draws the final picture."""
 
     CURVES_GAP = 20
 
-    def __init__(self, run_dir: Path, monitor: str | None = None):
+    def __init__(self, run_dir: Path, monitor: str | None = None, redraw: bool = False):
         """monitor: the monitored metric, which curves.png always draws."""
-        self.run_dir, self.monitor = Path(run_dir), monitor
+        self.run_dir, self.monitor, self.redraw = Path(run_dir), monitor, redraw
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._drawn_at, self._draw_seconds = 0.0, 0.0
 
@@ -65,7 +65,7 @@ class RunFiles:
                 handle.write(json.dumps(record) + "\n")
         except OSError as err:          # a full disk, a quota: say which file and what to do
             raise write_error(path, err) from err
-        if time.monotonic() - self._drawn_at >= self.CURVES_GAP * self._draw_seconds:
+        if self.redraw and time.monotonic() - self._drawn_at >= self.CURVES_GAP * self._draw_seconds:
             from common.tracking.reports import write_curves
             start = time.monotonic()
             write_curves(self.run_dir, self.monitor)

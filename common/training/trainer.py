@@ -11,6 +11,11 @@ of an epoch saves the generators' states, the batches done and the epoch's loss 
 restores those states instead of reseeding and skips the batches done, so it ends with the same weights and
 metrics as an uninterrupted run. A checkpoint written at the end of an epoch is resumed by the next epoch's
 reseed: its saved generator states are not restored. Preemption signals: common.cluster.preemption.
+
+Loaders: fit builds its training and validation loaders once (persistent workers with data.num_workers > 0) and
+moves the training one to each epoch through its sampler (SeededOrder.set_epoch); its workers end with fit. A
+validation item draws nothing at random (the tasks' validation sets do not augment), so workers that live across
+epochs score the same items as fresh ones would.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from tqdm.auto import tqdm
 
 from common.cluster import preemption
@@ -34,7 +39,7 @@ from common.cluster.distributed import DistContext, ShardSampler, agree, mean_ov
 from common.cluster.preemption import Preempted
 from common.cluster.sync_batchnorm import convert_batchnorm, wants_sync_batchnorm
 from common.data.datasets import SeededItems, reseed_augmentations, seed_worker
-from common.data.sampling import SeededOrder, WeightedEpochSampler
+from common.data.sampling import SeededOrder
 from common.metric import Metric
 from common.tracking.console import epoch_line, lines_above_bars
 from common.tracking.tracker import RunFiles, Tracker, use_progress_bars
@@ -51,6 +56,15 @@ from common.utils.seed import seed_everything
 log = logging.getLogger(__name__)
 
 
+def end_workers(loader: DataLoader) -> None:
+    """Stop a persistent loader's workers now, not when the loader is collected (an exception's traceback, e.g. a
+    preempted fit's, would keep them running). torch has no public call for it: its iterator's own shutdown."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker, ctx: DistContext, trial=None):
         """trial: the sweep trial this run reports each validation to (`report(value, epoch) -> stop?`, e.g.
@@ -58,7 +72,8 @@ class Trainer:
         self.cfg, self.t, self.trial = cfg, cfg.trainer, trial
         self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
         self.tracker, self.ctx, self.device = tracker, ctx, ctx.device
-        self.files = RunFiles(run_dir, self.t.get("monitor")) if ctx.is_main else None
+        self.files = RunFiles(run_dir, self.t.get("monitor"), redraw=cfg.get("curves") == "epoch") \
+            if ctx.is_main else None
         self.precision = Precision(self.t.precision, self.device)
         self.bars = use_progress_bars(self.t.progress) and ctx.is_main
         self.training: Training | None = None      # set once, by prepare (fit calls it)
@@ -68,36 +83,30 @@ class Trainer:
 
     # ---- loaders ---------------------------------------------------------------------------
     def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0,
-               skip_batches: int = 0, weights=None) -> DataLoader:
-        """weights (train only): one sampling weight per item (common.data.datasets.sample_weights_of); None shuffles."""
+               skip_batches: int = 0, weights=None, persistent: bool = False) -> DataLoader:
+        """weights (train only): one sampling weight per item (common.data.datasets.sample_weights_of); None shuffles.
+        A training loader's order is its sampler's (SeededOrder): `set_epoch(epoch, start)` moves one loader to
+        another epoch. persistent: workers kept between epochs (fit builds its loaders once)."""
         data, seed = self.cfg.data, int(self.cfg.seed)
         drop_last = train and len(dataset) > int(data.batch_size)
         if train:
-            sampler = SeededOrder(self._epoch_order(dataset, epoch, weights), seed, epoch, self.ctx.rank,
-                                  self.ctx.world_size, start=skip_batches * int(data.batch_size))
+            sampler = SeededOrder(len(dataset), seed, self.ctx.rank, self.ctx.world_size, weights)
+            sampler.set_epoch(epoch, start=skip_batches * int(data.batch_size))
             dataset = SeededItems(dataset)
         elif self.ctx.enabled:
             sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
         else:
             sampler = SequentialSampler(dataset)
-        if int(data.num_workers) == 0 and not train:
+        workers = int(data.num_workers)
+        if workers == 0 and not train:
             reseed_augmentations(dataset, torch.initial_seed() % 2**32)   # workers do it in seed_worker
         pin = self.device.type == "cuda" if self.t.pin_memory == "auto" else bool(self.t.pin_memory)
         # the loader's own generator draws the workers' base seed: the global generators stay as they were
         return DataLoader(dataset, batch_size=int(data.batch_size), sampler=sampler, collate_fn=collate,
-                          num_workers=int(data.num_workers), pin_memory=pin, drop_last=drop_last,
-                          worker_init_fn=seed_worker if int(data.num_workers) else None,
-                          generator=torch.Generator().manual_seed(seed + epoch), persistent_workers=False)
-
-    def _epoch_order(self, dataset: Dataset, epoch: int, weights) -> list[int]:
-        """This rank's share of the epoch's seeded global order (weighted draw, or permutation): the global
-        batches of N processes are the batches of one process with N times the batch size."""
-        if weights is not None:
-            return list(WeightedEpochSampler(weights, self.ctx.rank, self.ctx.world_size, int(self.cfg.seed), epoch))
-        sampler = DistributedSampler(dataset, self.ctx.world_size, self.ctx.rank, shuffle=True,
-                                     seed=int(self.cfg.seed), drop_last=True)
-        sampler.set_epoch(epoch)
-        return list(sampler)
+                          num_workers=workers, pin_memory=pin, drop_last=drop_last,
+                          worker_init_fn=seed_worker if workers else None,
+                          generator=torch.Generator().manual_seed(seed + epoch),
+                          persistent_workers=persistent and workers > 0)
 
     # ---- set-up ----------------------------------------------------------------------------
     def _learning_rates(self) -> dict[str, float | None]:
@@ -332,9 +341,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, criterion: nn.Module | None, metric: Metric, dataset: Dataset,
                  collate: Callable, limit: int | None = None, on_first_batch: Callable | None = None,
-                 check: Callable[[dict], None] | None = None) -> dict:
+                 check: Callable[[dict], None] | None = None, loader: DataLoader | None = None) -> dict:
         """Metric values (no prefix) plus the mean loss when a criterion is given; `check(outputs)` sees every
-        batch's outputs before the metric does (fit: Diverged on non-finite outputs)."""
+        batch's outputs before the metric does (fit: Diverged on non-finite outputs). loader: the batches of
+        `dataset` (fit's, built once); None builds one."""
         model.eval()
         metric.reset()
         loss_sum, items = 0.0, 0                           # val/loss: the mean over items, on every rank count
@@ -343,7 +353,7 @@ class Trainer:
             self.place(model)
         ema = self.training.ema if trained else None
         with ema.applied(model) if ema is not None else nullcontext():
-            for i, batch in enumerate(self.loader(dataset, collate, train=False)):
+            for i, batch in enumerate(loader if loader is not None else self.loader(dataset, collate, train=False)):
                 if limit and i >= limit:
                     break
                 self._check_preemption()
@@ -398,8 +408,9 @@ class Trainer:
     def fit(self, task, model: nn.Module, criterion: nn.Module, metric: Metric, train_set: Dataset,
             val_set: Dataset, stats: dict, sample_weights=None) -> FitState:
         """sample_weights: one per training item (common.data.datasets.sample_weights_of), or None to shuffle."""
-        steps = self._steps_per_epoch(self.loader(train_set, task.collate, train=True, weights=sample_weights))
-        self.prepare(model, criterion, steps)
+        loaders = (self.loader(train_set, task.collate, train=True, weights=sample_weights, persistent=True),
+                   self.loader(val_set, task.collate, train=False, persistent=True))    # once per fit
+        self.prepare(model, criterion, self._steps_per_epoch(loaders[0]))
         state = self._initial_state(task.name)
         monitor_key = str(self.t.monitor).split("/", 1)[-1]
         end = int(self.t.max_epochs)
@@ -407,10 +418,13 @@ class Trainer:
             end = min(end, state.epoch + int(self.t.epochs_per_run))
         try:
             with lines_above_bars(self.bars):
-                self._epochs(task, metric, train_set, val_set, stats, sample_weights, state, end, monitor_key)
+                self._epochs(task, metric, loaders, val_set, stats, state, end, monitor_key)
         except Preempted as stop:
             self._save_preempted(stop, state, task.name, stats)
             raise
+        finally:
+            for loader in loaders:
+                end_workers(loader)
         return state
 
     def _save_preempted(self, stop: Preempted, state: FitState, task_name: str, stats: dict) -> None:
@@ -419,8 +433,9 @@ class Trainer:
         log.warning(f"[trainer] {stop}: wrote {self.ckpt_dir / 'last.pt'} at epoch {state.epoch} batch "
                     f"{state.batches_done}; the same command (same run directory) continues from there")
 
-    def _epochs(self, task, metric, train_set, val_set, stats, sample_weights, state: FitState, end: int,
-                monitor_key: str) -> None:
+    def _epochs(self, task, metric, loaders: tuple[DataLoader, DataLoader], val_set, stats, state: FitState,
+                end: int, monitor_key: str) -> None:
+        """loaders: (training, validation), built once; each epoch sets the training sampler's epoch."""
         if self._should_stop(state):       # resumed after early stopping: nothing left to train
             return
         tr = self.training
@@ -429,15 +444,15 @@ class Trainer:
             started = time.perf_counter()
             if state.batches_done == 0:     # a new epoch; resumed mid-epoch, the generators _resume restored go on
                 seed_everything(int(self.cfg.seed) + epoch + 1000 * self.ctx.rank)
-            loader = self.loader(train_set, task.collate, True, epoch, skip_batches=state.batches_done,
-                                 weights=sample_weights)
-            record = {"epoch": epoch, **self.train_epoch(loader, state)}
+            train_loader, val_loader = loaders
+            train_loader.sampler.set_epoch(epoch, start=state.batches_done * int(self.cfg.data.batch_size))
+            record = {"epoch": epoch, **self.train_epoch(train_loader, state)}
             check_at_validation(tr.model, state)
             media = (lambda out, b: task.log_media(self.tracker, out, b, stats, state.step)) \
                 if self.ctx.is_main else None
             val = self.evaluate(tr.model, tr.criterion, metric, val_set, task.collate,
                                 limit=self.t.limit_val_batches, on_first_batch=media,
-                                check=lambda outputs: check_outputs(outputs, state))
+                                check=lambda outputs: check_outputs(outputs, state), loader=val_loader)
             task.on_validation_end(tr.model, val)
             record.update({f"val/{k}": v for k, v in val.items()})
             record.update({"step": state.step, **{f"lr/{g['tag']}": g["lr"] for g in tr.optimizer.param_groups}})
