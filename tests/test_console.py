@@ -78,9 +78,11 @@ def test_check_choices_refuses_another_tasks_model_and_lists_valid_ones():
 @pytest.mark.parametrize("args, expected", [
     (["mode=trian"], "mode=trian: expected one of train, eval, predict, cv, synth"),
     (["task=sclera", "model=biomass/fpn"], "model=biomass/fpn belongs to another task than task=sclera"),
+    (["task=sclera", "peft=lora", "peft.r=eight"], "error: peft.r: Value 'eight'"),            # a schema's type
+    (["task=sclera", "+backbone.layr=3"], "error: backbone.layr: Key 'layr' not in 'BackboneSchema'"),   # a typo
 ])
 def test_run_py_refuses_bad_choices_before_importing_the_suite(tmp_path, args, expected):
-    """Refused before Hydra creates the run folder: nothing is left behind."""
+    """Refused before Hydra creates the run folder (common.runs.choices.CheckBeforeRun): nothing is left behind."""
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run_dir}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
