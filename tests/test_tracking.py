@@ -224,8 +224,24 @@ def test_eval_logs_the_checkpoints_config_not_the_command_lines(tmp_path):
     assert init["config"]["checkpoint"]["choices"]["peft"] == "lora"
     update = [c for c in calls if c["call"] == "config.update"][0]["values"]
     assert update["peft"]["name"] == "lora" and update["peft"]["r"] == 2
+    assert init["config"]["hydra"]["choices"]["peft"] == "none"      # the command line's, before loading
+    assert update["hydra"]["choices"]["peft"] == "lora"             # then the checkpoint's, as its config
+    assert update["hydra"]["choices"]["trainer"] == "default"       # trainer: this run's section, this run's choice
     summary = [c for c in calls if c["call"] == "finish"][0]["summary"]
     assert "eval/neg_mse" in summary
+
+
+def test_eval_choices_of_checkpoint_sections_are_the_checkpoints():
+    from common.inference.predictor import FROM_CHECKPOINT
+    from common.tracking.run_info import inherited_choices
+    run = {"task": "biomass", "model": "biomass/fpn", "model/biomass": "fpn", "peft": "none", "trainer": "gpu",
+           "inference": "biomass", "experiment": None}
+    checkpoint = {"choices": {"task": "biomass", "model": "biomass/mil", "peft": "lora", "trainer": "debug",
+                              "data": "biomass/csiro"}}
+    assert inherited_choices(run, checkpoint, FROM_CHECKPOINT) == {
+        "task": "biomass", "model": "biomass/mil", "model/biomass": None, "peft": "lora", "data": "biomass/csiro",
+        "trainer": "gpu", "inference": "biomass", "experiment": None}
+    assert inherited_choices(run, {}, ("peft",))["peft"] is None     # a checkpoint without its run: unknown
 
 
 def test_logger_none_imports_no_wandb():
@@ -257,7 +273,7 @@ def test_real_wandb_offline_accepts_every_call(monkeypatch, tmp_path):
     tracker.log_image("worst", np.zeros((8, 8), np.uint8))
     tracker.log_table("breakdown", ["field", "n"], [["rain", 3]])
     tracker.log_confusion_matrix("confusion", [[2, 1], [0, 3]], ["no roadwork", "roadwork"])
-    tracker.set_config(cfg)
+    tracker.set_config(cfg, ("peft",))
     tracker.add_tags(["pruned"])
     (run / "best.pt").write_bytes(b"weights")
     (run / "metrics.json").write_text(json.dumps({"checkpoints": {"best": str(run / "best.pt")}}))

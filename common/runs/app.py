@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from common.cluster import distributed, preemption
 from common.data import image_check
 from common.data.datasets import sample_weights_of
-from common.inference.predictor import load_predictor
+from common.inference.predictor import FROM_CHECKPOINT, load_predictor
 from common.runs.choices import MODES
 from common.runs.run_dir import check_run_folders, run_directory_lock
 from common.tracking.console import inference_commands, results_block, summary_block
@@ -81,7 +81,7 @@ def log_train_summary(cfg: DictConfig, task_name: str, run_dir: Path) -> None:
 
 def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
     predictor = load_predictor(cfg, cfg.ckpt_path)
-    tracker.set_config(predictor.config)
+    tracker.set_config(predictor.config, FROM_CHECKPOINT)
     trainer = Trainer(predictor.config, run_dir, tracker, ctx)
     task = predictor.task
     metric, dataset = task.build_metric(predictor.stats), task.datasets(root, "eval", predictor.model)["eval"]
@@ -102,7 +102,7 @@ def _predict_group(cfg, ckpt_path, label, root, run_dir, tracker, ctx) -> dict:
     predictor = load_predictor(cfg, ckpt_path)
     if label is not None:
         predictor.task.check_prediction_group(label)
-    tracker.set_config(predictor.config)
+    tracker.set_config(predictor.config, FROM_CHECKPOINT)
     trainer = Trainer(predictor.config, run_dir, tracker, ctx)
     task = predictor.task
     dataset = task.datasets(root, "predict", predictor.model)["predict"]

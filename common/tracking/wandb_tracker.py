@@ -93,9 +93,10 @@ class WandbTracker(Tracker):
         self.run.log({name: wandb.plot.confusion_matrix(y_true=true, preds=pred, class_names=list(class_names),
                                                         title=name)})
 
-    def set_config(self, cfg):
-        """eval / predict: the config the checkpoint's network was rebuilt with replaces the command line's."""
-        self.run.config.update(logged_config(cfg, self.info), allow_val_change=True)
+    def set_config(self, cfg, from_checkpoint):
+        """eval / predict: the config the checkpoint's network was rebuilt with replaces the command line's, and so
+        do the choices of the groups behind its sections `from_checkpoint` (the checkpoint's run's choices)."""
+        self.run.config.update(logged_config(cfg, self.info, tuple(from_checkpoint)), allow_val_change=True)
 
     def set_summary(self, metrics):
         for key, value in metrics.items():
