@@ -15,6 +15,7 @@ from common.tracking.run_info import RunInfo, run_info, short_name
 from common.tracking.tracker import Tracker, logged_config, make_tracker
 from tests import fake_wandb
 from tests.cli import REPO, TOY, run_cli
+from tests.test_roadwork_e2e import SMALL
 
 
 def _compose(overrides, tmp_path):
@@ -178,7 +179,7 @@ def test_fold_metrics_keep_their_best_summary(monkeypatch, tmp_path):
     FoldTracker(tracker, 1, step_offset=100).log_metrics({"epoch": 2, "val/neg_mse": -1.0, "step": 5}, 5)
     defined = {c["name"]: c for c in fake_wandb.calls("define_metric")}
     assert defined["fold1/val/neg_mse"]["summary"] == "min,last"
-    assert fake_wandb.calls("log")[-1] == {"call": "log", "step": 105, "row": {
+    assert fake_wandb.calls("log")[-1] == {"call": "log", "step": None, "at": 0, "dropped": False, "row": {
         "fold1/epoch": 2, "fold1/val/neg_mse": -1.0, "fold1/step": 5, "step": 105, "epoch": 2}}
 
 
@@ -284,3 +285,34 @@ def test_real_wandb_offline_accepts_every_call(monkeypatch, tmp_path):
     blobs = b"".join(p.read_bytes() for p in run.glob("wandb/offline-run-*/run-*.wandb"))
     for name in (b"name-test", b"g-test", b"task:toy", b"train/loss_step", b"val/f1", b"confusion", b"best", b"pruned"):
         assert name in blobs, name
+
+
+
+def _logged_rows(args, run_dir, cache, fake):
+    """The log calls the recorder saw in one run.py run (a process of its own: one where the real wandb was
+    imported keeps parts of it)."""
+    record = run_dir.with_suffix(".json")
+    run_cli([*args, "logger=wandb"], run_dir, cache, env={"PYTHONPATH": f"{fake}:{REPO}",
+                                                         "FAKE_WANDB_RECORD": str(record)})
+    return [c for c in json.loads(record.read_text()) if c["call"] == "log"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["biomass", "sclera", "roadwork"])
+def test_train_then_eval_never_log_to_an_earlier_step(tmp_path, task):
+    """wandb drops a row logged to a step below its current one (the recorder keeps wandb's steps): train and then
+    eval of every task log every row, on non-decreasing `step` values, roadwork's eval its worst-errors grid."""
+    fake = fake_wandb.write_package(tmp_path / "fake")
+    smoke = ["trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    data = SMALL if task == "roadwork" else []            # roadwork's test set of tests/test_roadwork_e2e.py
+    train = _logged_rows([f"task={task}", *smoke, *data], tmp_path / "train", tmp_path / "cache", fake)
+    ckpt = tmp_path / "train" / "checkpoints" / "best.pt"
+    evaluate = _logged_rows([f"task={task}", "mode=eval", f"ckpt_path={ckpt}", *data], tmp_path / "eval",
+                            tmp_path / "cache", fake)
+    assert [c for c in train if "val/loss" in c["row"] or "train/loss" in c["row"]]
+    for logs in (train, evaluate):
+        assert not [c["row"] for c in logs if c["dropped"]]
+        steps = [c["row"]["step"] for c in logs if "step" in c["row"]]
+        assert steps == sorted(steps)
+    if task == "roadwork":
+        assert [c for c in evaluate if "worst_errors" in c["row"]]
