@@ -114,11 +114,19 @@ def calls(kind: str) -> list[dict]:
 
 
 def install(monkeypatch) -> types.ModuleType:
-    """This module as `wandb` for the test, with a fresh record; the tracker module re-imported against it."""
+    """This module as `wandb` for the test, with a fresh record; the tracker module re-imported against it, and
+    taken away again after the test (from sys.modules and from its package, where Hydra's `_target_` lookup finds
+    it first), so later runs in this process import it against the real wandb."""
+    import importlib
+
+    import common.tracking
     module = sys.modules[__name__]
     CALLS.clear()
     monkeypatch.setitem(sys.modules, "wandb", module)
-    monkeypatch.delitem(sys.modules, "common.tracking.wandb_tracker", raising=False)
+    monkeypatch.setitem(sys.modules, "common.tracking.wandb_tracker", None)      # the state to return to
+    monkeypatch.setattr(common.tracking, "wandb_tracker", None, raising=False)
+    del sys.modules["common.tracking.wandb_tracker"]
+    importlib.import_module("common.tracking.wandb_tracker")
     return module
 
 

@@ -84,6 +84,7 @@ def test_wandb_option_instantiates_wandb_tracker_with_exactly_its_keys(monkeypat
     import inspect
 
     from common.tracking.tracker import RUN_KEYS, RUNTIME_ARGS
+    monkeypatch.delenv("WANDB_MODE")                       # logger.mode's default when WANDB_MODE is not set
     tracker, cfg = _tracker(monkeypatch, tmp_path)
     option = OmegaConf.to_container(cfg.logger, resolve=True)
     arguments = set(inspect.signature(type(tracker)).parameters)
@@ -135,6 +136,15 @@ def test_a_key_the_tracker_does_not_take_fails_naming_it(monkeypatch, tmp_path, 
     with pytest.raises((ValueError, TypeError), match=message):
         make_tracker(cfg, tmp_path / "run", is_main=True)
     assert not fake_wandb.calls("init")
+
+
+@pytest.mark.parametrize("env_mode", ["disabled", "online"])
+def test_wandb_mode_follows_the_environment_unless_given(monkeypatch, tmp_path, env_mode):
+    monkeypatch.setenv("WANDB_MODE", env_mode)
+    _tracker(monkeypatch, tmp_path)
+    assert fake_wandb.calls("init")[0]["mode"] == env_mode
+    _tracker(monkeypatch, tmp_path, ["logger.mode=offline"])          # the command line's wins
+    assert fake_wandb.calls("init")[0]["mode"] == "offline"
 
 
 def test_wandb_init_names_groups_tags_and_silences(monkeypatch, tmp_path):
