@@ -12,6 +12,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
+from common.runs.resolvers import register_resolvers as register_path_resolvers
 from common.utils.hydra_lines import version_base
 from common.utils.secrets import protect_process, redact
 from sweeps.storage import open_study
@@ -21,6 +22,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main(overrides: list[str]) -> None:
+    register_path_resolvers()          # ${cwd:} of paths (as run.py)
     register_resolvers()
     protect_process(None)
     with initialize_config_dir(config_dir=str(CONF), **version_base()):

@@ -67,10 +67,13 @@ class _Config(dict):
 
 
 class Run:
+    """Steps as wandb keeps them: `log(row)` commits at the current step and moves to the next; `log(row, step=s)`
+    moves to s, and a step below the current one is dropped with a warning (recorded as `dropped`)."""
     id = "fakerun"
 
     def __init__(self, config, tags=None):
         self.config, self.summary, self._tags = _Config(config or {}), {}, tuple(tags or ())
+        self.step = 0
 
     @property
     def tags(self):
@@ -85,7 +88,10 @@ class Run:
         CALLS.append({"call": "define_metric", "name": name, "step_metric": step_metric, "summary": summary})
 
     def log(self, row, step=None):
-        CALLS.append({"call": "log", "row": _plain(row), "step": step})
+        dropped = step is not None and step < self.step
+        at = self.step if step is None or dropped else step
+        self.step = at + 1 if step is None else max(self.step, step)
+        CALLS.append({"call": "log", "row": _plain(row), "step": step, "at": at, "dropped": dropped})
 
     def log_artifact(self, artifact):
         CALLS.append({"call": "log_artifact", "name": artifact.name, "type": artifact.type, "files": artifact.files})
@@ -108,11 +114,19 @@ def calls(kind: str) -> list[dict]:
 
 
 def install(monkeypatch) -> types.ModuleType:
-    """This module as `wandb` for the test, with a fresh record; the tracker module re-imported against it."""
+    """This module as `wandb` for the test, with a fresh record; the tracker module re-imported against it, and
+    taken away again after the test (from sys.modules and from its package, where Hydra's `_target_` lookup finds
+    it first), so later runs in this process import it against the real wandb."""
+    import importlib
+
+    import common.tracking
     module = sys.modules[__name__]
     CALLS.clear()
     monkeypatch.setitem(sys.modules, "wandb", module)
-    monkeypatch.delitem(sys.modules, "common.tracking.wandb_tracker", raising=False)
+    monkeypatch.setitem(sys.modules, "common.tracking.wandb_tracker", None)      # the state to return to
+    monkeypatch.setattr(common.tracking, "wandb_tracker", None, raising=False)
+    del sys.modules["common.tracking.wandb_tracker"]
+    importlib.import_module("common.tracking.wandb_tracker")
     return module
 
 

@@ -130,6 +130,13 @@ def test_wandb_offline_run_is_written(tmp_path):
     assert list((tmp_path / "r" / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
+def test_wandb_mode_disabled_writes_no_wandb_folder(tmp_path):
+    """WANDB_MODE=disabled is logger.mode's default: the real wandb starts a disabled run, which writes nothing."""
+    run_cli([*TOY, "trainer=debug", "logger=wandb"], tmp_path / "r", tmp_path / "c", env={"WANDB_MODE": "disabled"})
+    assert (tmp_path / "r" / "metrics.json").is_file() and not (tmp_path / "r" / "wandb").exists()
+
+
 def test_redaction_of_secrets():
     cfg = {"storage": "postgresql://optuna:s3cret@db.example:5432/study", "api_key": "abc",
            "nested": {"db_password": "hunter2", "name": "ok"}}

@@ -91,11 +91,36 @@ def test_check_choices_refuses_another_tasks_model_and_lists_valid_ones():
     (["mode=trian"], "mode=trian: expected one of train, eval, predict, cv, synth"),
     (["task=sclera", "+model/biomass=fpn"], "model/biomass=fpn belongs to another task than task=sclera"),
     (["task=sclera", "model/biomass=fpn"], "Could not override 'model/biomass'. No match in the defaults list."),
+    (["task=sclera", "peft=lora", "peft.r=eight"], "error: peft.r: Value 'eight'"),            # a schema's type
+    (["task=sclera", "+backbone.layr=3"], "error: backbone.layr: Key 'layr' not in 'BackboneSchema'"),   # a typo
 ])
 def test_run_py_refuses_bad_choices_before_importing_the_suite(tmp_path, args, expected):
-    """Refused before Hydra creates the run folder: nothing is left behind."""
+    """Refused before Hydra creates the run folder (common.runs.choices.CheckBeforeRun): nothing is left behind."""
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run_dir}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and expected in proc.stderr
     assert "Traceback" not in proc.stderr and not run_dir.exists()
+
+
+def _help(*overrides: str) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "--help", *overrides], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_help_lists_every_config_group_without_private_options():
+    """`--help` lists Hydra's own group list ($APP_CONFIG_GROUPS, the reference) minus the options whose file name
+    starts with `_` (model/biomass/_common, sweeps/_base), which are composed by other options, never chosen."""
+    shown = _help()
+    groups_part = shown.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    listed = dict(line.split(": ", 1) for line in groups_part.splitlines() if ": " in line)
+    hydra_groups = dict(line.split(": ", 1) for line in _help("hydra.help.template='$APP_CONFIG_GROUPS'")
+                        .splitlines() if ": " in line)
+    assert "_common" in hydra_groups["model/biomass"] and "_base" in hydra_groups["sweeps"]   # what Hydra shows
+    reference = {group: ", ".join(o for o in options.split(", ") if not o.startswith("_"))
+                 for group, options in hydra_groups.items()}
+    assert listed == {group: options for group, options in reference.items() if options}
+    assert not [o for options in listed.values() for o in options.split(", ") if o.startswith("_")]
+    assert "sweeps" in listed and "mode: train" in shown and shown.startswith("vfm-suite: ")

@@ -2,12 +2,18 @@
 
 Commands that train are made smoke-sized by appending overrides (never by editing them): one short epoch, and a
 budget of two trials for sweeps. Each block runs as one bash script, in order, so a block may use what an
-earlier command of it wrote. `make test` is the command running this test, so it is the one command not run.
+earlier command of it wrote; blocks that use one Optuna study (`sweeps=<space>`, `logs/sweeps/<space>`) run in README
+order in one copy (one xdist group), as a reader runs them. Blocks indented in a list item run too. `make test` is
+the command running this test, so it is the one command not run. One block (OFFLINE_BLOCK, the first experiment
+commands) runs with the default tracker as a user has it, wandb offline, and its offline run must hold the summary.
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
+import textwrap
 import shlex
 import shutil
 import subprocess
@@ -24,10 +30,14 @@ SMOKE_TRAIN = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer
 SMOKE_SWEEP = ["hydra.sweeper.budget=2"]
 SMOKE_DEMO = "DEMO_ARGS='trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1'"
 NOT_RUN = {"make test": "the command that runs this test"}
+OFFLINE_BLOCK = ".venv/bin/python run.py task=sclera"      # its first line; its training run: logs/readme/sclera
+OFFLINE_RUN = "logs/readme/sclera"
 
 
 def bash_blocks(markdown: str) -> list[str]:
-    return re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.MULTILINE | re.DOTALL)
+    """Fenced bash blocks, those indented inside list items included (their indentation removed)."""
+    return [textwrap.dedent(body) for _, body in
+            re.findall(r"^( *)```bash\n(.*?)^\1```", markdown, flags=re.MULTILINE | re.DOTALL)]
 
 
 def logical_lines(block: str) -> list[str]:
@@ -57,14 +67,27 @@ def smoke_sized(line: str) -> str:
     return command + (" &" if background else "")
 
 
-def readme_scripts() -> list[tuple[str, str]]:
+def readme_scripts() -> list:
+    """(first line, script) per block; the blocks of one Optuna study share an xdist group (module docstring)."""
     scripts = []
     for block in bash_blocks((REPO / "README.md").read_text()):
         lines = [line for line in logical_lines(block) if line not in NOT_RUN]
         if lines:
             body = "\n".join(smoke_sized(line) for line in lines)
-            scripts.append((lines[0][:60], f"set -euo pipefail\n{body}\nwait\n"))
+            studies = sorted(set(re.findall(r"sweeps[=/](\w+)", block)))
+            marks = [pytest.mark.xdist_group(f"readme-study-{studies[0]}")] if studies else []
+            scripts.append(pytest.param(lines[0][:60], f"set -euo pipefail\n{body}\nwait\n", marks=marks,
+                                        id=lines[0][:60]))
     return scripts
+
+
+def summary_value(run_file: Path, key: str) -> float:
+    """The last value of `key` in the run summaries a wandb offline run file holds (protobuf SummaryItem: the key,
+    then field 16, value_json, length-prefixed: `\\x82\\x01<length><json>`; values here are under 128 bytes)."""
+    blob = run_file.read_bytes()
+    found = [m.end() for m in re.finditer(re.escape(key.encode()) + rb"\x82\x01", blob)]
+    assert found, f"no summary item {key} in {run_file}"
+    return float(blob[found[-1] + 1: found[-1] + 1 + blob[found[-1]]].decode())
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +134,32 @@ def test_smoke_sizing_only_appends():
         ".venv/bin/python run.py task=sclera mode=eval ckpt_path=x"
 
 
-@pytest.mark.parametrize("first_line, script", readme_scripts(), ids=[s[0] for s in readme_scripts()])
+def test_indented_blocks_are_found_and_dedented():
+    markdown = "- item:\n  ```bash\n  echo one \\\n      two\n  ```\n\n```bash\necho three\n```\n"
+    assert bash_blocks(markdown) == ["echo one \\\n    two\n", "echo three\n"]
+    indented = [s for s in readme_scripts() if "task.submission.team=CGDSeg" in s.values[1]]
+    assert len(indented) == 1 and "\n  " not in indented[0].values[1]
+
+
+@pytest.mark.parametrize("first_line, script", readme_scripts())
 def test_readme_block_runs_as_written(fresh_copy, first_line, script):
     # A fresh environment, except the session's synthetic datasets (VFM_SYNTH_DIR): generating them again in the
     # copy's .cache/synthetic/ took a minute of each block (the default location is tested in
     # test_synthetic_datasets_default_to_the_cache_folder).
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("VFM_", "OPTUNA_", "SWEEP_")) or k == "VFM_SYNTH_DIR"}
-    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    offline = first_line == OFFLINE_BLOCK[:60]
+    env.update(WANDB_MODE="offline" if offline else "disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", "-c", script], cwd=fresh_copy, env=env, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, f"{script}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    if offline:             # the default tracker: the training run's offline wandb run holds its best value
+        run = fresh_copy / OFFLINE_RUN
+        best = json.loads((run / "metrics.json").read_text())["best"]
+        [run_file] = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
+        monitor = str(json.loads((run / "metrics.json").read_text())["monitor"])
+        assert summary_value(Path(run_file), f"best/{monitor}") == pytest.approx(best[monitor], rel=1e-12)
+
+
+def test_one_block_runs_with_wandb_offline():
+    assert [s for s in readme_scripts() if s.values[0] == OFFLINE_BLOCK[:60] and OFFLINE_RUN in s.values[1]]

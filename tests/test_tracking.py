@@ -15,6 +15,7 @@ from common.tracking.run_info import RunInfo, run_info, short_name
 from common.tracking.tracker import Tracker, logged_config, make_tracker
 from tests import fake_wandb
 from tests.cli import REPO, TOY, run_cli
+from tests.test_roadwork_e2e import SMALL
 
 
 def _compose(overrides, tmp_path):
@@ -83,6 +84,7 @@ def test_wandb_option_instantiates_wandb_tracker_with_exactly_its_keys(monkeypat
     import inspect
 
     from common.tracking.tracker import RUN_KEYS, RUNTIME_ARGS
+    monkeypatch.delenv("WANDB_MODE")                       # logger.mode's default when WANDB_MODE is not set
     tracker, cfg = _tracker(monkeypatch, tmp_path)
     option = OmegaConf.to_container(cfg.logger, resolve=True)
     arguments = set(inspect.signature(type(tracker)).parameters)
@@ -136,6 +138,15 @@ def test_a_key_the_tracker_does_not_take_fails_naming_it(monkeypatch, tmp_path, 
     assert not fake_wandb.calls("init")
 
 
+@pytest.mark.parametrize("env_mode", ["disabled", "online"])
+def test_wandb_mode_follows_the_environment_unless_given(monkeypatch, tmp_path, env_mode):
+    monkeypatch.setenv("WANDB_MODE", env_mode)
+    _tracker(monkeypatch, tmp_path)
+    assert fake_wandb.calls("init")[0]["mode"] == env_mode
+    _tracker(monkeypatch, tmp_path, ["logger.mode=offline"])          # the command line's wins
+    assert fake_wandb.calls("init")[0]["mode"] == "offline"
+
+
 def test_wandb_init_names_groups_tags_and_silences(monkeypatch, tmp_path):
     _tracker(monkeypatch, tmp_path, ["trainer.optim.lr=0.0033333333", "logger.project=p"])
     init = fake_wandb.calls("init")[0]
@@ -181,7 +192,7 @@ def test_fold_metrics_keep_their_best_summary(monkeypatch, tmp_path):
     FoldTracker(tracker, 1, step_offset=100).log_metrics({"epoch": 2, "val/neg_mse": -1.0, "step": 5}, 5)
     defined = {c["name"]: c for c in fake_wandb.calls("define_metric")}
     assert defined["fold1/val/neg_mse"]["summary"] == "min,last"
-    assert fake_wandb.calls("log")[-1] == {"call": "log", "step": 105, "row": {
+    assert fake_wandb.calls("log")[-1] == {"call": "log", "step": None, "at": 0, "dropped": False, "row": {
         "fold1/epoch": 2, "fold1/val/neg_mse": -1.0, "fold1/step": 5, "step": 105, "epoch": 2}}
 
 
@@ -227,8 +238,24 @@ def test_eval_logs_the_checkpoints_config_not_the_command_lines(tmp_path):
     assert init["config"]["checkpoint"]["choices"]["peft"] == "lora"
     update = [c for c in calls if c["call"] == "config.update"][0]["values"]
     assert update["peft"]["name"] == "lora" and update["peft"]["r"] == 2
+    assert init["config"]["hydra"]["choices"]["peft"] == "none"      # the command line's, before loading
+    assert update["hydra"]["choices"]["peft"] == "lora"             # then the checkpoint's, as its config
+    assert update["hydra"]["choices"]["trainer"] == "default"       # trainer: this run's section, this run's choice
     summary = [c for c in calls if c["call"] == "finish"][0]["summary"]
     assert "eval/neg_mse" in summary
+
+
+def test_eval_choices_of_checkpoint_sections_are_the_checkpoints():
+    from common.inference.predictor import FROM_CHECKPOINT
+    from common.tracking.run_info import inherited_choices
+    run = {"task": "biomass", "model": "biomass/fpn", "model/biomass": "fpn", "peft": "none", "trainer": "gpu",
+           "inference": "biomass", "experiment": None}
+    checkpoint = {"choices": {"task": "biomass", "model": "biomass/mil", "peft": "lora", "trainer": "debug",
+                              "data": "biomass/csiro"}}
+    assert inherited_choices(run, checkpoint, FROM_CHECKPOINT) == {
+        "task": "biomass", "model": "biomass/mil", "model/biomass": None, "peft": "lora", "data": "biomass/csiro",
+        "trainer": "gpu", "inference": "biomass", "experiment": None}
+    assert inherited_choices(run, {}, ("peft",))["peft"] is None     # a checkpoint without its run: unknown
 
 
 def test_logger_none_imports_no_wandb():
@@ -260,7 +287,7 @@ def test_real_wandb_offline_accepts_every_call(monkeypatch, tmp_path):
     tracker.log_image("worst", np.zeros((8, 8), np.uint8))
     tracker.log_table("breakdown", ["field", "n"], [["rain", 3]])
     tracker.log_confusion_matrix("confusion", [[2, 1], [0, 3]], ["no roadwork", "roadwork"])
-    tracker.set_config(cfg)
+    tracker.set_config(cfg, ("peft",))
     tracker.add_tags(["pruned"])
     (run / "best.pt").write_bytes(b"weights")
     (run / "metrics.json").write_text(json.dumps({"checkpoints": {"best": str(run / "best.pt")}}))
@@ -271,3 +298,34 @@ def test_real_wandb_offline_accepts_every_call(monkeypatch, tmp_path):
     blobs = b"".join(p.read_bytes() for p in run.glob("wandb/offline-run-*/run-*.wandb"))
     for name in (b"name-test", b"g-test", b"task:toy", b"train/loss_step", b"val/f1", b"confusion", b"best", b"pruned"):
         assert name in blobs, name
+
+
+
+def _logged_rows(args, run_dir, cache, fake):
+    """The log calls the recorder saw in one run.py run (a process of its own: one where the real wandb was
+    imported keeps parts of it)."""
+    record = run_dir.with_suffix(".json")
+    run_cli([*args, "logger=wandb"], run_dir, cache, env={"PYTHONPATH": f"{fake}:{REPO}",
+                                                         "FAKE_WANDB_RECORD": str(record)})
+    return [c for c in json.loads(record.read_text()) if c["call"] == "log"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["biomass", "sclera", "roadwork"])
+def test_train_then_eval_never_log_to_an_earlier_step(tmp_path, task):
+    """wandb drops a row logged to a step below its current one (the recorder keeps wandb's steps): train and then
+    eval of every task log every row, on non-decreasing `step` values, roadwork's eval its worst-errors grid."""
+    fake = fake_wandb.write_package(tmp_path / "fake")
+    smoke = ["trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    data = SMALL if task == "roadwork" else []            # roadwork's test set of tests/test_roadwork_e2e.py
+    train = _logged_rows([f"task={task}", *smoke, *data], tmp_path / "train", tmp_path / "cache", fake)
+    ckpt = tmp_path / "train" / "checkpoints" / "best.pt"
+    evaluate = _logged_rows([f"task={task}", "mode=eval", f"ckpt_path={ckpt}", *data], tmp_path / "eval",
+                            tmp_path / "cache", fake)
+    assert [c for c in train if "val/loss" in c["row"] or "train/loss" in c["row"]]
+    for logs in (train, evaluate):
+        assert not [c["row"] for c in logs if c["dropped"]]
+        steps = [c["row"]["step"] for c in logs if "step" in c["row"]]
+        assert steps == sorted(steps)
+    if task == "roadwork":
+        assert [c for c in evaluate if "worst_errors" in c["row"]]

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # eval / predict rebuild the network from these checkpoint sections (the data section too, with the
 # command line's data.* overrides on top), so a checkpoint alone (plus backbone weights) predicts.
 CHECKPOINT_SECTIONS = ("backbone", "peft", "model", "task", "adapt")
+FROM_CHECKPOINT = CHECKPOINT_SECTIONS + ("data",)     # every section eval / predict read from a checkpoint
 WEIGHTINGS = ("mean", "metric", "stack")
 # Keys that checkpoints of earlier versions carry and this version moved elsewhere -> where they live now: left out
 # of the checkpoint's config (never read, nor refused as unknown keys), since this run's value applies.
@@ -109,7 +110,7 @@ def config_from_checkpoint(cfg: DictConfig, ckpt: dict, source: str = "checkpoin
         raise UntrustedData(f"checkpoint {source}: its config has no data section (expected a suite checkpoint)")
     config = with_moved_targets(_without_retired_keys(ckpt["config"], source))
     config = _with_list_augmentation(config, merged["data"], source)
-    config = check_checkpoint_config(config, merged, CHECKPOINT_SECTIONS + ("data",), source)
+    config = check_checkpoint_config(config, merged, FROM_CHECKPOINT, source)
     run_keys = task_class(cfg).INFERENCE_KEYS
     run_task = {key: merged["task"][key] for key in run_keys if merged["task"].get(key) is not None}
     for section in CHECKPOINT_SECTIONS:

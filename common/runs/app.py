@@ -78,9 +78,9 @@ def log_train_summary(cfg: DictConfig, task_name: str, run_dir: Path) -> None:
 
 
 def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
-    from common.inference.predictor import load_predictor     # eval / predict / cv imports: only in their modes
+    from common.inference.predictor import FROM_CHECKPOINT, load_predictor   # eval / predict / cv imports: only in their modes
     predictor = load_predictor(cfg, cfg.ckpt_path)
-    tracker.set_config(predictor.config)
+    tracker.set_config(predictor.config, FROM_CHECKPOINT)
     trainer = Trainer(predictor.config, run_dir, tracker, ctx)
     task = predictor.task
     metric, dataset = task.build_metric(predictor.stats), task.datasets(root, "eval", predictor.model)["eval"]
@@ -98,11 +98,11 @@ def evaluate(cfg, task, root, run_dir, tracker, ctx) -> float | None:
 
 def _predict_group(cfg, ckpt_path, label, root, run_dir, tracker, ctx) -> dict:
     """Predict with the checkpoints of one ckpt_path entry (one file, a cv run, or a list: an ensemble)."""
-    from common.inference.predictor import load_predictor
+    from common.inference.predictor import FROM_CHECKPOINT, load_predictor
     predictor = load_predictor(cfg, ckpt_path)
     if label is not None:
         predictor.task.check_prediction_group(label)
-    tracker.set_config(predictor.config)
+    tracker.set_config(predictor.config, FROM_CHECKPOINT)
     trainer = Trainer(predictor.config, run_dir, tracker, ctx)
     task = predictor.task
     dataset = task.datasets(root, "predict", predictor.model)["predict"]

@@ -1,18 +1,21 @@
 """Checks right after composition, before any heavy import: the mode, and that the task's own config groups
 (data, model, loss, metric) were chosen among that task's options (`task=sclera +model/biomass=fpn` is refused).
 
-`CheckBeforeRun` (a Hydra callback, conf/config.yaml) runs them before Hydra creates the run folder, so a refused
-mode or option leaves no folder behind; run.py runs them again in each job (the jobs of a -m run are composed after
-the callback), with the typed schemas (common.runs.config_schema), which resolve `${hydra:...}` values and so need
-the job's Hydra config."""
+`CheckBeforeRun` (a Hydra callback, conf/config.yaml) runs them with the typed schemas (common.runs.config_schema)
+before Hydra creates the run folder, so a refused mode, option or section leaves no folder behind; run.py runs them
+again in each job (the jobs of a -m run are composed after the callback). The schemas resolve `${hydra:...}` values:
+before the job exists, `hydra.runtime.output_dir` is the run folder Hydra is about to create (`hydra.run.dir`)."""
 from __future__ import annotations
 
+import copy
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 MODES = ("train", "eval", "predict", "cv", "synth")
 TASK_GROUPS = ("data", "model", "loss", "metric")
@@ -55,9 +58,22 @@ def check_config(cfg: DictConfig, choices: dict[str, str | None]) -> None:
         sys.exit(f"error: {err}")
 
 
+def _as_job(config: DictConfig) -> DictConfig:
+    """A copy of the composed `config` as its job will see it: `hydra.runtime.output_dir` set to the folder
+    `hydra.run.dir` names (Hydra sets it only when it creates that folder)."""
+    job = copy.deepcopy(config)
+    with read_write(job.hydra.runtime), open_dict(job.hydra.runtime):
+        job.hydra.runtime.output_dir = os.path.abspath(str(job.hydra.run.dir))
+    return job
+
+
 class CheckBeforeRun(Callback):
+    """Every check of check_config on the composed config of a single run, before Hydra creates its folder."""
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        job, hydra_config = _as_job(config), HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(job)          # `${hydra:...}` resolves against the job to come
         try:
-            check_choices(config, dict(config.hydra.runtime.choices))
-        except ChoiceError as err:
-            sys.exit(f"error: {err}")
+            check_config(job, dict(job.hydra.runtime.choices))
+        finally:
+            HydraConfig.instance().cfg = hydra_config

@@ -76,6 +76,18 @@ def checkpoint_run(ckpt_path) -> dict:
             "overrides": short_overrides(overrides or [])}
 
 
+def inherited_choices(choices: dict, checkpoint: dict, sections) -> dict[str, str | None]:
+    """The choices of an eval / predict run whose `sections` come from a checkpoint: the checkpoint's run's choice
+    for every group that configures one of them (a group's section is its first part: `model`, `model/biomass`),
+    None where the checkpoint's run is unknown (no `.hydra/` beside it); this run's choice for the other groups."""
+    sections = set(sections)
+    own = {group: value for group, value in choices.items() if group.split("/")[0] not in sections}
+    inherited = {group: None for group in choices if group.split("/")[0] in sections}
+    inherited.update({group: value for group, value in checkpoint.get("choices", {}).items()
+                      if group.split("/")[0] in sections})
+    return {**own, **inherited}
+
+
 def default_tags(cfg: DictConfig, choices: dict, facts: list[str]) -> list[str]:
     """`<fact>:<value>` for each fact named in logger.default_tags (task, mode, or a config group such as
     experiment or sweeps) that has a value, then the run's own `tags`."""

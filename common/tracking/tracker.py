@@ -37,10 +37,13 @@ def config_for_logging(cfg: DictConfig) -> dict:
     return redact(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
 
 
-def logged_config(cfg: DictConfig, info: RunInfo) -> dict:
+def logged_config(cfg: DictConfig, info: RunInfo, from_checkpoint: tuple[str, ...] = ()) -> dict:
     """The config a tracker records: `cfg` resolved and redacted, Hydra's choices and overrides under `hydra`, and
-    for eval / predict the checkpoint's training run under `checkpoint`."""
-    hydra = {"choices": info.choices, "overrides": info.overrides}
+    for eval / predict the checkpoint's training run under `checkpoint`. from_checkpoint: the sections of `cfg`
+    taken from the checkpoint, whose group choices are then the checkpoint's run's (run_info.inherited_choices)."""
+    from common.tracking.run_info import inherited_choices
+    choices = inherited_choices(info.choices, info.checkpoint, from_checkpoint) if from_checkpoint else info.choices
+    hydra = {"choices": choices, "overrides": info.overrides}
     extra = {"checkpoint": info.checkpoint} if info.checkpoint else {}
     return {**config_for_logging(cfg), "hydra": redact(hydra), **extra}
 
@@ -92,7 +95,7 @@ class Tracker:
 
     def log_confusion_matrix(self, name: str, matrix, class_names: list[str]) -> None: ...
 
-    def set_config(self, cfg: DictConfig) -> None: ...
+    def set_config(self, cfg: DictConfig, from_checkpoint: tuple[str, ...]) -> None: ...
 
     def set_summary(self, metrics: dict[str, float]) -> None: ...
 

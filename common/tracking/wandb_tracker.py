@@ -1,6 +1,10 @@
 """The wandb tracker (logger=wandb): runs named, grouped and tagged for comparison, metrics on step and epoch
 axes with best-value summaries, the config a run actually ran with, images, tables and optional artifacts.
 
+Every series is drawn against its own axis, the `step` or `epoch` value in its row (define_metric), never against
+wandb's own step, which the tracker leaves to count the log calls: wandb drops a row logged to a step below its
+current one, and a run's calls (training's steps, then tables, eval's error pictures) are not in step order.
+
 Imported only when logger=wandb is selected: conf/logger/wandb.yaml names WandbTracker as its `_target_`, which
 common.tracking.tracker.make_tracker instantiates.
 """
@@ -65,21 +69,22 @@ class WandbTracker(Tracker):
         monitored = key == self.monitor or key.endswith("/" + self.monitor)
         self.run.define_metric(key, step_metric=axis_of(key), summary=f"{best},last" if monitored else None)
 
-    def _log(self, row: dict, step: int | None) -> None:
+    def _log(self, row: dict) -> None:
+        """`row` holds its axis values (`step`, `epoch`); wandb's own step just moves on (module docstring)."""
         for key in row:
             self._define(key)
-        self.run.log(row, step=step)
+        self.run.log(row)
 
     def log_metrics(self, metrics, step):
         row = {**metrics, STEP_AXIS: step}
         epoch = epoch_of(metrics)
         if epoch is not None:
             row[EPOCH_AXIS] = epoch
-        self._log(row, step)
+        self._log(row)
 
     def log_images(self, name, images, step, captions=None):
         captions = captions or [None] * len(images)
-        self._log({name: [wandb.Image(im, caption=c) for im, c in zip(images, captions)], STEP_AXIS: step}, step)
+        self._log({name: [wandb.Image(im, caption=c) for im, c in zip(images, captions)], STEP_AXIS: step})
 
     def log_image(self, name, image, caption=None):
         """image: a file path or an HxW(xC) array."""
@@ -93,9 +98,10 @@ class WandbTracker(Tracker):
         self.run.log({name: wandb.plot.confusion_matrix(y_true=true, preds=pred, class_names=list(class_names),
                                                         title=name)})
 
-    def set_config(self, cfg):
-        """eval / predict: the config the checkpoint's network was rebuilt with replaces the command line's."""
-        self.run.config.update(logged_config(cfg, self.info), allow_val_change=True)
+    def set_config(self, cfg, from_checkpoint):
+        """eval / predict: the config the checkpoint's network was rebuilt with replaces the command line's, and so
+        do the choices of the groups behind its sections `from_checkpoint` (the checkpoint's run's choices)."""
+        self.run.config.update(logged_config(cfg, self.info, tuple(from_checkpoint)), allow_val_change=True)
 
     def set_summary(self, metrics):
         for key, value in metrics.items():
