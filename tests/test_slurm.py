@@ -16,6 +16,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from sweeps.storage import creation_lock, make_storage
 from tests.cli import REPO, TOY, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]   # with -n: its jobs share the one-node cluster: one test at a time
@@ -175,8 +176,12 @@ SWEEP = ["sweeps=toy_lr", "hydra.sweeper.budget=3", "trainer.max_epochs=3", "los
 
 
 def _sweep_array(tmp_path) -> str:
-    return _sbatch([*SMALL, "--time=10", "--array=0-1", str(REPO / "sweeps" / "worker.sbatch"),
-                    *_toy(tmp_path, *SWEEP)], cwd=tmp_path)
+    """Two workers submitted as the README says (common.cluster.slurm_submit); the array's job id."""
+    cmd = [sys.executable, "-m", "common.cluster.slurm_submit", "--gpus", "0", "--cpus", "1", "--mem", "2G", "--time",
+           "10", "--array", "0-1", str(REPO / "sweeps" / "worker.sbatch"), *_toy(tmp_path, *SWEEP)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
 
 
 def _trials_of(tmp_path, worker: str) -> list:
@@ -184,7 +189,11 @@ def _trials_of(tmp_path, worker: str) -> list:
     db = tmp_path / "logs" / "sweeps" / "toy_lr" / "optuna.db"
     if not db.exists():
         return []
-    return [t for t in _study(tmp_path).trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == worker
+    with creation_lock(f"sqlite:///{db}"):          # the workers may be creating the schema right now
+        storage = make_storage(f"sqlite:///{db}")
+    if "toy_lr" not in [s.study_name for s in optuna.study.get_all_study_summaries(storage)]:
+        return []
+    return [t for t in optuna.load_study(study_name="toy_lr", storage=storage).trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == worker
             and (tmp_path / "logs" / "sweeps" / "toy_lr" / f"trial-{t.number}" / "checkpoints" / "last.pt").exists()]
 
 
@@ -221,15 +230,25 @@ def _assert_resumed_from_last_pt(tmp_path, before, logs: str) -> None:
               f"{trial.state.name} by {trial.user_attrs['worker']}, resumed from last.pt at (epoch, batch) {resumed}")
 
 
-def _logs(tmp_path, *arrays: str) -> str:
-    return "\n".join(p.read_text() for a in arrays for p in sorted(tmp_path.glob(f"slurm-*-{a}_*.out")))
+def _logs(*arrays: str) -> str:
+    return "\n".join(p.read_text() for a in arrays for p in sorted((REPO / "logs" / "slurm").glob(f"vfm-sweep-{a}_*.out")))
 
 
-def test_c_requeued_worker_held_past_grace_period_loses_no_work(slurm, tmp_path):
+@pytest.fixture
+def cancel_at_end():
+    """Job ids to scancel when the test ends (a failed test leaves no job behind for the next one)."""
+    jobs = []
+    yield jobs
+    for job in jobs:
+        subprocess.run(["scancel", job])
+
+
+def test_c_requeued_worker_held_past_grace_period_loses_no_work(slurm, tmp_path, cancel_at_end):
     """Task 0 of a sweep array is signalled mid-trial (USR1: last.pt, self-requeue) and its requeued job held in
     the queue well past grace_period: its trial is not failed; it is released, and task 1 adopts it at its next
     trial and resumes it from last.pt (same number and parameters); released, task 0 ends cleanly; budget exact."""
     array = _sweep_array(tmp_path)
+    cancel_at_end.append(array)
     first = _poll(lambda: _trials_of(tmp_path, f"slurm-{array}_0"), "task 0 to finish an epoch of its trial", 180)
     subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array}_0"], check=True)
 
@@ -244,17 +263,18 @@ def test_c_requeued_worker_held_past_grace_period_loses_no_work(slurm, tmp_path)
     assert time.time() - held_at > 8                     # held past grace_period, and the trial is not lost
     subprocess.run(["scontrol", "release", f"{array}_0"], check=True)
     jobs = _wait(array, 300)
-    logs = _logs(tmp_path, array)
+    logs = _logs(array)
     assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"], logs[-4000:]
     _assert_resumed_from_last_pt(tmp_path, first, logs)
     assert _study(tmp_path).trials[number].user_attrs["worker"] == f"slurm-{array}_1"
 
 
-def test_c_cancelled_sweep_array_resubmitted_resumes_its_trials(slurm, tmp_path):
+def test_c_cancelled_sweep_array_resubmitted_resumes_its_trials(slurm, tmp_path, cancel_at_end):
     """scancel of a sweep array in the middle of two trials (SIGTERM: last.pt, the trials released, not FAIL),
     then the same array submitted again, as the README says: the new workers resume both trials from last.pt
     (same numbers and parameters) and run only what the budget still lacks."""
     array = _sweep_array(tmp_path)
+    cancel_at_end.append(array)
     interrupted = _poll(lambda: len(both := _trials_of(tmp_path, f"slurm-{array}_0")
                                     + _trials_of(tmp_path, f"slurm-{array}_1")) == 2 and both,
                         "both tasks to finish an epoch of a trial", 240)
@@ -265,8 +285,9 @@ def test_c_cancelled_sweep_array_resubmitted_resumes_its_trials(slurm, tmp_path)
     assert [study.trials[t.number].state for t in interrupted] == [TrialState.RUNNING] * 2
     assert all(study.trials[t.number].system_attrs["owner"].startswith("released ") for t in interrupted)
     again = _sweep_array(tmp_path)
+    cancel_at_end.append(again)
     jobs = _wait(again, 300)
-    logs = _logs(tmp_path, array, again)
+    logs = _logs(array, again)
     assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"], logs[-4000:]
     _assert_resumed_from_last_pt(tmp_path, interrupted, logs)
 
