@@ -135,12 +135,8 @@ def _race(url: str, worker: str, lock, barrier, results) -> None:
     results[worker] = [t.number for t, _ in found if ownership.adopt(study, t, f"{worker} host 0 0.0", lock)]
 
 
-@pytest.mark.parametrize("lock", [None, "owner.lock"], ids=["sql-update", "lock-file"])
-def test_e_two_workers_racing_for_the_same_orphans_adopt_each_exactly_once(tmp_path, lock):
-    """Both read the same 30 released trials, then adopt them at once: each is won once. sql-update is SQLite's and
-    PostgreSQL's compare-and-set; lock-file, JournalStorage's (run here on SQLite: the pinned optuna has none)."""
-    lock = None if lock is None else str(tmp_path / lock)
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+def race_for_orphans(url: str, lock) -> None:
+    """Two processes read the same 30 released trials, then adopt them at once: each trial is won exactly once."""
     study = open_study(url, "s", ["maximize"])
     for _ in range(30):
         trial = study.ask()
@@ -158,6 +154,13 @@ def test_e_two_workers_racing_for_the_same_orphans_adopt_each_exactly_once(tmp_p
     assert sorted(won["w1"] + won["w2"]) == list(range(30)), won      # every trial once, none twice
     owners = [ownership.owner(study, t._trial_id).split(" ")[0] for t in study.trials]
     assert owners == ["w1" if t.number in won["w1"] else "w2" for t in study.trials]
+
+
+@pytest.mark.parametrize("lock", [None, "owner.lock"], ids=["sql-update", "lock-file"])
+def test_e_two_workers_racing_for_the_same_orphans_adopt_each_exactly_once(tmp_path, lock):
+    """sql-update: SQLite's compare-and-set (PostgreSQL's: tests/test_sweeps_postgres.py); lock-file, JournalStorage's
+    (run here on SQLite: the pinned optuna has no JournalStorage)."""
+    race_for_orphans(f"sqlite:///{tmp_path / 'optuna.db'}", None if lock is None else str(tmp_path / lock))
 
 
 def test_f_a_trial_without_last_pt_is_rerun_from_scratch_with_its_params(tmp_path, monkeypatch, caplog):
