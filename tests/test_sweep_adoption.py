@@ -172,3 +172,34 @@ def test_f_a_trial_without_last_pt_is_rerun_from_scratch_with_its_params(tmp_pat
     assert "adopting trial 0 (released by its preempted worker w0)" in caplog.text
     assert "from scratch (it has no last.pt)" in caplog.text
     assert _states(tmp_path) == ["COMPLETE"]
+
+
+def test_g_a_late_worker_whose_trial_was_adopted_stops_beating_and_records_nothing(tmp_path, monkeypatch, caplog):
+    """w0's heartbeats were late: w1 adopted its trial while it ran. w0's heartbeat stops at its next beat and w0
+    does not tell the study its result (the trial is w1's to finish)."""
+    sweeper = _sweeper(tmp_path, monkeypatch, "w0", None, budget=1)
+
+    class AdoptedMeanwhile(FakeLauncher):
+        def launch(self, job_overrides, initial_job_idx):
+            study = _study(tmp_path)
+            trial_id = study.trials[0]._trial_id
+            assert ownership.swap_owner(study, trial_id, sweeper.life, "w1 host 2 2.0", None)
+            beats = ownership.stored_trials(study, (TrialState.RUNNING,))[0].system_attrs[ownership.HEARTBEAT]
+            time.sleep(2.5)                              # two heartbeat intervals
+            assert ownership.stored_trials(study, (TrialState.RUNNING,))[0].system_attrs[ownership.HEARTBEAT] == beats
+            return super().launch(job_overrides, initial_job_idx)
+
+    class WaitsForW1(Exception):
+        pass
+
+    def wait(study, complete, live):                     # then w0 waits for w1's trial, the budget still full
+        raise WaitsForW1((complete, live))
+
+    sweeper.launcher, sweeper._wait_for_running = AdoptedMeanwhile(), wait
+    caplog.set_level("INFO")
+    with pytest.raises(WaitsForW1, match=r"\(0, 1\)"):
+        sweeper.sweep([])
+    assert "trial heartbeat stopped: the trial now belongs to w1 host 2 2.0" in caplog.text
+    assert "another worker adopted it meanwhile" in caplog.text
+    trial = _study(tmp_path).trials[0]
+    assert trial.state == TrialState.RUNNING and "val/x" not in trial.user_attrs
