@@ -169,7 +169,8 @@ class SharedStudySweeper(Sweeper):
 
     def _record(self, study: optuna.Study, trial_id: int, number: int, job_return: JobReturn,
                 run_dir: Path) -> str:
-        """Tell the study how the trial ended: "complete", "pruned" or "failed"."""
+        """Tell the study how the trial ended: "complete", "pruned" or "failed"; "lost" (nothing told) when another
+        worker adopted the trial meanwhile."""
         try:
             value = job_return.return_value
         except Exception as err:  # the trial's own exception (re-raised by JobReturn): its reason
