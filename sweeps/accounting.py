@@ -1,10 +1,9 @@
-"""Who runs which trial, which trials are dead, and why a trial failed: the bookkeeping of a shared study.
+"""Running trials' heartbeats and attributes, the budget, and why a trial failed: the bookkeeping of a shared study.
 
-A running trial carries user attributes `worker` (the worker id), `host`, `pid`, `run_dir`, `sampler_seed`, and
-the system attribute `heartbeat` (Unix time, renewed every heartbeat_interval seconds by its worker). A RUNNING
-trial whose heartbeat is older than grace_period belongs to a dead worker: its own worker, restarted (Slurm
-requeue, same SWEEP_WORKER_ID), resumes it; any other worker marks it FAIL with the reason, so that it never
-holds a budget slot.
+A running trial carries user attributes `worker` (the worker id running it now), `host`, `pid`, `run_dir`,
+`sampler_seed`, and the system attributes `owner` (the worker's life, sweeps.ownership) and `heartbeat` (Unix time,
+renewed every heartbeat_interval seconds while it runs). A silent trial is never failed: sweeps.ownership hands it
+to another worker, which resumes it.
 """
 from __future__ import annotations
 
@@ -20,34 +19,33 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from common.utils.secrets import redact
+from sweeps import ownership
 
 log = logging.getLogger(__name__)
-HEARTBEAT = "heartbeat"
 MAX_REASON = 2000
 
 
-def last_beat(trial: FrozenTrial) -> float:
-    beat = trial.system_attrs.get(HEARTBEAT)
-    return float(beat) if beat is not None else trial.datetime_start.timestamp()
-
-
 def beat(study: optuna.Study, trial_id: int) -> None:
-    study._storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
+    study._storage.set_trial_system_attr(trial_id, ownership.HEARTBEAT, time.time())
 
 
 class Heartbeat:
-    """Renews the trial's heartbeat every `interval` seconds while the trial runs in this process."""
+    """Renews the trial's heartbeat every `interval` seconds while this life owns it and it runs in this process."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, interval: int):
-        self.study, self.trial_id, self.interval = study, trial_id, interval
+    def __init__(self, study: optuna.Study, trial_id: int, interval: int, life: str):
+        self.study, self.trial_id, self.interval, self.life = study, trial_id, interval, life
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.wait(self.interval):
+            current = ownership.owner(self.study, self.trial_id)
+            if current != self.life:        # our heartbeats were late and another worker adopted the trial
+                log.warning(f"trial heartbeat stopped: the trial now belongs to {current}")
+                return
             try:
                 beat(self.study, self.trial_id)
-            except RuntimeError as err:  # finished by another worker (our heartbeats were late): stop beating
+            except RuntimeError as err:  # finished meanwhile: stop beating
                 log.warning(f"trial heartbeat stopped: {err}")
                 return
 
@@ -61,18 +59,12 @@ class Heartbeat:
         self._thread.join()
 
 
-def claim(trial: optuna.trial.Trial, worker: str, run_dir: str, sampler_seed: int) -> None:
-    for key, value in (("worker", worker), ("host", socket.gethostname()), ("pid", os.getpid()),
-                       ("run_dir", run_dir), ("sampler_seed", sampler_seed)):
+def claim(study: optuna.Study, trial_id: int, worker: str, **first: object) -> None:
+    """Attributes of a trial this worker runs from now on (a new trial, or one it adopted); `first`: those a new
+    trial gets once (run_dir, sampler_seed: an adopted trial keeps them)."""
+    trial = optuna.trial.Trial(study, trial_id)
+    for key, value in {"worker": worker, "host": socket.gethostname(), "pid": os.getpid(), **first}.items():
         trial.set_user_attr(key, value)
-
-
-def running(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-
-
-def is_stale(trial: FrozenTrial, grace_period: int) -> bool:
-    return time.time() - last_beat(trial) > grace_period
 
 
 def mark_failed(study: optuna.Study, trial_id: int, number: int, reason: str) -> bool:
@@ -88,21 +80,6 @@ def mark_failed(study: optuna.Study, trial_id: int, number: int, reason: str) ->
     return True
 
 
-def fail_dead_trials(study: optuna.Study, grace_period: int, me: str) -> int:
-    """Mark FAIL the RUNNING trials of other workers whose heartbeat is older than grace_period."""
-    failed = 0
-    for trial in running(study):
-        if trial.user_attrs.get("worker") == me or not is_stale(trial, grace_period):
-            continue
-        age = time.time() - last_beat(trial)
-        reason = (f"worker {trial.user_attrs.get('worker', '?')} (host {trial.user_attrs.get('host', '?')}, pid "
-                  f"{trial.user_attrs.get('pid', '?')}) stopped sending heartbeats {age:.0f} s ago (grace_period "
-                  f"{grace_period} s): killed, lost its node, or was not requeued in time; "
-                  f"run_dir {trial.user_attrs.get('run_dir', '?')}")
-        failed += mark_failed(study, trial._trial_id, trial.number, reason)
-    return failed
-
-
 BUDGET_COUNTS = ("complete", "finished")
 
 
@@ -116,14 +93,14 @@ def counts_toward_budget(trial: FrozenTrial, budget_counts: str) -> bool:
 
 def counts(study: optuna.Study, budget_counts: str = "complete") -> tuple[int, int]:
     """(trials that count toward the budget, RUNNING trials) of the study."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED))
+    trials = ownership.stored_trials(study, (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED))
     return (sum(counts_toward_budget(t, budget_counts) for t in trials),
             sum(t.state == TrialState.RUNNING for t in trials))
 
 
 def is_surplus(study: optuna.Study, number: int, budget: int, budget_counts: str = "complete") -> bool:
     """Two workers asking at the same instant can overshoot: the later trial numbers beyond the budget yield."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED))
+    trials = ownership.stored_trials(study, (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED))
     active = sorted(t.number for t in trials if t.state == TrialState.RUNNING or counts_toward_budget(t, budget_counts))
     return active.index(number) >= budget
 

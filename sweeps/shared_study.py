@@ -1,11 +1,12 @@
 """An Optuna sweep that many independent workers share: one study, a global trial budget, no lost trials.
 
 Each worker (`python run.py -m sweeps=<space> ...`, one per GPU or Slurm job) runs trials one at a time:
-- first it resumes the trials it left RUNNING (a Slurm requeue keeps the worker id): same trial number, same
-  parameters, same directory, from that trial's checkpoints/last.pt (trainer.resume);
-- before each new trial, other workers' trials without a heartbeat for grace_period are marked FAIL (with
-  fail_reason); while complete + live running trials fill the budget it waits for them instead of stopping, so a
-  dead worker never costs a budget slot; it stops when the study holds `budget` complete trials;
+- before each new trial it adopts an orphaned RUNNING trial (sweeps.ownership: one its preempted worker released,
+  one an earlier life of itself left (a Slurm requeue keeps the worker id), or one whose heartbeat is older than
+  grace_period) and resumes it: same trial number, parameters and directory, from that trial's
+  checkpoints/last.pt (trainer.resume=true; from scratch when there is none). No trial is failed for silence;
+- while complete + RUNNING trials (orphans included) fill the budget it waits for them instead of stopping, and
+  adopts an orphan once it may; it stops when the study holds `budget` complete trials: the budget stays exact;
 - the sampler seed mixes the configured seed, the worker id and the study's trial count, so no restart of a
   worker re-proposes the parameters of its previous life;
 - trial directories are `<sweep dir>/<subdir>` with hydra.job.num = the trial number: keyed by study and trial
@@ -22,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import signal
 import time
 import zlib
@@ -34,11 +34,11 @@ from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from common.utils.atomic import atomic_write_text
 from common.utils.secrets import protect_process, redact
-from sweeps import accounting
+from sweeps import accounting, ownership
 from sweeps.launch_secrets import check_launch, private_job_files
 from sweeps.pruning import build_pruner, directions_of
 from sweeps.space import SearchSpace, as_overrides, search_space
@@ -47,8 +47,9 @@ from sweeps.trial_check import resume_problem
 from sweeps.workers import worker_id
 
 log = logging.getLogger(__name__)
-# a run stopped by one of these (trainer's preemption exit code 128 + signal) is resumed, not failed
-PREEMPTION_CODES = {128 + s for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
+# a run stopped by one of these is resumed, not failed: 0 (the trainer requeued its Slurm job after SIGUSR1 /
+# SIGUSR2) or the trainer's preemption exit code 128 + signal
+PREEMPTION_CODES = {0} | {128 + s for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
 
 
 def sampler_seed(seed: int, worker: str, trials_so_far: int) -> int:
@@ -105,6 +106,8 @@ class SharedStudySweeper(Sweeper):
         self.study_name, self.budget, self.max_failure_rate = study_name, budget, max_failure_rate
         self.heartbeat_interval, self.grace_period, self.params = heartbeat_interval, grace_period, params
         self.worker = worker_id()
+        self.life, self.lock = ownership.life_of(self.worker), ownership.lock_for(storage)
+        self._waited = False
         protect_process(storage)
         quiet_optuna_logging()
 
@@ -140,27 +143,39 @@ class SharedStudySweeper(Sweeper):
 
     # ---- one trial ---------------------------------------------------------------------------------------
     def _launch(self, study: optuna.Study, trial_id: int, number: int, overrides: list[str]) -> JobReturn:
-        with accounting.Heartbeat(study, trial_id, self.heartbeat_interval):
+        with accounting.Heartbeat(study, trial_id, self.heartbeat_interval, self.life):
             try:
                 with private_job_files(self.launcher):
                     return self.launcher.launch([overrides], initial_job_idx=number)[0]
             except SystemExit as stop:
-                if stop.code not in PREEMPTION_CODES:
-                    raise
-                log.warning(f"trial {number} preempted (exit {stop.code}): it stays RUNNING; this worker resumes it "
-                            f"when restarted with the same worker id ({self.worker}) within grace_period "
-                            f"{self.grace_period} s, else another worker marks it FAIL")
+                if stop.code in PREEMPTION_CODES:
+                    self._release(study, trial_id, number, stop.code)
                 raise
+
+    def _release(self, study: optuna.Study, trial_id: int, number: int, code: int) -> None:
+        """A preempted trial stays RUNNING, marked `preempted`, and goes to the next worker that looks."""
+        how = "requeued" if code == 0 else f"exit {code}"
+        optuna.trial.Trial(study, trial_id).set_user_attr(
+            "preempted", f"worker {self.worker} stopped ({how}) at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        released = ownership.release(study, trial_id, self.life, self.lock)
+        log.warning(f"trial {number} preempted ({how}): it stays RUNNING"
+                    + (" and the next worker of this study to start a trial resumes it from its last.pt"
+                       if released else f", but it already belongs to {ownership.owner(study, trial_id)}"))
 
     def _record(self, study: optuna.Study, trial_id: int, number: int, job_return: JobReturn,
                 run_dir: Path) -> str:
-        """Tell the study how the trial ended: "complete", "pruned" or "failed"."""
+        """Tell the study how the trial ended: "complete", "pruned" or "failed"; "lost" (nothing told) when another
+        worker adopted the trial meanwhile."""
         try:
             value = job_return.return_value
         except Exception as err:  # the trial's own exception (re-raised by JobReturn): its reason
             reason = accounting.failure_reason(err)
         else:
             reason = accounting.value_failure(value, str(self.config.optimized_metric), str(run_dir))
+        if ownership.owner(study, trial_id) != self.life:
+            log.warning(f"trial {number} ended here, but another worker adopted it meanwhile (this worker's "
+                        f"heartbeats were late): its result is theirs to record; this run is in {run_dir}")
+            return "lost"
         trial = optuna.trial.Trial(study, trial_id)
         metrics = read_metrics(run_dir)
         for key, attr in {**final_metrics(metrics), **epoch_counts(metrics, job_return)}.items():
@@ -179,19 +194,19 @@ class SharedStudySweeper(Sweeper):
             else:
                 study.tell(number, state=TrialState.PRUNED)
         except (RuntimeError, ValueError) as err:
-            log.warning(f"trial {number} ended ({outcome}) but had been failed by another worker meanwhile (its "
-                        f"heartbeat expired): {err}; its run is in {run_dir}")
+            log.warning(f"trial {number} ended ({outcome}) but had been finished by another worker meanwhile: "
+                        f"{err}; its run is in {run_dir}")
             return "failed"
         if pruned is not None:
             log.info(f"trial {number} pruned at epoch {pruned['epoch']} (value {pruned['value']})")
         return outcome
 
-    def _run(self, study: optuna.Study, trial: optuna.trial.Trial, overrides: list[str]) -> str:
-        run_dir = Path(trial.user_attrs["run_dir"])
+    def _run(self, study: optuna.Study, trial: FrozenTrial, overrides: list[str]) -> str:
+        run_dir = Path(self.trial_dir(trial.number))
         job_return = self._launch(study, trial._trial_id, trial.number, overrides)
         return self._record(study, trial._trial_id, trial.number, job_return, run_dir)
 
-    def _new_trial(self, study: optuna.Study, space: SearchSpace) -> Optional[optuna.trial.Trial]:
+    def _new_trial(self, study: optuna.Study, space: SearchSpace) -> Optional[FrozenTrial]:
         trial = study.ask(fixed_distributions=space.distributions)
         if accounting.is_surplus(study, trial.number, self.budget, self.budget_counts):
             trial.set_user_attr("surplus", True)
@@ -202,40 +217,42 @@ class SharedStudySweeper(Sweeper):
             accounting.mark_failed(study, trial._trial_id, trial.number, f"trial directory {run_dir} exists")
             raise FileExistsError(f"trial {trial.number}: its directory {run_dir} already exists (a deleted study "
                                   f"of the same name?): choose another hydra.sweeper.study_name or move it")
-        accounting.claim(trial, self.worker, str(run_dir), self.seed)
-        return trial
+        study._storage.set_trial_system_attr(trial._trial_id, ownership.OWNER, self.life)
+        accounting.claim(study, trial._trial_id, self.worker, run_dir=str(run_dir), sampler_seed=self.seed)
+        return study._storage.get_trial(trial._trial_id)
 
-    def _resume_own(self, study: optuna.Study, space: SearchSpace) -> tuple[int, int]:
-        """Run to the end the trials this worker id left RUNNING (killed or preempted, then restarted):
-        (trials resumed, of which failed). A trial whose stored parameters or directory are not what this worker
-        could have proposed (sweeps.trial_check) is failed with the reason, never run."""
-        ran = failures = 0
-        for frozen in accounting.running(study):
-            if frozen.user_attrs.get("worker") != self.worker:
-                continue
+    def _adopt(self, study: optuna.Study, space: SearchSpace) -> tuple[Optional[FrozenTrial], int]:
+        """An orphaned RUNNING trial this worker won (sweeps.ownership), or None; and how many orphans it failed
+        instead: one whose stored parameters or directory are not what this worker could have proposed
+        (sweeps.trial_check) is failed with the reason, never run."""
+        failed = 0
+        for frozen, why in ownership.orphans(study, self.worker, self.grace_period, time.time()):
+            if not ownership.adopt(study, frozen, self.life, self.lock):
+                continue                    # another worker adopted it first
             problem = resume_problem(frozen.params, space.distributions, frozen.user_attrs.get("run_dir"),
                                      str(self.trial_dir(frozen.number)))
             if problem is not None:
                 accounting.mark_failed(study, frozen._trial_id, frozen.number,
                                        f"not resumed: the study database holds {problem}")
-                ran, failures = ran + 1, failures + 1
+                failed += 1
                 continue
             trial = optuna.trial.Trial(study, frozen._trial_id)
             trial.set_user_attr("resumed", int(frozen.user_attrs.get("resumed", 0)) + 1)
-            trial.set_user_attr("pid", os.getpid())
-            log.info(f"resuming trial {frozen.number} (worker {self.worker}) in {frozen.user_attrs['run_dir']} "
-                     f"with its parameters {frozen.params}")
-            overrides = as_overrides(frozen.params, space) + ["trainer.resume=true"]
-            ran += 1
-            failures += self._run(study, trial, overrides) == "failed"
-        return ran, failures
+            accounting.claim(study, frozen._trial_id, self.worker)
+            last_pt = Path(frozen.user_attrs["run_dir"]) / "checkpoints" / "last.pt"
+            log.info(f"adopting trial {frozen.number} ({why}): resuming it in {frozen.user_attrs['run_dir']} with "
+                     f"its parameters {frozen.params}, "
+                     + (f"from {last_pt}" if last_pt.is_file() else "from scratch (it has no last.pt)"))
+            return frozen, failed
+        return None, failed
 
     # ---- the loop ----------------------------------------------------------------------------------------
-    def _wait_for_running(self, study: optuna.Study, complete: int, live: int, waited: bool) -> None:
-        if not waited:
+    def _wait_for_running(self, study: optuna.Study, complete: int, live: int) -> None:
+        if not self._waited:
             log.info(f"study {self.study_name}: {complete} complete + {live} running trials of other workers fill "
                      f"the budget {self.budget}; waiting for them to finish (or to miss heartbeats for "
-                     f"{self.grace_period} s)")
+                     f"{self.grace_period} s, when this worker adopts and resumes them)")
+            self._waited = True
         time.sleep(self.heartbeat_interval)
 
     def _check_failures(self, failures: int) -> None:
@@ -247,22 +264,25 @@ class SharedStudySweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         space = self._search_space(arguments)
         study = self._open()
-        ran, failures = self._resume_own(study, space)
-        waited = False
+        ran = failures = 0
         while True:
-            accounting.fail_dead_trials(study, self.grace_period, self.worker)
-            complete, live = accounting.counts(study, self.budget_counts)
-            if complete >= self.budget:
-                break
-            if complete + live >= self.budget:
-                self._wait_for_running(study, complete, live, waited)
-                waited = True
-                continue
-            trial = self._new_trial(study, space)
-            if trial is None:
-                continue
+            trial, failed = self._adopt(study, space)
+            failures += failed
+            if trial is not None:
+                overrides = as_overrides(trial.params, space) + ["trainer.resume=true"]
+            else:
+                complete, live = accounting.counts(study, self.budget_counts)
+                if complete >= self.budget:
+                    break
+                if complete + live >= self.budget:
+                    self._wait_for_running(study, complete, live)
+                    continue
+                trial = self._new_trial(study, space)
+                if trial is None:
+                    continue
+                overrides = as_overrides(trial.params, space)
             ran += 1
-            failures += self._run(study, trial, as_overrides(trial.params, space)) == "failed"
+            failures += self._run(study, trial, overrides) == "failed"
             self._check_failures(failures)
         self._finish(study, ran)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from sweeps.storage import creation_lock, make_storage
 from tests.cli import REPO, TOY, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]   # with -n: its jobs share the one-node cluster: one test at a time
@@ -168,6 +169,127 @@ def test_c_signalled_sweep_worker_resumes_its_trial(slurm, tmp_path):
     assert not [t for t in study.trials if t.state == TrialState.FAIL], [t.user_attrs for t in study.trials]
     assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].params == first.params
     _assert_budget_without_duplicates(study, 2)
+
+
+SWEEP = ["sweeps=toy_lr", "hydra.sweeper.budget=3", "trainer.max_epochs=3", "loss.sleep_s=1.0",
+         "hydra.sweeper.heartbeat_interval=2", "hydra.sweeper.grace_period=8"]
+
+
+def _sweep_array(tmp_path) -> str:
+    """Two workers submitted as the README says (common.cluster.slurm_submit); the array's job id."""
+    cmd = [sys.executable, "-m", "common.cluster.slurm_submit", "--gpus", "0", "--cpus", "1", "--mem", "2G", "--time",
+           "10", "--array", "0-1", str(REPO / "sweeps" / "worker.sbatch"), *_toy(tmp_path, *SWEEP)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def _trials_of(tmp_path, worker: str) -> list:
+    """RUNNING trials of `worker` that have their last.pt (an epoch done)."""
+    db = tmp_path / "logs" / "sweeps" / "toy_lr" / "optuna.db"
+    if not db.exists():
+        return []
+    with creation_lock(f"sqlite:///{db}"):          # the workers may be creating the schema right now
+        storage = make_storage(f"sqlite:///{db}")
+    if "toy_lr" not in [s.study_name for s in optuna.study.get_all_study_summaries(storage)]:
+        return []
+    return [t for t in optuna.load_study(study_name="toy_lr", storage=storage).trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == worker
+            and (tmp_path / "logs" / "sweeps" / "toy_lr" / f"trial-{t.number}" / "checkpoints" / "last.pt").exists()]
+
+
+def _poll(condition, what: str, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _epochs(tmp_path, number: int) -> list[int]:
+    lines = (tmp_path / "logs" / "sweeps" / "toy_lr" / f"trial-{number}" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in lines]
+
+
+def _assert_resumed_from_last_pt(tmp_path, before, logs: str) -> None:
+    """The interrupted trials ended COMPLETE with their numbers and parameters, resumed from their last.pt (each
+    epoch trained once), nothing FAIL, the budget exact."""
+    study = _study(tmp_path)
+    assert not [t for t in study.trials if t.state == TrialState.FAIL], [(t.number, t.user_attrs) for t in study.trials]
+    _assert_budget_without_duplicates(study, 3)
+    for old in before:
+        trial = study.trials[old.number]
+        assert trial.state == TrialState.COMPLETE and trial.params == old.params, (trial, logs[-4000:])
+        assert trial.user_attrs["resumed"] >= 1 and "preempted" in trial.user_attrs
+        last_pt = tmp_path / "logs" / "sweeps" / "toy_lr" / f"trial-{old.number}" / "checkpoints" / "last.pt"
+        resumed = re.findall(rf"resumed from {re.escape(str(last_pt))} at epoch (\d+) batch (\d+)", logs)
+        assert resumed, logs[-4000:]
+        assert _epochs(tmp_path, old.number) == [0, 1, 2]
+        print(f"trial {old.number} {old.params}: RUNNING (preempted: {trial.user_attrs['preempted']}) -> "
+              f"{trial.state.name} by {trial.user_attrs['worker']}, resumed from last.pt at (epoch, batch) {resumed}")
+
+
+def _logs(*arrays: str) -> str:
+    return "\n".join(p.read_text() for a in arrays for p in sorted((REPO / "logs" / "slurm").glob(f"vfm-sweep-{a}_*.out")))
+
+
+@pytest.fixture
+def cancel_at_end():
+    """Job ids to scancel when the test ends (a failed test leaves no job behind for the next one)."""
+    jobs = []
+    yield jobs
+    for job in jobs:
+        subprocess.run(["scancel", job])
+
+
+def test_c_requeued_worker_held_past_grace_period_loses_no_work(slurm, tmp_path, cancel_at_end):
+    """Task 0 of a sweep array is signalled mid-trial (USR1: last.pt, self-requeue) and its requeued job held in
+    the queue well past grace_period: its trial is not failed; it is released, and task 1 adopts it at its next
+    trial and resumes it from last.pt (same number and parameters); released, task 0 ends cleanly; budget exact."""
+    array = _sweep_array(tmp_path)
+    cancel_at_end.append(array)
+    first = _poll(lambda: _trials_of(tmp_path, f"slurm-{array}_0"), "task 0 to finish an epoch of its trial", 180)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array}_0"], check=True)
+
+    def held():
+        subprocess.run(["scontrol", "hold", f"{array}_0"], capture_output=True)
+        job = _jobs(f"{array}_0")[0]
+        return job["JobState"] == "PENDING" and int(job["Restarts"]) >= 1 and job["Reason"].startswith("JobHeld")
+    _poll(held, "task 0 requeued and held", 120)
+    held_at = time.time()
+    number = first[0].number
+    _poll(lambda: _study(tmp_path).trials[number].state == TrialState.COMPLETE, f"trial {number} adopted and done", 240)
+    assert time.time() - held_at > 8                     # held past grace_period, and the trial is not lost
+    subprocess.run(["scontrol", "release", f"{array}_0"], check=True)
+    jobs = _wait(array, 300)
+    logs = _logs(array)
+    assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"], logs[-4000:]
+    _assert_resumed_from_last_pt(tmp_path, first, logs)
+    assert _study(tmp_path).trials[number].user_attrs["worker"] == f"slurm-{array}_1"
+
+
+def test_c_cancelled_sweep_array_resubmitted_resumes_its_trials(slurm, tmp_path, cancel_at_end):
+    """scancel of a sweep array in the middle of two trials (SIGTERM: last.pt, the trials released, not FAIL),
+    then the same array submitted again, as the README says: the new workers resume both trials from last.pt
+    (same numbers and parameters) and run only what the budget still lacks."""
+    array = _sweep_array(tmp_path)
+    cancel_at_end.append(array)
+    interrupted = _poll(lambda: len(both := _trials_of(tmp_path, f"slurm-{array}_0")
+                                    + _trials_of(tmp_path, f"slurm-{array}_1")) == 2 and both,
+                        "both tasks to finish an epoch of a trial", 240)
+    subprocess.run(["scancel", array], check=True)
+    jobs = _wait(array, 120)
+    assert {j["JobState"] for j in jobs} == {"CANCELLED"}, jobs
+    study = _study(tmp_path)
+    assert [study.trials[t.number].state for t in interrupted] == [TrialState.RUNNING] * 2
+    assert all(study.trials[t.number].system_attrs["owner"].startswith("released ") for t in interrupted)
+    again = _sweep_array(tmp_path)
+    cancel_at_end.append(again)
+    jobs = _wait(again, 300)
+    logs = _logs(array, again)
+    assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"], logs[-4000:]
+    _assert_resumed_from_last_pt(tmp_path, interrupted, logs)
 
 
 def test_d_submitit_launcher_survives_a_requeue(slurm, tmp_path):

@@ -114,21 +114,25 @@ def _read_until(proc, text: str) -> str:
 
 
 @pytest.mark.slow
-def test_dead_worker_never_blocks_the_budget(tmp_path):
-    """w1 finds w0's live trial filling the budget of 1 and waits; w0 is SIGKILLed; w1 does not count the dead
-    trial against the budget but, once its heartbeat is older than grace_period, fails it with the reason and
-    runs its own trial."""
-    slow = _worker(tmp_path, "w0", [*BEAT, "hydra.sweeper.budget=1", "trainer.max_epochs=1000"], popen=True)
+def test_dead_worker_never_blocks_the_budget_and_its_trial_is_resumed(tmp_path):
+    """w1 finds w0's live trial filling the budget of 1 and waits; w0 is SIGKILLed after its first epoch; w1 does
+    not count the dead trial against the budget nor fail it: once its heartbeat is older than grace_period, w1
+    adopts it and resumes it from its last.pt (same number, parameters and directory)."""
+    args = [*BEAT, "hydra.sweeper.budget=1", "trainer.max_epochs=3", "loss.sleep_s=1.0"]
+    slow = _worker(tmp_path, "w0", args, popen=True)
     _wait_for(lambda: _has_running_trial(tmp_path), "a running trial")
-    waiting = _worker(tmp_path, "w1", [*BEAT, "hydra.sweeper.budget=1"], popen=True)
+    waiting = _worker(tmp_path, "w1", args, popen=True)
     head = _read_until(waiting, "waiting for them to finish")
+    last_pt = _sweep_dir(tmp_path) / "trial-0" / "checkpoints" / "last.pt"
+    _wait_for(last_pt.exists, "trial 0's last.pt after its first epoch")
     slow.send_signal(signal.SIGKILL)
     slow.wait()
+    before = _study(tmp_path).trials
     tail = waiting.communicate(timeout=600)[0]
     assert waiting.returncode == 0, head + tail
     trials = _study(tmp_path).trials
-    assert _states(trials) == ["FAIL", "COMPLETE"]
-    reason = trials[0].user_attrs["fail_reason"]
-    assert reason.startswith("worker w0 ") and "stopped sending heartbeats" in reason
-    assert str(_sweep_dir(tmp_path) / "trial-0") in reason
-    assert trials[0].user_attrs["run_dir"] == str(_sweep_dir(tmp_path) / "trial-0")
+    assert _states(trials) == ["COMPLETE"]
+    assert "adopting trial 0 (its worker w0 sent no heartbeat for" in tail and f"from {last_pt}" in tail
+    assert f"resumed from {last_pt}" in tail
+    assert trials[0].params == before[0].params and trials[0].user_attrs["worker"] == "w1"
+    assert trials[0].user_attrs["resumed"] == 1 and "fail_reason" not in trials[0].user_attrs

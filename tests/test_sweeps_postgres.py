@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from sweeps.storage import load_study
+from tests.test_sweep_adoption import race_for_orphans
 from tests.test_sweeps import _worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("postgres")]   # with -n: one PostgreSQL server at a time
@@ -114,3 +115,10 @@ def test_password_leaves_no_trace(tmp_path, postgres):
         trials = load_study(url, way).trials
         assert [t.state for t in trials] == [TrialState.COMPLETE], way
         assert password not in repr([t.user_attrs for t in trials])
+
+
+def test_two_workers_racing_for_orphans_on_postgres(postgres):
+    """sweeps.ownership's compare-and-set (UPDATE ... WHERE owner = the one read) on PostgreSQL: of two workers
+    adopting the same 30 orphaned trials at once, exactly one wins each."""
+    address, password = postgres
+    race_for_orphans(f"postgresql://postgres:{password}@{address}/optuna", None)

@@ -31,6 +31,12 @@ def _running_study(tmp_path, planted: list[dict]):
     return study
 
 
+def _worker(tmp_path):
+    """What SharedStudySweeper._adopt reads of the worker: w1 again (a requeued life), adopting its trial."""
+    return types.SimpleNamespace(worker="w1", life="w1 host 2 2.0", lock=None, grace_period=180, seed=0,
+                                 trial_dir=lambda number: tmp_path / f"trial-{number}")
+
+
 GOOD = {"trainer.optim.lr": 1e-3, "model.head.hidden": 256, "model.head.dropout": 0.1}
 
 
@@ -42,10 +48,8 @@ GOOD = {"trainer.optim.lr": 1e-3, "model.head.hidden": 256, "model.head.dropout"
 ])
 def test_a_planted_running_trial_is_failed_and_never_run(tmp_path, change, reason):
     study = _running_study(tmp_path, [({**GOOD, **change}, str(tmp_path / "trial-0"))])
-    worker = types.SimpleNamespace(worker="w1", trial_dir=lambda number: tmp_path / f"trial-{number}",
-                                   _run=lambda *a: pytest.fail("a planted trial was run"))
-    ran, failures = SharedStudySweeper._resume_own(worker, study, search_space(SPACE))
-    assert (ran, failures) == (1, 1)
+    worker = _worker(tmp_path)
+    assert SharedStudySweeper._adopt(worker, study, search_space(SPACE)) == (None, 1)
     trial = study.trials[0]
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs["fail_reason"].startswith("not resumed: the study database holds ")
@@ -54,12 +58,9 @@ def test_a_planted_running_trial_is_failed_and_never_run(tmp_path, change, reaso
 
 def test_a_trial_the_worker_could_propose_is_resumed(tmp_path):
     study = _running_study(tmp_path, [(GOOD, str(tmp_path / "trial-0"))])
-    runs = []
-    worker = types.SimpleNamespace(worker="w1", trial_dir=lambda number: tmp_path / f"trial-{number}",
-                                   _run=lambda study, trial, overrides: runs.append(overrides) or True)
-    assert SharedStudySweeper._resume_own(worker, study, search_space(SPACE)) == (1, 0)
-    assert len(runs) == 1 and sorted(runs[0]) == ["model.head.dropout=0.1", "model.head.hidden=256",
-                                                  "trainer.optim.lr=0.001", "trainer.resume=true"]
+    trial, failed = SharedStudySweeper._adopt(_worker(tmp_path), study, search_space(SPACE))
+    assert failed == 0 and trial.number == 0 and trial.params == GOOD
+    assert study.trials[0].state == TrialState.RUNNING and study.trials[0].user_attrs["resumed"] == 1
 
 
 def test_another_run_dir_and_types_are_refused():

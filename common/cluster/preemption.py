@@ -30,7 +30,9 @@ class Preempted(Exception):
 
 
 def _handle(signum, frame) -> None:
-    if signum == signal.SIGTERM and not _running:     # nothing to save yet (start-up, between sweep trials)
+    if signum == signal.SIGTERM and not _running and not _received:   # nothing to save yet (start-up, between
+        # sweep trials); once a preemption is under way the process is ending anyway: a job that requeued itself
+        # gets Slurm's SIGTERM while its sweep worker records the trial as preempted
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
@@ -41,7 +43,7 @@ def _handle(signum, frame) -> None:
 def install() -> None:
     """Catch the preemption signals for the rest of the process: run.py does it first thing, so that a SIGUSR1 /
     SIGUSR2 sent while Python imports and composes the config is kept for the run (and does not kill the job).
-    SIGTERM outside a run keeps its default action (the process ends)."""
+    SIGTERM outside a run keeps its default action (the process ends), unless a preemption is already under way."""
     for signum in SIGNALS:
         signal.signal(signum, _handle)
 
