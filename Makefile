@@ -21,9 +21,9 @@ else
 $(error LINE=$(LINE): expected stable or modern)
 endif
 # the tests CI also runs on the modern line: composition on both lines, the search space, sweeps on SQLite,
-# PostgreSQL and JournalStorage, and the README's commands
+# PostgreSQL and JournalStorage (trial adoption included), and the README's commands
 MODERN_TESTS := tests/test_hydra_lines.py tests/test_sweep_space.py tests/test_sweeps.py tests/test_sweeps_postgres.py \
-	tests/test_sweep_journal.py tests/test_sweep_storage.py tests/test_readme.py
+	tests/test_sweep_journal.py tests/test_sweep_storage.py tests/test_sweep_adoption.py tests/test_readme.py
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1

@@ -159,7 +159,7 @@ def race_for_orphans(url: str, lock) -> None:
 @pytest.mark.parametrize("lock", [None, "owner.lock"], ids=["sql-update", "lock-file"])
 def test_e_two_workers_racing_for_the_same_orphans_adopt_each_exactly_once(tmp_path, lock):
     """sql-update: SQLite's compare-and-set (PostgreSQL's: tests/test_sweeps_postgres.py); lock-file, JournalStorage's
-    (run here on SQLite: the pinned optuna has no JournalStorage)."""
+    (run here on SQLite; on a real journal file: tests/test_sweep_journal.py, optuna >= 4)."""
     race_for_orphans(f"sqlite:///{tmp_path / 'optuna.db'}", None if lock is None else str(tmp_path / lock))
 
 

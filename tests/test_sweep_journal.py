@@ -28,3 +28,12 @@ def test_two_workers_on_one_journal_file(tmp_path):
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 3
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert {t.user_attrs["worker"] for t in trials} <= {"j0", "j1"}
+
+
+@pytest.mark.skipif(not HAS_JOURNAL, reason=f"optuna {optuna.__version__} has no JournalStorage (needs >= 4)")
+def test_two_workers_racing_for_orphans_on_a_journal_file(tmp_path):
+    """sweeps.ownership's lock-file compare-and-set on a real journal file: each orphan is adopted exactly once."""
+    from sweeps import ownership
+    from tests.test_sweep_adoption import race_for_orphans
+    url = f"journal:///{tmp_path / 'study.log'}"
+    race_for_orphans(url, ownership.lock_for(url))
