@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from common.data.feature_cache import (CachedEncoder, FeatureCache, backbone_identity, build_cached_encoder, encode,
-                                       file_digest, image_key, item_key, maybe_cached)
-from common.models.backbone import BackboneOutput, create_backbone
+                                       encoder_for, file_digest, image_key, item_key)
+from common.models.backbone import Backbone, BackboneOutput, create_backbone
 
 TINY = dict(source="timm", name="vit_small_patch14_dinov2", weights=None, layers=[1, 3], freeze=True,
             init_seed=0, lr=1.0e-5, model_kwargs=dict(embed_dim=64, depth=4, num_heads=4, img_size=224))
@@ -205,12 +205,12 @@ def test_cache_of_another_identity_misses(tmp_path, backbone):
     assert FeatureCache.for_backbone(tmp_path, TINY, SIZE, dtype="float32").get("a") is not None
 
 
-def test_maybe_cached_follows_config(tmp_path, backbone):
-    cfg = OmegaConf.create({"backbone": TINY, "paths": {"cache_dir": str(tmp_path)},
+def test_encoder_for_follows_config(tmp_path):
+    cfg = OmegaConf.create({"backbone": TINY, "peft": {"name": "none"}, "paths": {"cache_dir": str(tmp_path)},
                             "data": {"cache_features": False, "cache_dtype": "float32"}})
-    assert maybe_cached(backbone, cfg, SIZE) is backbone
+    assert isinstance(encoder_for(cfg, SIZE), Backbone)
     cfg.data.cache_features = True
-    encoder = maybe_cached(backbone, cfg, SIZE)
+    encoder = encoder_for(cfg, SIZE)
     assert isinstance(encoder, CachedEncoder) and encoder.cache.dtype == "float32"
     assert encoder.cache.dir == tmp_path / "features" / backbone_identity(TINY, SIZE) / "float32"
     assert (encoder.cache.dir / "identity.json").is_file()
