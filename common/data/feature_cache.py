@@ -436,16 +436,16 @@ class CachedEncoder(nn.Module):
         return self._built
 
     def __getattr__(self, name: str) -> Any:
-        # Heads read patch_size, embed_dim, layers... from `model.backbone` whether or not it is cached.
+        # Heads read patch_size, embed_dim, layers... from `model.backbone` whether or not it is cached: the
+        # description's fields; anything else of the backbone through `.backbone` (which builds it).
         try:
             return super().__getattr__(name)
         except AttributeError:
             spec = self.__dict__.get("spec")
             if spec is not None and name in spec:
                 return spec[name]
-            if name.startswith("_") or name == "spec":
-                raise
-            return getattr(self.backbone, name)
+            raise AttributeError(f"CachedEncoder has no attribute {name!r} (its backbone's description has "
+                                 f"{list(SPEC_FIELDS)}; the backbone itself is `.backbone`)") from None
 
     def check_input_size(self, height: int, width: int) -> None:
         p = self.spec["patch_size"]
