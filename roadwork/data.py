@@ -156,8 +156,8 @@ class RoadworkDataset(Dataset):
         # Keyed by the image; the mask file's digest in the id, so an edited mask misses too.
         mask_id = "" if self.image_cache is None else file_digest(path)
         masks = through(self.image_cache, sample.image, f"{self.preparation}|nearest|mask={mask_id}",
-                             lambda: np.stack(cut_views(self.load_mask(index, header_size(sample.image)), self.view_names,
-                                                        self.view_size, Image.NEAREST)))
+                        lambda: np.stack(cut_views(self.load_mask(index, header_size(sample.image)),
+                                                   self.view_names, self.view_size, Image.NEAREST)))
         return views, masks
 
     def _benchmark_views(self, index: int) -> list[np.ndarray]:

@@ -249,7 +249,8 @@ class ScleraDataset(Dataset):
         preparation = "rgb|bilinear" if self.image_resize == "pil_bilinear" else f"rgb|{self.image_resize}"
 
         def rgb() -> np.ndarray:
-            return self._prepared(item.image, preparation, lambda: resized_rgb(item.image, self.size, self.image_resize))
+            return self._prepared(item.image, preparation,
+                                  lambda: resized_rgb(item.image, self.size, self.image_resize))
         mask = self._mask(item, out) if item.mask is not None else None
         if self.cache_view is not None:          # no transform here (__init__)
             out["cache_key"] = image_key(item.image, self.cache_view)
