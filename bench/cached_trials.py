@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import runpy
 import statistics
 import subprocess
 import sys
@@ -65,13 +66,13 @@ def _restored_logging():
 
 
 def in_process(args: list[str]) -> None:
-    """One run.py run in this process (Hydra's entry, as a sweep's launcher calls the task function)."""
-    import run
+    """One run.py run in this process (Hydra's entry, as a sweep's launcher calls the task function; the modules
+    stay imported from one run to the next)."""
     saved = sys.argv
-    sys.argv = ["run.py", *args]
+    sys.argv = [str(REPO / "run.py"), *args]
     try:
-        with _restored_logging(), contextlib.redirect_stdout(open(os.devnull, "w")):
-            run.main()
+        with _restored_logging(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            runpy.run_path(str(REPO / "run.py"), run_name="__main__")
     except SystemExit as exit_:
         if exit_.code:
             raise RuntimeError(f"run.py {' '.join(args)} failed ({exit_.code})") from None
@@ -189,23 +190,29 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="vfm-cached-trials-"))
     result = {"device": f"cpu ({os.cpu_count()} cores, 1 torch thread)", "pairs": args.pairs}
     cache = [f"paths.cache_dir={base / 'cache'}"]
+
+    def save() -> None:                 # after every section: a run stopped later keeps what it measured
+        result["summary"] = {name: summary(result[name]) for name in ("sweep", "process", "epoch") if result.get(name)}
+        if args.out:
+            atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     if "sweep" in args.only:
         common = [*BASE, *cache, "backbone=dinov2_s14", "backbone.weights=null",
                   f"trainer.max_epochs={args.sweep_epochs}", f"data.synth.n_train={args.sweep_images}"]
         result["sweep_overrides"] = common
         result["sweep"] = interleaved("sweep", in_process, common, args.pairs, base)
+        save()
     if "process" in args.only:
         result["process"] = interleaved("process", as_process, [*BASE, *cache], args.pairs, base)
+        save()
     if "epoch" in args.only or "sweep10" in args.only:
         as_process([*BASE, *cache, "data.cache_features=true", f"hydra.run.dir={base / 'fill'}"])
     if "epoch" in args.only:
         result["epoch"] = epoch_ratio(base / "cache", args.pairs)
+        save()
     if "sweep10" in args.only:
         result["sweep10"] = sweep_trials(args.sweep_trials, base)
-    result["summary"] = {name: summary(result[name]) for name in ("sweep", "process", "epoch") if result.get(name)}
+        save()
     print_table(result)
-    if args.out:
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
