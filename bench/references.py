@@ -22,7 +22,6 @@ class Reference:
     batch_size: int | None = None                   # None: the composed configuration's data.batch_size
     targets: dict = field(default_factory=dict)     # samples/s the optimised path should reach per mode
     modes: tuple = ("infer", "train")
-    cached: bool = False                            # head only, on precomputed backbone tokens
     tiny: list[str] = field(default_factory=list)   # --tiny: appended after `overrides` (after TINY)
     tiny_batch: int = 2
 
@@ -45,10 +44,11 @@ REFERENCES = [
         tiny=["peft.last_n_blocks=3", "data.image_size=[112,224]", "data.synth.width=224", "data.synth.height=112"],
         tiny_batch=2),
     Reference("biomass_dinov3_l16_cached_head", [
-        "task=biomass", "backbone=dinov3_l16", "backbone.layers=[23]", "peft=none", "model/biomass=vitdet_dense",
+        "task=biomass", "backbone=dinov3_l16", "backbone.layers=[23]", "peft=none", "data.cache_features=true",
+        "model/biomass=vitdet_dense",
         "model.head.width=512", "model.head.hidden=256", "data.image_size=[480,960]", "data.synth.n_train=16",
         "data.synth.n_test=4", "data.synth.width=960", "data.synth.height=480"],
-        targets={"train": 4000}, modes=("train",), cached=True,
+        targets={"train": 4000}, modes=("train",),
         tiny=["data.image_size=[112,224]", "data.synth.width=224", "data.synth.height=112"], tiny_batch=4),
     Reference("roadwork_b14_12x518", [
         "task=roadwork", "backbone=dinov2_b14", "backbone.layers=[11]", "data.views=highres12",

@@ -65,8 +65,16 @@ SKIPPED = {"cpu": {"optimised": "torch.compile runs on CUDA only here (Inductor'
 
 
 def compose(ref: Reference, cache_dir: Path, variant: str, device: str, tiny: bool):
-    """The reference's config as run.py composes it, with the variant's trainer settings; the config-group
-    choices are checked as run.py checks them."""
+    """The reference's config as run.py composes it, with the variant's trainer settings."""
+    return compose_overrides([*overrides_of(ref, tiny), f"paths.root_dir={REPO}", f"paths.cache_dir={cache_dir}",
+                              f"paths.output_dir={Path(tempfile.gettempdir()) / 'bench-run'}", "logger=none",
+                              "backbone.weights=null", "trainer.progress=off", f"trainer.device={device}",
+                              *VARIANTS[variant]])
+
+
+def compose_overrides(overrides: list[str]):
+    """The config run.py composes from these overrides, its config-group choices checked as run.py checks them
+    (without the hydra section)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import open_dict
@@ -76,9 +84,6 @@ def compose(ref: Reference, cache_dir: Path, variant: str, device: str, tiny: bo
     from sweeps.workers import register_resolvers
     register_path_resolvers()
     register_resolvers()
-    overrides = [*overrides_of(ref, tiny), f"paths.root_dir={REPO}", f"paths.cache_dir={cache_dir}",
-                 f"paths.output_dir={Path(tempfile.gettempdir()) / 'bench-run'}", "logger=none",
-                 "backbone.weights=null", "trainer.progress=off", f"trainer.device={device}", *VARIANTS[variant]]
     with initialize_config_dir(config_dir=str(REPO / "conf"), **version_base()):
         cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     check_choices(cfg, dict(cfg.hydra.runtime.choices))
@@ -98,7 +103,9 @@ class Built:
 
 
 def build(ref: Reference, cfg, batch_size: int, train: bool) -> Built:
-    """The reference's task, data, model and criterion through the suite's own code; a trainer for the step."""
+    """The reference's task, data, model and criterion through the suite's own code; a trainer for the step. With
+    data.cache_features (the cached-head reference) the held batch is read from the suite's disk cache
+    (`read_from_disk_cache`)."""
     from common.cluster.distributed import DistContext, resolve_device
     from common.data import image_check
     from common.tracking.tracker import Tracker
@@ -116,16 +123,34 @@ def build(ref: Reference, cfg, batch_size: int, train: bool) -> Built:
     device = resolve_device(str(cfg.trainer.device))
     trainer = Trainer(cfg, Path(cfg.paths.output_dir), Tracker(), DistContext(device=device))
     distinct = min(len(sets["train"]), 8)
-    items = [sets["train"][i % distinct] for i in range(batch_size)]
-    batch = move_to(task.collate(items), device)
+
+    def read_batch() -> dict:
+        return task.collate([sets["train"][i % distinct] for i in range(batch_size)])
+    batch = read_from_disk_cache(model, read_batch, device) if cfg.data.cache_features else read_batch()
     accumulate = int(cfg.trainer.accumulate_grad_batches) if train else 1
-    return Built(task, trainer, model, criterion, batch, batch_size * accumulate)
+    return Built(task, trainer, model, criterion, move_to(batch, device), batch_size * accumulate)
+
+
+def read_from_disk_cache(model: torch.nn.Module, read_batch, device: torch.device) -> dict:
+    """Head-only training on the suite's feature cache (data.cache_features): the backbone's tokens of the batch's
+    items computed once through the model's CachedEncoder and written to the disk cache, then the batch read again
+    by the datasets as a cache-hit epoch reads it (the stored tokens in place of the pixels, float32 as the cache
+    returns them), so that the step times the head on exactly what a cached trial trains on."""
+    from common.data.feature_cache import CachedFeatures
+    first = read_batch()
+    if not isinstance(first["image"], CachedFeatures):
+        with torch.no_grad():
+            model.backbone(first["image"].to(device), first["cache_key"])
+    batch = read_batch()
+    if not isinstance(batch["image"], CachedFeatures):
+        raise RuntimeError("the feature cache did not serve the batch after it was filled")
+    return batch
 
 
 def freeze_features(built: Built) -> None:
-    """Head-only training on cached features: the backbone returns tokens computed once (held on the device,
-    float32 as the feature cache returns them). Not the suite's data.cache_features path, which reads the tokens
-    from disk inside the model's forward (common.data.feature_cache.CachedEncoder): this times the head alone."""
+    """A head timed alone on tokens of a backbone that cannot be cached (adapters: bench.pcgrad's preset): the
+    backbone returns tokens computed once, held on the device as float32. The cached-head reference reads the
+    suite's disk cache instead (`read_from_disk_cache`)."""
     backbone = built.model.backbone.to(built.trainer.device)
     with torch.no_grad(), built.trainer.autocast():
         out = backbone(built.batch["image"])
@@ -176,8 +201,6 @@ def measure(ref: Reference, cfg, mode: str, variant: str, batch_size: int, repea
         try:
             with strict_fp32() if variant == "fp32 eager" else nullcontext():
                 built = build(ref, cfg, batch_size, mode == "train")
-                if ref.cached:
-                    freeze_features(built)
                 fn = train_step(built) if mode == "train" else infer_step(built)
                 flops = count_flops(fn) if variant in EAGER else None
                 seconds = time_per_call(fn, warmup=warmup, repeats=repeats, calls=calls, device=device)

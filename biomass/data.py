@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from biomass.augment import build_resize
 from biomass.constants import TARGETS
-from common.data.feature_cache import image_key
+from common.data.feature_cache import FeatureCache, image_key, pixels_or_features
 from common.data.image_cache import ImageCache, through
 
 
@@ -50,13 +50,19 @@ class BiomassDataset(Dataset):
     from disk after the first time, so later epochs decode and resize nothing.
     hires_scale (tiled inference, inference.tta.tiles.scale): items also carry image_hires, the ORIGINAL image (decoded
     at full resolution) resized to hires_scale x image_size, for tiles of image_size at that resolution.
+    cache_view (backbone features cached): items carry cache_key, and with `feature_cache` their "image" is the
+    stored tokens when the cache has them (nothing decoded; common.data.feature_cache.pixels_or_features).
     """
 
     def __init__(self, table: pd.DataFrame, root: Path, transform: Optional[Callable], draft_size=None,
                  cache_view: Optional[str] = None, image_size=None, image_cache: Optional[ImageCache] = None,
-                 hires_scale: Optional[float] = None):
+                 hires_scale: Optional[float] = None, feature_cache: Optional[FeatureCache] = None):
+        if cache_view is not None and transform is not None:
+            raise ValueError("cached backbone features are of the clean, resized image: a dataset with a cache_view "
+                             "takes no transform (set data.augment=[] or data.cache_features=false)")
         self.table = table.reset_index(drop=True)
         self.cache_view = cache_view  # set when backbone features are cached: items carry a cache_key
+        self.feature_cache = feature_cache
         self.root = Path(root)
         self.transform = transform
         self.draft_size = tuple(draft_size) if draft_size is not None else None
@@ -107,16 +113,22 @@ class BiomassDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.table.iloc[index]
-        image = self._prepared(self.root / row["image_path"])
-        if self.transform is not None:
-            image = self.transform(image=image)["image"]
-        item = {"image": torch.tensor(image).permute(2, 0, 1).float() / 255.0,
+        path = self.root / row["image_path"]
+
+        def pixels() -> torch.Tensor:
+            image = self._prepared(path)
+            if self.transform is not None:           # never with a cache_view (__init__)
+                image = self.transform(image=image)["image"]
+            return torch.tensor(image).permute(2, 0, 1).float() / 255.0
+
+        key = None if self.cache_view is None else image_key(path, self.cache_view)
+        item = {"image": pixels() if key is None else pixels_or_features(self.feature_cache, key, pixels),
                 "image_id": str(row["image_id"])}
         if self.hires is not None:
-            original = load_rgb(self.root / row["image_path"], None)
+            original = load_rgb(path, None)
             item["image_hires"] = torch.tensor(self.hires(image=original)["image"]).permute(2, 0, 1).float() / 255.0
-        if self.cache_view is not None:
-            item["cache_key"] = image_key(self.root / row["image_path"], self.cache_view)
+        if key is not None:
+            item["cache_key"] = key
         item.update(self._metadata(row))
         if self.has_targets:
             item.update(self._targets(row))

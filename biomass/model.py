@@ -154,7 +154,7 @@ class BiomassModel(nn.Module):
         feats = self.encode(batch)
         plan = None
         if self.training and self.mixup["prob"] > 0 and "targets_g" in batch:
-            plan = sample_mixup(batch["image"].shape[0], self.mixup["alpha"], self.mixup["prob"])
+            plan = sample_mixup(feats.tokens[0].shape[0], self.mixup["alpha"], self.mixup["prob"])
         if plan is None:
             return self.decode(feats)
         return {**self.decode(mix_features(feats, plan)), **mix_labels(batch, plan, self.states)}

@@ -22,9 +22,8 @@ from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import read_solution_table, read_test_table, read_train_table, report_missing
 from common.data.augment import build_augment
 from common.data.datasets import unwrap_subset
-from common.data.feature_cache import maybe_cached
+from common.data.feature_cache import encoder_for, feature_cache_of
 from common.data.image_cache import ImageCache
-from common.models.encoder import build_encoder
 from common.task import Task
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,7 @@ class BiomassTask(Task):
         tiles = OmegaConf.select(self.cfg, "inference.tta.tiles")      # tiled inference reads the original image
         return BiomassDataset(table, root, augment, draft_size=draft, image_size=(h, w),
                               cache_view=self._cache_view() if cached else None,
+                              feature_cache=feature_cache_of(self.cfg, (h, w)),
                               image_cache=ImageCache.from_config(d.get("image_cache")),
                               hires_scale=float(tiles.scale) if tiles and not train else None)
 
@@ -142,7 +142,7 @@ class BiomassTask(Task):
     def build_model(self, stats: dict):
         """The model; in mode=train / cv it averages the views of inference.tta in eval mode (validation, out-of-fold
         predictions), while eval / predict wrap the restored model or ensemble instead (common.inference.predictor)."""
-        encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=tuple(self.cfg.data.image_size))
+        encoder = encoder_for(self.cfg, input_size=tuple(self.cfg.data.image_size))
         tta = hydra.utils.instantiate(self.cfg.inference.tta)
         if tta is not None and tta.active and self.cfg.data.cache_features:
             raise ValueError("inference.tta changes the pixels the cached tokens were computed from: "

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from common.data.augment import build_augment
-from common.data.feature_cache import file_digest, image_key
+from common.data.feature_cache import FeatureCache, file_digest, image_key, pixels_or_features
 from common.data.image_cache import ImageCache, through
 from common.data.image_check import raise_if_broken
 from roadwork.augment import augment_views, augment_views_and_masks
@@ -93,7 +93,7 @@ class RoadworkDataset(Dataset):
     def __init__(self, samples: list[Sample], views, view_size: int, augment: Optional[Sequence] = None,
                  benchmark: Optional[BenchmarkTransform] = None, seed: int = 0, benchmark_random: bool = False,
                  cache_features: bool = False, masks: Optional[list[Optional[Path]]] = None,
-                 image_cache: Optional[ImageCache] = None):
+                 image_cache: Optional[ImageCache] = None, feature_cache: Optional[FeatureCache] = None):
         if masks is not None and benchmark is not None:
             raise ValueError("data.masks with the benchmark transform levels: the levels rotate and crop the image "
                              "and its mask cannot follow; set data.train_benchmark_levels=false or data.masks=null")
@@ -102,7 +102,11 @@ class RoadworkDataset(Dataset):
         self.samples = samples
         self.sample_weights = None  # training sets: one sampling weight per sample (data.gps_sampling), else None
         self.masks = masks          # per sample: its mask file or None; None = no masks configured
+        if cache_features and (augment or benchmark is not None):
+            raise ValueError("cached backbone features are of the clean views: a dataset with cache_features takes no "
+                             "augmentation or benchmark levels (set data.cache_features=false)")
         self.cache_features = cache_features  # items carry one feature-cache key per view
+        self.feature_cache = feature_cache    # with it, "views" is the stored tokens on a hit (nothing decoded)
         self.view_names = resolve_views(views)
         self.view_size = int(view_size)
         self.pipeline = build_augment(augment)     # None without augmentation
@@ -139,20 +143,21 @@ class RoadworkDataset(Dataset):
                              f"image's size {size}, got mode {mask.mode} size {mask.size}")
         return mask.convert("L")
 
-    def _prepared(self, index: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """The deterministic part: views (V, S, S, 3) uint8 and mask views (V, S, S) (None without a mask)."""
+    def _prepared(self, index: int, with_views: bool = True) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """The deterministic part: views (V, S, S, 3) uint8 (None unless `with_views`) and mask views (V, S, S)
+        (None without a mask)."""
         sample = self.samples[index]
         decoded = functools.cache(lambda: self.load_image(sample))       # decoded once, and only on a miss
         views = through(self.image_cache, sample.image, f"{self.preparation}|lanczos",
-                             lambda: np.stack(cut_views(decoded(), self.view_names, self.view_size)))
+                        lambda: np.stack(cut_views(decoded(), self.view_names, self.view_size))) if with_views else None
         path = None if self.masks is None else self.masks[index]
         if path is None:
             return views, None
         # Keyed by the image; the mask file's digest in the id, so an edited mask misses too.
         mask_id = "" if self.image_cache is None else file_digest(path)
         masks = through(self.image_cache, sample.image, f"{self.preparation}|nearest|mask={mask_id}",
-                             lambda: np.stack(cut_views(self.load_mask(index, decoded().size), self.view_names,
-                                                        self.view_size, Image.NEAREST)))
+                        lambda: np.stack(cut_views(self.load_mask(index, header_size(sample.image)),
+                                                   self.view_names, self.view_size, Image.NEAREST)))
         return views, masks
 
     def _benchmark_views(self, index: int) -> list[np.ndarray]:
@@ -173,13 +178,19 @@ class RoadworkDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        views, masks = self._views(index)
-        item = {"views": torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float().div_(255.0),
-                "label": sample.label, "image": sample.name}
-        if self.masks is not None:
-            item.update(seg_target(masks, len(self.view_names), self.view_size))
-        if self.cache_features:
-            item["cache_key"] = [image_key(sample.image, f"{name}-{self.view_size}") for name in self.view_names]
+        prepared = functools.cache(lambda: self._views(index))       # decoded once, and only when needed
+
+        def pixels() -> torch.Tensor:
+            return torch.from_numpy(np.stack(prepared()[0])).permute(0, 3, 1, 2).float().div_(255.0)
+        keys = [image_key(sample.image, f"{name}-{self.view_size}") for name in self.view_names] \
+            if self.cache_features else None
+        views = pixels() if keys is None else pixels_or_features(self.feature_cache, keys, pixels)
+        item = {"views": views, "label": sample.label, "image": sample.name}
+        if self.masks is not None:        # a cache hit decodes the masks only (no augmentation with the cache)
+            masks = prepared()[1] if isinstance(views, torch.Tensor) else self._prepared(index, with_views=False)[1]
+            item.update(seg_target(None if masks is None else list(masks), len(self.view_names), self.view_size))
+        if keys is not None:
+            item["cache_key"] = keys
         for key, value in sample.meta.items():
             if key == "gps":
                 item["gps"] = torch.tensor(value, dtype=torch.float32)
@@ -190,6 +201,15 @@ class RoadworkDataset(Dataset):
             else:
                 item[key] = int(value)
         return item
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(W, H) of an image from its header (nothing decoded)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the image header ({err})") from err
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

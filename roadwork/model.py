@@ -15,8 +15,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from common.data.feature_cache import encode as backbone_tokens
-from common.models.backbone import Backbone
+from common.data.feature_cache import encode as backbone_tokens, leading_shape, map_inputs
+from common.models.backbone import Backbone, BackboneOutput
 from common.models.option_groups import group_options
 from roadwork.blocks import ChannelPyramid, GatedBlock
 from roadwork.feature_stats import FeatureStats
@@ -209,9 +209,9 @@ class RoadworkModel(nn.Module):
             return ViewScorer(width, len(self.view_names) - 1)
         raise ValueError(f"model.prune_where={where!r}: expected 'after' or 'before'")
 
-    def encode(self, images: Tensor, keys: Optional[list[str]] = None) -> tuple[Tensor, Tensor]:
+    def encode(self, images: Tensor | BackboneOutput, keys: Optional[list[str]] = None) -> tuple[Tensor, Tensor]:
         """(N, 3, S, S) -> (N, width) and the last configured layer's patch tokens (N, h, w, C), all images
-        through the backbone as one batch (keys: feature cache)."""
+        through the backbone as one batch (keys: feature cache; or `images` are already their cached features)."""
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             out = backbone_tokens(self.backbone, images, keys)
@@ -221,13 +221,14 @@ class RoadworkModel(nn.Module):
                 feats = pool_tokens(out.tokens, out.cls, self.pool)
         return self.project(feats), out.tokens[-1].unflatten(1, tuple(out.grid))
 
-    def view_features(self, views: Tensor, keys: Optional[list[list[str]]] = None) -> ViewFeatures:
+    def view_features(self, views: Tensor | BackboneOutput, keys: Optional[list[list[str]]] = None) -> ViewFeatures:
         """(B, V, 3, S, S) -> the kept views' features, importance scores and the encoded views' tokens.
-        keys: the feature-cache key of every view, (B, V) nested lists, when the backbone is cached."""
-        batch, count = views.shape[:2]
+        views may be their cached backbone features instead (tokens (B, V, N, C)); keys: the feature-cache key of
+        every view, (B, V) nested lists, when the backbone is cached."""
+        batch, count = leading_shape(views, 2)
         if self.pruner is None or self.prune_where == "after":
             flat_keys = [k for row in keys for k in row] if keys is not None else None
-            feats, tokens = self.encode(views.flatten(0, 1), flat_keys)
+            feats, tokens = self.encode(map_inputs(views, lambda t: t.flatten(0, 1)), flat_keys)
             feats, tokens = feats.view(batch, count, -1), tokens.unflatten(0, (batch, count))
             if self.pruner is None:
                 return ViewFeatures(feats, None, tokens, None)
@@ -235,13 +236,15 @@ class RoadworkModel(nn.Module):
             index, gate = self.pruner.top_k(scores, self.prune_k)
             return ViewFeatures(gather_views(feats, index) * gate[..., None], scores, tokens, None)
         g = self.view_names.index("global")
-        glob, glob_tokens = self.encode(views[:, g], [row[g] for row in keys] if keys is not None else None)
-        others = torch.cat([views[:, :g], views[:, g + 1:]], dim=1)
+        glob, glob_tokens = self.encode(map_inputs(views, lambda t: t[:, g]),
+                                        [row[g] for row in keys] if keys is not None else None)
+        others = map_inputs(views, lambda t: torch.cat([t[:, :g], t[:, g + 1:]], dim=1))
         scores = self.pruner.scores(glob)
         index, gate = self.pruner.top_k(scores, self.prune_k - 1)
         picked_keys = None if keys is None else [
             (row[:g] + row[g + 1:])[i] for row, chosen in zip(keys, index.tolist()) for i in chosen]
-        picked, picked_tokens = self.encode(gather_views(others, index).flatten(0, 1), picked_keys)
+        picked, picked_tokens = self.encode(map_inputs(others, lambda t: gather_views(t, index).flatten(0, 1)),
+                                            picked_keys)
         picked, picked_tokens = picked.view(batch, index.shape[1], -1), picked_tokens.unflatten(0, index.shape)
         tokens = torch.cat([glob_tokens[:, None], picked_tokens], dim=1)
         encoded = torch.cat([torch.full_like(index[:, :1], g), index + (index >= g).long()], dim=1)

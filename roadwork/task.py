@@ -12,10 +12,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.data.datasets import unwrap_subset
-from common.data.feature_cache import maybe_cached
+from common.data.feature_cache import encoder_for, feature_cache_of
 from common.data.image_cache import ImageCache
 from common.metric import Metric
-from common.models.encoder import build_encoder
 from common.models.option_groups import instantiate_grouped
 from common.task import Batch, Outputs, Task
 from roadwork import gps_sampling, synth
@@ -54,9 +53,11 @@ class RoadworkTask(Task):
         scale = float(OmegaConf.select(data, "augment_scale", default=1.0))   # older checkpoints: none
         augment = None if not train or cached or data.augment is None else scale_probabilities(
             OmegaConf.to_container(data.augment, resolve=True), scale)
+        # the cache of this task's backbone; an ensemble member's own (data given) reads its cache in its forward
+        features = feature_cache_of(self.cfg, (int(data.view_size),) * 2) if cached and data is self.data else None
         return RoadworkDataset(samples, data.views, data.view_size, augment=augment, benchmark=bench,
                                seed=int(self.cfg.seed), benchmark_random=train, cache_features=cached,
-                               masks=masks, image_cache=image_cache)
+                               masks=masks, image_cache=image_cache, feature_cache=features)
 
     def _inference_set(self, root: Path, split: str, require_label: bool, benchmark: bool, model: nn.Module | None):
         """(dataset, the first member's sample index) of an eval / predict split: one dataset per distinct
@@ -140,7 +141,7 @@ class RoadworkTask(Task):
         fields = list(self.data.metadata)
         size = int(self.data.view_size)
         model = instantiate_grouped(OmegaConf.to_container(self.cfg.model, resolve=True), RoadworkModel,
-                                    backbone=maybe_cached(build_encoder(self.cfg), self.cfg, (size, size)),
+                                    backbone=encoder_for(self.cfg, (size, size)),
                                     view_names=resolve_views(self.data.views),
                                     vocab_sizes={f: len(vocabularies[f]) for f in CATEGORY_FIELDS if f in fields},
                                     text_fields=text_fields, use_gps="gps" in fields,

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.data.feature_cache import image_key
+from common.data.feature_cache import FeatureCache, image_key, pixels_or_features
 from common.data.image_cache import ImageCache, through
 from common.data.image_check import broken_images
 
@@ -190,6 +190,10 @@ def resized_rgb(path: Path, size: tuple[int, int], method: str = "pil_bilinear")
         return cv2.resize(np.array(rgb), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
+def _image_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
 def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W) uint8 0/1 mask resized to `size` (H, W), nearest neighbour."""
     return np.array(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST))
@@ -202,16 +206,23 @@ class ScleraDataset(Dataset):
     "height"/"width" (original size), and with `full_mask` the original-size mask as a uint8 array}.
     With an `image_cache` the resized image and mask (before `transform`) are read from disk after the
     first time, so later epochs decode nothing (the original size comes from the file header).
+    cache_view (backbone features cached): items carry cache_key, and with `feature_cache` their "image" is the
+    stored tokens when the cache has them (the image is not decoded; common.data.feature_cache.pixels_or_features).
     """
 
     def __init__(self, items: list[Item], size: tuple[int, int], transform: Optional[Callable] = None,
                  full_mask: bool = False, cache_view: Optional[str] = None,
-                 image_cache: Optional[ImageCache] = None, image_resize: str = "pil_bilinear"):
+                 image_cache: Optional[ImageCache] = None, image_resize: str = "pil_bilinear",
+                 feature_cache: Optional[FeatureCache] = None):
         if image_resize not in IMAGE_RESIZES:
             raise ValueError(f"data.image_resize={image_resize!r}: expected one of {IMAGE_RESIZES}")
+        if cache_view is not None and transform is not None:
+            raise ValueError("cached backbone features are of the clean, resized image: a dataset with a cache_view "
+                             "takes no transform (set data.augment=[] or data.cache_features=false)")
         self.items = list(items)
         self.image_resize = image_resize
         self.cache_view = cache_view  # set when backbone features are cached: items carry a cache_key
+        self.feature_cache = feature_cache
         self.size = (int(size[0]), int(size[1]))
         self.transform = transform
         self.full_mask = full_mask
@@ -235,15 +246,21 @@ class ScleraDataset(Dataset):
         item = self.items[index]
         height, width = image_size(item.image)
         out = {"set": item.set, "stem": item.image.stem, "height": height, "width": width}
-        if self.cache_view is not None:
-            out["cache_key"] = image_key(item.image, self.cache_view)
         preparation = "rgb|bilinear" if self.image_resize == "pil_bilinear" else f"rgb|{self.image_resize}"
-        image = self._prepared(item.image, preparation, lambda: resized_rgb(item.image, self.size, self.image_resize))
+
+        def rgb() -> np.ndarray:
+            return self._prepared(item.image, preparation,
+                                  lambda: resized_rgb(item.image, self.size, self.image_resize))
         mask = self._mask(item, out) if item.mask is not None else None
-        if self.transform is not None:
-            res = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
-            image, mask = res["image"], res.get("mask", mask)
-        out["image"] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+        if self.cache_view is not None:          # no transform here (__init__)
+            out["cache_key"] = image_key(item.image, self.cache_view)
+            out["image"] = pixels_or_features(self.feature_cache, out["cache_key"], lambda: _image_tensor(rgb()))
+        else:
+            image = rgb()
+            if self.transform is not None:
+                res = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
+                image, mask = res["image"], res.get("mask", mask)
+            out["image"] = _image_tensor(image)
         if mask is not None:
             out["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
         return out

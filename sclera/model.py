@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.data.feature_cache import encode
-from common.models.backbone import Backbone, tokens_to_map
+from common.data.feature_cache import encode, input_hw
+from common.models.backbone import Backbone, BackboneOutput, tokens_to_map
 from common.models.option_groups import group_options
 from common.utils.timm_import import timm
 from sclera.grounding import build_grounding
@@ -220,10 +220,11 @@ class CGDSeg(nn.Module):
         report["frozen"] = count(self) - report["trainable"]
         return report
 
-    def features(self, images: Tensor, cache_keys: Optional[Sequence[str]] = None) -> Tensor:
+    def features(self, images: Tensor | BackboneOutput, cache_keys: Optional[Sequence[str]] = None) -> Tensor:
+        """images: pixels, or their cached backbone features (data.cache_features)."""
         p = self.backbone.patch_size
-        h, w = images.shape[-2:]
-        if self.fit_to_patch != "none" and (h % p or w % p):      # e.g. 256 -> 252 for patch 14: an 18x18 grid
+        h, w = input_hw(images)
+        if isinstance(images, Tensor) and self.fit_to_patch != "none" and (h % p or w % p):   # 256 -> 252 for patch 14
             images = fitted_to_patch(images, p, self.fit_to_patch)
         out = encode(self.backbone, images, cache_keys)
         tokens = torch.cat([out.tokens[i] for i in self.token_layers], dim=-1)
@@ -233,7 +234,7 @@ class CGDSeg(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         images = batch["image"]
-        size = (images.shape[-2], images.shape[-1])
+        size = input_hw(images)
         levels = self.fpn(self.features(images, batch.get("cache_key")), size)
         x = levels[self.decoder_input]
         for stage, stride, skip in zip(self.decoder, self.decoder_strides, self.decoder_skips):

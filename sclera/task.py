@@ -15,10 +15,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.data.augment import build_augment
-from common.data.feature_cache import maybe_cached
+from common.data.feature_cache import encoder_for, feature_cache_of
 from common.data.image_cache import ImageCache
 from common.metric import Metric
-from common.models.encoder import build_encoder
 from common.models.option_groups import instantiate_grouped
 from common.task import Batch, Outputs, Task
 from common.utils.atomic import atomic_write_text
@@ -62,10 +61,11 @@ class ScleraTask(Task):
         view = f"resized-{size[0]}x{size[1]}" + ("" if data.image_resize == "pil_bilinear" else f"-{data.image_resize}")
         view = view if data.cache_features else None
         decoded = ImageCache.from_config(data.get("image_cache"))
+        features = feature_cache_of(self.cfg, size)
 
         def dataset(items, transform=None, full_mask=False) -> ScleraDataset:
             return ScleraDataset(items, size, transform, full_mask=full_mask, cache_view=view, image_cache=decoded,
-                                 image_resize=data.image_resize)
+                                 image_resize=data.image_resize, feature_cache=features)
 
         if stage == "fit":
             train = training_items(data, root, ("Training",), oversample=True)
@@ -94,7 +94,7 @@ class ScleraTask(Task):
         parameters per component and writes them to <run dir>/parameters.json."""
         model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
         model_cfg["grounding"] = resolve_sources(model_cfg["grounding"], self._dataset_root)
-        encoder = maybe_cached(build_encoder(self.cfg), self.cfg, input_size=self.size)
+        encoder = encoder_for(self.cfg, input_size=self.size)
         model = instantiate_grouped(model_cfg, CGDSeg, backbone=encoder)
         report = model.parameter_report()
         log.info("[model] CGDSeg trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in report.items()))
@@ -129,6 +129,10 @@ class ScleraTask(Task):
         return [{"set": batch["set"][i], "stem": batch["stem"][i], **row} for i, row in enumerate(rows)]
 
     def log_media(self, logger, outputs: Outputs, batch: Batch, stats: dict, step: int) -> None:
+        if not isinstance(batch["image"], torch.Tensor):
+            log.info("[media] val/sclera_overlay not drawn: the batch carries cached backbone features, not the images "
+                     "(data.cache_features=true)")
+            return
         count = min(int(self.cfg.task.media_images), outputs["logits"].shape[0])
         probs = torch.sigmoid(outputs["logits"][:count, 0].float()).cpu().numpy()
         pred = (probs >= float(self.cfg.metric.threshold)).astype(np.float32)

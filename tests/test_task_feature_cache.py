@@ -30,7 +30,7 @@ def test_cached_training_matches_uncached(case, tmp_path):
     monitor = [k for k in plain[0] if k.startswith("val/") and k != "val/loss"][0]
     for a, b in zip(plain, cached):
         assert abs(a[monitor] - b[monitor]) < 1e-5 and abs(a["train/loss"] - b["train/loss"]) < 1e-5
-    assert list((cache / "features").rglob("*.pt"))
+    assert list((cache / "features").rglob("*.safetensors"))
 
 
 @pytest.mark.slow

@@ -108,15 +108,22 @@ def _entries():
             "cls width": {"tokens": [torch.zeros(4, 3)], "grid": [2, 2], "cls": torch.zeros(5), "registers": None}}
 
 
-@pytest.mark.parametrize("case", ["integer tokens", "grid mismatch", "cls width"])
+@pytest.mark.parametrize("case", ["integer tokens", "grid mismatch", "cls width", "a pickle"])
 def test_a_feature_cache_entry_of_another_shape_or_dtype_is_a_named_miss(tmp_path, case):
     import torch
+    from safetensors.torch import save_file
 
     from common.data.feature_cache import FeatureCache
     cache = FeatureCache(tmp_path, "ident", dtype="float32")
     path = cache.path("k1")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(_entries()[case], path)
+    if case == "a pickle":        # a file of the first format (torch.save) under this format's name
+        torch.save(_entries()["grid mismatch"], path)
+    else:
+        entry = _entries()[case]
+        save_file({**{f"tokens.{i}": t for i, t in enumerate(entry["tokens"])},
+                   "grid": torch.tensor(entry["grid"]),
+                   **({"cls": entry["cls"]} if entry["cls"] is not None else {})}, path)
     with pytest.warns(UserWarning, match=rf"feature cache: unreadable file {path}"):
         assert cache.get("k1") is None
     assert cache.corrupt == 1

@@ -9,16 +9,20 @@ import torch
 from torch.utils.data import Dataset
 
 from common.cluster.preemption import ignore_in_worker
+from common.data.feature_cache import CachedItem, collate_pixels
 from common.utils.seed import isolated_rng, seed_cpu
 
 
 def default_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors (and numbers) key by key; keep everything else (ids, paths, names) as lists."""
+    """Stack tensors (and numbers) key by key; keep everything else (ids, paths, names) as lists. Pixels that
+    may be cached features (common.data.feature_cache.pixels_or_features) collate by `collate_pixels`."""
     batch: dict[str, Any] = {}
     for key in items[0]:
         values = [item[key] for item in items]
         first = values[0]
-        if isinstance(first, torch.Tensor):
+        if any(isinstance(v, CachedItem) for v in values):
+            batch[key] = collate_pixels(values)
+        elif isinstance(first, torch.Tensor):
             batch[key] = torch.stack(values)
         elif isinstance(first, (bool, int, float)):
             batch[key] = torch.tensor(values)

@@ -1,6 +1,8 @@
 """On-disk cache of a frozen backbone's patch tokens, so head-only runs and sweeps skip the backbone.
 
-Layout: `<root>/<identity>/<dtype>/<key[:2]>/<key>.pt`, one file per (image, view), plus `identity.json`
+Layout: `<root>/<identity>/<dtype>/<key[:2]>/<key>.safetensors`, one file per (image, view) (tensors
+`tokens.<i>`, `grid`, `cls`, `registers`; safetensors: read in a sixth of torch.load's time, no pickle), plus
+`identity.json`
 (the fields that made the identity, for people). The identity (`backbone_identity`) hashes the backbone
 config (source, name, model_kwargs, layers, weights identity, init_seed for random weights, every other
 field except `lr` and `freeze`, so a new field misses by default), the input size (H, W), optional task
@@ -11,8 +13,18 @@ view or pixels misses.
 Rules for a task that caches (`data.cache_features: true`):
 - the view id must name the whole deterministic preprocessing of the view (crop, tile, flip...);
   no random pixel augmentation may run, since the cache would freeze one draw of it;
-- each item carries `cache_key = image_key(image_path, view)`; the model calls
-  `encode(self.backbone, batch["image"], batch.get("cache_key"))`.
+- each item carries `cache_key = image_key(image_path, view)` (a list of keys for an item of several views);
+- the dataset puts `pixels_or_features(cache, keys, pixels)` where its pixels go: on a hit of every key the
+  stored tokens (`CachedItem`), read in the DataLoader worker, and no image is decoded; on a miss the pixels.
+  `collate_pixels` (common.data.datasets.default_collate calls it) stacks a batch of hits into one
+  `CachedFeatures`; a batch that mixes hits and misses gets the pixels of all its items;
+- the model calls `encode(self.backbone, batch[<pixels>], batch.get("cache_key"))`: cached features pass
+  through, pixels go through the cache (read, or the backbone on a miss, then written).
+
+The encoder (`encoder_for`) builds no backbone while the cache serves: the backbone's description (patch size,
+widths, layers...) that heads read at construction is stored as `backbone.json` beside the tokens by the first
+run that builds it; later runs build the backbone only at their first miss. The backbone is not a registered
+submodule, so checkpoints hold the same (trainable) weights whether or not it was ever built.
 
 Storage dtype: float16 (default, half the disk), bfloat16, or float32. With float32 the cached tokens are
 bitwise the backbone's, so metrics equal an uncached run exactly; float16 rounds the tokens (~1e-3 relative).
@@ -26,30 +38,37 @@ rewritten by the next `put`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import pickle
 import warnings
-import zipfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from common.models.backbone import Backbone, BackboneOutput
+from common.models.encoder import build_encoder
 from common.utils.atomic import atomic_path
 from common.utils.timm_import import timm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2         # 2: safetensors files (1: torch.save pickles); part of the identity
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Backbone config fields that never change the features of a frozen backbone.
 _NON_IDENTITY_FIELDS = ("lr", "freeze")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
-_LOAD_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError,
-                AttributeError, IndexError, zipfile.BadZipFile)
+_LOAD_ERRORS = (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                SafetensorError)
 _digest_memo: dict[tuple[str, int, int], str] = {}
+# What heads read from a backbone when they are built (Backbone attributes); stored as backbone.json.
+SPEC_FIELDS = ("name", "family", "patch_size", "embed_dim", "embed_dims", "num_blocks", "layers", "layer_strides",
+               "num_prefix_tokens", "num_registers")
 
 
 def _hash_text(text: str) -> str:
@@ -148,6 +167,8 @@ class FeatureCache:
         self.identity = identity
         self.dtype = dtype
         self.corrupt = 0
+        # (H, W) of the images the tokens were computed from (CachedFeatures.image_size); None when not given
+        self.input_size = tuple(fields["input_size"]) if fields and "input_size" in fields else None
         self.dir.mkdir(parents=True, exist_ok=True)
         if fields is not None and not (self.dir / "identity.json").exists():
             text = json.dumps(fields, sort_keys=True, indent=1).encode("utf-8")
@@ -165,7 +186,7 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         if not key or "/" in key or os.sep in key or key.startswith("."):
             raise ValueError(f"feature cache key {key!r}: expected a file-name-safe id such as image_key(...)")
-        return self.dir / key[:2] / f"{key}.pt"
+        return self.dir / key[:2] / f"{key}.safetensors"
 
     def contains(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -174,8 +195,8 @@ class FeatureCache:
         """The item's output (unbatched, float32, CPU), or None on a miss or an unreadable file."""
         path = self.path(key)
         try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            return _entry_to_output(entry)
+            with open(path, "rb") as handle:
+                return _entry_to_output(_nested(load_safetensors(handle.read())))
         except FileNotFoundError:
             return None
         except _LOAD_ERRORS as err:
@@ -184,12 +205,44 @@ class FeatureCache:
                           f"treating it as a miss, it will be rewritten", stacklevel=2)
             return None
 
+    def read_features(self, keys: str | Sequence[str]) -> Optional[BackboneOutput]:
+        """The stored output of one key (tokens (N, C)), or of a list of keys stacked on a first dimension
+        (tokens (V, N, C)); None unless every key is stored and readable."""
+        items = [self.get(key) for key in ([keys] if isinstance(keys, str) else keys)]
+        if any(item is None for item in items):
+            return None
+        return items[0] if isinstance(keys, str) else stack_outputs(items)
+
+    @property
+    def spec_path(self) -> Path:
+        return self.dir / "backbone.json"
+
+    def read_spec(self) -> Optional[dict]:
+        """The description of this identity's backbone (`backbone_spec`), or None before a run has built it."""
+        try:
+            spec = json.loads(self.spec_path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as err:
+            warnings.warn(f"feature cache: unreadable {self.spec_path} ({err}); the backbone will be built",
+                          stacklevel=2)
+            return None
+        if not isinstance(spec, dict) or set(spec) != set(SPEC_FIELDS):
+            warnings.warn(f"feature cache: {self.spec_path} does not hold the fields {SPEC_FIELDS}; the backbone "
+                          f"will be built", stacklevel=2)
+            return None
+        return spec
+
+    def write_spec(self, backbone: Backbone) -> None:
+        text = json.dumps(backbone_spec(backbone), sort_keys=True, indent=1).encode("utf-8")
+        _atomic_write(self.spec_path, lambda handle: handle.write(text))
+
     def put(self, key: str, item: BackboneOutput) -> BackboneOutput:
         """Store one item's output (tokens (N, C) per layer, cls (C,), registers (R, C)).
 
         Returns what a later `get` of this key gives (the stored values, float32)."""
         entry = _output_to_entry(item, STORAGE_DTYPES[self.dtype], self.path(key))
-        _atomic_write(self.path(key), lambda handle: torch.save(entry, handle))
+        _atomic_write(self.path(key), lambda handle: handle.write(save_safetensors(_flat(entry))))
         return _entry_to_output(entry)
 
 
@@ -212,6 +265,23 @@ def _output_to_entry(item: BackboneOutput, dtype: torch.dtype, path: Path) -> di
             "grid": [int(item.grid[0]), int(item.grid[1])],
             "cls": _store(item.cls, dtype, path),
             "registers": _store(item.registers, dtype, path)}
+
+
+def _flat(entry: dict) -> dict[str, Tensor]:
+    """An entry as the named tensors of its file (None fields left out)."""
+    flat = {f"tokens.{i}": t for i, t in enumerate(entry["tokens"])}
+    flat["grid"] = torch.tensor(entry["grid"], dtype=torch.int64)
+    flat.update({name: entry[name] for name in ("cls", "registers") if entry[name] is not None})
+    return flat
+
+
+def _nested(flat: dict[str, Tensor]) -> dict:
+    count = sum(name.startswith("tokens.") for name in flat)
+    grid = flat["grid"]
+    if grid.shape != (2,) or grid.is_floating_point():
+        raise ValueError(f"grid {grid.tolist()} is not two integers")
+    return {"tokens": [flat[f"tokens.{i}"] for i in range(count)], "grid": grid.tolist(),
+            "cls": flat.get("cls"), "registers": flat.get("registers")}
 
 
 def _floats(value: Any, dims: int) -> bool:
@@ -255,6 +325,81 @@ def stack_outputs(items: list[BackboneOutput], device: torch.device | str = "cpu
                           registers=stack([it.registers for it in items]))
 
 
+@dataclass
+class CachedFeatures(BackboneOutput):
+    """A batch of cached backbone outputs standing where the batch's pixels would be; `image_size` (H, W) is the
+    size of the images they were computed from (what a model that upsamples to its input reads)."""
+    image_size: tuple[int, int] = (0, 0)
+    source: str = ""             # the cache directory they were read from (FeatureCache.dir): encode checks it
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CachedFeatures":
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+        return replace(self, tokens=[move(t) for t in self.tokens], cls=move(self.cls), registers=move(self.registers))
+
+
+@dataclass
+class CachedItem:
+    """One dataset item's stored tokens in place of its pixels (every key of the item hit the cache).
+    `pixels` decodes them after all, for a batch that mixes hits and misses (collate_pixels)."""
+    features: BackboneOutput
+    image_size: tuple[int, int]
+    source: str
+    pixels: Callable[[], Tensor]
+
+
+def pixels_or_features(cache: Optional[FeatureCache], keys: str | Sequence[str],
+                       pixels: Callable[[], Tensor]) -> Tensor | CachedItem:
+    """What a dataset item carries as its pixels: the cached tokens of `keys` when every key is stored (nothing
+    decoded), else `pixels()`. `cache` None (features not cached): always the pixels."""
+    features = None if cache is None else cache.read_features(keys)
+    if features is None:
+        return pixels()
+    return CachedItem(features, cache.input_size, str(cache.dir), pixels)
+
+
+def collate_pixels(values: list) -> Tensor | CachedFeatures:
+    """The batch's pixels: one CachedFeatures when every item is a CachedItem, else the stacked pixels (a hit's
+    decoded now, so that the encoder sees one kind of input; it reads those items from the cache again)."""
+    if all(isinstance(v, CachedItem) for v in values):
+        out = stack_outputs([v.features for v in values])
+        sources = {v.source for v in values}
+        if len(sources) != 1:
+            raise ValueError(f"one batch of cached features from several caches {sorted(sources)}")
+        return CachedFeatures(tokens=out.tokens, grid=out.grid, cls=out.cls, registers=out.registers,
+                              image_size=tuple(values[0].image_size), source=sources.pop())
+    return torch.stack([v.pixels() if isinstance(v, CachedItem) else v for v in values])
+
+
+def input_hw(inputs: Tensor | CachedFeatures) -> tuple[int, int]:
+    """(H, W) of a batch's images, whether they came as pixels or as cached features."""
+    if isinstance(inputs, CachedFeatures):
+        return tuple(inputs.image_size)
+    return int(inputs.shape[-2]), int(inputs.shape[-1])
+
+
+def leading_shape(inputs: Tensor | BackboneOutput, dims: int) -> tuple[int, ...]:
+    """The first `dims` sizes (items, views...) of a batch's pixels or of their cached features."""
+    first = inputs.tokens[0] if isinstance(inputs, BackboneOutput) else inputs
+    return tuple(first.shape[:dims])
+
+
+def map_inputs(inputs: Tensor | BackboneOutput, fn: Callable[[Tensor], Tensor]) -> Tensor | BackboneOutput:
+    """`fn` (an indexing along the leading item dimensions: select views, flatten) applied to pixels, or to every
+    tensor of cached features, so that a model picks the same items from either."""
+    if not isinstance(inputs, BackboneOutput):
+        return fn(inputs)
+    def apply(t):
+        return None if t is None else fn(t)
+    return replace(inputs, tokens=[apply(t) for t in inputs.tokens], cls=apply(inputs.cls),
+                   registers=apply(inputs.registers))
+
+
+def backbone_spec(backbone: Backbone) -> dict:
+    """The attributes heads read from a backbone at construction (SPEC_FIELDS), as plain values."""
+    return {name: _plain(getattr(backbone, name)) for name in SPEC_FIELDS}
+
+
 def check_cacheable(backbone: nn.Module) -> None:
     trainable = [n for n, p in backbone.named_parameters() if p.requires_grad]
     adapters = [n for n, m in backbone.named_modules() if type(m).__module__.startswith("peft.")]
@@ -265,34 +410,74 @@ def check_cacheable(backbone: nn.Module) -> None:
 
 
 class CachedEncoder(nn.Module):
-    """A frozen backbone behind a FeatureCache: forward(images, keys) runs the backbone on misses only."""
+    """A frozen backbone behind a FeatureCache: forward(images, keys) runs the backbone on misses only.
 
-    def __init__(self, backbone: Backbone, cache: FeatureCache):
+    `backbone`: a built Backbone, or a function that builds it. With a function, the backbone is built on the
+    first miss when the cache holds its description (backbone.json), else at once (and the description written).
+    The backbone is kept outside the module tree: `state_dict`, `parameters` and `.to` never see it; it runs on
+    the device of the images it is given."""
+
+    def __init__(self, backbone: Backbone | Callable[[], Backbone], cache: FeatureCache):
         super().__init__()
-        check_cacheable(backbone)
-        if len(set(getattr(backbone, "layer_strides", None) or [0])) > 1:
-            raise ValueError(f"feature cache: backbone {backbone.name} returns layers on different grids "
-                             f"(strides {backbone.layer_strides}); the cache stores one grid per item: "
-                             f"set data.cache_features=false or pick layers of one stage")
-        self.backbone = backbone
         self.cache = cache
         self.hits = 0
         self.misses = 0
         self.backbone_calls = 0
+        self.__dict__["_built"] = None
+        self.__dict__["_build"] = backbone if callable(backbone) and not isinstance(backbone, nn.Module) else None
+        if self._build is None:
+            self._set_built(backbone)
+            self.spec = backbone_spec(backbone)
+        else:
+            self.spec = cache.read_spec()
+            if self.spec is None:             # a first run: the backbone is needed for its misses anyway
+                self.spec = backbone_spec(self.backbone)
+        strides = self.spec["layer_strides"]
+        if len(set(strides)) > 1:
+            raise ValueError(f"feature cache: backbone {self.spec['name']} returns layers on different grids "
+                             f"(strides {strides}); the cache stores one grid per item: "
+                             f"set data.cache_features=false or pick layers of one stage")
+
+    def _set_built(self, backbone: Backbone) -> None:
+        check_cacheable(backbone)
+        self.__dict__["_built"] = backbone
+        if not self.cache.spec_path.exists():
+            self.cache.write_spec(backbone)
+
+    @property
+    def built(self) -> bool:
+        return self._built is not None
+
+    @property
+    def backbone(self) -> Backbone:
+        """The backbone, built now if it was not yet."""
+        if self._built is None:
+            self._set_built(self._build())
+        return self._built
 
     def __getattr__(self, name: str) -> Any:
-        # Heads read patch_size, embed_dim, layers... from `model.backbone` whether or not it is cached.
+        # Heads read patch_size, embed_dim, layers... from `model.backbone` whether or not it is cached: the
+        # description's fields; anything else of the backbone through `.backbone` (which builds it).
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "backbone":
-                raise
-            return getattr(self.backbone, name)
+            spec = self.__dict__.get("spec")
+            if spec is not None and name in spec:
+                return spec[name]
+            raise AttributeError(f"CachedEncoder has no attribute {name!r} (its backbone's description has "
+                                 f"{list(SPEC_FIELDS)}; the backbone itself is `.backbone`)") from None
+
+    def check_input_size(self, height: int, width: int) -> None:
+        p = self.spec["patch_size"]
+        if height % p or width % p:
+            raise ValueError(f"backbone {self.spec['name']}: input {height}x{width} (HxW) is not a multiple of the "
+                             f"patch size {p}; use height {(height // p) * p} or {(height // p + 1) * p} and width "
+                             f"{(width // p) * p} or {(width // p + 1) * p}")
 
     def forward(self, images: Tensor, keys: Sequence[str]) -> BackboneOutput:
         if len(keys) != images.shape[0]:
             raise ValueError(f"CachedEncoder: {len(keys)} cache keys for a batch of {images.shape[0]} images")
-        self.backbone.check_input_size(images.shape[-2], images.shape[-1])
+        self.check_input_size(images.shape[-2], images.shape[-1])
         items: list[Optional[BackboneOutput]] = [self.cache.get(k) for k in keys]
         missing = [i for i, item in enumerate(items) if item is None]
         self.hits += len(keys) - len(missing)
@@ -304,19 +489,29 @@ class CachedEncoder(nn.Module):
         return stack_outputs(items, images.device)
 
     def _run_backbone(self, images: Tensor) -> BackboneOutput:
-        check_cacheable(self.backbone)  # adapters could be injected after construction
+        backbone = self.backbone.to(images.device)
+        check_cacheable(backbone)  # adapters could be injected after construction
         self.backbone_calls += 1
-        was_training = self.backbone.training
-        self.backbone.eval()
+        was_training = backbone.training
+        backbone.eval()
         try:
             with torch.no_grad():
-                return self.backbone(images)
+                return backbone(images)
         finally:
-            self.backbone.train(was_training)
+            backbone.train(was_training)
 
 
-def encode(encoder: nn.Module, images: Tensor, keys: Optional[Sequence[str]] = None) -> BackboneOutput:
-    """What a task model calls: the cached path when the encoder is cached, the plain backbone otherwise."""
+def encode(encoder: nn.Module, images: Tensor | BackboneOutput,
+           keys: Optional[Sequence[str]] = None) -> BackboneOutput:
+    """What a task model calls with the batch's pixels: cached features (CachedFeatures, read by the dataset) as
+    they are, the cached path when the encoder is cached, the plain backbone otherwise."""
+    if isinstance(images, BackboneOutput):
+        if not isinstance(encoder, CachedEncoder) or images.source != str(encoder.cache.dir):
+            where = str(encoder.cache.dir) if isinstance(encoder, CachedEncoder) else "not cached"
+            raise ValueError(f"the batch carries cached backbone features of {images.source}, but the model's "
+                             f"backbone is {where}: build the model and its datasets from one config")
+        encoder.hits += images.tokens[0].shape[0]
+        return images
     if isinstance(encoder, CachedEncoder):
         if keys is None:
             raise ValueError("the encoder is cached (data.cache_features=true) but the batch has no 'cache_key'; "
@@ -325,21 +520,31 @@ def encode(encoder: nn.Module, images: Tensor, keys: Optional[Sequence[str]] = N
     return encoder(images)
 
 
-def build_cached_encoder(backbone: Backbone, backbone_cfg: dict, input_size: Sequence[int],
+def build_cached_encoder(backbone: Backbone | Callable[[], Backbone], backbone_cfg: dict, input_size: Sequence[int],
                          root: str | os.PathLike, dtype: str = "float16",
                          preprocess: Optional[dict] = None) -> CachedEncoder:
     return CachedEncoder(backbone, FeatureCache.for_backbone(root, backbone_cfg, input_size, dtype, preprocess))
 
 
-def maybe_cached(backbone: Backbone, cfg, input_size: Sequence[int],
-                 preprocess: Optional[dict] = None) -> nn.Module:
-    """The task's encoder: `backbone` itself, or it behind the feature cache when `data.cache_features`.
-
-    Reads `data.cache_features`, `data.cache_dtype`, `backbone`, `paths.cache_dir`;
-    the cache lives in `<paths.cache_dir>/features`."""
+def feature_cache_of(cfg, input_size: Sequence[int], preprocess: Optional[dict] = None) -> Optional[FeatureCache]:
+    """The run's feature cache (`<paths.cache_dir>/features`, `data.cache_dtype`, keyed by `backbone`, the input
+    size and `preprocess`), or None without `data.cache_features`. The datasets read it, the encoder writes it."""
     if not cfg.data.cache_features:
-        return backbone
+        return None
     from omegaconf import OmegaConf
-    return build_cached_encoder(backbone, OmegaConf.to_container(cfg.backbone, resolve=True), input_size,
-                                Path(cfg.paths.cache_dir) / "features", dtype=str(cfg.data.cache_dtype),
-                                preprocess=preprocess)
+    return FeatureCache.for_backbone(Path(cfg.paths.cache_dir) / "features",
+                                     OmegaConf.to_container(cfg.backbone, resolve=True), input_size,
+                                     dtype=str(cfg.data.cache_dtype), preprocess=preprocess)
+
+
+def encoder_for(cfg, input_size: Sequence[int], preprocess: Optional[dict] = None) -> nn.Module:
+    """The task's encoder: the backbone of `cfg` with its adapters (common.models.encoder.build_encoder), or, with
+    `data.cache_features`, a CachedEncoder that builds it only when the cache cannot serve (module docstring)."""
+    cache = feature_cache_of(cfg, input_size, preprocess)
+    if cache is None:
+        return build_encoder(cfg)
+    if cfg.peft.name != "none" or not cfg.backbone.freeze:
+        raise ValueError(f"feature cache needs a frozen backbone without adapters (peft={cfg.peft.name}, "
+                         f"backbone.freeze={cfg.backbone.freeze}); set data.cache_features=false, or "
+                         f"backbone.freeze=true with peft=none")
+    return CachedEncoder(functools.partial(build_encoder, cfg), cache)

@@ -1,6 +1,7 @@
 """Batches and models onto a device: moving a batch, its size, outputs back to the CPU, channels_last weights."""
 from __future__ import annotations
 
+from dataclasses import is_dataclass
 from typing import Any
 
 import torch
@@ -8,8 +9,9 @@ from torch import nn
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
-    """Tensors of a batch (dict, list of tensors) on `device`; other values (ids, names) stay as they are."""
-    if isinstance(batch, torch.Tensor):
+    """Tensors of a batch (dict, list of tensors, dataclasses with a `to`, such as cached features) on `device`;
+    other values (ids, names) stay as they are."""
+    if isinstance(batch, torch.Tensor) or is_dataclass(batch) and hasattr(batch, "to"):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: move_to(v, device) for k, v in batch.items()}
