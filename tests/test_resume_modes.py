@@ -105,11 +105,17 @@ def test_ddp_environment_from_srun():
     assert slurm.ddp_environment({"SLURM_JOB_ID": "9", "SLURM_PROCID": "0"}) is None  # the batch script itself
 
 
-def test_sigterm_outside_a_run_ends_the_process():
+def test_sigterm_outside_a_run_ends_the_process_unless_a_preemption_is_under_way():
     """run.py installs the handlers first thing; before any run (or between sweep trials) SIGTERM still ends the
-    process at once, while SIGUSR1 is kept for the run to come."""
-    code = ("import os, signal, time\nfrom common.cluster import preemption\npreemption.install()\n"
-            "os.kill(os.getpid(), signal.SIGUSR1)\nassert preemption.requested() == signal.SIGUSR1\n"
-            "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    process at once. Once a preemption signal was caught (SIGUSR1, kept for the run to come), SIGTERM is kept too:
+    the process is ending at its next safe point anyway, and a sweep worker whose job requeued itself gets Slurm's
+    SIGTERM while it records its trial as preempted."""
+    start = "import os, signal, time\nfrom common.cluster import preemption\npreemption.install()\n"
+    proc = subprocess.run([sys.executable, "-c", start + "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\n"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
+    code = (start + "os.kill(os.getpid(), signal.SIGUSR1)\nos.kill(os.getpid(), signal.SIGTERM)\n"
+            "assert preemption._received == [signal.SIGUSR1, signal.SIGTERM], preemption._received\n"
+            "assert preemption.requested() == signal.SIGUSR1\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

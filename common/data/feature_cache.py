@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import warnings
@@ -56,7 +57,6 @@ from torch import Tensor, nn
 from common.models.backbone import Backbone, BackboneOutput
 from common.models.encoder import build_encoder
 from common.utils.atomic import atomic_path
-from common.utils.timm_import import timm
 
 FORMAT_VERSION = 2         # 2: safetensors files (1: torch.save pickles); part of the identity
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -132,7 +132,7 @@ def identity_fields(backbone_cfg: dict, input_size: Sequence[int], preprocess: O
     fields.setdefault("model_kwargs", None)
     fields["input_size"] = [int(s) for s in input_size]
     fields["preprocess"] = _plain(preprocess) if preprocess else None
-    fields["timm"] = timm.__version__
+    fields["timm"] = importlib.metadata.version("timm")     # the installed timm, without importing it
     fields["format"] = FORMAT_VERSION
     return fields
 

@@ -29,7 +29,6 @@ from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
 
 from common.models.backbone_families import FAMILIES, FamilySpec, family_for
-from common.utils.timm_import import timm
 
 POS_EMBED_MODES = ("bicubic", "bilinear")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -160,6 +159,7 @@ def create_backbone(source: str, name: str, weights: Optional[str], layers: Sequ
 
 def _create_timm(name: str, weights: Optional[str], layers: Sequence[int], init_seed: int,
                  model_kwargs: dict, hub_name: Optional[str], pos_embed_interpolation: str) -> Backbone:
+    from common.utils.timm_import import timm        # 1-2 s of imports (torchvision, torch._dynamo): only to build
     arch = timm.models.get_arch_name(name)
     if not timm.models.is_model(arch):
         raise ValueError(f"backbone {name}: timm has no architecture {arch!r} (backbone.name)")
