@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from optuna.trial import FrozenTrial, TrialState
 
 from common.utils.atomic import atomic_write_text
+from common.utils.hydra_lines import trusted_targets
 from common.utils.secrets import protect_process, redact
 from sweeps import accounting, ownership
 from sweeps.launch_secrets import check_launch, private_job_files
@@ -126,7 +127,8 @@ class SharedStudySweeper(Sweeper):
         study.set_user_attr("budget_counts", self.budget_counts)
         seed = sampler_seed(int(self.sampler_cfg.seed), self.worker, len(study.get_trials(deepcopy=False)))
         self.seed = seed
-        sampler = instantiate(self.sampler_cfg, seed=seed)
+        with trusted_targets():         # also outside @hydra.main (Hydra 1.4's execution whitelist)
+            sampler = instantiate(self.sampler_cfg, seed=seed)
         log.info(f"study {self.study_name} in {redact(self.storage)}: budget {self.budget} {self.budget_counts} trials; "
                  f"worker {self.worker}, sampler seed {seed}")
         return load_study(self.storage, self.study_name, sampler=sampler, pruner=self.pruner)

@@ -120,7 +120,8 @@ def test_synthetic_datasets_default_to_the_cache_folder(monkeypatch, tmp_path):
     monkeypatch.delenv("VFM_ROOT", raising=False)
     monkeypatch.delenv("VFM_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    from common.utils.hydra_lines import version_base
+    with initialize_config_dir(str(REPO / "conf"), **version_base()):
         cfg = compose("config", ["task=sclera"])
     assert cfg.paths.synth_dir == str(tmp_path / ".cache" / "synthetic")
 
