@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import resource
 import runpy
@@ -39,6 +38,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from common.utils.atomic import atomic_write_text  # noqa: E402
+from common.utils.logging_scope import own_logging  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["task=biomass", "logger=none", "trainer.progress=off", "data.augment=[]"]
@@ -51,27 +51,13 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-@contextlib.contextmanager
-def _restored_logging():
-    """Each Hydra run adds its handlers to the root logger: close them after the run."""
-    root = logging.getLogger()
-    handlers = root.handlers[:]
-    try:
-        yield
-    finally:
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-
-
 def in_process(args: list[str]) -> None:
     """One run.py run in this process (Hydra's entry, as a sweep's launcher calls the task function; the modules
     stay imported from one run to the next)."""
     saved = sys.argv
     sys.argv = [str(REPO / "run.py"), *args]
     try:
-        with _restored_logging(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        with own_logging(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             runpy.run_path(str(REPO / "run.py"), run_name="__main__")
     except SystemExit as exit_:
         if exit_.code:

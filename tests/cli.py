@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import runpy
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+
+from common.utils.logging_scope import own_logging
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["task=toy", f"hydra.searchpath=[file://{REPO / 'tests' / 'toy' / 'conf'}]"]
@@ -55,28 +56,6 @@ def _patched_environ(values: dict):
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-@contextlib.contextmanager
-def _own_logging():
-    """Hydra configures the root logger (console + run.log handlers) for the run: close them afterwards and give
-    the test process its handlers and levels back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
-              if isinstance(logger, logging.Logger)}
-    try:
-        yield
-    finally:
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for name, logger in logging.root.manager.loggerDict.items():
-            if isinstance(logger, logging.Logger):
-                logger.setLevel(levels.get(name, logging.NOTSET))
-                logger.disabled = False
 
 
 @contextlib.contextmanager
@@ -125,7 +104,7 @@ def _run_in_process(argv: list[str], env: dict) -> subprocess.CompletedProcess:
     saved_argv, status = sys.argv, 0
     sys.argv = [str(REPO / "run.py"), *argv]
     try:
-        with _patched_environ({**BASE_ENV, **env}), _own_logging(), _fresh_warnings(), _preemption_handlers(), \
+        with _patched_environ({**BASE_ENV, **env}), own_logging(), _fresh_warnings(), _preemption_handlers(), \
                 contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 runpy.run_path(str(REPO / "run.py"), run_name="__main__")
