@@ -128,6 +128,11 @@ def orphans(study: optuna.Study, worker: str, grace_period: float, now: float) -
                                            pair[0].number))
 
 
+def take_new(study: optuna.Study, trial_id: int, life: str) -> None:
+    """The owner of a trial this worker has just asked for (nobody else knows it yet: no compare needed)."""
+    study._storage.set_trial_system_attr(trial_id, OWNER, life)
+
+
 def adopt(study: optuna.Study, trial: FrozenTrial, life: str, lock: Optional[str]) -> bool:
     """Take over `trial` for this life (compare-and-set on the owner read with it); True when this worker won it."""
     return swap_owner(study, trial._trial_id, trial.system_attrs.get(OWNER), life, lock)

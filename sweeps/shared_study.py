@@ -219,7 +219,7 @@ class SharedStudySweeper(Sweeper):
             accounting.mark_failed(study, trial._trial_id, trial.number, f"trial directory {run_dir} exists")
             raise FileExistsError(f"trial {trial.number}: its directory {run_dir} already exists (a deleted study "
                                   f"of the same name?): choose another hydra.sweeper.study_name or move it")
-        study._storage.set_trial_system_attr(trial._trial_id, ownership.OWNER, self.life)
+        ownership.take_new(study, trial._trial_id, self.life)
         accounting.claim(study, trial._trial_id, self.worker, run_dir=str(run_dir), sampler_seed=self.seed)
         return study._storage.get_trial(trial._trial_id)
 
