@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import resource
-import runpy
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+from common.runs.in_process import run_main  # noqa: E402
 from common.utils.atomic import atomic_write_text  # noqa: E402
 from common.utils.logging_scope import own_logging  # noqa: E402
 
@@ -54,16 +54,10 @@ def cpu_seconds() -> float:
 def in_process(args: list[str]) -> None:
     """One run.py run in this process (Hydra's entry, as a sweep's launcher calls the task function; the modules
     stay imported from one run to the next)."""
-    saved = sys.argv
-    sys.argv = [str(REPO / "run.py"), *args]
-    try:
-        with own_logging(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            runpy.run_path(str(REPO / "run.py"), run_name="__main__")
-    except SystemExit as exit_:
-        if exit_.code:
-            raise RuntimeError(f"run.py {' '.join(args)} failed ({exit_.code})") from None
-    finally:
-        sys.argv = saved
+    with own_logging(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        code = run_main(args)
+    if code:
+        raise RuntimeError(f"run.py {' '.join(args)} failed ({code})")
 
 
 def as_process(args: list[str]) -> None:

@@ -15,7 +15,7 @@ from biomass.param import get_param
 from biomass.stages import StageProjector, is_pyramid
 from biomass.tta import ViewTTA
 from biomass.view_fusion import LAYOUTS, HalvesEncoder
-from common.data.feature_cache import CachedEncoder, encode
+from common.data.cached_encoder import CachedEncoder, encode
 from common.models.backbone import Backbone, BackboneOutput
 from common.training.mixup import sample_mixup
 

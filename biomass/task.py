@@ -22,7 +22,7 @@ from biomass.synth import SynthConfig, write_synthetic
 from biomass.table import read_solution_table, read_test_table, read_train_table, report_missing
 from common.data.augment import build_augment
 from common.data.datasets import unwrap_subset
-from common.data.feature_cache import encoder_for, feature_cache_of
+from common.data.cached_encoder import encoder_for, feature_cache_of
 from common.data.image_cache import ImageCache
 from common.task import Task
 

@@ -15,7 +15,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from common.data.feature_cache import encode as backbone_tokens, leading_shape, map_inputs
+from common.data.cached_encoder import encode as backbone_tokens
+from common.data.feature_cache import leading_shape, map_inputs
 from common.models.backbone import Backbone, BackboneOutput
 from common.models.option_groups import group_options
 from roadwork.blocks import ChannelPyramid, GatedBlock

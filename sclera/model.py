@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.data.feature_cache import encode, input_hw
+from common.data.cached_encoder import encode
+from common.data.feature_cache import input_hw
 from common.models.backbone import Backbone, BackboneOutput, tokens_to_map
 from common.models.option_groups import group_options
 from common.utils.timm_import import timm

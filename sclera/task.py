@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.data.augment import build_augment
-from common.data.feature_cache import encoder_for, feature_cache_of
+from common.data.cached_encoder import encoder_for, feature_cache_of
 from common.data.image_cache import ImageCache
 from common.metric import Metric
 from common.models.option_groups import instantiate_grouped

@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import runpy
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+from common.runs.in_process import run_main
 from common.utils.logging_scope import own_logging
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,32 +88,19 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
-def _exit_status(code, stderr: io.StringIO) -> int:
-    """A SystemExit's code as the process's exit status (sys.exit("text") prints the text and exits 1)."""
-    if code is None or isinstance(code, int):
-        return code or 0
+def _exit_status(code: int | str, stderr: io.StringIO) -> int:
+    """run_main's exit code as the process's exit status (sys.exit("text") prints the text and exits 1)."""
+    if isinstance(code, int):
+        return code
     stderr.write(f"{code}\n")
     return 1
 
 
 def _run_in_process(argv: list[str], env: dict) -> subprocess.CompletedProcess:
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
     stdout, stderr = io.StringIO(), io.StringIO()
-    saved_argv, status = sys.argv, 0
-    sys.argv = [str(REPO / "run.py"), *argv]
-    try:
-        with _patched_environ({**BASE_ENV, **env}), own_logging(), _fresh_warnings(), _preemption_handlers(), \
-                contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                runpy.run_path(str(REPO / "run.py"), run_name="__main__")
-            except SystemExit as exit_:
-                status = _exit_status(exit_.code, stderr)
-    finally:
-        sys.argv = saved_argv
-        GlobalHydra.instance().clear()
-        HydraConfig.instance().cfg = None
+    with _patched_environ({**BASE_ENV, **env}), own_logging(), _fresh_warnings(), _preemption_handlers(), \
+            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = _exit_status(run_main(argv), stderr)
     return subprocess.CompletedProcess(["run.py", *argv], status, stdout.getvalue(), stderr.getvalue())
 
 

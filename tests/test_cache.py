@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from omegaconf import OmegaConf
 from torch import nn
 
-from common.data.feature_cache import (CachedEncoder, FeatureCache, backbone_identity, build_cached_encoder, encode,
-                                       encoder_for, file_digest, image_key, item_key)
+from common.data.cached_encoder import CachedEncoder, build_cached_encoder, encode, encoder_for
+from common.data.feature_cache import FeatureCache, backbone_identity, file_digest, image_key, item_key
 from common.models.backbone import Backbone, BackboneOutput, create_backbone
 
 TINY = dict(source="timm", name="vit_small_patch14_dinov2", weights=None, layers=[1, 3], freeze=True,

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from common.data import feature_cache
+from common.data import cached_encoder, feature_cache
 from common.data.datasets import default_collate
-from common.data.feature_cache import (CachedEncoder, CachedFeatures, FeatureCache, encode, pixels_or_features)
+from common.data.cached_encoder import CachedEncoder, encode
+from common.data.feature_cache import CachedFeatures, FeatureCache, pixels_or_features
 from common.models.backbone import create_backbone
 from tests.cli import run_cli
 from tests.test_cache import SIZE, TINY
@@ -92,7 +93,7 @@ def test_a_cache_hit_run_decodes_nothing_builds_nothing_and_reads_in_workers(tmp
             raise AssertionError("cached features read in the main process")
         return get(self, key)
     monkeypatch.setattr("biomass.data.load_rgb", _never)                 # the image decoder
-    monkeypatch.setattr(feature_cache, "build_encoder", _never)          # the backbone factory
+    monkeypatch.setattr(cached_encoder, "build_encoder", _never)          # the backbone factory
     monkeypatch.setattr("common.models.backbone.create_backbone", _never)
     monkeypatch.setattr(FeatureCache, "get", get_in_workers)
     run_cli([*BIOMASS, "data.num_workers=2", "trainer.max_epochs=2"], tmp_path / "hits", cache)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.tracking import reports
 from common.tracking.tracker import RunFiles, Tracker
+from common.training import loaders as loaders_module
 from common.training import trainer as trainer_module
 from common.training.trainer import Trainer
 from tests.test_trainer_behaviours import MSE, Items, LinearModel, NegMSE, _cfg
@@ -69,7 +70,7 @@ def test_fit_builds_its_loaders_once_with_persistent_workers(tmp_path, monkeypat
             built.append(kwargs)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "DataLoader", Counted)
+    monkeypatch.setattr(loaders_module, "DataLoader", Counted)
     cfg = _cfg(tmp_path, {"trainer.max_epochs": 3, "data.num_workers": 2, "data.batch_size": BATCH,
                           "seed": SEED, "trainer.log_every_n_steps": 1000})
     gen = torch.Generator().manual_seed(0)

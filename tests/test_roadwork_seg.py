@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from common.data.datasets import reseed_augmentations
-from common.data.feature_cache import build_cached_encoder, image_key
+from common.data.cached_encoder import build_cached_encoder
+from common.data.feature_cache import image_key
 from common.models.backbone import create_backbone
 from roadwork import synth
 from roadwork.data import RoadworkDataset, mask_files

@@ -12,10 +12,7 @@ restores those states instead of reseeding and skips the batches done, so it end
 metrics as an uninterrupted run. A checkpoint written at the end of an epoch is resumed by the next epoch's
 reseed: its saved generator states are not restored. Preemption signals: common.cluster.preemption.
 
-Loaders: fit builds its training and validation loaders once (persistent workers with data.num_workers > 0) and
-moves the training one to each epoch through its sampler (SeededOrder.set_epoch); its workers end with fit. A
-validation item draws nothing at random (the tasks' validation sets do not augment), so workers that live across
-epochs score the same items as fresh ones would.
+Loaders: common.training.loaders (built once per fit).
 """
 from __future__ import annotations
 
@@ -31,15 +28,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.cluster import preemption
-from common.cluster.distributed import DistContext, ShardSampler, agree, mean_over_ranks
+from common.cluster.distributed import DistContext, agree, mean_over_ranks
 from common.cluster.preemption import Preempted
 from common.cluster.sync_batchnorm import convert_batchnorm, wants_sync_batchnorm
-from common.data.datasets import SeededItems, reseed_augmentations, seed_worker
-from common.data.sampling import SeededOrder
 from common.metric import Metric
 from common.tracking.console import epoch_line, lines_above_bars
 from common.tracking.tracker import RunFiles, Tracker, use_progress_bars
@@ -49,20 +44,12 @@ from common.training.device import batch_size_of, move_to, resolve_channels_last
 from common.training.divergence import BufferSnapshot, NonFiniteLossError, check_at_validation, check_outputs
 from common.training.ema import EMA
 from common.training.fit_state import FitState, Training, add_sums, read_sums
+from common.training.loaders import build_loader, end_workers
 from common.training.optim import build_optimizer, build_param_groups, call_target, named_trainable
 from common.training.precision import Precision
 from common.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def end_workers(loader: DataLoader) -> None:
-    """Stop a persistent loader's workers now, not when the loader is collected (an exception's traceback, e.g. a
-    preempted fit's, would keep them running). torch has no public call for it: its iterator's own shutdown."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-    loader._iterator = None
 
 
 class Trainer:
@@ -84,29 +71,9 @@ class Trainer:
     # ---- loaders ---------------------------------------------------------------------------
     def loader(self, dataset: Dataset, collate: Callable, train: bool, epoch: int = 0,
                skip_batches: int = 0, weights=None, persistent: bool = False) -> DataLoader:
-        """weights (train only): one sampling weight per item (common.data.datasets.sample_weights_of); None shuffles.
-        A training loader's order is its sampler's (SeededOrder): `set_epoch(epoch, start)` moves one loader to
-        another epoch. persistent: workers kept between epochs (fit builds its loaders once)."""
-        data, seed = self.cfg.data, int(self.cfg.seed)
-        drop_last = train and len(dataset) > int(data.batch_size)
-        if train:
-            sampler = SeededOrder(len(dataset), seed, self.ctx.rank, self.ctx.world_size, weights)
-            sampler.set_epoch(epoch, start=skip_batches * int(data.batch_size))
-            dataset = SeededItems(dataset)
-        elif self.ctx.enabled:
-            sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
-        else:
-            sampler = SequentialSampler(dataset)
-        workers = int(data.num_workers)
-        if workers == 0 and not train:
-            reseed_augmentations(dataset, torch.initial_seed() % 2**32)   # workers do it in seed_worker
-        pin = self.device.type == "cuda" if self.t.pin_memory == "auto" else bool(self.t.pin_memory)
-        # the loader's own generator draws the workers' base seed: the global generators stay as they were
-        return DataLoader(dataset, batch_size=int(data.batch_size), sampler=sampler, collate_fn=collate,
-                          num_workers=workers, pin_memory=pin, drop_last=drop_last,
-                          worker_init_fn=seed_worker if workers else None,
-                          generator=torch.Generator().manual_seed(seed + epoch),
-                          persistent_workers=persistent and workers > 0)
+        """This run's loader of `dataset` (common.training.loaders.build_loader)."""
+        return build_loader(self.cfg, self.ctx, dataset, collate, train, epoch=epoch, skip_batches=skip_batches,
+                            weights=weights, persistent=persistent)
 
     # ---- set-up ----------------------------------------------------------------------------
     def _learning_rates(self) -> dict[str, float | None]:
