@@ -88,7 +88,7 @@ def quiet_optuna_logging() -> None:
 
 class SharedStudySweeper(Sweeper):
     def __init__(self, sampler: DictConfig, direction: str, storage: str, study_name: str, budget: int,
-                 n_jobs: int, max_failure_rate: float, heartbeat_interval: int, grace_period: int,
+                 n_jobs: int, max_failure_rate: float, heartbeat_interval: int, grace_period: int, wait_interval: int,
                  budget_counts: str = "complete", pruner: Optional[DictConfig] = None,
                  params: Optional[DictConfig] = None) -> None:
         if n_jobs != 1:
@@ -98,6 +98,8 @@ class SharedStudySweeper(Sweeper):
                 and 0 < heartbeat_interval < grace_period):
             raise ValueError(f"hydra.sweeper.heartbeat_interval={heartbeat_interval}, grace_period={grace_period}: "
                              f"expected positive integers (seconds) with heartbeat_interval < grace_period")
+        if not (isinstance(wait_interval, int) and wait_interval > 0):
+            raise ValueError(f"hydra.sweeper.wait_interval={wait_interval!r}: expected a positive integer (seconds)")
         if budget_counts not in accounting.BUDGET_COUNTS:
             raise ValueError(f"hydra.sweeper.budget_counts={budget_counts!r}: expected one of "
                              f"{', '.join(accounting.BUDGET_COUNTS)}")
@@ -106,6 +108,7 @@ class SharedStudySweeper(Sweeper):
         self.sampler_cfg, self.direction, self.storage = sampler, direction, storage
         self.study_name, self.budget, self.max_failure_rate = study_name, budget, max_failure_rate
         self.heartbeat_interval, self.grace_period, self.params = heartbeat_interval, grace_period, params
+        self.wait_interval = wait_interval
         self.worker = worker_id()
         self.life, self.lock = ownership.life_of(self.worker), ownership.lock_for(storage)
         self._waited = False
@@ -255,7 +258,7 @@ class SharedStudySweeper(Sweeper):
                      f"the budget {self.budget}; waiting for them to finish (or to miss heartbeats for "
                      f"{self.grace_period} s, when this worker adopts and resumes them)")
             self._waited = True
-        time.sleep(self.heartbeat_interval)
+        time.sleep(self.wait_interval)
 
     def _check_failures(self, failures: int) -> None:
         if failures > self.max_failure_rate * self.budget:

@@ -2,7 +2,9 @@
 
 Each step is a plain `python run.py ...` command (printed before it runs), so the demo is also a recipe. The
 steps run in this one process (common.runs.in_process), so the imports and start-up are paid once, not nine
-times; each step composes its config anew, exactly as the printed command would.
+times; each step composes its config anew, exactly as the printed command would. Every step keeps its decoded,
+resized images in the image cache (STEP_ARGS): later epochs, eval and predict read them instead of decoding the
+synthetic JPEGs again. The cache holds the deterministic part before augmentation, so what is trained is the same.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from common.runs.in_process import run_main
 from common.utils.logging_scope import own_logging
 
 REPO = Path(__file__).resolve().parents[2]
+STEP_ARGS = ["data.image_cache.enabled=true"]     # added to every step's command (module docstring)
 
 
 def registered_tasks() -> list[str]:
@@ -22,7 +25,7 @@ def registered_tasks() -> list[str]:
 
 
 def run_step(task: str, mode: str, run_dir: Path, extra: list[str]) -> dict:
-    args = [f"task={task}", f"mode={mode}", f"hydra.run.dir={run_dir}", *extra]
+    args = [f"task={task}", f"mode={mode}", f"hydra.run.dir={run_dir}", *STEP_ARGS, *extra]
     print("$ python run.py " + " ".join(args), flush=True)
     with own_logging():
         code = run_main(args)
