@@ -97,8 +97,12 @@ def _metrics(run_dir) -> dict:
 
 
 def _study(tmp_path, name="toy_lr"):
+    """The study, its storage opened under the creation lock: a plain optuna.load_study polling a worker that is
+    creating the schema can insert Optuna's schema version a second time (UNIQUE constraint failed)."""
     url = f"sqlite:///{tmp_path / 'logs' / 'sweeps' / name / 'optuna.db'}"
-    return optuna.load_study(study_name=name, storage=url)
+    with creation_lock(url):
+        storage = make_storage(url)
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def _assert_budget_without_duplicates(study, budget: int):
