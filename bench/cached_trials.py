@@ -38,7 +38,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from common.runs.in_process import run_main  # noqa: E402
 from common.utils.atomic import atomic_write_text  # noqa: E402
-from common.utils.logging_scope import own_logging  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["task=biomass", "logger=none", "trainer.progress=off", "data.augment=[]"]
@@ -54,7 +53,7 @@ def cpu_seconds() -> float:
 def in_process(args: list[str]) -> None:
     """One run.py run in this process (Hydra's entry, as a sweep's launcher calls the task function; the modules
     stay imported from one run to the next)."""
-    with own_logging(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         code = run_main(args)
     if code:
         raise RuntimeError(f"run.py {' '.join(args)} failed ({code})")

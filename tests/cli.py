@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 from common.runs.in_process import run_main
-from common.utils.logging_scope import own_logging
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["task=toy", f"hydra.searchpath=[file://{REPO / 'tests' / 'toy' / 'conf'}]"]
@@ -98,7 +97,7 @@ def _exit_status(code: int | str, stderr: io.StringIO) -> int:
 
 def _run_in_process(argv: list[str], env: dict) -> subprocess.CompletedProcess:
     stdout, stderr = io.StringIO(), io.StringIO()
-    with _patched_environ({**BASE_ENV, **env}), own_logging(), _fresh_warnings(), _preemption_handlers(), \
+    with _patched_environ({**BASE_ENV, **env}), _fresh_warnings(), _preemption_handlers(), \
             contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         status = _exit_status(run_main(argv), stderr)
     return subprocess.CompletedProcess(["run.py", *argv], status, stdout.getvalue(), stderr.getvalue())

@@ -10,9 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from hydra import __version__ as hydra_version
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from common.utils.hydra_lines import version_base
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -45,9 +46,7 @@ def override_sets() -> dict[str, list[str]]:
 
 
 def composed(overrides: list[str]) -> str:
-    # version_base: 1.3 semantics on Hydra 1.3; Hydra 1.4 deprecates the argument (as common.utils.hydra_lines)
-    base = {"version_base": "1.3"} if hydra_version.startswith("1.3") else {}
-    with initialize_config_dir(config_dir=str(CONF), **base):
+    with initialize_config_dir(config_dir=str(CONF), **version_base()):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     hydra = cfg.hydra
     choices = {k: v for k, v in hydra.runtime.choices.items() if not k.startswith("hydra/") or "sweeper" in k}

@@ -16,7 +16,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from sweeps.storage import creation_lock, make_storage
+from sweeps.storage import creation_lock, load_study, make_storage
 from tests.cli import REPO, TOY, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]   # with -n: its jobs share the one-node cluster: one test at a time
@@ -97,12 +97,9 @@ def _metrics(run_dir) -> dict:
 
 
 def _study(tmp_path, name="toy_lr"):
-    """The study, its storage opened under the creation lock: a plain optuna.load_study polling a worker that is
-    creating the schema can insert Optuna's schema version a second time (UNIQUE constraint failed)."""
-    url = f"sqlite:///{tmp_path / 'logs' / 'sweeps' / name / 'optuna.db'}"
-    with creation_lock(url):
-        storage = make_storage(url)
-    return optuna.load_study(study_name=name, storage=storage)
+    """The study, read as sweeps.report does: a plain optuna.load_study polling a worker that is creating the schema
+    can insert Optuna's schema version a second time (UNIQUE constraint failed)."""
+    return load_study(f"sqlite:///{tmp_path / 'logs' / 'sweeps' / name / 'optuna.db'}", name)
 
 
 def _assert_budget_without_duplicates(study, budget: int):

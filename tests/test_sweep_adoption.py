@@ -1,7 +1,6 @@
 """Orphaned trials are adopted and resumed, never failed for silence (sweeps.ownership, the shared-study loop):
 fast tests with a fake launcher (no training) and heartbeats aged by hand in place of a clock."""
 import multiprocessing
-import sys
 import time
 
 import optuna
@@ -47,19 +46,18 @@ def test_a_worker_waiting_on_other_workers_looks_again_every_wait_interval(tmp_p
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5])
 def test_wait_interval_must_be_positive_seconds(tmp_path, monkeypatch, bad):
-    monkeypatch.setattr(sys.modules[__name__], "WAIT", bad)
     with pytest.raises(ValueError, match="hydra.sweeper.wait_interval"):
-        _sweeper(tmp_path, monkeypatch, "w0", launcher=None)
+        _sweeper(tmp_path, monkeypatch, "w0", launcher=None, wait=bad)
 
 
-def _sweeper(tmp_path, monkeypatch, worker, launcher, budget=3):
+def _sweeper(tmp_path, monkeypatch, worker, launcher, budget=3, wait=WAIT):
     for name in ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SWEEP_WORKER_ID", worker)
     sweeper = SharedStudySweeper(
         sampler=OmegaConf.create({"_target_": "optuna.samplers.RandomSampler", "seed": 0}), direction="maximize",
         storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", budget=budget, n_jobs=1,
-        max_failure_rate=0.5, heartbeat_interval=1, grace_period=GRACE, wait_interval=WAIT,
+        max_failure_rate=0.5, heartbeat_interval=1, grace_period=GRACE, wait_interval=wait,
         params=OmegaConf.create({"lr": "interval(0.1, 1.0)"}))
     sweeper.config = OmegaConf.create({"optimized_metric": "val/x", "hydra": {
         "sweep": {"dir": str(tmp_path), "subdir": "trial-${hydra.job.num}"}, "job": {"num": 0}}})

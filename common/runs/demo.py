@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from common.runs.in_process import run_main
-from common.utils.logging_scope import own_logging
 
 REPO = Path(__file__).resolve().parents[2]
 STEP_ARGS = ["data.image_cache.enabled=true"]     # added to every step's command (module docstring)
@@ -27,8 +26,7 @@ def registered_tasks() -> list[str]:
 def run_step(task: str, mode: str, run_dir: Path, extra: list[str]) -> dict:
     args = [f"task={task}", f"mode={mode}", f"hydra.run.dir={run_dir}", *STEP_ARGS, *extra]
     print("$ python run.py " + " ".join(args), flush=True)
-    with own_logging():
-        code = run_main(args)
+    code = run_main(args)
     if code:
         raise SystemExit(f"demo: `python run.py {' '.join(args)}` failed ({code})")
     return json.loads((run_dir / "metrics.json").read_text())

@@ -2,14 +2,17 @@
 as a fresh process would have it and Hydra's global state cleared afterwards, so the next call composes anew.
 
 For callers that run several runs in a row (`make demo`, benchmarks, tests): the modules a run imports stay
-imported for the next one, so only the first run pays for them. Logging: `own_logging`
-(common.utils.logging_scope) around the call gives the caller its handlers back.
+imported for the next one, so only the first run pays for them. Hydra configures the root logger (console + run.log
+handlers) for each run; `own_logging` closes what the run added and gives the caller its handlers and levels back.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import runpy
 import sys
 from pathlib import Path
+from typing import Iterator
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
 
@@ -24,7 +27,8 @@ def run_main(args: list[str]) -> int | str:
     saved_argv = sys.argv
     sys.argv = [str(RUN_PY), *args]
     try:
-        runpy.run_path(str(RUN_PY), run_name="__main__")
+        with own_logging():
+            runpy.run_path(str(RUN_PY), run_name="__main__")
         return 0
     except SystemExit as exit_:
         return 0 if exit_.code is None else exit_.code
@@ -32,3 +36,23 @@ def run_main(args: list[str]) -> int | str:
         sys.argv = saved_argv
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None
+
+
+@contextlib.contextmanager
+def own_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+              if isinstance(logger, logging.Logger)}
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, logger in logging.root.manager.loggerDict.items():
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(levels.get(name, logging.NOTSET))
+                logger.disabled = False

@@ -1,5 +1,4 @@
-"""Small helpers every layer uses: atomic file writes and locks, seeding, timm without wandb, secret redaction, the
-root logger kept across an in-process run (logging_scope).
+"""Small helpers every layer uses: atomic file writes and locks, seeding, timm without wandb, secret redaction.
 
 Imports nothing from common.
 """
