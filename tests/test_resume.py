@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from common.cluster import preemption
 from common.tracking.tracker import Tracker
-from common.training.checkpoint import rng_state
+from common.training.checkpoint import load_checkpoint, rng_state
 from common.training.trainer import Preempted, Trainer
 from common.utils.seed import isolated_rng, seed_everything
 from tests.cli import REPO
@@ -131,6 +131,19 @@ def test_first_epoch_preemption_keeps_epoch_metrics(tmp_path):
     cfg = _config(tmp_path, 0)
     _fit(cfg, tmp_path / "straight", None)
     assert _fit(cfg, tmp_path / "resumed", signal_at=2) is not None
+    assert _fit(cfg, tmp_path / "resumed", None) is None
+    _assert_same(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_preemption_during_validation_resumes(tmp_path):
+    """Stopped in epoch 0's validation (its training done), last.pt holds plain values (its epoch's loss sums as
+    numbers, not tensors) and loads; the resume trains no batch twice and ends equal to the uninterrupted run."""
+    cfg = _config(tmp_path, 0)
+    _fit(cfg, tmp_path / "straight", None)
+    assert _fit(cfg, tmp_path / "resumed", signal_at=7) is not None     # epoch 0's first validation call
+    saved = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt", "toy")
+    assert saved["epoch"] == 0 and saved["fit_state"]["batches_done"] == 6 and saved["step"] == 6
+    assert all(type(v) is float for v in saved["fit_state"]["epoch_sums"].values())
     assert _fit(cfg, tmp_path / "resumed", None) is None
     _assert_same(tmp_path / "straight", tmp_path / "resumed")
 

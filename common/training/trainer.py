@@ -47,6 +47,7 @@ from common.training.fit_state import FitState, Training, add_sums, read_sums
 from common.training.loaders import build_loader, end_workers
 from common.training.optim import build_optimizer, build_param_groups, call_target, named_trainable
 from common.training.precision import Precision
+from common.utils.plain_data import plain_copy
 from common.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Trainer:
                 "optimizer": tr.optimizer.state_dict(), "ema": tr.ema.state_dict() if tr.ema else None,
                 "grad_scaler": self.precision.state_dict(),
                 "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True),
-                "stats": stats, "fit_state": {k: v for k, v in vars(state).items()}}
+                "stats": stats, "fit_state": plain_copy(vars(state), "fit_state", "the trainer's state")}   # loads back
 
     def _save(self, name: str, payload: dict) -> None:
         if self.ctx.is_main:
@@ -248,7 +249,7 @@ class Trainer:
         tr.criterion.train()
         accum = int(self.t.accumulate_grad_batches)
         total = tr.steps_per_epoch * accum
-        sums = state.epoch_sums
+        sums = dict(state.epoch_sums)          # on the device while the epoch runs; state keeps numbers (last.pt)
         pcgrad_counts: dict[str, torch.Tensor | float] = {}   # summed over the epoch's micro-batches, logged with it
         seen, finite, start = 0, None, time.perf_counter()
         last_loss = None                       # the last stepped loss (on the device), for the Diverged message
@@ -283,10 +284,11 @@ class Trainer:
                     state.record_last_loss(last_loss)
                     raise Preempted(signum)
         bar.close()
+        state.epoch_sums = read_sums(sums)     # a signal during validation saves them in last.pt
         state.record_last_loss(last_loss)
         seconds = time.perf_counter() - start
         record = {f"train/{k}": v / max(1, state.batches_done)
-                  for k, v in mean_over_ranks(self.ctx, read_sums(sums)).items()}
+                  for k, v in mean_over_ranks(self.ctx, state.epoch_sums).items()}
         record.update({"train/seconds": seconds, "train/samples_per_s": seen / max(seconds, 1e-9)})
         record.update({f"train/{k}": float(v) for k, v in pcgrad_counts.items()})
         epoch_log = getattr(tr.criterion, "epoch_log", None)   # e.g. uncertainty-weighting log-variances
