@@ -1,6 +1,7 @@
 # make demo   - train -> eval -> predict every task on synthetic data with the tiny backbone (CPU, < 5 min);
 #               DEMO_ARGS='key=value ...' adds overrides to every training run
-# make test   - the test suite (CPU, one pytest-xdist worker per core)
+# make test   - the test suite (CPU, one pytest-xdist worker per core), less the real-Slurm tests
+# make test-slurm - the tests against a real Slurm cluster (tests/test_slurm.py; start one with .ci/slurm_up.sh)
 # make test-fast - the tests not marked slow (a few minutes)
 # make install- .venv/ with the pinned, tested dependency set (constraints.txt); no-op when up to date
 # LINE=modern  - any target on the modern dependency line instead: .venv-modern/ from constraints-modern.txt
@@ -30,7 +31,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-modern bench clean
+.PHONY: install demo test test-fast test-slurm test-modern bench clean
 
 install: $(STAMP)
 
@@ -44,7 +45,11 @@ demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m common.runs.demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests
+	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup -m "not slurm" tests
+
+# one test at a time: their jobs share the cluster's node; run alone, their array tasks start together
+test-slurm: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -p no:cacheprovider -m slurm tests
 
 test-modern:
 	$(MAKE) LINE=modern install

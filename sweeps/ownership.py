@@ -46,6 +46,14 @@ def worker_of(owner: str) -> str:
     return owner[len(RELEASED):].split(" ")[0] if owner.startswith(RELEASED) else owner.split(" ")[0]
 
 
+def process_of(owner: Optional[str]) -> Optional[tuple[str, int]]:
+    """(host, pid) of an owner value (released or not), or None for one without them."""
+    if not owner:
+        return None
+    parts = owner[len(RELEASED):].split(" ") if owner.startswith(RELEASED) else owner.split(" ")
+    return (parts[1], int(parts[2])) if len(parts) >= 3 and parts[2].isdigit() else None
+
+
 def lock_for(url: str) -> Optional[str]:
     """The lock file of swap_owner for a storage URL: one for a journal file, None for an SQL database."""
     return url[len("journal://"):] + ".owner.lock" if url.startswith("journal:///") else None

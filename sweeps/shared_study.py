@@ -36,6 +36,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 from optuna.trial import FrozenTrial, TrialState
 
+from common.runs.run_dir import drop_lock_of, live_holder_here
 from common.utils.atomic import atomic_write_text
 from common.utils.hydra_lines import trusted_targets
 from common.utils.secrets import protect_process, redact
@@ -112,6 +113,7 @@ class SharedStudySweeper(Sweeper):
         self.worker = worker_id()
         self.life, self.lock = ownership.life_of(self.worker), ownership.lock_for(storage)
         self._waited = False
+        self._late: set[int] = set()     # trials whose late worker still runs them (_still_running said so)
         protect_process(storage)
         quiet_optuna_logging()
 
@@ -232,6 +234,9 @@ class SharedStudySweeper(Sweeper):
         (sweeps.trial_check) is failed with the reason, never run."""
         failed = 0
         for frozen, why in ownership.orphans(study, self.worker, self.grace_period, time.time()):
+            run_dir = frozen.user_attrs.get("run_dir")
+            if run_dir and self._still_running(frozen.number, why, run_dir):
+                continue
             if not ownership.adopt(study, frozen, self.life, self.lock):
                 continue                    # another worker adopted it first
             problem = resume_problem(frozen.params, space.distributions, frozen.user_attrs.get("run_dir"),
@@ -241,6 +246,9 @@ class SharedStudySweeper(Sweeper):
                                        f"not resumed: the study database holds {problem}")
                 failed += 1
                 continue
+            previous = ownership.process_of(frozen.system_attrs.get(ownership.OWNER))
+            if previous is not None:        # the run of a worker presumed dead on another host held its directory
+                drop_lock_of(run_dir, *previous)
             trial = optuna.trial.Trial(study, frozen._trial_id)
             trial.set_user_attr("resumed", int(frozen.user_attrs.get("resumed", 0)) + 1)
             accounting.claim(study, frozen._trial_id, self.worker)
@@ -250,6 +258,16 @@ class SharedStudySweeper(Sweeper):
                      + (f"from {last_pt}" if last_pt.is_file() else "from scratch (it has no last.pt)"))
             return frozen, failed
         return None, failed
+
+    def _still_running(self, number: int, why: str, run_dir: str) -> bool:
+        """Whether a live process of this host still runs the trial in `run_dir` (its heartbeats only late): not
+        an orphan; said once per trial."""
+        holder = live_holder_here(run_dir)
+        if holder is not None and number not in self._late:
+            log.info(f"trial {number} looks orphaned ({why}), but {holder} still runs it in {run_dir}: "
+                     f"left to it")
+            self._late.add(number)
+        return holder is not None
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def _wait_for_running(self, study: optuna.Study, complete: int, live: int) -> None:

@@ -1,7 +1,8 @@
 """The suite on a real Slurm cluster (one node, `.ci/slurm_up.sh`): sweep arrays, preemption and requeue through
 the time limit's signal, hydra/launcher=slurm, `srun -n 2` DDP, and requests the partition cannot satisfy.
 
-Skipped with a loud reason where `sinfo` is missing; a failure instead when CI=true (CI must run them).
+Marked `slurm`: `make test-slurm` runs them (`make test` leaves them out). Skipped with a loud reason where `sinfo`
+is missing; a failure instead when CI=true (CI must run them).
 """
 import json
 import os
@@ -19,7 +20,8 @@ from optuna.trial import TrialState
 from sweeps.storage import creation_lock, load_study, make_storage
 from tests.cli import REPO, TOY, run_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]   # with -n: its jobs share the one-node cluster: one test at a time
+pytestmark = [pytest.mark.slow, pytest.mark.slurm,    # make test-slurm runs them, make test leaves them out
+              pytest.mark.xdist_group("slurm")]    # with -n: its jobs share the one-node cluster: one test at a time
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 SMALL = ["--cpus-per-task=1", "--mem=2G"]
@@ -172,14 +174,16 @@ def test_c_signalled_sweep_worker_resumes_its_trial(slurm, tmp_path):
     _assert_budget_without_duplicates(study, 2)
 
 
-SWEEP = ["sweeps=toy_lr", "hydra.sweeper.budget=3", "trainer.max_epochs=3", "loss.sleep_s=1.0",
-         "hydra.sweeper.heartbeat_interval=2", "hydra.sweeper.grace_period=8"]
+SWEEP = ["sweeps=toy_lr", "hydra.sweeper.budget=3", "loss.sleep_s=1.0", "hydra.sweeper.heartbeat_interval=2",
+         "hydra.sweeper.grace_period=8"]
 
 
-def _sweep_array(tmp_path) -> str:
-    """Two workers submitted as the README says (common.cluster.slurm_submit); the array's job id."""
+def _sweep_array(tmp_path, epochs: int = 3) -> str:
+    """Two workers submitted as the README says (common.cluster.slurm_submit); the array's job id. A trial trains
+    `epochs` epochs of about 8 s."""
     cmd = [sys.executable, "-m", "common.cluster.slurm_submit", "--gpus", "0", "--cpus", "1", "--mem", "2G", "--time",
-           "10", "--array", "0-1", str(REPO / "sweeps" / "worker.sbatch"), *_toy(tmp_path, *SWEEP)]
+           "10", "--array", "0-1", str(REPO / "sweeps" / "worker.sbatch"),
+           *_toy(tmp_path, *SWEEP, f"trainer.max_epochs={epochs}")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
@@ -213,7 +217,7 @@ def _epochs(tmp_path, number: int) -> list[int]:
     return [json.loads(line)["epoch"] for line in lines]
 
 
-def _assert_resumed_from_last_pt(tmp_path, before, logs: str) -> None:
+def _assert_resumed_from_last_pt(tmp_path, before, logs: str, epochs: int = 3) -> None:
     """The interrupted trials ended COMPLETE with their numbers and parameters, resumed from their last.pt (each
     epoch trained once), nothing FAIL, the budget exact."""
     study = _study(tmp_path)
@@ -226,7 +230,7 @@ def _assert_resumed_from_last_pt(tmp_path, before, logs: str) -> None:
         last_pt = tmp_path / "logs" / "sweeps" / "toy_lr" / f"trial-{old.number}" / "checkpoints" / "last.pt"
         resumed = re.findall(rf"resumed from {re.escape(str(last_pt))} at epoch (\d+) batch (\d+)", logs)
         assert resumed, logs[-4000:]
-        assert _epochs(tmp_path, old.number) == [0, 1, 2]
+        assert _epochs(tmp_path, old.number) == list(range(epochs))
         print(f"trial {old.number} {old.params}: RUNNING (preempted: {trial.user_attrs['preempted']}) -> "
               f"{trial.state.name} by {trial.user_attrs['worker']}, resumed from last.pt at (epoch, batch) {resumed}")
 
@@ -273,8 +277,9 @@ def test_c_requeued_worker_held_past_grace_period_loses_no_work(slurm, tmp_path,
 def test_c_cancelled_sweep_array_resubmitted_resumes_its_trials(slurm, tmp_path, cancel_at_end):
     """scancel of a sweep array in the middle of two trials (SIGTERM: last.pt, the trials released, not FAIL),
     then the same array submitted again, as the README says: the new workers resume both trials from last.pt
-    (same numbers and parameters) and run only what the budget still lacks."""
-    array = _sweep_array(tmp_path)
+    (same numbers and parameters) and run only what the budget still lacks. Trials of 6 epochs: with 3 a task
+    that started its first trial 50 s after the other (seen under load) found no trial of the other still running."""
+    array = _sweep_array(tmp_path, epochs=6)
     cancel_at_end.append(array)
     interrupted = _poll(lambda: len(both := _trials_of(tmp_path, f"slurm-{array}_0")
                                     + _trials_of(tmp_path, f"slurm-{array}_1")) == 2 and both,
@@ -285,12 +290,12 @@ def test_c_cancelled_sweep_array_resubmitted_resumes_its_trials(slurm, tmp_path,
     study = _study(tmp_path)
     assert [study.trials[t.number].state for t in interrupted] == [TrialState.RUNNING] * 2
     assert all(study.trials[t.number].system_attrs["owner"].startswith("released ") for t in interrupted)
-    again = _sweep_array(tmp_path)
+    again = _sweep_array(tmp_path, epochs=6)
     cancel_at_end.append(again)
     jobs = _wait(again, 300)
     logs = _logs(array, again)
     assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"], logs[-4000:]
-    _assert_resumed_from_last_pt(tmp_path, interrupted, logs)
+    _assert_resumed_from_last_pt(tmp_path, interrupted, logs, epochs=6)
 
 
 def test_d_submitit_launcher_survives_a_requeue(slurm, tmp_path):

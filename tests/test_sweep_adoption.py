@@ -1,6 +1,8 @@
 """Orphaned trials are adopted and resumed, never failed for silence (sweeps.ownership, the shared-study loop):
 fast tests with a fake launcher (no training) and heartbeats aged by hand in place of a clock."""
 import multiprocessing
+import os
+import socket
 import time
 
 import optuna
@@ -9,6 +11,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from common.runs.run_dir import LOCK_NAME, drop_lock_of, run_directory_lock
 from sweeps import ownership
 from sweeps.shared_study import SharedStudySweeper
 from sweeps.storage import load_study, open_study
@@ -223,3 +226,72 @@ def test_g_a_late_worker_whose_trial_was_adopted_stops_beating_and_records_nothi
     assert "another worker adopted it meanwhile" in caplog.text
     trial = _study(tmp_path).trials[0]
     assert trial.state == TrialState.RUNNING and "val/x" not in trial.user_attrs
+
+
+def _silent_trial_of(tmp_path, monkeypatch, owner: str | None = None) -> str:
+    """A trial left RUNNING by a killed worker w0 (owner `owner` when given), silent past grace_period; its
+    run directory, created."""
+    with pytest.raises(SystemExit):
+        _sweeper(tmp_path, monkeypatch, "w0", FakeLauncher(stop_at=1, code=9), budget=1).sweep([])
+    study = _study(tmp_path)
+    if owner is not None:
+        study._storage.set_trial_system_attr(study.trials[0]._trial_id, ownership.OWNER, owner)
+    _age(tmp_path, 0, 10 * GRACE)
+    run_dir = tmp_path / "trial-0"
+    run_dir.mkdir()
+    return run_dir
+
+
+class ClaimsItsRunDir(FakeLauncher):
+    """A launch that takes its trial's run directory as a run does (RunDirectoryBusy while another holds it)."""
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def launch(self, job_overrides, initial_job_idx):
+        with run_directory_lock(self.run_dir):
+            return super().launch(job_overrides, initial_job_idx)
+
+
+def test_h_a_silent_trial_still_run_by_a_live_process_of_this_host_is_left_to_it(tmp_path, monkeypatch, caplog):
+    """Heartbeats late past grace_period (a stalled start-up), but a live process of this host holds the trial's run
+    directory: not adopted (adopted, its run would fail with RunDirectoryBusy), said once; adopted once it ends."""
+    run_dir = _silent_trial_of(tmp_path, monkeypatch)
+    (run_dir / LOCK_NAME).write_text(f"{socket.gethostname()} {os.getpid()}\n")     # this live process
+    waits = []
+
+    def holder_ends_on_third_wait(study, complete, live):
+        waits.append((complete, live))
+        if len(waits) == 3:
+            (run_dir / LOCK_NAME).unlink()
+
+    other = _sweeper(tmp_path, monkeypatch, "w1", ClaimsItsRunDir(run_dir), budget=1)
+    other._wait_for_running = holder_ends_on_third_wait
+    caplog.set_level("INFO")
+    other.sweep([])
+    assert waits == [(0, 1)] * 3
+    assert caplog.text.count(f"but process {os.getpid()} on {socket.gethostname()} still runs it") == 1
+    assert [n for n, _ in other.launcher.launches] == [0]
+    assert _states(tmp_path) == ["COMPLETE"]
+
+
+def test_i_adopting_from_a_worker_presumed_dead_on_another_host_frees_its_run_directory(tmp_path, monkeypatch):
+    """The killed worker ran on another host (its process invisible here) and left its run directory's lock: the
+    adopter removes that lock, exactly that one, and resumes the trial (before: RunDirectoryBusy, the trial FAIL)."""
+    run_dir = _silent_trial_of(tmp_path, monkeypatch, owner="w0 node-b 4242 1.0")
+    (run_dir / LOCK_NAME).write_text("node-b 4242 77\n")
+    other = _sweeper(tmp_path, monkeypatch, "w1", ClaimsItsRunDir(run_dir), budget=1)
+    other.sweep([])
+    assert [n for n, _ in other.launcher.launches] == [0]
+    assert _states(tmp_path) == ["COMPLETE"] and not (run_dir / LOCK_NAME).exists()
+
+
+def test_only_the_lock_of_the_process_presumed_dead_is_dropped(tmp_path):
+    (tmp_path / LOCK_NAME).write_text("node-b 4242 77\n")
+    assert not drop_lock_of(tmp_path, "node-b", 4243) and not drop_lock_of(tmp_path, "node-c", 4242)
+    assert (tmp_path / LOCK_NAME).exists()
+    assert drop_lock_of(tmp_path, "node-b", 4242) and not (tmp_path / LOCK_NAME).exists()
+    assert not drop_lock_of(tmp_path / "absent", "node-b", 4242)
+    assert ownership.process_of("released w0 node-b 4242 1.0") == ("node-b", 4242)
+    assert ownership.process_of("w0 node-b 4242 1.0") == ("node-b", 4242) and ownership.process_of(None) is None

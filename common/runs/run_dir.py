@@ -72,6 +72,37 @@ def _claim(lock: Path) -> None:
             handle.write(" ".join(_identity()) + "\n")
 
 
+def _holder(lock: Path) -> list[str] | None:
+    try:
+        return lock.read_text().split()
+    except FileNotFoundError:
+        return None
+
+
+def live_holder_here(run_dir) -> str | None:
+    """"process P on H" when a live process of this host holds `run_dir`; None when nothing does, the lock is
+    stale, or another host holds it (whose processes this host cannot see)."""
+    holder = _holder(Path(run_dir) / LOCK_NAME)
+    if holder is None or _stale(holder) or holder[0] != socket.gethostname():
+        return None
+    return f"process {holder[1]} on {holder[0]}"
+
+
+def drop_lock_of(run_dir, host: str, pid: int) -> bool:
+    """Remove `run_dir`'s lock if process `pid` of `host` wrote it, as a sweep does on adopting a trial whose worker
+    it presumes dead (no heartbeat for grace_period): a process of another host that `_stale` cannot see is gone.
+    A lock of any other process stays. True when it was removed."""
+    lock = Path(run_dir) / LOCK_NAME
+    if not lock.exists():
+        return False
+    with file_lock(lock.with_name(LOCK_NAME + ".guard")):
+        if (_holder(lock) or [])[:2] != [host, str(pid)]:
+            return False
+        lock.unlink()
+    log.info(f"[run] removed the lock {lock} of process {pid} on {host}, presumed dead")
+    return True
+
+
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Temp files of atomic writes (`.<name>.<random>.tmp`) that a killed run left in the run directory and
     its checkpoint folders; only called while holding the run directory's lock."""
