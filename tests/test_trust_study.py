@@ -3,6 +3,7 @@ out-of-range value, an extra key or another directory, is failed with the reason
 that would resume it; a trial it could have proposed itself is resumed."""
 from __future__ import annotations
 
+import functools
 import re
 import types
 
@@ -33,8 +34,10 @@ def _running_study(tmp_path, planted: list[dict]):
 
 def _worker(tmp_path):
     """What SharedStudySweeper._adopt reads of the worker: w1 again (a requeued life), adopting its trial."""
-    return types.SimpleNamespace(worker="w1", life="w1 host 2 2.0", lock=None, grace_period=180, seed=0,
-                                 trial_dir=lambda number: tmp_path / f"trial-{number}")
+    worker = types.SimpleNamespace(worker="w1", life="w1 host 2 2.0", lock=None, grace_period=180, seed=0,
+                                   trial_dir=lambda number: tmp_path / f"trial-{number}", _late=set())
+    worker._still_running = functools.partial(SharedStudySweeper._still_running, worker)
+    return worker
 
 
 GOOD = {"trainer.optim.lr": 1e-3, "model.head.hidden": 256, "model.head.dropout": 0.1}
