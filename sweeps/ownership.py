@@ -41,16 +41,19 @@ def life_of(worker: str) -> str:
     return f"{worker} {socket.gethostname()} {os.getpid()} {time.time():.6f}"
 
 
+def _fields(owner: str) -> list[str]:
+    """An owner value's fields (worker id, host, pid, start time), released or not."""
+    return (owner[len(RELEASED):] if owner.startswith(RELEASED) else owner).split(" ")
+
+
 def worker_of(owner: str) -> str:
     """The worker id of an owner value (released or not)."""
-    return owner[len(RELEASED):].split(" ")[0] if owner.startswith(RELEASED) else owner.split(" ")[0]
+    return _fields(owner)[0]
 
 
 def process_of(owner: Optional[str]) -> Optional[tuple[str, int]]:
     """(host, pid) of an owner value (released or not), or None for one without them."""
-    if not owner:
-        return None
-    parts = owner[len(RELEASED):].split(" ") if owner.startswith(RELEASED) else owner.split(" ")
+    parts = _fields(owner or "")
     return (parts[1], int(parts[2])) if len(parts) >= 3 and parts[2].isdigit() else None
 
 

@@ -239,7 +239,7 @@ class SharedStudySweeper(Sweeper):
                 continue
             if not ownership.adopt(study, frozen, self.life, self.lock):
                 continue                    # another worker adopted it first
-            problem = resume_problem(frozen.params, space.distributions, frozen.user_attrs.get("run_dir"),
+            problem = resume_problem(frozen.params, space.distributions, run_dir,
                                      str(self.trial_dir(frozen.number)))
             if problem is not None:
                 accounting.mark_failed(study, frozen._trial_id, frozen.number,

@@ -56,10 +56,17 @@ def _stale(holder: list[str]) -> bool:
     return host == socket.gethostname() and not _alive(pid)
 
 
+def _holder(lock: Path) -> list[str] | None:
+    try:
+        return lock.read_text().split()
+    except FileNotFoundError:
+        return None
+
+
 def _claim(lock: Path) -> None:
     with file_lock(lock.with_name(LOCK_NAME + ".guard")):   # one claimant at a time decides on a stale lock
-        if lock.exists():
-            holder = lock.read_text().split()
+        holder = _holder(lock)
+        if holder is not None:
             if not _stale(holder):
                 raise RunDirectoryBusy(
                     f"run directory {lock.parent} is in use by process {holder[1]} on {holder[0]}"
@@ -70,13 +77,6 @@ def _claim(lock: Path) -> None:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         with os.fdopen(fd, "w") as handle:
             handle.write(" ".join(_identity()) + "\n")
-
-
-def _holder(lock: Path) -> list[str] | None:
-    try:
-        return lock.read_text().split()
-    except FileNotFoundError:
-        return None
 
 
 def live_holder_here(run_dir) -> str | None:
